@@ -1,0 +1,152 @@
+"""The seam between HMS-MGMT and a message broker.
+
+The engine, workers and clients talk to a :class:`Bus` only. An adapter gives
+these semantics, whatever the broker underneath:
+
+* ``publish`` returns once the broker has taken responsibility for the message
+  (a publisher confirm) and raises :class:`UnroutableError` when no queue took
+  it: a message is never dropped silently.
+* consumers ack manually; ``reject(requeue=False)`` hands the message to the
+  queue's dead-letter exchange; deliveries unacked when a consumer or
+  connection goes away are redelivered with ``redelivered=True``.
+* declarations are idempotent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+JSON_CONTENT_TYPE = "application/json"
+
+
+class BusError(Exception):
+    """Something went wrong between us and the broker."""
+
+
+class UnroutableError(BusError):
+    """The broker had no queue for a message published as mandatory."""
+
+
+class PublishNotConfirmedError(BusError):
+    """The broker refused a message or did not confirm it in time."""
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    """A durable queue; quorum queues may dead-letter and limit deliveries."""
+
+    name: str
+    quorum: bool = False
+    dead_letter_exchange: str | None = None
+    delivery_limit: int | None = None
+
+
+@dataclass
+class Message:
+    """A message to publish."""
+
+    body: bytes
+    exchange: str = ""
+    routing_key: str = ""
+    headers: dict[str, Any] = field(default_factory=dict)
+    message_id: str | None = None
+    content_type: str = JSON_CONTENT_TYPE
+    persistent: bool = True
+    reply_to: str | None = None
+    correlation_id: str | None = None
+    expiration: float | None = None  # seconds until the broker may drop it
+
+
+@dataclass
+class Delivery:
+    """A message received from a queue; ack or reject it exactly once."""
+
+    body: bytes
+    queue: str
+    routing_key: str
+    exchange: str
+    headers: dict[str, Any]
+    message_id: str | None
+    content_type: str | None
+    correlation_id: str | None
+    reply_to: str | None
+    redelivered: bool
+    _ack: Callable[[], Awaitable[None]]
+    _reject: Callable[[bool], Awaitable[None]]
+
+    async def ack(self) -> None:
+        await self._ack()
+
+    async def reject(self, requeue: bool = False) -> None:
+        await self._reject(requeue)
+
+
+OnDelivery = Callable[[Delivery], None]
+"""Called once per delivery, on the event loop; it must not block (start a task)."""
+
+
+class Subscription(Protocol):
+    async def cancel(self) -> None:
+        """Stop receiving; unacked deliveries stay with the caller to ack or reject."""
+
+
+class Bus(Protocol):
+    """What HMS-MGMT needs from a broker."""
+
+    url: str
+
+    async def connect(self) -> None: ...
+
+    async def declare_exchange(self, name: str, kind: str = "topic") -> None: ...
+
+    async def declare_queue(self, spec: QueueSpec) -> None: ...
+
+    async def bind(self, queue: str, exchange: str, routing_key: str) -> None: ...
+
+    async def publish(self, message: Message, *, confirm: bool = True) -> None:
+        """Publish; with ``confirm`` wait for the broker's confirm and refuse unroutable ones.
+
+        Without ``confirm`` the message is sent best-effort (replies whose loss
+        the requester recovers from by asking again).
+        """
+        ...
+
+    async def consume(self, queue: str, on_delivery: OnDelivery, prefetch: int) -> Subscription: ...
+
+    async def reply_queue(self, on_delivery: OnDelivery) -> str:
+        """Declare an exclusive queue for replies to this process, auto-acked; return its name."""
+        ...
+
+    async def queue_length(self, queue: str) -> int:
+        """The number of ready messages in a queue (0 if it does not exist)."""
+        ...
+
+    async def get(self, queue: str) -> Delivery | None:
+        """Take one message from a queue without a consumer (for operators' tools)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for logs and error messages."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    credentials, host = rest.rsplit("@", 1)
+    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
+
+
+def open_bus(url: str, *, name: str = "hms") -> Bus:
+    """Pick the adapter for a broker URL: ``amqp://``/``amqps://`` or ``memory://``."""
+    if url.startswith(("amqp://", "amqps://")):
+        from bus_adapters.rabbitmq import RabbitMQBus
+
+        return RabbitMQBus(url, name=name)
+    if url.startswith("memory://"):
+        from bus_adapters.memory import MemoryBus
+
+        return MemoryBus(url)
+    raise ValueError(f"unsupported broker URL {url!r}: use amqp://, amqps:// or memory://")

@@ -1,0 +1,284 @@
+"""The RabbitMQ adapter, on aio-pika's robust connections.
+
+Publishing and consuming use separate connections, so a memory or disk alarm
+that blocks publishers cannot stall acks. Publishes are persistent, mandatory
+and confirmed; a returned message raises :class:`UnroutableError`. Consumers
+ack manually. Robust connections restore channels, declarations and consumers
+after a reconnect; deliveries unacked at the drop are redelivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+from aio_pika.exceptions import DeliveryError, PublishError
+
+from bus_adapters.base import (
+    BusError,
+    Delivery,
+    Message,
+    OnDelivery,
+    PublishNotConfirmedError,
+    QueueSpec,
+    UnroutableError,
+    redact_url,
+)
+
+PUBLISH_TIMEOUT = 30.0
+
+
+def queue_arguments(spec: QueueSpec) -> dict[str, Any]:
+    arguments: dict[str, Any] = {}
+    if spec.quorum:
+        arguments["x-queue-type"] = "quorum"
+    if spec.dead_letter_exchange is not None:
+        arguments["x-dead-letter-exchange"] = spec.dead_letter_exchange
+        if spec.quorum:
+            # Dead-lettering is at most once without this pair (RabbitMQ 3.10).
+            arguments["x-dead-letter-strategy"] = "at-least-once"
+            arguments["x-overflow"] = "reject-publish"
+    if spec.delivery_limit is not None:
+        arguments["x-delivery-limit"] = spec.delivery_limit
+    return arguments
+
+
+def _plain(value: Any) -> Any:
+    """Header values as JSON-friendly Python values (bytes become text)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _delivery(message: AbstractIncomingMessage, queue: str) -> Delivery:
+    async def reject(requeue: bool) -> None:
+        await message.reject(requeue=requeue)
+
+    return Delivery(
+        body=message.body,
+        queue=queue,
+        routing_key=message.routing_key or "",
+        exchange=message.exchange or "",
+        headers=_plain(dict(message.headers or {})),
+        message_id=message.message_id,
+        content_type=message.content_type,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        redelivered=bool(message.redelivered),
+        _ack=message.ack,
+        _reject=reject,
+    )
+
+
+class _RabbitSubscription:
+    def __init__(self, queue: AbstractQueue, tag: str, channel: AbstractChannel) -> None:
+        self._queue, self._tag, self._channel = queue, tag, channel
+
+    async def cancel(self) -> None:
+        if not self._channel.is_closed:
+            with contextlib.suppress(TimeoutError, aiormq.exceptions.AMQPError, RuntimeError):
+                await self._queue.cancel(self._tag)
+
+
+class RabbitMQBus:
+    """A :class:`bus_adapters.base.Bus` on RabbitMQ through aio-pika."""
+
+    def __init__(self, url: str, *, name: str = "hms", publish_timeout: float = PUBLISH_TIMEOUT):
+        self.url = url
+        # A name in the URL (?name=...) wins, so tests can name connections after themselves.
+        self.name = parse_qs(urlsplit(url).query).get("name", [name])[0]
+        self.publish_timeout = publish_timeout
+        self._consume_connection: AbstractRobustConnection | None = None
+        self._publish_connection: AbstractRobustConnection | None = None
+        self._confirmed: AbstractChannel | None = None
+        self._unconfirmed: AbstractChannel | None = None
+        self._declare: AbstractChannel | None = None
+        self._exchanges: dict[tuple[bool, str], AbstractExchange] = {}
+        self._consumer_channels: list[AbstractChannel] = []
+        self._lock = asyncio.Lock()
+
+    async def connect(self) -> None:
+        async with self._lock:
+            if self._publish_connection is not None:
+                return
+            try:
+                self._consume_connection = await aio_pika.connect_robust(
+                    self.url, client_properties={"connection_name": f"{self.name}:consume"}
+                )
+                self._publish_connection = await aio_pika.connect_robust(
+                    self.url, client_properties={"connection_name": f"{self.name}:publish"}
+                )
+            except (OSError, aiormq.exceptions.AMQPError) as exc:
+                await self._close_connections()
+                raise BusError(f"cannot connect to {redact_url(self.url)}: {exc}") from exc
+            self._confirmed = await self._publish_connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+            self._unconfirmed = await self._publish_connection.channel(publisher_confirms=False)
+
+    async def _declare_channel(self) -> AbstractChannel:
+        connection = self._require(self._publish_connection)
+        if self._declare is None or self._declare.is_closed:
+            self._declare = await connection.channel(publisher_confirms=False)
+        return self._declare
+
+    async def declare_exchange(self, name: str, kind: str = "topic") -> None:
+        channel = await self._declare_channel()
+        try:
+            await channel.declare_exchange(name, aio_pika.ExchangeType(kind), durable=True)
+        except aiormq.exceptions.AMQPError as exc:
+            raise BusError(f"cannot declare exchange {name!r}: {exc}") from exc
+
+    async def declare_queue(self, spec: QueueSpec) -> None:
+        channel = await self._declare_channel()
+        try:
+            await channel.declare_queue(spec.name, durable=True, arguments=queue_arguments(spec))
+        except aiormq.exceptions.AMQPError as exc:
+            raise BusError(f"cannot declare queue {spec.name!r}: {exc}") from exc
+
+    async def bind(self, queue: str, exchange: str, routing_key: str) -> None:
+        channel = await self._declare_channel()
+        try:
+            declared = await channel.get_queue(queue, ensure=False)
+            await declared.bind(exchange, routing_key)
+        except aiormq.exceptions.AMQPError as exc:
+            raise BusError(f"cannot bind {queue!r} to {exchange!r}: {exc}") from exc
+
+    async def _exchange(self, name: str, confirm: bool) -> AbstractExchange:
+        key = (confirm, name)
+        exchange = self._exchanges.get(key)
+        if exchange is None:
+            channel = self._require(self._confirmed if confirm else self._unconfirmed)
+            if name == "":
+                exchange = channel.default_exchange
+            else:
+                exchange = await channel.get_exchange(name, ensure=False)
+            self._exchanges[key] = exchange
+        return exchange
+
+    async def publish(self, message: Message, *, confirm: bool = True) -> None:
+        exchange = await self._exchange(message.exchange, confirm)
+        outgoing = aio_pika.Message(
+            message.body,
+            headers=message.headers,
+            message_id=message.message_id,
+            content_type=message.content_type,
+            delivery_mode=(
+                aio_pika.DeliveryMode.PERSISTENT
+                if message.persistent
+                else aio_pika.DeliveryMode.NOT_PERSISTENT
+            ),
+            reply_to=message.reply_to,
+            correlation_id=message.correlation_id,
+            expiration=message.expiration,
+        )
+        try:
+            await exchange.publish(
+                outgoing,
+                message.routing_key,
+                mandatory=confirm,
+                timeout=self.publish_timeout,
+            )
+        except PublishError as exc:
+            raise UnroutableError(
+                f"no queue for routing key {message.routing_key!r} "
+                f"on exchange {message.exchange or '(default)'!r}"
+            ) from exc
+        except DeliveryError as exc:
+            raise PublishNotConfirmedError(f"the broker refused the message: {exc}") from exc
+        except TimeoutError as exc:
+            raise PublishNotConfirmedError(
+                f"no confirm within {self.publish_timeout:g}s for {message.routing_key!r}"
+            ) from exc
+        except (aiormq.exceptions.AMQPError, RuntimeError, ConnectionError) as exc:
+            raise BusError(f"publish to {message.routing_key!r} failed: {exc!r}") from exc
+
+    async def consume(
+        self, queue: str, on_delivery: OnDelivery, prefetch: int
+    ) -> _RabbitSubscription:
+        connection = self._require(self._consume_connection)
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=prefetch)
+        self._consumer_channels.append(channel)
+        declared = await channel.get_queue(queue, ensure=False)
+
+        async def callback(message: AbstractIncomingMessage) -> None:
+            on_delivery(_delivery(message, queue))
+
+        tag = await declared.consume(callback, no_ack=False)
+        return _RabbitSubscription(declared, tag, channel)
+
+    async def reply_queue(self, on_delivery: OnDelivery) -> str:
+        connection = self._require(self._consume_connection)
+        channel = await connection.channel()
+        self._consumer_channels.append(channel)
+        # Our own name rather than a server-named one: a robust connection
+        # re-declares it under the same name after a reconnect.
+        name = f"hms.reply.{self.name}.{uuid.uuid4().hex[:12]}"
+        queue = await channel.declare_queue(name, exclusive=True, auto_delete=True)
+
+        async def callback(message: AbstractIncomingMessage) -> None:
+            on_delivery(_delivery(message, name))
+
+        await queue.consume(callback, no_ack=True)
+        return name
+
+    async def queue_length(self, queue: str) -> int:
+        connection = self._require(self._publish_connection)
+        channel = await connection.channel(publisher_confirms=False)
+        try:
+            declared = await channel.declare_queue(queue, passive=True)
+            result = declared.declaration_result
+            return int(result.message_count or 0)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return 0
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+    async def get(self, queue: str) -> Delivery | None:
+        connection = self._require(self._consume_connection)
+        channel = await connection.channel()
+        self._consumer_channels.append(channel)
+        declared = await channel.get_queue(queue, ensure=False)
+        try:
+            message = await declared.get(no_ack=False, fail=False)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return None
+        return None if message is None else _delivery(message, queue)
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._close_connections()
+
+    async def _close_connections(self) -> None:
+        for connection in (self._consume_connection, self._publish_connection):
+            if connection is not None and not connection.is_closed:
+                with contextlib.suppress(aiormq.exceptions.AMQPError, OSError, RuntimeError):
+                    await connection.close()
+        self._consume_connection = self._publish_connection = None
+        self._confirmed = self._unconfirmed = self._declare = None
+        self._exchanges.clear()
+        self._consumer_channels.clear()
+
+    @staticmethod
+    def _require(thing: Any) -> Any:
+        if thing is None:
+            raise BusError("the bus is not connected")
+        return thing
