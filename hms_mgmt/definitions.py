@@ -1,0 +1,244 @@
+"""Workflow definitions: ordered steps, retry policies, timeouts, the error path.
+
+A definition is checked when it is made, so a mistake surfaces at
+``define_workflow`` rather than in the middle of a run. Definitions travel to
+the engine as JSON and are stored there, versioned.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from hms_mgmt.errors import DefinitionError
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
+
+
+def check_name(kind: str, name: object) -> str:
+    """A workflow or step name: letters, digits, ``_`` and ``-`` (a dot would break routing)."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise DefinitionError(
+            f"invalid {kind} name {name!r}: use 1-100 letters, digits, '_' or '-'"
+        )
+    return name
+
+
+def split_topic(topic: str) -> tuple[str, str]:
+    """``"grantApproval.validateApp"`` -> ``("grantApproval", "validateApp")``."""
+    workflow, dot, step = topic.partition(".")
+    if not dot:
+        raise DefinitionError(f"invalid step topic {topic!r}: expected '<workflow>.<step>'")
+    return check_name("workflow", workflow), check_name("step", step)
+
+
+def _type_name(kind: type[BaseException] | str) -> str:
+    if isinstance(kind, str):
+        return kind
+    if isinstance(kind, type) and issubclass(kind, BaseException):
+        return f"{kind.__module__}.{kind.__qualname__}"
+    raise DefinitionError(f"non_retryable entries must be exception types or names, not {kind!r}")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often a failed step is tried again, and how long to wait between attempts.
+
+    The wait before attempt ``n + 1`` is ``initial_delay * backoff ** (n - 1)``,
+    capped at ``max_delay``; with ``jitter`` it is drawn from the upper half of
+    that, so retries of many workflows do not arrive together.
+    """
+
+    max_attempts: int = 3
+    initial_delay: float = 1.0
+    backoff: float = 2.0
+    max_delay: float = 60.0
+    jitter: bool = True
+    non_retryable: tuple[str, ...] = field(default=())
+
+    def __init__(
+        self,
+        max_attempts: int = 3,
+        initial_delay: float = 1.0,
+        backoff: float = 2.0,
+        max_delay: float = 60.0,
+        jitter: bool = True,
+        non_retryable: Iterable[type[BaseException] | str] = (),
+    ) -> None:
+        if not isinstance(max_attempts, int) or max_attempts < 1:
+            raise DefinitionError(f"max_attempts must be an integer >= 1, not {max_attempts!r}")
+        for label, value in (
+            ("initial_delay", initial_delay),
+            ("backoff", backoff),
+            ("max_delay", max_delay),
+        ):
+            if not isinstance(value, int | float) or value < 0:
+                raise DefinitionError(f"{label} must be a number >= 0, not {value!r}")
+        if backoff < 1:
+            raise DefinitionError(f"backoff must be >= 1, not {backoff!r}")
+        object.__setattr__(self, "max_attempts", max_attempts)
+        object.__setattr__(self, "initial_delay", float(initial_delay))
+        object.__setattr__(self, "backoff", float(backoff))
+        object.__setattr__(self, "max_delay", float(max_delay))
+        object.__setattr__(self, "jitter", bool(jitter))
+        object.__setattr__(self, "non_retryable", tuple(_type_name(k) for k in non_retryable))
+
+    def delay_after(self, attempt: int, draw: float) -> float:
+        """Seconds to wait after failed attempt ``attempt``; ``draw`` is in [0, 1)."""
+        base = min(self.max_delay, self.initial_delay * self.backoff ** (attempt - 1))
+        return base * (0.5 + 0.5 * draw) if self.jitter else base
+
+    def is_non_retryable(self, error_types: Sequence[str]) -> bool:
+        """Whether an error whose class hierarchy is ``error_types`` is listed as final."""
+        for listed in self.non_retryable:
+            for name in error_types:
+                if name == listed or name.rsplit(".", 1)[-1] == listed:
+                    return True
+        return False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "max_attempts": self.max_attempts,
+            "initial_delay": self.initial_delay,
+            "backoff": self.backoff,
+            "max_delay": self.max_delay,
+            "jitter": self.jitter,
+            "non_retryable": list(self.non_retryable),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RetryPolicy:
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Step:
+    """A step with its own retry policy or timeout; plain names are fine where neither is needed."""
+
+    name: str
+    retry: RetryPolicy | None = None
+    timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        check_name("step", self.name)
+        if self.retry is not None and not isinstance(self.retry, RetryPolicy):
+            raise DefinitionError(f"retry of step {self.name!r} must be a RetryPolicy")
+        if self.timeout is not None and (
+            not isinstance(self.timeout, int | float) or self.timeout <= 0
+        ):
+            raise DefinitionError(
+                f"timeout of step {self.name!r} must be > 0, not {self.timeout!r}"
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "retry": None if self.retry is None else self.retry.to_json(),
+            "timeout": self.timeout,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Step:
+        retry = data.get("retry")
+        return cls(
+            name=data["name"],
+            retry=None if retry is None else RetryPolicy.from_json(retry),
+            timeout=data.get("timeout"),
+        )
+
+
+@dataclass(frozen=True)
+class WorkflowDefinition:
+    """A named workflow: its ordered steps, default retry policy and error step."""
+
+    name: str
+    steps: tuple[Step, ...]
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    on_error: Step | None = None
+    version: int = 0
+
+    @classmethod
+    def build(
+        cls,
+        name: str,
+        steps: Sequence[str | Step],
+        *,
+        retry: RetryPolicy | None = None,
+        on_error: str | Step | None = None,
+    ) -> WorkflowDefinition:
+        check_name("workflow", name)
+        if isinstance(steps, str) or not isinstance(steps, Sequence):
+            raise DefinitionError(f"steps of workflow {name!r} must be a list of step names")
+        if not steps:
+            raise DefinitionError(f"workflow {name!r} has no steps")
+        built = tuple(s if isinstance(s, Step) else Step(check_name("step", s)) for s in steps)
+        seen: set[str] = set()
+        for step in built:
+            if step.name in seen:
+                raise DefinitionError(f"workflow {name!r} names step {step.name!r} twice")
+            seen.add(step.name)
+        error_step = Step(on_error) if isinstance(on_error, str) else on_error
+        if error_step is not None and error_step.name in seen:
+            raise DefinitionError(
+                f"on_error step {error_step.name!r} of workflow {name!r} is also an ordinary step"
+            )
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise DefinitionError(f"retry of workflow {name!r} must be a RetryPolicy")
+        return cls(name, built, retry or RetryPolicy(), error_step)
+
+    @property
+    def step_names(self) -> list[str]:
+        return [s.name for s in self.all_steps]
+
+    @property
+    def all_steps(self) -> tuple[Step, ...]:
+        return self.steps if self.on_error is None else (*self.steps, self.on_error)
+
+    def step(self, name: str) -> Step | None:
+        for step in self.all_steps:
+            if step.name == name:
+                return step
+        return None
+
+    def next_after(self, name: str) -> str | None:
+        """The step after ``name`` in order; None after the last (and after the error step)."""
+        names = [s.name for s in self.steps]
+        if name not in names:
+            return None
+        index = names.index(name)
+        return names[index + 1] if index + 1 < len(names) else None
+
+    def policy_for(self, step: str) -> RetryPolicy:
+        found = self.step(step)
+        return found.retry if found is not None and found.retry is not None else self.retry
+
+    def timeout_for(self, step: str) -> float | None:
+        found = self.step(step)
+        return None if found is None else found.timeout
+
+    def with_version(self, version: int) -> WorkflowDefinition:
+        return replace(self, version=version)
+
+    def to_json(self) -> dict[str, Any]:
+        """The definition's content (without its version, which the engine assigns)."""
+        return {
+            "name": self.name,
+            "steps": [s.to_json() for s in self.steps],
+            "retry": self.retry.to_json(),
+            "on_error": None if self.on_error is None else self.on_error.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], version: int = 0) -> WorkflowDefinition:
+        try:
+            on_error = data.get("on_error")
+            return cls.build(
+                data["name"],
+                [Step.from_json(s) for s in data["steps"]],
+                retry=RetryPolicy.from_json(data["retry"]),
+                on_error=None if on_error is None else Step.from_json(on_error),
+            ).with_version(version)
+        except (KeyError, TypeError) as exc:
+            raise DefinitionError(f"malformed workflow definition: {exc!r}") from exc

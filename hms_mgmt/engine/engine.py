@@ -1,0 +1,829 @@
+"""The engine: the only writer of workflow state.
+
+It consumes three queues (client requests, step outcomes, broker dead letters)
+into one inbox. A single loop takes what has arrived (up to ``batch_size``),
+loads the workflows involved, applies the pure state machine, and commits every
+resulting change together with the messages it causes (the outbox) in one
+transaction. Only then does it ack what it consumed, hand the outbox rows to
+the relay, answer requests and set timers. A crash at any point leaves either
+the old state with the messages unacked (they are redelivered) or the new state
+with the outbox rows to publish at start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from bus_adapters.base import (
+    Bus,
+    BusError,
+    Delivery,
+    Message,
+    Subscription,
+    UnroutableError,
+    redact_url,
+)
+from hms_mgmt import machine
+from hms_mgmt.definitions import WorkflowDefinition
+from hms_mgmt.engine.relay import OutboxRelay
+from hms_mgmt.engine.timers import TimerQueue
+from hms_mgmt.errors import (
+    DefinitionError,
+    HmsError,
+    InvalidMessageError,
+    PayloadError,
+    UnknownWorkflowError,
+    WorkflowNotFoundError,
+)
+from hms_mgmt.logs import get_logger
+from hms_mgmt.messages import (
+    COMMANDS_QUEUE,
+    DEAD_EXCHANGE,
+    DEADLETTERS_QUEUE,
+    RESULTS_QUEUE,
+    Command,
+    Outcome,
+    StepMessage,
+    dead_letter_message,
+    reply_message,
+)
+from hms_mgmt.records import StepRun, Workflow, WorkflowState
+from hms_mgmt.store.base import Batch, OutboxRow, Store
+from hms_mgmt.topology import declare_core, declare_step, declare_workflow, dlq_name
+
+log = get_logger("engine")
+
+WAIT_HOLD_MAX = 30.0
+
+
+@dataclass
+class _Event:
+    kind: str  # command, outcome, dead_letter, timer
+    workflow_id: str
+    value: Any
+    delivery: Delivery | None = None
+
+
+@dataclass
+class _Waiter:
+    reply_to: str
+    request_id: str
+    expires_at: float
+
+
+@dataclass
+class _Work:
+    """One batch in the making."""
+
+    batch: Batch = field(default_factory=Batch)
+    state: dict[str, tuple[Workflow, StepRun | None]] = field(default_factory=dict)
+    replies: list[tuple[Command, bool, Any]] = field(default_factory=list)
+    reads: list[Command] = field(default_factory=list)
+    acks: list[Delivery] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
+    timers: list[tuple[str, str, float]] = field(default_factory=list)
+    keys: dict[str, str] = field(default_factory=dict)  # idempotency key -> workflow id
+    answered: dict[str, Any] = field(default_factory=dict)  # request id -> (ok, reply)
+    failed_runs: dict[tuple[str, int], StepRun] = field(default_factory=dict)  # for retry
+
+
+class Engine:
+    """Run with ``await engine.run()``; stop with :meth:`stop` (or cancel ``run``)."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        store: Store,
+        *,
+        batch_size: int = 500,
+        prefetch: int = 2000,
+        cache_size: int = 20_000,
+        timer_horizon: float = 60.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.bus = bus
+        self.store = store
+        self.batch_size = batch_size
+        self.prefetch = prefetch
+        self.clock = clock
+        self.definitions: dict[tuple[str, int], WorkflowDefinition] = {}
+        self.latest: dict[str, WorkflowDefinition] = {}
+        self.timers = TimerQueue(timer_horizon)
+        self.relay = OutboxRelay(bus, on_unroutable=self._redeclare, crash_point=self._crash_point)
+        self._inbox: asyncio.Queue[_Event] = asyncio.Queue()
+        self._cache: OrderedDict[str, tuple[Workflow, StepRun | None]] = OrderedDict()
+        self._cache_size = cache_size
+        self._waiters: dict[str, list[_Waiter]] = {}
+        self._subscriptions: list[Subscription] = []
+        self._side_tasks: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+        self._running = False
+        self.ready = asyncio.Event()
+        self.stats = {"events": 0, "batches": 0, "started": 0, "finished": 0, "dead_lettered": 0}
+        self._crash_at = os.environ.get("HMS_TEST_CRASH_AT", "")
+
+    # -- life cycle -----------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until :meth:`stop` is called or the task is cancelled."""
+        await self.start()
+        try:
+            await self._loop()
+        finally:
+            await self._shutdown()
+
+    async def start(self) -> None:
+        await self.store.open()
+        await self.bus.connect()
+        await declare_core(self.bus)
+        for definition in await self.store.definitions():
+            self._remember(definition)
+        for definition in self.latest.values():
+            await declare_workflow(self.bus, definition)
+        unsent = await self.store.unsent()
+        if unsent:
+            log.info("publishing outbox rows left from before", count=len(unsent))
+            self.relay.submit(unsent)
+        self._running = True
+        for queue, handler in (
+            (COMMANDS_QUEUE, self._on_command),
+            (RESULTS_QUEUE, self._on_outcome),
+            (DEADLETTERS_QUEUE, self._on_dead_letter),
+        ):
+            self._subscriptions.append(await self.bus.consume(queue, handler, self.prefetch))
+        log.info(
+            "engine started",
+            broker=redact_url(self.bus.url),
+            store=getattr(self.store, "url", "?"),
+            definitions=sorted(self.latest),
+        )
+        self.ready.set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def _shutdown(self) -> None:
+        self._running = False
+        for subscription in self._subscriptions:
+            with contextlib.suppress(BusError, OSError):
+                await subscription.cancel()
+        self._subscriptions.clear()
+        if not await self.relay.drain(timeout=5.0):
+            log.warning("stopping with outbox rows unpublished; they go out at the next start")
+        await self.relay.cancel()
+        if self.relay.has_confirmed:
+            with contextlib.suppress(Exception):
+                await self.store.commit(Batch(sent=self.relay.take_confirmed()))
+        for task in list(self._side_tasks):
+            task.cancel()
+        await asyncio.gather(*self._side_tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self.bus.close()
+        await self.store.close()
+        log.info("engine stopped", **self.stats)
+
+    # -- receiving ------------------------------------------------------------
+
+    def _on_command(self, delivery: Delivery) -> None:
+        try:
+            command = Command.decode(delivery)
+        except InvalidMessageError as exc:
+            self._refuse(delivery, str(exc))
+            return
+        workflow_id = str(command.body.get("workflow_id", ""))
+        self._inbox.put_nowait(_Event("command", workflow_id, command, delivery))
+
+    def _on_outcome(self, delivery: Delivery) -> None:
+        try:
+            outcome = Outcome.decode(delivery)
+        except InvalidMessageError as exc:
+            self._refuse(delivery, str(exc))
+            return
+        self._inbox.put_nowait(_Event("outcome", outcome.workflow_id, outcome, delivery))
+
+    def _on_dead_letter(self, delivery: Delivery) -> None:
+        deaths = delivery.headers.get("x-death") or []
+        death = deaths[0] if deaths and isinstance(deaths[0], dict) else {}
+        queue, reason = str(death.get("queue", "")), str(death.get("reason", "unknown"))
+        try:
+            message = StepMessage.decode(delivery)
+            if queue and queue != message.topic:
+                raise InvalidMessageError(
+                    f"message for {message.topic!r} came from queue {queue!r}"
+                )
+        except InvalidMessageError as exc:
+            self._refuse(delivery, str(exc), step_queue=queue or None)
+            return
+        value = (message, reason)
+        self._inbox.put_nowait(_Event("dead_letter", message.workflow_id, value, delivery))
+
+    def _refuse(self, delivery: Delivery, reason: str, *, step_queue: str | None = None) -> None:
+        """Dead-letter a message that cannot be decoded, with the reason; then ack it."""
+        self._spawn(self._dead_letter_invalid(delivery, reason, step_queue))
+
+    async def _dead_letter_invalid(
+        self, delivery: Delivery, reason: str, step_queue: str | None
+    ) -> None:
+        headers = {k: v for k, v in delivery.headers.items() if isinstance(k, str)}
+        headers["x-hms-reason"] = f"invalid message: {reason}"
+        headers["x-hms-queue"] = step_queue or delivery.queue
+        log.warning(
+            "invalid message dead-lettered",
+            queue=step_queue or delivery.queue,
+            reason=reason,
+            message_id=delivery.message_id,
+        )
+        targets = [(DEAD_EXCHANGE, step_queue)] if step_queue else []
+        targets.append(("", dlq_name(delivery.queue)))
+        for exchange, key in targets:
+            try:
+                await self.bus.publish(
+                    Message(
+                        body=delivery.body,
+                        exchange=exchange,
+                        routing_key=key,
+                        headers=headers,
+                        message_id=delivery.message_id,
+                        content_type=delivery.content_type or "application/octet-stream",
+                    )
+                )
+                break
+            except UnroutableError:
+                continue
+            except BusError as exc:
+                log.error(
+                    "could not dead-letter an invalid message; it stays queued", error=str(exc)
+                )
+                with contextlib.suppress(BusError, OSError):
+                    await delivery.reject(requeue=True)
+                return
+        self.stats["dead_lettered"] += 1
+        await _ack(delivery)
+
+    # -- the loop -------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            while not self._stopping.is_set():
+                now = self.clock()
+                if self.timers.needs_scan(now):
+                    await self._scan_timers(now)
+                events: list[_Event] = []
+                if self._inbox.empty():
+                    timeout = self._idle_timeout(now)
+                    getter = asyncio.ensure_future(self._inbox.get())
+                    done, _ = await asyncio.wait(
+                        {getter, stop}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    if getter in done:
+                        events.append(getter.result())
+                    else:
+                        getter.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await getter
+                        if getter.done() and not getter.cancelled():
+                            events.append(getter.result())
+                while len(events) < self.batch_size and not self._inbox.empty():
+                    events.append(self._inbox.get_nowait())
+                now = self.clock()
+                for workflow_id, kind in self.timers.pop_due(now):
+                    events.append(_Event("timer", workflow_id, kind))
+                self._expire_waiters(now)
+                if events or self.relay.has_confirmed:
+                    await self._process(events)
+        finally:
+            stop.cancel()
+
+    def _idle_timeout(self, now: float) -> float:
+        timeout = max(0.0, self.timers.loaded_until - self.timers.horizon / 2 - now)
+        next_due = self.timers.next_due()
+        if next_due is not None:
+            timeout = min(timeout, max(0.0, next_due - now))
+        if self.relay.has_confirmed:
+            timeout = min(timeout, 0.5)
+        if self._waiters:
+            timeout = min(timeout, 1.0)
+        return min(timeout, 5.0)
+
+    async def _scan_timers(self, now: float) -> None:
+        until = now + self.timers.horizon
+        limit = 10_000
+        rows = await self.store.due_timers(until, limit)
+        self.timers.loaded(rows, until, complete=len(rows) < limit)
+
+    async def _process(self, events: list[_Event]) -> None:
+        now = self.clock()
+        work = _Work()
+        work.batch.sent = self.relay.take_confirmed()
+        try:
+            await self._prepare(events, work, now)
+            for event in events:
+                self._apply(event, work, now)
+            await self.store.commit(work.batch)
+        except Exception:
+            log.exception("a batch failed to commit; its messages will be redelivered")
+            for event in events:
+                self._cache.pop(event.workflow_id, None)
+                if event.delivery is not None:
+                    with contextlib.suppress(BusError, OSError):
+                        await event.delivery.reject(requeue=True)
+            self.relay.restore_confirmed(work.batch.sent)
+            await asyncio.sleep(1.0)
+            return
+        self._crash_point("after_commit")
+        self.stats["batches"] += 1
+        self.stats["events"] += len(events)
+        for workflow_id, value in work.state.items():
+            if value[0].terminal:
+                self._cache.pop(workflow_id, None)
+            else:
+                self._cache[workflow_id] = value
+                self._cache.move_to_end(workflow_id)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        self.relay.submit(work.batch.outbox)
+        for workflow_id, kind, due in work.timers:
+            self.timers.add(workflow_id, kind, due)
+        for delivery in work.acks:
+            await _ack(delivery)
+        self._crash_point("after_ack")
+        for command, ok, value in work.replies:
+            await self._reply(command, ok, value)
+        for command in work.reads:
+            await self._read(command, now)
+        for workflow_id in work.finished:
+            await self._wake_waiters(workflow_id)
+
+    async def _prepare(self, events: list[_Event], work: _Work, now: float) -> None:
+        """Load what the batch needs: workflows, keys and request replies; store definitions."""
+        wanted: set[str] = set()
+        keys: list[str] = []
+        request_ids: list[str] = []
+        for event in events:
+            if event.kind == "command":
+                command: Command = event.value
+                if command.type == "define":
+                    await self._define(command, now)
+                    continue
+                if command.type in ("cancel", "retry", "signal"):
+                    request_ids.append(command.request_id)
+                key = command.body.get("idempotency_key")
+                if command.type == "start" and isinstance(key, str):
+                    keys.append(key)
+            if event.workflow_id and event.workflow_id not in self._cache:
+                wanted.add(event.workflow_id)
+            elif event.workflow_id:
+                work.state[event.workflow_id] = self._cache[event.workflow_id]
+        if wanted:
+            work.state.update(await self.store.load(list(wanted)))
+        if keys:
+            work.keys = await self.store.find_by_idempotency_key(keys)
+        if request_ids:
+            work.answered = await self.store.request_replies(request_ids)
+        for event in events:
+            if event.kind == "command" and event.value.type == "retry":
+                await self._load_failed_run(event.workflow_id, work)
+
+    async def _load_failed_run(self, workflow_id: str, work: _Work) -> None:
+        """A retry resumes the run that failed, which may be earlier than the current one."""
+        found = work.state.get(workflow_id)
+        if found is None or found[0].error is None:
+            return
+        seq = found[0].error.get("seq")
+        if isinstance(seq, int) and (found[1] is None or seq != found[1].seq):
+            run = await self.store.run(workflow_id, seq)
+            if run is not None:
+                work.failed_runs[(workflow_id, seq)] = run
+
+    def _apply(self, event: _Event, work: _Work, now: float) -> None:
+        if event.delivery is not None:
+            work.acks.append(event.delivery)
+        try:
+            if event.kind == "command":
+                self._apply_command(event.value, work, now)
+            elif event.kind == "outcome":
+                self._apply_outcome(event, work, now)
+            elif event.kind == "dead_letter":
+                self._apply_dead_letter(event, work, now)
+            else:
+                self._apply_timer(event, work, now)
+        except HmsError as exc:
+            if event.kind == "command":
+                work.replies.append((event.value, False, _error(exc)))
+            else:
+                log.error(
+                    "event refused", kind=event.kind, workflow_id=event.workflow_id, error=str(exc)
+                )
+
+    def _record(self, work: _Work, t: machine.Transition, workflow_id: str, now: float) -> None:
+        """Fold a transition into the batch."""
+        batch = work.batch
+        for kind, detail in t.history:
+            batch.history.append((workflow_id, now, kind, detail))
+        wf = t.workflow
+        if wf is None:
+            return
+        batch.workflows[wf.id] = wf
+        current = work.state.get(wf.id, (wf, None))[1]
+        for run in t.runs:
+            batch.runs[(run.workflow_id, run.seq)] = run
+            if run.seq == wf.seq:
+                current = run
+        work.state[wf.id] = (wf, current)
+        for step in t.steps:
+            message = step.to_message()
+            batch.outbox.append(_outbox_row(message, now))
+        for dead in t.dead_letters:
+            original = _step_message_of(
+                dead.run, dead.workflow, self._definition_of(wf)
+            ).to_message()
+            message = dead_letter_message(
+                original, reason=dead.reason, attempts=dead.attempts, last_error=dead.error
+            )
+            batch.outbox.append(_outbox_row(message, now))
+            self.stats["dead_lettered"] += 1
+        if wf.timer_at is not None and wf.timer_kind is not None:
+            work.timers.append((wf.id, wf.timer_kind, wf.timer_at))
+        if t.finished:
+            work.finished.append(wf.id)
+            self.stats["finished"] += 1
+            _log_finished(wf)
+
+    def _loaded(self, work: _Work, workflow_id: str) -> tuple[Workflow, StepRun]:
+        found = work.state.get(workflow_id)
+        if found is None:
+            raise WorkflowNotFoundError(f"no workflow with id {workflow_id!r}")
+        workflow, run = found
+        if run is None:
+            raise WorkflowNotFoundError(f"workflow {workflow_id!r} has no step run")
+        return workflow, run
+
+    def _apply_outcome(self, event: _Event, work: _Work, now: float) -> None:
+        outcome: Outcome = event.value
+        if outcome.workflow_id not in work.state:
+            self._refuse_event(event, work, f"outcome for unknown workflow {outcome.workflow_id!r}")
+            return
+        workflow, run = self._loaded(work, outcome.workflow_id)
+        if outcome.step and outcome.step != run.step and outcome.seq == run.seq:
+            work.batch.history.append(
+                (
+                    workflow.id,
+                    now,
+                    "outcome_ignored",
+                    {"seq": outcome.seq, "reason": "step mismatch"},
+                )
+            )
+            return
+        t = machine.apply_outcome(workflow, run, self._definition_of(workflow), outcome, now)
+        if t.history and t.history[0][0] == "outcome_ignored":
+            log.info(
+                "outcome ignored",
+                workflow_id=workflow.id,
+                seq=outcome.seq,
+                kind=outcome.kind,
+                reason=t.history[0][1]["reason"],
+            )
+        self._record(work, t, workflow.id, now)
+
+    def _apply_dead_letter(self, event: _Event, work: _Work, now: float) -> None:
+        message, reason = event.value
+        if message.workflow_id not in work.state:
+            self._refuse_event(
+                event,
+                work,
+                f"dead-lettered ({reason}) step message of unknown workflow {message.workflow_id!r}",
+                step_queue=message.topic,
+            )
+            return
+        workflow, run = self._loaded(work, message.workflow_id)
+        log.warning(
+            "step message dead-lettered by the broker",
+            workflow_id=workflow.id,
+            step=message.step,
+            attempt=message.attempt,
+            reason=reason,
+        )
+        t = machine.dead_lettered(
+            workflow, run, self._definition_of(workflow), message.seq, reason, now
+        )
+        self._record(work, t, workflow.id, now)
+
+    def _refuse_event(
+        self, event: _Event, work: _Work, reason: str, *, step_queue: str | None = None
+    ) -> None:
+        """Dead-letter a decodable message that names no workflow we know (not acked here)."""
+        if event.delivery is not None:
+            work.acks.remove(event.delivery)
+            self._refuse(event.delivery, reason, step_queue=step_queue)
+
+    def _apply_timer(self, event: _Event, work: _Work, now: float) -> None:
+        if event.workflow_id not in work.state:
+            return
+        workflow, run = self._loaded(work, event.workflow_id)
+        t = machine.fire_timer(workflow, run, self._definition_of(workflow), event.value, now)
+        self._record(work, t, workflow.id, now)
+
+    def _apply_command(self, command: Command, work: _Work, now: float) -> None:
+        if command.type == "define":
+            return  # stored in _prepare; answered there
+        if command.deadline is not None and command.deadline < now:
+            log.info(
+                "request expired before it was served",
+                type=command.type,
+                request_id=command.request_id,
+            )
+            return
+        if command.type in ("status", "wait", "list"):
+            work.reads.append(command)
+            return
+        if command.type == "start":
+            self._start(command, work, now)
+            return
+        if command.request_id in work.answered:
+            ok, value = work.answered[command.request_id]
+            work.replies.append((command, ok, value))
+            return
+        workflow_id = str(command.body["workflow_id"])
+        try:
+            workflow, run = self._loaded(work, workflow_id)
+            if command.type == "cancel":
+                reason = command.body.get("reason")
+                t = machine.cancel(workflow, run, None if reason is None else str(reason), now)
+            elif command.type == "retry":
+                seq = (workflow.error or {}).get("seq")
+                failed = (
+                    work.failed_runs.get((workflow_id, seq), run) if isinstance(seq, int) else run
+                )
+                t = machine.retry(workflow, failed, self._definition_of(workflow), now)
+            else:
+                t = machine.signal(
+                    workflow,
+                    run,
+                    self._definition_of(workflow),
+                    str(command.body["signal"]),
+                    command.body.get("data"),
+                    now,
+                )
+        except HmsError as exc:
+            reply: tuple[bool, Any] = (False, _error(exc))
+        else:
+            self._record(work, t, workflow_id, now)
+            reply = (
+                True,
+                {"workflow_id": workflow_id, "status": str(work.state[workflow_id][0].status)},
+            )
+        work.answered[command.request_id] = reply
+        work.batch.requests.append((command.request_id, list(reply), now))
+        work.replies.append((command, *reply))
+
+    def _start(self, command: Command, work: _Work, now: float) -> None:
+        body = command.body
+        workflow_id = str(body["workflow_id"])
+        existing = work.state.get(workflow_id)
+        if existing is not None:
+            work.replies.append((command, True, {"workflow_id": workflow_id, "existing": True}))
+            return
+        key = body.get("idempotency_key")
+        if isinstance(key, str) and key in work.keys:
+            work.replies.append((command, True, {"workflow_id": work.keys[key], "existing": True}))
+            return
+        name = str(body["workflow"])
+        definition = self.latest.get(name)
+        if definition is None:
+            raise UnknownWorkflowError(
+                f"workflow {name!r} is not defined: no step service or client has defined it "
+                f"with this engine yet (known: {', '.join(sorted(self.latest)) or 'none'})"
+            )
+        run_at, delay = body.get("run_at"), body.get("delay")
+        if run_at is not None and not isinstance(run_at, int | float):
+            raise PayloadError(f"run_at must be a timestamp, not {run_at!r}")
+        if delay is not None:
+            if not isinstance(delay, int | float) or delay < 0:
+                raise PayloadError(f"delay must be seconds >= 0, not {delay!r}")
+            run_at = now + delay
+        t = machine.start(
+            definition,
+            workflow_id,
+            body.get("payload"),
+            now,
+            run_at=run_at,
+            idempotency_key=key if isinstance(key, str) else None,
+        )
+        if isinstance(key, str):
+            work.keys[key] = workflow_id
+        self._record(work, t, workflow_id, now)
+        self.stats["started"] += 1
+        log.debug("workflow started", workflow_id=workflow_id, workflow=name)
+        work.replies.append((command, True, {"workflow_id": workflow_id, "existing": False}))
+
+    async def _define(self, command: Command, now: float) -> None:
+        try:
+            definition = WorkflowDefinition.from_json(command.body["definition"])
+        except (DefinitionError, KeyError, TypeError, ValueError) as exc:
+            await self._reply(command, False, _error(DefinitionError(str(exc))))
+            return
+        latest = self.latest.get(definition.name)
+        if latest is not None and latest.to_json() == definition.to_json():
+            await self._reply(command, True, {"name": latest.name, "version": latest.version})
+            return
+        version = 1 if latest is None else latest.version + 1
+        definition = definition.with_version(version)
+        try:
+            await declare_workflow(self.bus, definition)
+        except BusError as exc:
+            await self._reply(command, False, _error(HmsError(f"cannot declare queues: {exc}")))
+            return
+        await self.store.save_definition(definition, now)
+        self._remember(definition)
+        log.info(
+            "workflow defined",
+            workflow=definition.name,
+            version=version,
+            steps=definition.step_names,
+        )
+        await self._reply(command, True, {"name": definition.name, "version": version})
+
+    def _remember(self, definition: WorkflowDefinition) -> None:
+        self.definitions[(definition.name, definition.version)] = definition
+        latest = self.latest.get(definition.name)
+        if latest is None or latest.version < definition.version:
+            self.latest[definition.name] = definition
+
+    def _definition_of(self, workflow: Workflow) -> WorkflowDefinition:
+        found = self.definitions.get((workflow.name, workflow.version))
+        if found is None:
+            raise UnknownWorkflowError(
+                f"workflow {workflow.name!r} version {workflow.version} is not stored"
+            )
+        return found
+
+    async def _redeclare(self, row: OutboxRow) -> None:
+        workflow, _, step = row.routing_key.partition(".")
+        if workflow in self.latest and step:
+            await declare_step(self.bus, workflow, step)
+
+    # -- answering --------------------------------------------------------------
+
+    async def _read(self, command: Command, now: float) -> None:
+        if command.type == "list":
+            body = command.body
+            limit = body.get("limit", 50)
+            workflows = await self.store.list_workflows(
+                status=body.get("status"),
+                name=body.get("name"),
+                limit=int(limit) if isinstance(limit, int) else 50,
+            )
+            await self._reply(command, True, [_summary(w) for w in workflows])
+            return
+        workflow_id = str(command.body["workflow_id"])
+        state = await self.state(workflow_id)
+        if state is None:
+            await self._reply(
+                command,
+                False,
+                _error(WorkflowNotFoundError(f"no workflow with id {workflow_id!r}")),
+            )
+            return
+        if command.type == "wait" and not state.terminal and command.reply_to:
+            hold = command.body.get("hold", WAIT_HOLD_MAX)
+            hold = (
+                min(float(hold), WAIT_HOLD_MAX) if isinstance(hold, int | float) else WAIT_HOLD_MAX
+            )
+            self._waiters.setdefault(workflow_id, []).append(
+                _Waiter(command.reply_to, command.request_id, now + hold)
+            )
+            return
+        await self._reply(command, True, state.to_json())
+
+    async def state(self, workflow_id: str) -> WorkflowState | None:
+        """A workflow and its runs as the store has them."""
+        loaded = await self.store.load([workflow_id])
+        if workflow_id not in loaded:
+            return None
+        workflow, _ = loaded[workflow_id]
+        return WorkflowState.of(workflow, await self.store.runs(workflow_id))
+
+    async def _wake_waiters(self, workflow_id: str) -> None:
+        waiters = self._waiters.pop(workflow_id, None)
+        if not waiters:
+            return
+        state = await self.state(workflow_id)
+        if state is None:
+            return
+        for waiter in waiters:
+            await self._send_reply(waiter.reply_to, waiter.request_id, True, state.to_json())
+
+    def _expire_waiters(self, now: float) -> None:
+        expired: list[tuple[str, _Waiter]] = []
+        for workflow_id, waiters in list(self._waiters.items()):
+            keep = [w for w in waiters if w.expires_at > now]
+            expired.extend((workflow_id, w) for w in waiters if w.expires_at <= now)
+            if keep:
+                self._waiters[workflow_id] = keep
+            else:
+                del self._waiters[workflow_id]
+        for workflow_id, waiter in expired:
+            self._spawn(
+                self._send_reply(
+                    waiter.reply_to,
+                    waiter.request_id,
+                    True,
+                    {"workflow_id": workflow_id, "terminal": False},
+                )
+            )
+
+    async def _reply(self, command: Command, ok: bool, value: Any) -> None:
+        if command.reply_to:
+            await self._send_reply(command.reply_to, command.request_id, ok, value)
+
+    async def _send_reply(self, reply_to: str, request_id: str, ok: bool, value: Any) -> None:
+        try:
+            await self.bus.publish(reply_message(reply_to, request_id, ok, value), confirm=False)
+        except BusError as exc:
+            log.warning("could not send a reply; the client will ask again", error=str(exc))
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+
+    def _crash_point(self, point: str) -> None:
+        """Test hook: ``HMS_TEST_CRASH_AT=<point>`` exits the process hard at that point."""
+        if self._crash_at == point:
+            log.warning("test crash point reached; exiting hard", point=point)
+            os._exit(70)
+
+
+async def _ack(delivery: Delivery) -> None:
+    try:
+        await delivery.ack()
+    except (BusError, OSError, RuntimeError) as exc:
+        # The channel went away: the broker redelivers it, and it is applied at most once.
+        log.debug("ack failed; the message will be redelivered", error=repr(exc))
+    except Exception as exc:  # aio-pika raises its own channel errors
+        log.debug("ack failed; the message will be redelivered", error=repr(exc))
+
+
+def _outbox_row(message: Message, now: float) -> OutboxRow:
+    return OutboxRow(
+        message_id=message.message_id or "",
+        exchange=message.exchange,
+        routing_key=message.routing_key,
+        body=message.body,
+        headers=message.headers,
+        created_at=now,
+    )
+
+
+def _step_message_of(run: StepRun, workflow: str, definition: WorkflowDefinition) -> StepMessage:
+    return StepMessage(
+        workflow_id=run.workflow_id,
+        workflow=workflow,
+        step=run.step,
+        seq=run.seq,
+        visit=run.visit,
+        attempt=run.attempt,
+        payload=run.input,
+        timeout=definition.timeout_for(run.step),
+        context=run.context,
+    )
+
+
+def _error(exc: Exception) -> dict[str, str]:
+    return {"type": type(exc).__name__, "message": str(exc)}
+
+
+def _summary(workflow: Workflow) -> dict[str, Any]:
+    return {
+        "workflow_id": workflow.id,
+        "name": workflow.name,
+        "status": str(workflow.status),
+        "created_at": workflow.created_at,
+        "updated_at": workflow.updated_at,
+        "error": workflow.error,
+    }
+
+
+def _log_finished(workflow: Workflow) -> None:
+    if workflow.status == "failed":
+        error = workflow.error or {}
+        log.warning(
+            "workflow failed",
+            workflow_id=workflow.id,
+            workflow=workflow.name,
+            step=error.get("step"),
+            attempt=error.get("attempts"),
+            error=error.get("message"),
+        )
+    else:
+        log.debug("workflow finished", workflow_id=workflow.id, status=str(workflow.status))

@@ -1,0 +1,67 @@
+"""The errors HMS-MGMT raises; every one names what it refused."""
+
+from __future__ import annotations
+
+
+class HmsError(Exception):
+    """Base of every HMS-MGMT error."""
+
+
+class DefinitionError(HmsError, ValueError):
+    """A workflow definition or a step name is invalid."""
+
+
+class PayloadError(HmsError, ValueError):
+    """A payload is not JSON-serialisable, too large or too deeply nested."""
+
+
+class UnknownWorkflowError(HmsError, LookupError):
+    """No workflow of that name is defined."""
+
+
+class WorkflowNotFoundError(HmsError, LookupError):
+    """No workflow has that id."""
+
+
+class InvalidStateError(HmsError):
+    """The workflow is not in a state that allows the request (cancel a finished one, say)."""
+
+
+class EngineUnavailableError(HmsError, TimeoutError):
+    """The engine did not answer a request before its deadline."""
+
+
+class InvalidMessageError(HmsError, ValueError):
+    """A message on the bus cannot be decoded or validated."""
+
+
+class NonRetryableError(HmsError):
+    """Raise from a handler to fail the step at once, without retries."""
+
+
+class Retry(HmsError):
+    """Raise from a handler to ask for another attempt, after ``delay`` seconds if given."""
+
+    def __init__(self, message: str = "retry requested", *, delay: float | None = None) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
+_BY_NAME: dict[str, type[HmsError]] = {
+    cls.__name__: cls
+    for cls in (
+        HmsError,
+        DefinitionError,
+        PayloadError,
+        UnknownWorkflowError,
+        WorkflowNotFoundError,
+        InvalidStateError,
+        EngineUnavailableError,
+        InvalidMessageError,
+    )
+}
+
+
+def error_from_reply(kind: str, message: str) -> HmsError:
+    """Rebuild an engine-side error on the client side."""
+    return _BY_NAME.get(kind, HmsError)(message)

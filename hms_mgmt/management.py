@@ -1,0 +1,285 @@
+"""What ``hms_mgmt.init`` returns: define workflows, attach handlers, start and watch runs.
+
+Nothing connects until first used. A management object is a client (start,
+status, wait, cancel, retry, signal), a step service (``run`` serves its
+handlers) or both. Given a ``store_url`` it also hosts an engine in-process,
+which is how the one-process demo on the ``memory://`` bus works; otherwise
+the engine is the separate ``python -m hms_mgmt.engine`` daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from types import TracebackType
+from typing import Any, TypeVar, overload
+
+from bus_adapters.base import Bus, open_bus
+from hms_mgmt.client import Client, StartResult
+from hms_mgmt.context import Handler
+from hms_mgmt.definitions import RetryPolicy, Step, WorkflowDefinition, split_topic
+from hms_mgmt.errors import DefinitionError, HmsError
+from hms_mgmt.logs import get_logger
+from hms_mgmt.records import WorkflowState
+from hms_mgmt.settings import Settings
+
+log = get_logger("management")
+
+H = TypeVar("H", bound=Handler)
+
+
+class Management:
+    def __init__(
+        self,
+        service_name: str,
+        broker_url: str,
+        store_url: str | None = None,
+        *,
+        concurrency: int = 100,
+        request_timeout: float = 30.0,
+    ) -> None:
+        self.service_name = service_name
+        self.broker_url = broker_url
+        self.store_url = store_url
+        self.concurrency = concurrency
+        self.request_timeout = request_timeout
+        self.definitions: dict[str, WorkflowDefinition] = {}
+        self.handlers: dict[str, Handler] = {}
+        self._bus: Bus | None = None
+        self._client: Client | None = None
+        self._engine_task: asyncio.Task[None] | None = None
+        self._engine: Any = None
+        self._worker: Any = None  # a hms_mgmt.worker.Worker while serving
+        self._defined: set[str] = set()
+        self._define_tasks: set[asyncio.Task[None]] = set()
+        self._lock: asyncio.Lock | None = None
+
+    def __repr__(self) -> str:
+        return f"<Management {self.service_name!r} workflows={sorted(self.definitions)}>"
+
+    # -- defining -------------------------------------------------------------
+
+    def define_workflow(
+        self,
+        name: str,
+        steps: Sequence[str | Step],
+        *,
+        retry: RetryPolicy | None = None,
+        on_error: str | Step | None = None,
+    ) -> WorkflowDefinition:
+        """Name a workflow and its ordered steps; a mistake is an error here and now."""
+        definition = WorkflowDefinition.build(name, steps, retry=retry, on_error=on_error)
+        self.definitions[name] = definition
+        for topic in self.handlers:
+            self._check_topic(topic)
+        self._defined.discard(name)
+        if self._client is not None:
+            self._send_definition(definition)
+        return definition
+
+    @overload
+    def on_step(self, topic: str) -> Callable[[H], H]: ...
+
+    @overload
+    def on_step(self, topic: str, handler: H) -> H: ...
+
+    def on_step(self, topic: str, handler: H | None = None) -> H | Callable[[H], H]:
+        """Attach a handler to ``"workflow.step"``; use as a call or as a decorator."""
+        self._check_topic(topic)
+
+        def register(fn: H) -> H:
+            if not callable(fn):
+                raise DefinitionError(f"handler for {topic!r} is not callable: {fn!r}")
+            if topic in self.handlers and self.handlers[topic] is not fn:
+                raise DefinitionError(f"{topic!r} already has a handler")
+            self.handlers[topic] = fn
+            return fn
+
+        return register if handler is None else register(handler)
+
+    def _check_topic(self, topic: str) -> None:
+        workflow, step = split_topic(topic)
+        definition = self.definitions.get(workflow)
+        if definition is not None and definition.step(step) is None:
+            raise DefinitionError(
+                f"{topic!r}: workflow {workflow!r} has no step {step!r} "
+                f"(steps: {', '.join(definition.step_names)})"
+            )
+
+    # -- connecting -----------------------------------------------------------
+
+    async def _connect(self) -> Client:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._client is not None:
+                return self._client
+            if self.store_url is not None:
+                await self._host_engine()
+            self._bus = open_bus(self.broker_url, name=self.service_name)
+            client = Client(
+                self._bus, service_name=self.service_name, request_timeout=self.request_timeout
+            )
+            try:
+                await client.connect()
+            except BaseException:
+                await client.close()
+                self._bus = None
+                raise
+            self._client = client
+            for definition in self.definitions.values():
+                self._send_definition(definition)
+            return client
+
+    async def _host_engine(self) -> None:
+        from hms_mgmt.engine.engine import Engine
+        from hms_mgmt.store.base import open_store
+
+        assert self.store_url is not None
+        engine = Engine(
+            open_bus(self.broker_url, name=f"{self.service_name}:engine"),
+            open_store(self.store_url),
+        )
+        self._engine = engine
+        self._engine_task = asyncio.get_running_loop().create_task(engine.run())
+        ready = asyncio.ensure_future(engine.ready.wait())
+        await asyncio.wait({ready, self._engine_task}, return_when=asyncio.FIRST_COMPLETED)
+        if self._engine_task.done():
+            ready.cancel()
+            self._engine_task.result()  # raises what stopped it
+            raise HmsError("the in-process engine stopped during start-up")
+
+    def _send_definition(self, definition: WorkflowDefinition) -> None:
+        """Send a definition to the engine; the request waits in its queue if it is down."""
+        assert self._client is not None
+        client = self._client
+        self._defined.add(definition.name)
+
+        async def send() -> None:
+            try:
+                result = await client.define(definition)
+                log.debug("definition registered", workflow=definition.name, **result)
+            except HmsError as exc:
+                log.error(
+                    "the engine refused a definition", workflow=definition.name, error=str(exc)
+                )
+
+        task = asyncio.get_running_loop().create_task(send())
+        self._define_tasks.add(task)
+        task.add_done_callback(self._define_tasks.discard)
+
+    # -- client calls ---------------------------------------------------------
+
+    async def start(
+        self,
+        workflow: str,
+        payload: Any = None,
+        *,
+        delay: float | None = None,
+        run_at: datetime | float | None = None,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> StartResult:
+        """Start a workflow; returns once the engine has recorded it."""
+        client = await self._connect()
+        return await client.start(
+            workflow,
+            payload,
+            delay=delay,
+            run_at=run_at,
+            idempotency_key=idempotency_key,
+            timeout=timeout,
+        )
+
+    async def status(self, workflow_id: str) -> WorkflowState:
+        return await (await self._connect()).status(workflow_id)
+
+    async def wait(self, workflow_id: str, timeout: float | None = None) -> WorkflowState:
+        return await (await self._connect()).wait(workflow_id, timeout=timeout)
+
+    async def cancel(self, workflow_id: str, reason: str | None = None) -> Any:
+        return await (await self._connect()).cancel(workflow_id, reason)
+
+    async def retry(self, workflow_id: str) -> Any:
+        return await (await self._connect()).retry(workflow_id)
+
+    async def signal(self, workflow_id: str, name: str, data: Any = None) -> Any:
+        return await (await self._connect()).signal(workflow_id, name, data)
+
+    # -- serving --------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the registered handlers until cancelled (``python -m hms_mgmt.worker`` adds signals)."""
+        await self.serve()
+        try:
+            await asyncio.Event().wait()  # until cancelled
+        finally:
+            await self.close()  # stops taking work, lets running handlers finish
+
+    async def serve(self) -> None:
+        """Start serving the handlers in the background (tests and one-process programs)."""
+        from hms_mgmt.worker import Worker
+
+        if not self.handlers:
+            raise DefinitionError(f"{self.service_name!r} has no step handlers to serve")
+        await self._connect()
+        assert self._bus is not None
+        self._worker = Worker(
+            self._bus, self.handlers, self.definitions, concurrency=self.concurrency
+        )
+        await self._worker.start()
+
+    async def close(self) -> None:
+        """Stop serving, stop a hosted engine, and disconnect."""
+        if self._worker is not None:
+            await self._worker.shutdown()
+            self._worker = None
+        for task in list(self._define_tasks):
+            task.cancel()
+        await asyncio.gather(*self._define_tasks, return_exceptions=True)
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+        if self._engine_task is not None:
+            self._engine.stop()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._engine_task
+            self._engine_task = None
+            self._engine = None
+
+    async def __aenter__(self) -> Management:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+def init(
+    service_name: str,
+    broker_url: str | None = None,
+    store_url: str | None = None,
+    *,
+    concurrency: int = 100,
+    request_timeout: float = 30.0,
+) -> Management:
+    """A management object; no I/O until first used.
+
+    ``broker_url`` defaults to ``HMS_BROKER_URL``, else the local RabbitMQ.
+    ``store_url`` makes this object host an engine in-process (the one-process
+    demo); clients and step services leave it out.
+    """
+    settings = Settings.from_env()
+    return Management(
+        service_name,
+        broker_url or settings.broker_url,
+        store_url,
+        concurrency=concurrency,
+        request_timeout=request_timeout,
+    )

@@ -1,0 +1,208 @@
+"""What the engine records: workflows and step runs, and what ``status()`` returns."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class WorkflowStatus(StrEnum):
+    PENDING = "pending"
+    SCHEDULED = "scheduled"
+    RUNNING = "running"
+    WAITING = "waiting"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class StepStatus(StrEnum):
+    PENDING = "pending"
+    SCHEDULED = "scheduled"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset({WorkflowStatus.SUCCEEDED, WorkflowStatus.FAILED, WorkflowStatus.CANCELLED})
+ACTIVE_RUN = frozenset({StepStatus.PENDING, StepStatus.SCHEDULED, StepStatus.RUNNING})
+
+
+@dataclass
+class StepRun:
+    """One attempt of one step of one workflow (a retry is a new run)."""
+
+    workflow_id: str
+    seq: int  # position among the workflow's runs, from 1
+    step: str
+    visit: int  # how many times the workflow has entered this step, this time included
+    attempt: int
+    status: StepStatus
+    input: Any
+    created_at: float
+    output: Any = None
+    error: dict[str, Any] | None = None
+    context: dict[str, Any] | None = None  # ctx.error for an error step, ctx.signal after a wait
+    due_at: float | None = None  # when a scheduled run is to start
+    started_at: float | None = None
+    finished_at: float | None = None
+    deadline_at: float | None = None  # when a started run times out
+
+    @property
+    def idempotency_key(self) -> str:
+        return f"{self.workflow_id}:{self.step}:{self.visit}"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StepRun:
+        values = dict(data)
+        values["status"] = StepStatus(values["status"])
+        return cls(**values)
+
+
+@dataclass
+class Workflow:
+    """A workflow's current state; its runs and history are kept beside it."""
+
+    id: str
+    name: str
+    version: int
+    status: WorkflowStatus
+    input: Any
+    created_at: float
+    updated_at: float
+    output: Any = None
+    error: dict[str, Any] | None = None
+    seq: int = 0  # seq of the current (latest) run
+    visits: dict[str, int] = field(default_factory=dict)
+    timer_at: float | None = None
+    timer_kind: str | None = None
+    wait: dict[str, Any] | None = None  # what a waiting workflow waits for
+    signals: dict[str, Any] = field(default_factory=dict)  # signals that came before their wait
+    idempotency_key: str | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+@dataclass
+class StepRecord:
+    """One step run as a user reads it."""
+
+    step: str
+    attempt: int
+    status: StepStatus
+    input: Any
+    output: Any
+    error: dict[str, Any] | None
+    seq: int
+    visit: int
+    created_at: float
+    due_at: float | None
+    started_at: float | None
+    finished_at: float | None
+
+    @property
+    def duration(self) -> float | None:
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return self.finished_at - self.started_at
+
+
+@dataclass
+class WorkflowState:
+    """What ``status()`` and ``wait()`` return: a workflow and its step runs, in order."""
+
+    workflow_id: str
+    name: str
+    status: WorkflowStatus
+    input: Any
+    output: Any
+    error: dict[str, Any] | None
+    created_at: float
+    updated_at: float
+    steps: list[StepRecord]
+    current_step: str | None = None
+    scheduled_at: float | None = None
+    waiting_for: dict[str, Any] | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    @classmethod
+    def of(cls, workflow: Workflow, runs: list[StepRun]) -> WorkflowState:
+        current = runs[-1] if runs else None
+        return cls(
+            workflow_id=workflow.id,
+            name=workflow.name,
+            status=workflow.status,
+            input=workflow.input,
+            output=workflow.output,
+            error=workflow.error,
+            created_at=workflow.created_at,
+            updated_at=workflow.updated_at,
+            steps=[
+                StepRecord(
+                    step=r.step,
+                    attempt=r.attempt,
+                    status=r.status,
+                    input=r.input,
+                    output=r.output,
+                    error=r.error,
+                    seq=r.seq,
+                    visit=r.visit,
+                    created_at=r.created_at,
+                    due_at=r.due_at,
+                    started_at=r.started_at,
+                    finished_at=r.finished_at,
+                )
+                for r in runs
+            ],
+            current_step=None if current is None or workflow.terminal else current.step,
+            scheduled_at=workflow.timer_at if workflow.timer_kind == "run" else None,
+            waiting_for=workflow.wait,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> WorkflowState:
+        values = dict(data)
+        values["status"] = WorkflowStatus(values["status"])
+        values["steps"] = [
+            StepRecord(**{**s, "status": StepStatus(s["status"])}) for s in values["steps"]
+        ]
+        return cls(**values)
+
+    def describe(self) -> str:
+        """A few lines for people: the status and each step run."""
+        lines = [f"workflow {self.workflow_id} ({self.name}): {self.status}"]
+        for r in self.steps:
+            took = f" in {r.duration * 1000:.2f} ms" if r.duration is not None else ""
+            line = f"  {r.seq:>3}. {r.step} attempt {r.attempt}: {r.status}{took}"
+            if r.error:
+                line += f" ({r.error.get('type')}: {r.error.get('message')})"
+            lines.append(line)
+        if self.error:
+            lines.append(f"  error: {self.error.get('type')}: {self.error.get('message')}")
+        return "\n".join(lines)
+
+
+__all__ = [
+    "ACTIVE_RUN",
+    "TERMINAL",
+    "StepRecord",
+    "StepRun",
+    "StepStatus",
+    "Workflow",
+    "WorkflowState",
+    "WorkflowStatus",
+]

@@ -1,0 +1,106 @@
+"""The store interface: the engine's only durable state.
+
+The engine is the store's only writer. Everything one batch of events
+changes (workflows, runs, history, outbox rows to publish, outbox rows
+confirmed) is written by :meth:`Store.commit` in one transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from hms_mgmt.definitions import WorkflowDefinition
+from hms_mgmt.records import StepRun, Workflow
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    """A message a committed transition causes; deleted once the broker confirms it."""
+
+    message_id: str
+    exchange: str
+    routing_key: str
+    body: bytes
+    headers: dict[str, Any]
+    created_at: float
+
+
+@dataclass
+class Batch:
+    """Everything one transaction writes."""
+
+    workflows: dict[str, Workflow] = field(default_factory=dict)
+    runs: dict[tuple[str, int], StepRun] = field(default_factory=dict)
+    history: list[tuple[str, float, str, dict[str, Any]]] = field(default_factory=list)
+    outbox: list[OutboxRow] = field(default_factory=list)
+    sent: list[str] = field(default_factory=list)
+    requests: list[tuple[str, Any, float]] = field(default_factory=list)  # request id, reply, at
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.workflows or self.runs or self.history or self.outbox or self.sent or self.requests
+        )
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    at: float
+    kind: str
+    detail: dict[str, Any]
+
+
+class Store(Protocol):
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def definitions(self) -> list[WorkflowDefinition]:
+        """Every stored version of every definition, oldest first."""
+        ...
+
+    async def save_definition(self, definition: WorkflowDefinition, now: float) -> None: ...
+
+    async def load(self, workflow_ids: Sequence[str]) -> dict[str, tuple[Workflow, StepRun | None]]:
+        """Workflows with their current run; ids that are not stored are left out."""
+        ...
+
+    async def find_by_idempotency_key(self, keys: Sequence[str]) -> dict[str, str]:
+        """Idempotency key -> workflow id, for the keys already used."""
+        ...
+
+    async def run(self, workflow_id: str, seq: int) -> StepRun | None: ...
+
+    async def runs(self, workflow_id: str) -> list[StepRun]: ...
+
+    async def history(self, workflow_id: str) -> list[HistoryEntry]: ...
+
+    async def request_replies(self, request_ids: Sequence[str]) -> dict[str, Any]:
+        """Replies already given to requests (cancel, retry, signal), by request id."""
+        ...
+
+    async def commit(self, batch: Batch) -> None: ...
+
+    async def unsent(self) -> list[OutboxRow]:
+        """Outbox rows not yet confirmed, oldest first (published again at start-up)."""
+        ...
+
+    async def due_timers(self, until: float, limit: int) -> list[tuple[str, str, float]]:
+        """(workflow id, timer kind, due time) of timers due by ``until``, soonest first."""
+        ...
+
+    async def list_workflows(
+        self, *, status: str | None = None, name: str | None = None, limit: int = 50
+    ) -> list[Workflow]: ...
+
+    async def count_by_status(self) -> dict[str, int]: ...
+
+
+def open_store(url: str) -> Store:
+    """The store for a URL: ``sqlite:///relative.db``, ``sqlite:////abs.db``, ``sqlite:///:memory:``."""
+    if url.startswith("sqlite://"):
+        from hms_mgmt.store.sqlite import SQLiteStore
+
+        return SQLiteStore(url)
+    raise ValueError(f"unsupported store URL {url!r}: use sqlite:///path.db")

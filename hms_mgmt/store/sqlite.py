@@ -1,0 +1,325 @@
+"""The SQLite store, through aiosqlite, in WAL mode.
+
+One connection, one writer (the engine). A batch of transitions is one
+transaction (group commit): a commit per transition would cost a third of the
+engine's throughput. JSON columns are text, so the file can be read by hand.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from hms_mgmt.definitions import WorkflowDefinition
+from hms_mgmt.messages import dumps
+from hms_mgmt.records import StepRun, StepStatus, Workflow, WorkflowStatus
+from hms_mgmt.store.base import Batch, HistoryEntry, OutboxRow
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS definitions (
+    name TEXT NOT NULL, version INTEGER NOT NULL, body TEXT NOT NULL, created_at REAL NOT NULL,
+    PRIMARY KEY (name, version));
+CREATE TABLE IF NOT EXISTS workflows (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, version INTEGER NOT NULL, status TEXT NOT NULL,
+    input TEXT, output TEXT, error TEXT, seq INTEGER NOT NULL, visits TEXT NOT NULL,
+    timer_at REAL, timer_kind TEXT, wait TEXT, signals TEXT NOT NULL, idempotency_key TEXT UNIQUE,
+    created_at REAL NOT NULL, updated_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS workflows_timer ON workflows (timer_at) WHERE timer_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS workflows_status ON workflows (status, created_at);
+CREATE TABLE IF NOT EXISTS step_runs (
+    workflow_id TEXT NOT NULL, seq INTEGER NOT NULL, step TEXT NOT NULL, visit INTEGER NOT NULL,
+    attempt INTEGER NOT NULL, status TEXT NOT NULL, input TEXT, output TEXT, error TEXT,
+    context TEXT, created_at REAL NOT NULL, due_at REAL, started_at REAL, finished_at REAL,
+    deadline_at REAL, PRIMARY KEY (workflow_id, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS history (
+    id INTEGER PRIMARY KEY, workflow_id TEXT NOT NULL, at REAL NOT NULL, kind TEXT NOT NULL,
+    detail TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS history_workflow ON history (workflow_id, id);
+CREATE TABLE IF NOT EXISTS outbox (
+    message_id TEXT PRIMARY KEY, exchange TEXT NOT NULL, routing_key TEXT NOT NULL,
+    body BLOB NOT NULL, headers TEXT NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS requests (
+    request_id TEXT PRIMARY KEY, reply TEXT NOT NULL, at REAL NOT NULL);
+"""
+
+WORKFLOW_COLUMNS = (
+    "id, name, version, status, input, output, error, seq, visits, timer_at, timer_kind, "
+    "wait, signals, idempotency_key, created_at, updated_at"
+)
+RUN_COLUMNS = (
+    "workflow_id, seq, step, visit, attempt, status, input, output, error, context, "
+    "created_at, due_at, started_at, finished_at, deadline_at"
+)
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else dumps(value).decode()
+
+
+def _unjson(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def _placeholders(count: int) -> str:
+    return ",".join("?" * count)
+
+
+def _upsert(table: str, columns: str, key: str) -> str:
+    names = [c.strip() for c in columns.split(",")]
+    keys = {k.strip() for k in key.split(",")}
+    updates = ", ".join(f"{n} = excluded.{n}" for n in names if n not in keys)
+    return (
+        f"INSERT INTO {table} ({columns}) VALUES ({_placeholders(len(names))}) "
+        f"ON CONFLICT ({key}) DO UPDATE SET {updates}"
+    )
+
+
+UPSERT_WORKFLOW = _upsert("workflows", WORKFLOW_COLUMNS, "id")
+UPSERT_RUN = _upsert("step_runs", RUN_COLUMNS, "workflow_id, seq")
+
+
+def _workflow_row(w: Workflow) -> tuple[Any, ...]:
+    return (
+        w.id, w.name, w.version, str(w.status), _json(w.input), _json(w.output), _json(w.error),
+        w.seq, _json(w.visits), w.timer_at, w.timer_kind, _json(w.wait), _json(w.signals),
+        w.idempotency_key, w.created_at, w.updated_at,
+    )  # fmt: skip
+
+
+def _workflow(row: Sequence[Any]) -> Workflow:
+    return Workflow(
+        id=row[0], name=row[1], version=row[2], status=WorkflowStatus(row[3]),
+        input=_unjson(row[4]), output=_unjson(row[5]), error=_unjson(row[6]), seq=row[7],
+        visits=_unjson(row[8]), timer_at=row[9], timer_kind=row[10], wait=_unjson(row[11]),
+        signals=_unjson(row[12]), idempotency_key=row[13], created_at=row[14], updated_at=row[15],
+    )  # fmt: skip
+
+
+def _run_row(r: StepRun) -> tuple[Any, ...]:
+    return (
+        r.workflow_id, r.seq, r.step, r.visit, r.attempt, str(r.status), _json(r.input),
+        _json(r.output), _json(r.error), _json(r.context), r.created_at, r.due_at,
+        r.started_at, r.finished_at, r.deadline_at,
+    )  # fmt: skip
+
+
+def _run(row: Sequence[Any]) -> StepRun:
+    return StepRun(
+        workflow_id=row[0], seq=row[1], step=row[2], visit=row[3], attempt=row[4],
+        status=StepStatus(row[5]), input=_unjson(row[6]), output=_unjson(row[7]),
+        error=_unjson(row[8]), context=_unjson(row[9]), created_at=row[10], due_at=row[11],
+        started_at=row[12], finished_at=row[13], deadline_at=row[14],
+    )  # fmt: skip
+
+
+def path_of(url: str) -> str:
+    """``sqlite:///rel.db`` -> ``rel.db``; ``sqlite:////abs.db`` -> ``/abs.db``."""
+    if not url.startswith("sqlite:///"):
+        raise ValueError(f"invalid SQLite URL {url!r}: expected sqlite:///path.db")
+    return url[len("sqlite:///") :] or ":memory:"
+
+
+class SQLiteStore:
+    """A :class:`hms_mgmt.store.base.Store` in one SQLite file."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.path = path_of(url)
+        self._db: aiosqlite.Connection | None = None
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise RuntimeError("the store is not open")
+        return self._db
+
+    async def open(self) -> None:
+        if self._db is not None:
+            return
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = await aiosqlite.connect(self.path, isolation_level=None)
+        await self.db.execute("PRAGMA journal_mode=WAL")
+        await self.db.execute("PRAGMA synchronous=NORMAL")
+        await self.db.execute("PRAGMA busy_timeout=5000")
+        await self.db.executescript(SCHEMA)
+        async with self.db.execute("SELECT value FROM meta WHERE key = 'schema'") as cursor:
+            row = await cursor.fetchone()
+        if row is None:
+            await self.db.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
+            )
+        elif int(row[0]) > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{self.path} has schema {row[0]}, newer than this version of hms-mgmt knows"
+            )
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
+        async with self.db.execute(sql, tuple(params)) as cursor:
+            return list(await cursor.fetchall())
+
+    async def definitions(self) -> list[WorkflowDefinition]:
+        rows = await self._all("SELECT body, version FROM definitions ORDER BY name, version")
+        return [WorkflowDefinition.from_json(json.loads(body), version) for body, version in rows]
+
+    async def save_definition(self, definition: WorkflowDefinition, now: float) -> None:
+        await self.db.execute(
+            "INSERT OR IGNORE INTO definitions (name, version, body, created_at) VALUES (?, ?, ?, ?)",
+            (definition.name, definition.version, _json(definition.to_json()), now),
+        )
+
+    async def load(self, workflow_ids: Sequence[str]) -> dict[str, tuple[Workflow, StepRun | None]]:
+        found: dict[str, tuple[Workflow, StepRun | None]] = {}
+        ids = list(dict.fromkeys(workflow_ids))
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = _placeholders(len(chunk))
+            for row in await self._all(
+                f"SELECT {WORKFLOW_COLUMNS} FROM workflows WHERE id IN ({marks})", chunk
+            ):
+                found[row[0]] = (_workflow(row), None)
+            columns = ", ".join(f"r.{c.strip()}" for c in RUN_COLUMNS.split(","))
+            for row in await self._all(
+                f"SELECT {columns} FROM step_runs r JOIN workflows w "
+                f"ON r.workflow_id = w.id AND r.seq = w.seq WHERE w.id IN ({marks})",
+                chunk,
+            ):
+                workflow, _ = found[row[0]]
+                found[row[0]] = (workflow, _run(row))
+        return found
+
+    async def find_by_idempotency_key(self, keys: Sequence[str]) -> dict[str, str]:
+        if not keys:
+            return {}
+        rows = await self._all(
+            f"SELECT idempotency_key, id FROM workflows WHERE idempotency_key IN "
+            f"({_placeholders(len(keys))})",
+            keys,
+        )
+        return {key: workflow_id for key, workflow_id in rows}
+
+    async def run(self, workflow_id: str, seq: int) -> StepRun | None:
+        rows = await self._all(
+            f"SELECT {RUN_COLUMNS} FROM step_runs WHERE workflow_id = ? AND seq = ?",
+            (workflow_id, seq),
+        )
+        return _run(rows[0]) if rows else None
+
+    async def runs(self, workflow_id: str) -> list[StepRun]:
+        rows = await self._all(
+            f"SELECT {RUN_COLUMNS} FROM step_runs WHERE workflow_id = ? ORDER BY seq",
+            (workflow_id,),
+        )
+        return [_run(row) for row in rows]
+
+    async def history(self, workflow_id: str) -> list[HistoryEntry]:
+        rows = await self._all(
+            "SELECT at, kind, detail FROM history WHERE workflow_id = ? ORDER BY id", (workflow_id,)
+        )
+        return [HistoryEntry(at, kind, json.loads(detail)) for at, kind, detail in rows]
+
+    async def request_replies(self, request_ids: Sequence[str]) -> dict[str, Any]:
+        if not request_ids:
+            return {}
+        rows = await self._all(
+            f"SELECT request_id, reply FROM requests WHERE request_id IN "
+            f"({_placeholders(len(request_ids))})",
+            request_ids,
+        )
+        return {request_id: json.loads(reply) for request_id, reply in rows}
+
+    async def commit(self, batch: Batch) -> None:
+        if not batch:
+            return
+        db = self.db
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            if batch.workflows:
+                await db.executemany(UPSERT_WORKFLOW, map(_workflow_row, batch.workflows.values()))
+            if batch.runs:
+                await db.executemany(UPSERT_RUN, map(_run_row, batch.runs.values()))
+            if batch.history:
+                await db.executemany(
+                    "INSERT INTO history (workflow_id, at, kind, detail) VALUES (?, ?, ?, ?)",
+                    [(w, at, kind, _json(detail)) for w, at, kind, detail in batch.history],
+                )
+            if batch.outbox:
+                await db.executemany(
+                    "INSERT OR IGNORE INTO outbox (message_id, exchange, routing_key, body, headers,"
+                    " created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    [
+                        (
+                            r.message_id,
+                            r.exchange,
+                            r.routing_key,
+                            r.body,
+                            _json(r.headers),
+                            r.created_at,
+                        )
+                        for r in batch.outbox
+                    ],
+                )
+            if batch.sent:
+                await db.executemany(
+                    "DELETE FROM outbox WHERE message_id = ?", [(i,) for i in batch.sent]
+                )
+            if batch.requests:
+                await db.executemany(
+                    "INSERT OR REPLACE INTO requests (request_id, reply, at) VALUES (?, ?, ?)",
+                    [(rid, _json(reply), at) for rid, reply, at in batch.requests],
+                )
+            await db.execute("COMMIT")
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
+
+    async def unsent(self) -> list[OutboxRow]:
+        rows = await self._all(
+            "SELECT message_id, exchange, routing_key, body, headers, created_at FROM outbox "
+            "ORDER BY created_at"
+        )
+        return [
+            OutboxRow(mid, exchange, key, bytes(body), json.loads(headers), created)
+            for mid, exchange, key, body, headers, created in rows
+        ]
+
+    async def due_timers(self, until: float, limit: int) -> list[tuple[str, str, float]]:
+        rows = await self._all(
+            "SELECT id, timer_kind, timer_at FROM workflows WHERE timer_at IS NOT NULL "
+            "AND timer_at <= ? ORDER BY timer_at LIMIT ?",
+            (until, limit),
+        )
+        return [(row[0], row[1], row[2]) for row in rows]
+
+    async def list_workflows(
+        self, *, status: str | None = None, name: str | None = None, limit: int = 50
+    ) -> list[Workflow]:
+        where, params = [], []
+        if status is not None:
+            where.append("status = ?")
+            params.append(status)
+        if name is not None:
+            where.append("name = ?")
+            params.append(name)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = await self._all(
+            f"SELECT {WORKFLOW_COLUMNS} FROM workflows {clause} ORDER BY created_at DESC LIMIT ?",
+            [*params, limit],
+        )
+        return [_workflow(row) for row in rows]
+
+    async def count_by_status(self) -> dict[str, int]:
+        rows = await self._all("SELECT status, count(*) FROM workflows GROUP BY status")
+        return {status: count for status, count in rows}

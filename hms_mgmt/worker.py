@@ -1,0 +1,345 @@
+"""The step runtime: consume step queues, run handlers, report outcomes.
+
+A worker never touches the store. For each step message it runs the handler
+and publishes the outcome (confirmed) before it acks the message, so a crash
+at any point leads to a redelivery, never a lost step; the engine ignores a
+repeated outcome. A handler's exception is an outcome (``failed``), never a
+reject; only a message that cannot be decoded is rejected, which dead-letters
+it. Run one with ``python -m hms_mgmt.worker module:attribute``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import importlib
+import inspect
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from bus_adapters.base import Bus, BusError, Delivery, Subscription
+from hms_mgmt.context import Handler, StepContext
+from hms_mgmt.definitions import WorkflowDefinition
+from hms_mgmt.errors import InvalidMessageError, NonRetryableError, Retry
+from hms_mgmt.logs import get_logger
+from hms_mgmt.messages import Outcome, StepMessage, new_id, normalise_result
+from hms_mgmt.topology import declare_core, declare_step
+
+log = get_logger("worker")
+
+
+def _describe(handler: Handler, topic: str) -> str:
+    name = getattr(handler, "__qualname__", None) or repr(handler)
+    module = getattr(handler, "__module__", None)
+    return f"handler {module + '.' if module else ''}{name} of {topic}"
+
+
+def _error_of(exc: BaseException, *, retryable: bool = True) -> dict[str, Any]:
+    types = [
+        f"{cls.__module__}.{cls.__qualname__}"
+        for cls in type(exc).__mro__
+        if cls not in (object, BaseException, Exception)
+    ]
+    error: dict[str, Any] = {
+        "type": type(exc).__name__,
+        "types": types,
+        "message": str(exc)[:4000],
+        "traceback": "".join(traceback.format_exception(exc))[-8000:],
+        "retryable": retryable,
+    }
+    if isinstance(exc, Retry) and exc.delay is not None:
+        error["retry_delay"] = exc.delay
+    return error
+
+
+class Worker:
+    def __init__(
+        self,
+        bus: Bus,
+        handlers: dict[str, Handler],
+        definitions: dict[str, WorkflowDefinition] | None = None,
+        *,
+        concurrency: int = 100,
+        started_report_after: float = 1.0,
+        shutdown_timeout: float = 30.0,
+    ) -> None:
+        self.bus = bus
+        self.handlers = dict(handlers)
+        self.definitions = dict(definitions or {})
+        self.concurrency = concurrency
+        self.started_report_after = started_report_after
+        self.shutdown_timeout = shutdown_timeout
+        self._slots = asyncio.Semaphore(concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._subscriptions: list[Subscription] = []
+        self._stopping = asyncio.Event()
+        self.stats = {"succeeded": 0, "failed": 0, "invalid": 0}
+
+    async def start(self) -> None:
+        await self.bus.connect()
+        await declare_core(self.bus)
+        for topic in self.handlers:
+            workflow, step = topic.split(".", 1)
+            await declare_step(self.bus, workflow, step)
+        for topic in self.handlers:
+            self._subscriptions.append(
+                await self.bus.consume(topic, self._on_delivery, prefetch=self.concurrency)
+            )
+        log.info("worker serving", topics=sorted(self.handlers), concurrency=self.concurrency)
+
+    async def run(self) -> None:
+        """Serve until :meth:`stop` (or SIGTERM when run by ``Management.run``)."""
+        await self.start()
+        try:
+            await self._stopping.wait()
+        finally:
+            await self.shutdown()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def shutdown(self) -> None:
+        """Stop taking work, let running handlers finish (bounded), then let go."""
+        self._stopping.set()
+        for subscription in self._subscriptions:
+            with contextlib.suppress(BusError, OSError):
+                await subscription.cancel()
+        self._subscriptions.clear()
+        if self._tasks:
+            _done, pending = await asyncio.wait(set(self._tasks), timeout=self.shutdown_timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning("handlers still running at shutdown were cancelled", count=len(pending))
+                await asyncio.gather(*pending, return_exceptions=True)
+        log.info("worker stopped", **self.stats)
+
+    def _on_delivery(self, delivery: Delivery) -> None:
+        task = asyncio.get_running_loop().create_task(self._handle(delivery))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, delivery: Delivery) -> None:
+        try:
+            message = StepMessage.decode(delivery)
+        except InvalidMessageError as exc:
+            self.stats["invalid"] += 1
+            log.warning(
+                "invalid step message dead-lettered",
+                queue=delivery.queue,
+                reason=str(exc),
+                message_id=delivery.message_id,
+            )
+            with contextlib.suppress(BusError, OSError):
+                await delivery.reject(requeue=False)
+            return
+        handler = self.handlers.get(message.topic)
+        if handler is None:
+            with contextlib.suppress(BusError, OSError):
+                await delivery.reject(requeue=True)
+            return
+        async with self._slots:
+            if self._stopping.is_set():
+                with contextlib.suppress(BusError, OSError):
+                    await delivery.reject(requeue=True)
+                return
+            outcome = await self._run(handler, message)
+        try:
+            await self._report(outcome)
+        except asyncio.CancelledError:
+            return  # shutting down: unacked, so the broker redelivers the step
+        try:
+            await delivery.ack()
+        except Exception as exc:  # the channel went away: the step comes again, applied once
+            log.debug("ack failed; the step will be redelivered", error=repr(exc))
+
+    async def _run(self, handler: Handler, message: StepMessage) -> Outcome:
+        topic = message.topic
+        bound = log.bind(
+            workflow_id=message.workflow_id, step=message.step, attempt=message.attempt
+        )
+        context = message.context or {}
+        started_at = time.time()
+
+        async def heartbeat() -> None:
+            await self._report(self._outcome(message, "heartbeat"))
+
+        ctx = StepContext(
+            payload=message.payload,
+            workflow_id=message.workflow_id,
+            workflow=message.workflow,
+            step=message.step,
+            attempt=message.attempt,
+            seq=message.seq,
+            visit=message.visit,
+            error=context.get("error"),
+            signal=context.get("signal"),
+            _heartbeat=heartbeat,
+        )
+        report_started: asyncio.TimerHandle | None = None
+        if message.timeout is not None:
+            # The engine's deadline runs from the start, so it needs to know now.
+            await self._report(self._outcome(message, "started", started_at=started_at))
+        else:
+            report_started = asyncio.get_running_loop().call_later(
+                self.started_report_after, self._report_started_later, message, started_at
+            )
+        describe = functools.partial(_describe, handler, topic)
+        try:
+            value = await self._call(handler, ctx)
+        except asyncio.CancelledError:
+            raise
+        except Retry as exc:
+            return self._failed(message, exc, started_at, bound, retryable=True)
+        except NonRetryableError as exc:
+            return self._failed(message, exc, started_at, bound, retryable=False)
+        except Exception as exc:
+            return self._failed(message, exc, started_at, bound, retryable=True)
+        finally:
+            if report_started is not None:
+                report_started.cancel()
+        try:
+            result = normalise_result(value, payload=message.payload, describe=describe)
+            self._check_next_step(message, result, describe)
+        except ValueError as exc:
+            # A handler that returns the wrong shape would do so again: no retries.
+            return self._failed(message, exc, started_at, bound, retryable=False)
+        self.stats["succeeded"] += 1
+        return self._outcome(
+            message,
+            "succeeded",
+            result=result,
+            started_at=started_at,
+            finished_at=time.time(),
+            handler=describe(),
+        )
+
+    async def _call(self, handler: Handler, ctx: StepContext) -> Any:
+        if inspect.iscoroutinefunction(handler):
+            return await handler(ctx)
+        value = await asyncio.to_thread(handler, ctx)
+        if inspect.isawaitable(value):
+            value = await value
+        return value
+
+    def _check_next_step(
+        self, message: StepMessage, result: dict[str, Any], describe: Callable[[], str]
+    ) -> None:
+        definition = self.definitions.get(message.workflow)
+        next_step = result.get("next_step")
+        if definition is not None and next_step is not None and definition.step(next_step) is None:
+            raise ValueError(
+                f"{describe()} returned next_step {next_step!r}, which is not a step of workflow "
+                f"{message.workflow!r} (steps: {', '.join(definition.step_names)})"
+            )
+
+    def _failed(
+        self,
+        message: StepMessage,
+        exc: Exception,
+        started_at: float,
+        bound: Any,
+        *,
+        retryable: bool,
+    ) -> Outcome:
+        self.stats["failed"] += 1
+        bound.warning("step failed", error_type=type(exc).__name__, error=str(exc)[:500])
+        return self._outcome(
+            message,
+            "failed",
+            error=_error_of(exc, retryable=retryable),
+            started_at=started_at,
+            finished_at=time.time(),
+        )
+
+    def _report_started_later(self, message: StepMessage, started_at: float) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._report(self._outcome(message, "started", started_at=started_at))
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    def _outcome(message: StepMessage, kind: str, **values: Any) -> Outcome:
+        return Outcome(
+            workflow_id=message.workflow_id,
+            seq=message.seq,
+            kind=kind,
+            step=message.step,
+            attempt=message.attempt,
+            outcome_id=new_id(),
+            **values,
+        )
+
+    async def _report(self, outcome: Outcome) -> None:
+        """Publish an outcome, confirmed; keep trying through a broker outage."""
+        delay = 0.1
+        message = outcome.to_message()
+        while True:
+            try:
+                await self.bus.publish(message)
+                return
+            except BusError as exc:
+                log.warning("could not report an outcome; retrying", error=str(exc), retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m hms_mgmt.worker module:attribute``: serve that management object's handlers."""
+    import argparse
+
+    from hms_mgmt.logs import configure
+    from hms_mgmt.settings import Settings
+
+    parser = argparse.ArgumentParser(
+        prog="python -m hms_mgmt.worker",
+        description="Serve the step handlers registered on a management object.",
+    )
+    parser.add_argument("target", help="module:attribute of an hms_mgmt.init(...) object")
+    parser.add_argument("--broker-url", help="overrides HMS_BROKER_URL")
+    parser.add_argument("--concurrency", type=int, default=None, help="handlers run at once")
+    parser.add_argument("--log-format", choices=["console", "json"], default=None)
+    parser.add_argument("--log-level", default=None)
+    args = parser.parse_args(argv)
+    settings = Settings.from_env(
+        broker_url=args.broker_url, log_format=args.log_format, log_level=args.log_level
+    )
+    configure(settings.log_format, settings.log_level)
+    module_name, _, attribute = args.target.partition(":")
+    if not attribute:
+        parser.error(f"expected module:attribute, got {args.target!r}")
+    sys.path.insert(0, os.getcwd())
+    try:
+        target = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        parser.error(f"cannot load {args.target!r}: {exc}")
+    if args.broker_url:
+        target.broker_url = args.broker_url
+    if args.concurrency:
+        target.concurrency = args.concurrency
+    _run_until_signalled(target.run)
+
+
+def _run_until_signalled(run: Callable[[], Awaitable[None]]) -> None:
+    """Run a serve coroutine; SIGTERM or SIGINT ends it cleanly."""
+
+    async def serve() -> None:
+        task = asyncio.ensure_future(run())
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()
