@@ -1,0 +1,97 @@
+"""The grant example end to end: ``python -m examples.grant_approval [count]``.
+
+With a RabbitMQ reachable (``HMS_BROKER_URL``, default the local one) it starts
+the engine daemon and the grant step service as separate processes, submits
+applications through the broker and prints each workflow's record. Without
+one it says so and runs the one-process demo on the in-memory bus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aio_pika
+
+from bus_adapters.base import redact_url
+from examples.grant_approval import demo, submit
+from hms_mgmt.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def broker_reachable(url: str) -> bool:
+    try:
+        connection = await asyncio.wait_for(aio_pika.connect(url), timeout=5)
+    except (OSError, TimeoutError, aio_pika.exceptions.AMQPError):
+        return False
+    await connection.close()
+    return True
+
+
+def spawn(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=out, stderr=out)
+
+
+async def through_the_broker(url: str, count: int) -> int:
+    with tempfile.TemporaryDirectory(prefix="hms-grant-") as folder:
+        env = {
+            **os.environ,
+            "HMS_BROKER_URL": url,
+            "HMS_STORE_URL": f"sqlite:///{Path(folder) / 'grant.db'}",
+            "HMS_LOG_FORMAT": "json",
+        }
+        logs = {name: Path(folder) / f"{name}.log" for name in ("engine", "service")}
+        children = [
+            spawn(["-m", "hms_mgmt.engine"], logs["engine"], env),
+            spawn(
+                ["-m", "hms_mgmt.worker", "examples.grant_approval.service:mgmt"],
+                logs["service"],
+                env,
+            ),
+        ]
+        print(
+            f"Started the engine daemon (pid {children[0].pid}) and the grant step service "
+            f"(pid {children[1].pid}) on {redact_url(url)}"
+        )
+        try:
+            os.environ["HMS_BROKER_URL"] = url
+            code = await submit.main(count)
+        finally:
+            for child in children:
+                child.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 15
+            for child in children:
+                try:
+                    child.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    child.kill()
+        if code != 0:
+            for name, path in logs.items():
+                print(
+                    f"--- {name} log ---\n{path.read_text(errors='replace')[-3000:]}",
+                    file=sys.stderr,
+                )
+        return code
+
+
+async def main(count: int) -> int:
+    url = Settings.from_env().broker_url
+    if await broker_reachable(url):
+        return await through_the_broker(url, count)
+    print(
+        f"No RabbitMQ reachable at {redact_url(url)} (set HMS_BROKER_URL to use another): "
+        "running the one-process demo on the in-memory bus instead."
+    )
+    return await demo.main(count)
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 3)))

@@ -1,0 +1,41 @@
+"""The grant step service: four handlers, one per step.
+
+Run it with ``python -m hms_mgmt.worker examples.grant_approval.service:mgmt``
+(from the repository root), beside ``python -m hms_mgmt.engine``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import hms_mgmt
+from examples.grant_approval.workflow import WORKFLOW, define
+
+mgmt = hms_mgmt.init(service_name="GrantWorkflow")
+define(mgmt)
+
+
+@mgmt.on_step(f"{WORKFLOW}.validateApp")
+async def validate_app(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+    application = dict(ctx.payload)
+    if not application.get("application_id"):
+        raise hms_mgmt.NonRetryableError("application has no application_id")
+    application["validated"] = True
+    return {"next_step": "creditCheck", "data": application}
+
+
+@mgmt.on_step(f"{WORKFLOW}.creditCheck")
+async def credit_check(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+    # A real service would call a credit bureau here, keyed by ctx.idempotency_key.
+    return {"data": {**ctx.payload, "credit_score": 750}}
+
+
+@mgmt.on_step(f"{WORKFLOW}.scheduleInspection")
+async def schedule_inspection(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+    return {"data": {**ctx.payload, "inspection": "2026-12-01T09:00"}}
+
+
+@mgmt.on_step(f"{WORKFLOW}.finalize")
+async def finalize(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+    approved = ctx.payload.get("credit_score", 0) >= 700
+    return {"data": {**ctx.payload, "approved": approved}}

@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+import pytest
+
+import hms_mgmt
+from hms_mgmt.definitions import RetryPolicy, Step, WorkflowDefinition, split_topic
+from hms_mgmt.errors import DefinitionError
+
+GRANT = ["validateApp", "creditCheck", "scheduleInspection", "finalize"]
+
+
+def test_define_workflow_keeps_the_order() -> None:
+    mgmt = hms_mgmt.init(service_name="t", broker_url="memory://unused")
+    definition = mgmt.define_workflow("grantApproval", GRANT)
+    assert definition.step_names == GRANT
+    assert definition.next_after("creditCheck") == "scheduleInspection"
+    assert definition.next_after("finalize") is None
+
+
+@pytest.mark.parametrize(
+    ("steps", "message"),
+    [
+        ([], "has no steps"),
+        (["a", "b", "a"], "names step 'a' twice"),
+        (["a.b"], "invalid step name 'a.b'"),
+        (["ok", "bad*"], r"invalid step name 'bad\*'"),
+        ("validateApp", "must be a list"),
+    ],
+)
+def test_bad_definitions_fail_at_once(steps: list[str], message: str) -> None:
+    mgmt = hms_mgmt.init(service_name="t", broker_url="memory://unused")
+    with pytest.raises(DefinitionError, match=message):
+        mgmt.define_workflow("grantApproval", steps)
+
+
+def test_workflow_names_refuse_routing_characters() -> None:
+    for name in ("grant.approval", "grant#", "grant*", ""):
+        with pytest.raises(DefinitionError):
+            WorkflowDefinition.build(name, ["a"])
+
+
+def test_on_step_checks_the_step_against_a_local_definition() -> None:
+    mgmt = hms_mgmt.init(service_name="t", broker_url="memory://unused")
+    mgmt.define_workflow("grantApproval", GRANT)
+
+    @mgmt.on_step("grantApproval.validateApp")
+    async def validate(ctx: hms_mgmt.StepContext) -> None:
+        return None
+
+    assert mgmt.handlers["grantApproval.validateApp"] is validate
+    with pytest.raises(DefinitionError, match="has no step 'nope'"):
+        mgmt.on_step("grantApproval.nope", validate)
+    with pytest.raises(DefinitionError, match=r"expected '<workflow>\.<step>'"):
+        mgmt.on_step("grantApproval", validate)
+
+
+def test_split_topic() -> None:
+    assert split_topic("grantApproval.creditCheck") == ("grantApproval", "creditCheck")
+
+
+def test_retry_policy_backoff_is_bounded_and_jittered() -> None:
+    policy = RetryPolicy(max_attempts=5, initial_delay=1.0, backoff=2.0, max_delay=5.0)
+    assert policy.delay_after(1, 0.999) <= 1.0
+    assert policy.delay_after(1, 0.0) == 0.5
+    assert policy.delay_after(3, 0.999) <= 4.0
+    assert policy.delay_after(10, 0.999) <= 5.0
+    exact = RetryPolicy(initial_delay=1.0, backoff=3.0, jitter=False)
+    assert [exact.delay_after(n, 0.3) for n in (1, 2, 3)] == [1.0, 3.0, 9.0]
+
+
+def test_retry_policy_validates() -> None:
+    with pytest.raises(DefinitionError):
+        RetryPolicy(max_attempts=0)
+    with pytest.raises(DefinitionError):
+        RetryPolicy(backoff=0.5)
+    policy = RetryPolicy(non_retryable=[KeyError, "PermissionError"])
+    assert policy.is_non_retryable(["builtins.KeyError", "builtins.LookupError"])
+    assert policy.is_non_retryable(["builtins.PermissionError"])
+    assert not policy.is_non_retryable(["builtins.ValueError"])
+
+
+def test_definitions_round_trip_as_json() -> None:
+    definition = WorkflowDefinition.build(
+        "grantApproval",
+        ["validateApp", Step("creditCheck", retry=RetryPolicy(max_attempts=5), timeout=30)],
+        retry=RetryPolicy(max_attempts=2),
+        on_error="notifyApplicant",
+    )
+    again = WorkflowDefinition.from_json(definition.to_json(), version=3)
+    assert again.to_json() == definition.to_json()
+    assert again.version == 3
+    assert again.policy_for("creditCheck").max_attempts == 5
+    assert again.policy_for("validateApp").max_attempts == 2
+    assert again.timeout_for("creditCheck") == 30
+    assert again.step("notifyApplicant") is not None
+    assert again.next_after("notifyApplicant") is None
+
+
+def test_error_step_may_not_also_be_an_ordinary_step() -> None:
+    with pytest.raises(DefinitionError, match="also an ordinary step"):
+        WorkflowDefinition.build("w", ["a", "b"], on_error="b")

@@ -1,0 +1,45 @@
+"""The grant example, run as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def run_example(module: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", module],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_the_one_process_demo_runs() -> None:
+    done = run_example("examples.grant_approval.demo", {})
+    assert done.returncode == 0, done.stderr
+    assert "3/3 grant workflows succeeded (in-memory bus, one process)" in done.stdout
+
+
+def test_the_quick_start_falls_back_to_the_memory_bus_without_a_broker() -> None:
+    done = run_example(
+        "examples.grant_approval", {"HMS_BROKER_URL": "amqp://guest:guest@127.0.0.1:1/"}
+    )
+    assert done.returncode == 0, done.stderr
+    assert "No RabbitMQ reachable" in done.stdout
+    assert "3/3 grant workflows succeeded (in-memory bus" in done.stdout
+
+
+@pytest.mark.broker
+def test_the_quick_start_runs_through_the_daemon_and_the_broker(vhost: str) -> None:
+    done = run_example("examples.grant_approval", {"HMS_BROKER_URL": vhost})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Started the engine daemon" in done.stdout
+    assert "3/3 grant workflows succeeded in" in done.stdout

@@ -1,0 +1,132 @@
+"""The whole flow on the in-memory bus: engine, step service and client in one process."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+import hms_mgmt
+from bus_adapters.base import Message
+from bus_adapters.memory import MemoryBus
+from tests.conftest import wait_until
+
+GRANT = ["validateApp", "creditCheck", "scheduleInspection", "finalize"]
+
+
+@pytest.fixture
+async def mgmt(memory_url: str, store_url: str) -> AsyncIterator[hms_mgmt.Management]:
+    m = hms_mgmt.init(service_name="test", broker_url=memory_url, store_url=store_url)
+    m.define_workflow("grantApproval", GRANT)
+    calls: list[str] = []
+
+    for step in GRANT:
+
+        async def handler(ctx: hms_mgmt.StepContext, step: str = step) -> dict[str, Any]:
+            calls.append(f"{ctx.step}:{ctx.attempt}:{ctx.idempotency_key}")
+            return {"data": {**ctx.payload, step: True}}
+
+        m.on_step(f"grantApproval.{step}", handler)
+    m.calls = calls  # type: ignore[attr-defined]
+    async with m:
+        yield m
+
+
+async def test_a_grant_succeeds_with_four_step_runs_in_order(mgmt: hms_mgmt.Management) -> None:
+    await mgmt.serve()
+    started = await mgmt.start("grantApproval", {"application_id": "A-17"})
+    assert isinstance(started.workflow_id, str)
+    state = await mgmt.wait(started.workflow_id, timeout=10)
+    assert state.status == "succeeded"
+    assert [s.step for s in state.steps] == GRANT
+    assert all(s.status == "succeeded" and s.attempt == 1 for s in state.steps)
+    assert state.output == {"application_id": "A-17", **dict.fromkeys(GRANT, True)}
+    assert state.steps[1].input == {"application_id": "A-17", "validateApp": True}
+    assert mgmt.calls[0] == f"validateApp:1:{started.workflow_id}:validateApp:1"  # type: ignore[attr-defined]
+    again = await mgmt.status(started.workflow_id)
+    assert again == state
+
+
+async def test_start_returns_before_any_step_runs(mgmt: hms_mgmt.Management) -> None:
+    started = await mgmt.start("grantApproval", {"n": 1})
+    state = await mgmt.status(started.workflow_id)
+    assert state.status == "pending"
+    assert [(s.step, s.status) for s in state.steps] == [("validateApp", "pending")]
+    with pytest.raises(TimeoutError):
+        await mgmt.wait(started.workflow_id, timeout=0.3)
+
+
+async def test_unknown_workflow_is_refused_naming_it(mgmt: hms_mgmt.Management) -> None:
+    with pytest.raises(hms_mgmt.UnknownWorkflowError, match="'loanApproval' is not defined"):
+        await mgmt.start("loanApproval", {})
+
+
+async def test_unknown_workflow_id_is_a_clear_error(mgmt: hms_mgmt.Management) -> None:
+    with pytest.raises(hms_mgmt.WorkflowNotFoundError, match="no workflow with id 'nope'"):
+        await mgmt.status("nope")
+    with pytest.raises(hms_mgmt.WorkflowNotFoundError):
+        await mgmt.wait("nope", timeout=5)
+
+
+async def test_a_payload_that_is_not_json_is_refused_before_sending(
+    mgmt: hms_mgmt.Management, memory_url: str
+) -> None:
+    with pytest.raises(hms_mgmt.PayloadError, match="not JSON-serialisable"):
+        await mgmt.start("grantApproval", {"when": object()})
+    assert MemoryBus(memory_url).statistics()["hms.engine.commands"]["ready"] == 0
+
+
+async def test_a_next_step_outside_the_workflow_fails_the_step(
+    memory_url: str, store_url: str
+) -> None:
+    async with hms_mgmt.init(service_name="t", broker_url=memory_url, store_url=store_url) as m:
+        m.define_workflow("grantApproval", GRANT)
+
+        @m.on_step("grantApproval.validateApp")
+        async def validate(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+            return {"next_step": "payOut", "data": ctx.payload}
+
+        await m.serve()
+        started = await m.start("grantApproval", {"a": 1})
+        state = await m.wait(started.workflow_id, timeout=10)
+    assert state.status == "failed"
+    assert len(state.steps) == 1 and state.steps[0].status == "failed"
+    error = state.steps[0].error or {}
+    assert "'payOut'" in error["message"] and "validate" in error["message"]
+    assert state.error is not None and state.error["reason"] == "not retryable"
+
+
+async def test_start_with_the_same_request_twice_makes_one_workflow(
+    mgmt: hms_mgmt.Management,
+) -> None:
+    client = await mgmt._connect()
+    fields = {"workflow_id": "fixed-id-1", "workflow": "grantApproval", "payload": {}}
+    first = await client.request("start", fields, request_id="fixed-id-1")
+    second = await client.request("start", fields, request_id="fixed-id-1")
+    assert first == {"workflow_id": "fixed-id-1", "existing": False}
+    assert second == {"workflow_id": "fixed-id-1", "existing": True}
+    state = await mgmt.status("fixed-id-1")
+    assert len(state.steps) == 1
+
+
+async def test_undecodable_messages_are_dead_lettered_and_the_engine_keeps_serving(
+    mgmt: hms_mgmt.Management, memory_url: str
+) -> None:
+    await mgmt.serve()
+    bus = MemoryBus(memory_url)
+    await bus.publish(Message(b"\xff not json", routing_key="hms.engine.results"))
+    await bus.publish(Message(b"{}", routing_key="hms.engine.commands", content_type="text/plain"))
+    await bus.publish(
+        Message(b"[1]", exchange="hms.steps", routing_key="grantApproval.creditCheck")
+    )
+    stats = bus.statistics
+    await wait_until(lambda: stats()["hms.engine.results.dlq"]["ready"] == 1, what="results dlq")
+    await wait_until(lambda: stats()["hms.engine.commands.dlq"]["ready"] == 1, what="commands dlq")
+    await wait_until(
+        lambda: stats()["grantApproval.creditCheck.dlq"]["ready"] == 1, what="step dlq"
+    )
+    dead = await bus.get("grantApproval.creditCheck.dlq")
+    assert dead is not None and "not an object" in dead.headers["x-hms-reason"]
+    started = await mgmt.start("grantApproval", {"still": "serving"})
+    assert (await mgmt.wait(started.workflow_id, timeout=10)).status == "succeeded"

@@ -1,0 +1,179 @@
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from bus_adapters.base import Delivery
+from hms_mgmt.errors import InvalidMessageError, PayloadError
+from hms_mgmt.messages import (
+    MAX_DEPTH,
+    MAX_MESSAGE_BYTES,
+    Command,
+    Outcome,
+    StepMessage,
+    encode_payload,
+    normalise_result,
+)
+from hms_mgmt.results import StepResult
+
+
+async def _noop(*_: Any) -> None:
+    return None
+
+
+def delivery(
+    body: bytes, content_type: str | None = "application/json", queue: str = "w.s"
+) -> Delivery:
+    return Delivery(
+        body=body,
+        queue=queue,
+        routing_key=queue,
+        exchange="hms.steps",
+        headers={},
+        message_id="m1",
+        content_type=content_type,
+        correlation_id=None,
+        reply_to=None,
+        redelivered=False,
+        _ack=_noop,
+        _reject=_noop,
+    )
+
+
+def step(**overrides: Any) -> StepMessage:
+    values: dict[str, Any] = {
+        "workflow_id": "wf1",
+        "workflow": "w",
+        "step": "s",
+        "seq": 1,
+        "visit": 1,
+        "attempt": 1,
+        "payload": {"a": 1},
+    }
+    values.update(overrides)
+    return StepMessage(**values)
+
+
+def test_step_message_round_trip() -> None:
+    message = step(timeout=5.0, context={"signal": {"ok": True}})
+    wire = message.to_message()
+    assert wire.routing_key == "w.s"
+    assert wire.headers == {
+        "hms-workflow-id": "wf1",
+        "hms-step": "s",
+        "hms-attempt": 1,
+        "hms-seq": 1,
+    }
+    assert StepMessage.decode(delivery(wire.body)) == message
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "reason"),
+    [
+        (b"{not json", "application/json", "not JSON"),
+        (b"\xff\xfe\x00", "application/json", "not UTF-8"),
+        (b'{"a": 1}', "text/plain", "content type"),
+        (b'{"a": 1}', None, "content type"),
+        (b"[1, 2]", "application/json", "JSON list, not an object"),
+        (b"[" * (MAX_DEPTH + 1) + b"]" * (MAX_DEPTH + 1), "application/json", "nested deeper"),
+        (b'{"a": "' + b"x" * MAX_MESSAGE_BYTES + b'"}', "application/json", "exceeds"),
+        (b'{"workflow": "w"}', "application/json", "'workflow_id' is missing"),
+    ],
+)
+def test_undecodable_step_messages_say_why(
+    body: bytes, content_type: str | None, reason: str
+) -> None:
+    with pytest.raises(InvalidMessageError, match=reason):
+        StepMessage.decode(delivery(body, content_type))
+
+
+def test_step_message_fields_are_type_checked() -> None:
+    good = step().to_message().body
+    for field, bad in (
+        ("seq", "1"),
+        ("seq", 0),
+        ("attempt", True),
+        ("step", "a.b"),
+        ("workflow_id", ""),
+    ):
+        data = json.loads(good)
+        data[field] = bad
+        body = json.dumps(data).encode()
+        with pytest.raises(InvalidMessageError, match=field):
+            StepMessage.decode(delivery(body))
+
+
+def test_step_message_on_the_wrong_queue_is_refused() -> None:
+    with pytest.raises(InvalidMessageError, match="arrived on queue"):
+        StepMessage.decode(delivery(step().to_message().body, queue="other.queue"))
+
+
+def test_outcome_round_trip_and_validation() -> None:
+    outcome = Outcome(
+        "wf1", 2, "succeeded", step="s", attempt=1, result={"data": 1}, outcome_id="o1"
+    )
+    wire = outcome.to_message()
+    decoded = Outcome.decode(delivery(wire.body, queue="hms.engine.results"))
+    assert decoded.result == {"data": 1}
+    assert decoded.seq == 2
+    with pytest.raises(InvalidMessageError, match="no 'result'"):
+        Outcome.decode(delivery(b'{"workflow_id": "x", "seq": 1, "kind": "succeeded"}'))
+    with pytest.raises(InvalidMessageError, match="kind"):
+        Outcome.decode(delivery(b'{"workflow_id": "x", "seq": 1, "kind": "exploded"}'))
+    with pytest.raises(InvalidMessageError, match="unknown keys"):
+        Outcome.decode(
+            delivery(b'{"workflow_id": "x", "seq": 1, "kind": "succeeded", "result": {"bogus": 1}}')
+        )
+
+
+def test_commands_are_validated() -> None:
+    with pytest.raises(InvalidMessageError, match="unknown request type"):
+        Command.decode(delivery(b'{"type": "explode", "request_id": "r"}'))
+    with pytest.raises(InvalidMessageError, match="workflow_id"):
+        Command.decode(delivery(b'{"type": "status", "request_id": "r"}'))
+    command = Command.decode(delivery(b'{"type": "status", "request_id": "r", "workflow_id": "w"}'))
+    assert command.type == "status"
+
+
+def test_payloads_that_cannot_travel_are_refused() -> None:
+    with pytest.raises(PayloadError, match="not JSON-serialisable"):
+        encode_payload({"when": object()})
+    with pytest.raises(PayloadError, match="not JSON-serialisable"):
+        encode_payload({"x": float("nan")})
+    with pytest.raises(PayloadError, match="limit"):
+        encode_payload("x" * MAX_MESSAGE_BYTES)
+    deep: Any = []
+    for _ in range(MAX_DEPTH + 5):
+        deep = [deep]
+    with pytest.raises(PayloadError, match="nested deeper"):
+        encode_payload(deep)
+    assert encode_payload({"ok": [1, 2, {"x": None}]}) == b'{"ok":[1,2,{"x":null}]}'
+
+
+def describe() -> str:
+    return "handler h of w.s"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, {"data": {"p": 1}}),
+        ({"data": 2}, {"data": 2}),
+        ({"nextStep": "b", "data": 3}, {"next_step": "b", "data": 3}),
+        ({"next_step": "b"}, {"next_step": "b"}),
+        (StepResult.complete(5), {"data": 5, "complete": True}),
+        (StepResult(6, next_step="c"), {"data": 6, "next_step": "c"}),
+    ],
+)
+def test_handler_results_are_normalised(value: Any, expected: dict[str, Any]) -> None:
+    assert normalise_result(value, payload={"p": 1}, describe=describe) == expected
+
+
+@pytest.mark.parametrize(
+    "value", [42, "done", {"score": 750}, {}, {"next_step": 7}, {"data": 1, "delay": -1}]
+)
+def test_odd_handler_results_name_the_handler_and_value(value: Any) -> None:
+    with pytest.raises(ValueError, match=r"handler h of w\.s returned"):
+        normalise_result(value, payload=None, describe=describe)

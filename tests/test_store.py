@@ -1,0 +1,70 @@
+"""The SQLite store: one transaction per batch, the outbox, timers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hms_mgmt import machine
+from hms_mgmt.definitions import WorkflowDefinition
+from hms_mgmt.store.base import Batch, OutboxRow
+from hms_mgmt.store.sqlite import SQLiteStore, path_of
+
+DEFINITION = WorkflowDefinition.build("w", ["a", "b"]).with_version(1)
+
+
+def test_store_urls() -> None:
+    assert path_of("sqlite:///hms.db") == "hms.db"
+    assert path_of("sqlite:////var/lib/hms.db") == "/var/lib/hms.db"
+    assert path_of("sqlite:///:memory:") == ":memory:"
+
+
+async def test_batches_commit_together_and_survive_reopening(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    store = SQLiteStore(url)
+    await store.open()
+    await store.save_definition(DEFINITION, 1.0)
+    t = machine.start(DEFINITION, "wf1", {"p": 1}, 10.0, run_at=20.0)
+    assert t.workflow is not None
+    batch = Batch(
+        workflows={"wf1": t.workflow},
+        runs={(r.workflow_id, r.seq): r for r in t.runs},
+        history=[("wf1", 10.0, kind, detail) for kind, detail in t.history],
+        outbox=[OutboxRow("m1", "hms.steps", "w.a", b"{}", {"h": 1}, 10.0)],
+    )
+    await store.commit(batch)
+    await store.close()
+
+    again = SQLiteStore(url)
+    await again.open()
+    assert [d.name for d in await again.definitions()] == ["w"]
+    loaded = await again.load(["wf1", "missing"])
+    workflow, run = loaded["wf1"]
+    assert "missing" not in loaded
+    assert workflow.status == "scheduled" and workflow.input == {"p": 1}
+    assert run is not None and run.step == "a" and run.due_at == 20.0
+    assert [k.kind for k in await again.history("wf1")] == ["workflow_started", "step_scheduled"]
+    assert [r.message_id for r in await again.unsent()] == ["m1"]
+    assert await again.due_timers(15.0, 10) == []
+    assert await again.due_timers(25.0, 10) == [("wf1", "run", 20.0)]
+    await again.commit(Batch(sent=["m1"]))
+    assert await again.unsent() == []
+    assert await again.count_by_status() == {"scheduled": 1}
+    await again.close()
+
+
+async def test_a_failed_batch_leaves_nothing_behind(tmp_path: Path) -> None:
+    store = SQLiteStore(f"sqlite:///{tmp_path / 'y.db'}")
+    await store.open()
+    t = machine.start(DEFINITION, "wf1", None, 10.0)
+    assert t.workflow is not None
+    row = OutboxRow("m1", "hms.steps", "w.a", b"{}", {}, 10.0)
+    bad = Batch(
+        workflows={"wf1": t.workflow}, outbox=[row], history=[("wf1", 1.0, "x", {"bad": object()})]
+    )
+    with pytest.raises(TypeError):
+        await store.commit(bad)
+    assert await store.load(["wf1"]) == {}
+    assert await store.unsent() == []
+    await store.close()
