@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from types import TracebackType
@@ -213,9 +215,12 @@ class Management:
     async def run(self) -> None:
         """Serve the registered handlers until cancelled (``python -m hms_mgmt.worker`` adds signals)."""
         await self.serve()
+        stop = asyncio.Event()
+        signals = _catch_signals(stop.set)
         try:
-            await asyncio.Event().wait()  # until cancelled
+            await stop.wait()  # until cancelled or signalled
         finally:
+            _release_signals(signals)
             await self.close()  # stops taking work, lets running handlers finish
 
     async def serve(self) -> None:
@@ -259,6 +264,27 @@ class Management:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+def _catch_signals(handler: Callable[[], None]) -> list[signal.Signals]:
+    """SIGTERM and SIGINT call ``handler``, when this loop runs in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return []
+    loop = asyncio.get_running_loop()
+    caught = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(signum, handler)
+            caught.append(signum)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover - platform dependent
+            pass
+    return caught
+
+
+def _release_signals(signals: list[signal.Signals]) -> None:
+    loop = asyncio.get_running_loop()
+    for signum in signals:
+        loop.remove_signal_handler(signum)
 
 
 def init(

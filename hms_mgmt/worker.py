@@ -16,7 +16,6 @@ import functools
 import importlib
 import inspect
 import os
-import signal
 import sys
 import time
 import traceback
@@ -328,17 +327,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _run_until_signalled(run: Callable[[], Awaitable[None]]) -> None:
-    """Run a serve coroutine; SIGTERM or SIGINT ends it cleanly."""
-
-    async def serve() -> None:
-        task = asyncio.ensure_future(run())
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, task.cancel)
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    asyncio.run(serve())
+    """Run a serve coroutine; ``Management.run`` ends cleanly on SIGTERM or SIGINT."""
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

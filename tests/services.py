@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import hms_mgmt
@@ -32,4 +33,18 @@ async def jump_nowhere(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
 
 @grant.on_step("badNext.second")
 async def second(ctx: hms_mgmt.StepContext) -> None:
+    return None
+
+
+grant.define_workflow("slow", ["nap", "after"])
+
+
+@grant.on_step("slow.nap")
+async def nap(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+    await asyncio.sleep(float(ctx.payload.get("seconds", 1.5)))
+    return {"data": ctx.payload}
+
+
+@grant.on_step("slow.after")
+async def after(ctx: hms_mgmt.StepContext) -> None:
     return None

@@ -151,3 +151,25 @@ async def test_undecodable_messages_are_dead_lettered_while_the_engine_serves(
 
 async def _is_one(bus: RabbitMQBus, queue: str) -> Any:
     return await bus.queue_length(queue) == 1
+
+
+async def test_sigterm_lets_a_running_handler_finish(
+    client: hms_mgmt.Management, processes: Processes, vhost: str, store_url: str
+) -> None:
+    processes.engine(vhost, store_url)
+    worker = processes.worker(vhost, "tests.services:grant")
+    client.define_workflow("slow", ["nap", "after"])
+    started = await client.start("slow", {"seconds": 2.0})
+
+    async def running() -> bool:
+        state = await client.status(started.workflow_id)
+        return state.steps[0].status == "running"
+
+    await wait_until(running, timeout=20, what="the slow step reported running")
+    worker.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(worker.wait, 20) == 0
+    state = await client.status(started.workflow_id)
+    assert state.steps[0].status == "succeeded"  # finished and reported before exiting
+    assert [s.step for s in state.steps] == ["nap", "after"]
+    processes.worker(vhost, "tests.services:grant")
+    assert (await client.wait(started.workflow_id, timeout=30)).status == "succeeded"

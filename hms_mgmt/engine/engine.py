@@ -487,6 +487,8 @@ class Engine:
             log.info(
                 "outcome ignored",
                 workflow_id=workflow.id,
+                step=outcome.step,
+                attempt=outcome.attempt,
                 seq=outcome.seq,
                 kind=outcome.kind,
                 reason=t.history[0][1]["reason"],
