@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import uuid
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -109,6 +110,7 @@ class RabbitMQBus:
         self._confirmed: AbstractChannel | None = None
         self._unconfirmed: AbstractChannel | None = None
         self._declare: AbstractChannel | None = None
+        self._get_channel: AbstractChannel | None = None
         self._exchanges: dict[tuple[bool, str], AbstractExchange] = {}
         self._consumer_channels: list[AbstractChannel] = []
         self._lock = asyncio.Lock()
@@ -230,7 +232,8 @@ class RabbitMQBus:
         self._consumer_channels.append(channel)
         # Our own name rather than a server-named one: a robust connection
         # re-declares it under the same name after a reconnect.
-        name = f"hms.reply.{self.name}.{uuid.uuid4().hex[:12]}"
+        label = re.sub(r"[^A-Za-z0-9_.:-]", "-", self.name)[:80]
+        name = f"hms.reply.{label}.{uuid.uuid4().hex[:12]}"
         queue = await channel.declare_queue(name, exclusive=True, auto_delete=True)
 
         async def callback(message: AbstractIncomingMessage) -> None:
@@ -254,9 +257,9 @@ class RabbitMQBus:
 
     async def get(self, queue: str) -> Delivery | None:
         connection = self._require(self._consume_connection)
-        channel = await connection.channel()
-        self._consumer_channels.append(channel)
-        declared = await channel.get_queue(queue, ensure=False)
+        if self._get_channel is None or self._get_channel.is_closed:
+            self._get_channel = await connection.channel()
+        declared = await self._get_channel.get_queue(queue, ensure=False)
         try:
             message = await declared.get(no_ack=False, fail=False)
         except aiormq.exceptions.ChannelNotFoundEntity:
@@ -273,7 +276,7 @@ class RabbitMQBus:
                 with contextlib.suppress(aiormq.exceptions.AMQPError, OSError, RuntimeError):
                     await connection.close()
         self._consume_connection = self._publish_connection = None
-        self._confirmed = self._unconfirmed = self._declare = None
+        self._confirmed = self._unconfirmed = self._declare = self._get_channel = None
         self._exchanges.clear()
         self._consumer_channels.clear()
 

@@ -9,12 +9,13 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import hms_mgmt
 from bus_adapters.memory import reset_brokers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,3 +146,22 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
         yield procs
     finally:
         procs.stop_all()
+
+
+@pytest.fixture
+async def client(vhost: str) -> AsyncIterator[hms_mgmt.Management]:
+    """A client on the test's vhost that knows the test services' workflows."""
+    from tests.services import grant
+
+    mgmt = hms_mgmt.init(service_name="test-client", broker_url=vhost, request_timeout=20)
+    mgmt.definitions.update(grant.definitions)
+    async with mgmt:
+        yield mgmt
+
+
+@pytest.fixture
+def daemons(processes: Processes, vhost: str, store_url: str) -> Processes:
+    """The engine daemon and the test step service, as processes on the test's vhost."""
+    processes.engine(vhost, store_url)
+    processes.worker(vhost, "tests.services:grant")
+    return processes

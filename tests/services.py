@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import hms_mgmt
+from hms_mgmt import RetryPolicy, Step
 
 GRANT = ["validateApp", "creditCheck", "scheduleInspection", "finalize"]
 
@@ -48,3 +50,90 @@ async def nap(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
 @grant.on_step("slow.after")
 async def after(ctx: hms_mgmt.StepContext) -> None:
     return None
+
+
+# -- failures (retries, error paths, timeouts, dead letters) ---------------------------------
+
+QUICK = RetryPolicy(max_attempts=3, initial_delay=0.5, backoff=2.0, jitter=False)
+ONCE = RetryPolicy(max_attempts=2, initial_delay=0.2, jitter=False)
+
+grant.define_workflow("flaky", ["wobble", "done"], retry=QUICK)
+grant.define_workflow("doomed", ["explode"], retry=ONCE)
+grant.define_workflow("doomedWithErrorPath", ["explode"], retry=ONCE, on_error="notifyApplicant")
+grant.define_workflow(
+    "picky",
+    ["refuse"],
+    retry=RetryPolicy(max_attempts=5, initial_delay=0.2, non_retryable=[KeyError]),
+)
+grant.define_workflow(
+    "sluggish",
+    [
+        Step(
+            "slowStep",
+            timeout=1.0,
+            retry=RetryPolicy(max_attempts=2, initial_delay=0.1, jitter=False),
+        )
+    ],
+)
+grant.define_workflow("gated", ["gate", "after"], retry=RetryPolicy(max_attempts=1))
+grant.define_workflow(
+    "backoff", ["stumble"], retry=RetryPolicy(max_attempts=3, initial_delay=2.0, jitter=False)
+)
+
+
+@grant.on_step("flaky.wobble")
+async def wobble(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+    if ctx.attempt < 3:
+        raise RuntimeError(f"attempt {ctx.attempt} failed")
+    return {"data": {**ctx.payload, "attempts": ctx.attempt}}
+
+
+@grant.on_step("flaky.done")
+async def done(ctx: hms_mgmt.StepContext) -> None:
+    return None
+
+
+async def explode(ctx: hms_mgmt.StepContext) -> None:
+    raise RuntimeError("credit bureau down")
+
+
+grant.on_step("doomed.explode", explode)
+grant.on_step("doomedWithErrorPath.explode", explode)
+
+
+@grant.on_step("doomedWithErrorPath.notifyApplicant")
+async def notify_applicant(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+    return {"data": {"notified": True, "failure": ctx.error}}
+
+
+@grant.on_step("picky.refuse")
+async def refuse(ctx: hms_mgmt.StepContext) -> None:
+    if ctx.payload["how"] == "non-retryable":
+        raise hms_mgmt.NonRetryableError("applicant is not eligible")
+    raise KeyError("ssn")
+
+
+@grant.on_step("sluggish.slowStep")
+async def slow_step(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+    if ctx.attempt == 1:
+        await asyncio.sleep(2.5)  # past the 1 s timeout: its outcome arrives late
+    return {"data": {"finished_attempt": ctx.attempt}}
+
+
+@grant.on_step("gated.gate")
+def gate(ctx: hms_mgmt.StepContext) -> dict[str, Any]:  # a plain function: runs in a thread
+    if not Path(ctx.payload["unlock"]).exists():
+        raise RuntimeError("gate closed")
+    return {"data": ctx.payload}
+
+
+@grant.on_step("gated.after")
+async def after_gate(ctx: hms_mgmt.StepContext) -> None:
+    return None
+
+
+@grant.on_step("backoff.stumble")
+async def stumble(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+    if ctx.payload.get("always_fail") or ctx.attempt == 1:
+        raise RuntimeError(f"stumbled on attempt {ctx.attempt}")
+    return {"data": {"attempt": ctx.attempt}}

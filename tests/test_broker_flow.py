@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -17,22 +16,6 @@ from tests.conftest import Processes, wait_until
 from tests.services import GRANT
 
 pytestmark = pytest.mark.broker
-
-
-@pytest.fixture
-async def client(vhost: str) -> AsyncIterator[hms_mgmt.Management]:
-    mgmt = hms_mgmt.init(service_name="test-client", broker_url=vhost, request_timeout=20)
-    mgmt.define_workflow("grantApproval", GRANT)
-    mgmt.define_workflow("badNext", ["first", "second"])
-    async with mgmt:
-        yield mgmt
-
-
-@pytest.fixture
-def daemons(processes: Processes, vhost: str, store_url: str) -> Processes:
-    processes.engine(vhost, store_url)
-    processes.worker(vhost, "tests.services:grant")
-    return processes
 
 
 async def run_grants(client: hms_mgmt.Management, count: int) -> list[hms_mgmt.WorkflowState]:
@@ -158,7 +141,6 @@ async def test_sigterm_lets_a_running_handler_finish(
 ) -> None:
     processes.engine(vhost, store_url)
     worker = processes.worker(vhost, "tests.services:grant")
-    client.define_workflow("slow", ["nap", "after"])
     started = await client.start("slow", {"seconds": 2.0})
 
     async def running() -> bool:

@@ -1,0 +1,121 @@
+"""Dead-letter queues: see what is in one, and replay what the engine gave up on.
+
+Replaying a given-up step message is the same as ``client.retry(workflow_id)``:
+the engine resumes the workflow from its failed step with a fresh series of
+attempts, and the message leaves the DLQ. A message the engine could not even
+decode has no workflow to resume; it stays where it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from bus_adapters.base import Bus, Delivery
+from hms_mgmt.client import Client
+from hms_mgmt.errors import InvalidStateError, WorkflowNotFoundError
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    message_id: str | None
+    workflow_id: str | None
+    step: str | None
+    attempts: int | None
+    reason: str | None
+    error_type: str | None
+    error: str | None
+    size: int
+
+    @classmethod
+    def of(cls, delivery: Delivery) -> DeadLetter:
+        headers = delivery.headers
+        attempts = headers.get("x-hms-attempts")
+        return cls(
+            message_id=delivery.message_id,
+            workflow_id=_text(headers.get("hms-workflow-id")),
+            step=_text(headers.get("hms-step")),
+            attempts=attempts if isinstance(attempts, int) else None,
+            reason=_text(headers.get("x-hms-reason")),
+            error_type=_text(headers.get("x-hms-error-type")),
+            error=_text(headers.get("x-hms-error")),
+            size=len(delivery.body),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Replayed:
+    message_id: str | None
+    workflow_id: str | None
+    outcome: str  # resumed, removed (the workflow had moved on) or kept
+    detail: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+async def peek(bus: Bus, queue: str, limit: int = 100) -> list[DeadLetter]:
+    """The first ``limit`` messages of a queue, left in place."""
+    held: list[Delivery] = []
+    try:
+        while len(held) < limit:
+            delivery = await bus.get(queue)
+            if delivery is None:
+                break
+            held.append(delivery)
+        return [DeadLetter.of(d) for d in held]
+    finally:
+        for delivery in held:
+            await delivery.reject(requeue=True)
+
+
+async def replay(
+    bus: Bus, client: Client, queue: str, *, message_id: str | None = None
+) -> list[Replayed]:
+    """Replay one message (by id) or, with ``message_id=None``, all of them."""
+    results: list[Replayed] = []
+    kept: list[Delivery] = []
+    try:
+        for _ in range(await bus.queue_length(queue)):
+            delivery = await bus.get(queue)
+            if delivery is None:
+                break
+            if message_id is not None and delivery.message_id != message_id:
+                kept.append(delivery)
+                continue
+            result = await _replay_one(client, delivery)
+            results.append(result)
+            if result.outcome == "kept":
+                kept.append(delivery)
+            else:
+                await delivery.ack()
+            if message_id is not None:
+                break
+    finally:
+        for delivery in kept:
+            await delivery.reject(requeue=True)
+    return results
+
+
+async def _replay_one(client: Client, delivery: Delivery) -> Replayed:
+    letter = DeadLetter.of(delivery)
+    if letter.workflow_id is None or (letter.reason or "").startswith("invalid message"):
+        return Replayed(
+            letter.message_id, letter.workflow_id, "kept", f"not replayable: {letter.reason}"
+        )
+    try:
+        await client.retry(letter.workflow_id)
+    except InvalidStateError as exc:
+        return Replayed(letter.message_id, letter.workflow_id, "removed", str(exc))
+    except WorkflowNotFoundError as exc:
+        return Replayed(letter.message_id, letter.workflow_id, "kept", str(exc))
+    return Replayed(
+        letter.message_id, letter.workflow_id, "resumed", f"resumed from step {letter.step}"
+    )
