@@ -21,13 +21,20 @@ from bus_adapters.base import Bus, BusError, Delivery, redact_url
 from hms_mgmt.definitions import WorkflowDefinition, check_name
 from hms_mgmt.errors import (
     EngineUnavailableError,
-    HmsError,
     InvalidMessageError,
     PayloadError,
     error_from_reply,
 )
 from hms_mgmt.logs import get_logger
-from hms_mgmt.messages import decode_body, encode_payload, new_id, request_message
+from hms_mgmt.messages import (
+    BATCH_BYTES,
+    MAX_BATCH,
+    decode_body,
+    encode_payload,
+    new_id,
+    request_item,
+    requests_message,
+)
 from hms_mgmt.records import WorkflowState
 from hms_mgmt.topology import declare_core
 
@@ -44,6 +51,14 @@ class StartResult:
 
     workflow_id: str
     existing: bool = False
+
+
+@dataclass(frozen=True)
+class _Request:
+    request_id: str
+    body: bytes
+    persistent: bool
+    deadline: float
 
 
 def new_workflow_id() -> str:
@@ -65,6 +80,10 @@ class Client:
         self.request_timeout = request_timeout
         self._window = asyncio.Semaphore(max_in_flight)
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._outgoing: list[_Request] = []
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._last_error: Exception | None = None
         self._reply_to: str | None = None
         self._connect_lock = asyncio.Lock()
 
@@ -77,13 +96,20 @@ class Client:
             self._reply_to = await self.bus.reply_queue(self._on_reply)
 
     def _on_reply(self, delivery: Delivery) -> None:
-        future = self._pending.get(delivery.correlation_id or "")
-        if future is None or future.done():
-            return  # a reply to a request already answered or abandoned
         try:
-            future.set_result(decode_body(delivery.body, delivery.content_type))
-        except InvalidMessageError as exc:
-            future.set_exception(HmsError(f"unreadable reply from the engine: {exc}"))
+            body = decode_body(delivery.body, delivery.content_type)
+            replies = body["replies"]
+            if not isinstance(replies, list):
+                raise InvalidMessageError("field 'replies' is not a list")
+        except (InvalidMessageError, KeyError) as exc:
+            log.warning("unreadable reply from the engine", error=str(exc))
+            return
+        for reply in replies:
+            if not isinstance(reply, dict):
+                continue
+            future = self._pending.get(str(reply.get("request_id")))
+            if future is not None and not future.done():
+                future.set_result(reply)  # a reply to an abandoned request is dropped
 
     async def request(
         self,
@@ -97,18 +123,21 @@ class Client:
     ) -> Any:
         """Send a request and return the engine's answer, or raise the error it names."""
         await self.connect()
-        assert self._reply_to is not None
         timeout = self.request_timeout if timeout is None else timeout
         request_id = request_id or new_id()
         deadline = time.time() + timeout
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         window = self._window if bounded else contextlib.nullcontext()
+        item = _Request(
+            request_id,
+            request_item(kind, fields, request_id=request_id, deadline=deadline),
+            persistent,
+            deadline,
+        )
         try:
             async with window:
-                reply = await self._send_until_answered(
-                    kind, fields, request_id, deadline, future, persistent, timeout
-                )
+                reply = await self._send_until_answered(kind, item, future, timeout)
         finally:
             self._pending.pop(request_id, None)
         if reply.get("ok"):
@@ -117,46 +146,61 @@ class Client:
         raise error_from_reply(str(error.get("type", "HmsError")), str(error.get("message", "")))
 
     async def _send_until_answered(
-        self,
-        kind: str,
-        fields: dict[str, Any],
-        request_id: str,
-        deadline: float,
-        future: asyncio.Future[dict[str, Any]],
-        persistent: bool,
-        timeout: float,
+        self, kind: str, item: _Request, future: asyncio.Future[dict[str, Any]], timeout: float
     ) -> dict[str, Any]:
-        assert self._reply_to is not None
         interval = FIRST_RETRY_AFTER
-        last_error: Exception | None = None
         while True:
-            remaining = deadline - time.time()
+            remaining = item.deadline - time.time()
             if remaining <= 0:
-                reason = f" (last error: {last_error})" if last_error else ""
+                reason = f" (last error: {self._last_error})" if self._last_error else ""
                 raise EngineUnavailableError(
                     f"the engine did not answer {kind!r} within {timeout:g}s{reason}; is "
                     f"'python -m hms_mgmt.engine' running against {redact_url(self.bus.url)}?"
                 )
-            try:
-                await self.bus.publish(
-                    request_message(
-                        kind,
-                        fields,
-                        request_id=request_id,
-                        reply_to=self._reply_to,
-                        deadline=deadline,
-                        persistent=persistent,
-                        expiration=remaining,
-                    )
-                )
-            except BusError as exc:
-                last_error = exc
-                await asyncio.sleep(min(1.0, max(0.0, deadline - time.time())))
-                continue
+            self._enqueue(item)
             try:
                 return await asyncio.wait_for(asyncio.shield(future), min(interval, remaining))
             except TimeoutError:
                 interval *= 2
+
+    def _enqueue(self, item: _Request) -> None:
+        self._outgoing.append(item)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Everything asked since the last flush goes out in one message (or a few)."""
+        self._scheduled = False
+        loop = asyncio.get_running_loop()
+        while self._outgoing:
+            batch: list[_Request] = []
+            size = 0
+            while self._outgoing and len(batch) < MAX_BATCH and size < BATCH_BYTES:
+                item = self._outgoing.pop(0)
+                batch.append(item)
+                size += len(item.body)
+            task = loop.create_task(self._send(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[_Request]) -> None:
+        assert self._reply_to is not None
+        message = requests_message(
+            [item.body for item in batch],
+            reply_to=self._reply_to,
+            persistent=any(item.persistent for item in batch),
+            expiration=max(0.001, max(item.deadline for item in batch) - time.time()),
+        )
+        try:
+            await self.bus.publish(message)
+        except BusError as exc:
+            self._last_error = exc
+            await asyncio.sleep(1.0)
+            for item in batch:  # try again soon, unless answered or given up meanwhile
+                future = self._pending.get(item.request_id)
+                if future is not None and not future.done() and item.deadline > time.time():
+                    self._enqueue(item)
 
     # -- the calls ------------------------------------------------------------
 
@@ -245,6 +289,8 @@ class Client:
         return list(result)
 
     async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
         for future in self._pending.values():
             if not future.done():
                 future.cancel()

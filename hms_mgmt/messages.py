@@ -8,8 +8,10 @@ reason travels with the message into its dead-letter queue.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,11 +20,11 @@ from typing import Any, TypeVar
 from bus_adapters.base import JSON_CONTENT_TYPE, Delivery, Message
 from hms_mgmt.errors import InvalidMessageError, PayloadError
 
-try:  # orjson is an optional speed-up (the "fast" extra)
+try:  # orjson is a dependency; the fallback keeps a platform without its wheels working
     import orjson
 
     def dumps(value: Any) -> bytes:
-        return orjson.dumps(value)  # type: ignore[no-any-return]
+        return orjson.dumps(value)
 
     def _loads(data: bytes) -> Any:
         return orjson.loads(data)
@@ -39,7 +41,10 @@ except ImportError:  # pragma: no cover - depends on the environment
 
     _DECODE_ERRORS = (json.JSONDecodeError, RecursionError)
 
+_strict = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
 MAX_MESSAGE_BYTES = 1024 * 1024
+MAX_PAYLOAD_BYTES = MAX_MESSAGE_BYTES - 16 * 1024  # room for the envelope around a payload
 MAX_DEPTH = 64
 
 STEPS_EXCHANGE = "hms.steps"
@@ -73,12 +78,12 @@ def depth(value: Any) -> int:
 
 def encode_payload(payload: Any, *, what: str = "payload") -> bytes:
     """The payload as JSON, refusing what cannot travel: raises :class:`PayloadError`."""
-    try:
-        body = dumps(payload)
-    except (TypeError, ValueError, OverflowError) as exc:
+    try:  # strict: NaN and Infinity are not JSON
+        body = _strict.encode(payload).encode()
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
         raise PayloadError(f"{what} is not JSON-serialisable: {exc}") from exc
-    if len(body) > MAX_MESSAGE_BYTES:
-        raise PayloadError(f"{what} is {len(body)} bytes as JSON; the limit is {MAX_MESSAGE_BYTES}")
+    if len(body) > MAX_PAYLOAD_BYTES:
+        raise PayloadError(f"{what} is {len(body)} bytes as JSON; the limit is {MAX_PAYLOAD_BYTES}")
     if body.count(b"[") + body.count(b"{") > MAX_DEPTH and depth(payload) > MAX_DEPTH:
         raise PayloadError(f"{what} is nested deeper than {MAX_DEPTH} levels")
     return body
@@ -94,9 +99,8 @@ def decode_body(body: bytes, content_type: str | None) -> dict[str, Any]:
         body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidMessageError(f"body is not UTF-8: {exc}") from exc
-    if body.count(b"[") + body.count(b"{") > MAX_DEPTH:
-        # Only a body with many brackets can be deep; check it before parsing.
-        _check_bracket_depth(body)
+    if body.count(b"[") + body.count(b"{") > MAX_DEPTH and _too_deep(body):
+        raise InvalidMessageError(f"body is nested deeper than {MAX_DEPTH} levels")
     try:
         value = _loads(body)
     except _DECODE_ERRORS as exc:
@@ -106,24 +110,27 @@ def decode_body(body: bytes, content_type: str | None) -> dict[str, Any]:
     return value
 
 
-def _check_bracket_depth(body: bytes) -> None:
-    level, in_string, escaped = 0, False, False
-    for byte in body:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:  # backslash
-                escaped = True
-            elif byte == 0x22:  # quote
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in (0x5B, 0x7B):
-            level += 1
-            if level > MAX_DEPTH:
-                raise InvalidMessageError(f"body is nested deeper than {MAX_DEPTH} levels")
-        elif byte in (0x5D, 0x7D):
-            level -= 1
+_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKETS = re.compile(rb"[^\[\]{}]+")
+_INNERMOST = re.compile(rb"\[\]|\{\}")
+
+
+def _too_deep(body: bytes) -> bool:
+    """Whether JSON text nests deeper than MAX_DEPTH, found with regular expressions only.
+
+    Strings and everything but brackets are dropped, then innermost pairs are
+    peeled off one level per pass; a body that needs more than MAX_DEPTH
+    passes is too deep. Unbalanced text is left for the parser to refuse.
+    """
+    structure = _NOT_BRACKETS.sub(b"", _STRINGS.sub(b"", body))
+    for _ in range(MAX_DEPTH):
+        if not structure:
+            return False
+        peeled = _INNERMOST.sub(b"", structure)
+        if peeled == structure:
+            return False
+        structure = peeled
+    return bool(structure)
 
 
 T = TypeVar("T")
@@ -173,9 +180,35 @@ def _positive(data: dict[str, Any], key: str) -> int:
     return value
 
 
+def _items(data: dict[str, Any], key: str) -> list[Any]:
+    items = data.get(key)
+    if not isinstance(items, list) or not items:
+        raise InvalidMessageError(f"field {key!r} must be a non-empty list")
+    if len(items) > MAX_BATCH:
+        raise InvalidMessageError(f"{len(items)} items in {key!r}; at most {MAX_BATCH}")
+    return items
+
+
+MAX_BATCH = 1000
+"""Items in one message at most: step runs, outcomes, requests or replies."""
+BATCH_BYTES = 512 * 1024
+"""A batch stops growing past this many bytes (a single item may be larger)."""
+
+
+def batch_body(key: str, items: list[bytes]) -> bytes:
+    """``{"<key>": [item, ...]}`` from items already encoded (no re-encoding)."""
+    return b'{"' + key.encode() + b'":[' + b",".join(items) + b"]}"
+
+
 @dataclass(frozen=True)
 class StepMessage:
-    """The engine asks a worker to run one attempt of one step."""
+    """The engine asks a worker to run one attempt of one step.
+
+    On the wire a message carries a list of them (``{"steps": [...]}``), all for
+    the same queue: the relay groups runs published together, so a busy engine
+    sends one message for many runs. A message is acked, redelivered and
+    dead-lettered as a whole; every run in it is still applied at most once.
+    """
 
     workflow_id: str
     workflow: str
@@ -199,8 +232,9 @@ class StepMessage:
     def idempotency_key(self) -> str:
         return f"{self.workflow_id}:{self.step}:{self.visit}"
 
-    def to_message(self) -> Message:
-        body = {
+    def encode(self) -> bytes:
+        """This run as one item of a step message."""
+        body: dict[str, Any] = {
             "workflow_id": self.workflow_id,
             "workflow": self.workflow,
             "step": self.step,
@@ -213,8 +247,12 @@ class StepMessage:
             body["timeout"] = self.timeout
         if self.context:
             body["context"] = self.context
+        return dumps(body)
+
+    def to_message(self) -> Message:
+        """A message carrying just this run."""
         return Message(
-            body=dumps(body),
+            body=batch_body("steps", [self.encode()]),
             exchange=STEPS_EXCHANGE,
             routing_key=self.topic,
             headers=step_headers(self.workflow_id, self.step, self.attempt, self.seq),
@@ -222,9 +260,10 @@ class StepMessage:
         )
 
     @classmethod
-    def decode(cls, delivery: Delivery) -> StepMessage:
-        data = decode_body(delivery.body, delivery.content_type)
-        message = cls(
+    def from_json(cls, data: Any) -> StepMessage:
+        if not isinstance(data, dict):
+            raise InvalidMessageError(f"a step is a JSON {type(data).__name__}, not an object")
+        return cls(
             workflow_id=_id(data, "workflow_id"),
             workflow=_name(data, "workflow"),
             step=_name(data, "step"),
@@ -235,15 +274,21 @@ class StepMessage:
             timeout=_field(data, "timeout", (int, float), optional=True),
             context=_field(data, "context", dict, optional=True),
         )
-        if (
-            delivery.queue
-            and not delivery.queue.startswith("hms.")
-            and delivery.queue != message.topic
-        ):
+
+    @classmethod
+    def decode(cls, delivery: Delivery) -> list[StepMessage]:
+        """Every run in a step message; any invalid one makes the whole message invalid."""
+        data = decode_body(delivery.body, delivery.content_type)
+        steps = [cls.from_json(item) for item in _items(data, "steps")]
+        topics = {step.topic for step in steps}
+        if len(topics) > 1:
             raise InvalidMessageError(
-                f"message for {message.topic!r} arrived on queue {delivery.queue!r}"
+                f"one message carries steps of several queues: {sorted(topics)}"
             )
-        return message
+        topic = steps[0].topic
+        if delivery.queue and not delivery.queue.startswith("hms.") and delivery.queue != topic:
+            raise InvalidMessageError(f"message for {topic!r} arrived on queue {delivery.queue!r}")
+        return steps
 
 
 def step_headers(workflow_id: str, step: str, attempt: int, seq: int) -> dict[str, Any]:
@@ -257,7 +302,11 @@ def step_headers(workflow_id: str, step: str, attempt: int, seq: int) -> dict[st
 
 @dataclass(frozen=True)
 class Outcome:
-    """A worker reports on one step run: started, heartbeat, succeeded or failed."""
+    """A worker reports on one step run: started, heartbeat, succeeded or failed.
+
+    Outcomes travel in batches (``{"outcomes": [...]}``): a worker sends
+    whatever has finished since its last publish in one message.
+    """
 
     workflow_id: str
     seq: int
@@ -269,9 +318,10 @@ class Outcome:
     started_at: float | None = None
     finished_at: float | None = None
     handler: str | None = None
-    outcome_id: str = ""
 
-    def to_message(self) -> Message:
+    @functools.cached_property
+    def encoded(self) -> bytes:
+        """This outcome as one item of an outcomes message (encoded once)."""
         body: dict[str, Any] = {
             "workflow_id": self.workflow_id,
             "seq": self.seq,
@@ -283,16 +333,12 @@ class Outcome:
             value = getattr(self, key)
             if value is not None:
                 body[key] = value
-        return Message(
-            body=dumps(body),
-            routing_key=RESULTS_QUEUE,
-            headers=step_headers(self.workflow_id, self.step, self.attempt, self.seq),
-            message_id=self.outcome_id or new_id(),
-        )
+        return dumps(body)
 
     @classmethod
-    def decode(cls, delivery: Delivery) -> Outcome:
-        data = decode_body(delivery.body, delivery.content_type)
+    def from_json(cls, data: Any) -> Outcome:
+        if not isinstance(data, dict):
+            raise InvalidMessageError(f"an outcome is a JSON {type(data).__name__}, not an object")
         kind = _field(data, "kind", str)
         if kind not in OUTCOME_KINDS:
             raise InvalidMessageError(
@@ -322,8 +368,39 @@ class Outcome:
             started_at=_field(data, "started_at", (int, float), optional=True),
             finished_at=_field(data, "finished_at", (int, float), optional=True),
             handler=_field(data, "handler", str, optional=True),
-            outcome_id=delivery.message_id or "",
         )
+
+
+Refused = tuple[Any, str]
+"""An item of a batch that did not validate, and why."""
+
+
+def _decode_items(
+    delivery: Delivery, key: str, parse: Callable[[Any], T]
+) -> tuple[list[T], list[Refused]]:
+    """The valid items of a batch message and the refused ones; a bad envelope raises."""
+    data = decode_body(delivery.body, delivery.content_type)
+    good: list[T] = []
+    refused: list[Refused] = []
+    for item in _items(data, key):
+        try:
+            good.append(parse(item))
+        except InvalidMessageError as exc:
+            refused.append((item, str(exc)))
+    return good, refused
+
+
+def decode_outcomes(delivery: Delivery) -> tuple[list[Outcome], list[Refused]]:
+    return _decode_items(delivery, "outcomes", Outcome.from_json)
+
+
+def outcomes_message(encoded: list[bytes]) -> Message:
+    return Message(
+        body=batch_body("outcomes", encoded),
+        routing_key=RESULTS_QUEUE,
+        message_id=new_id(),
+        headers={"hms-count": len(encoded)},
+    )
 
 
 COMMAND_TYPES = frozenset(
@@ -333,7 +410,11 @@ COMMAND_TYPES = frozenset(
 
 @dataclass(frozen=True)
 class Command:
-    """A client's request to the engine; the reply goes to ``reply_to``."""
+    """A client's request to the engine; the reply goes to ``reply_to``.
+
+    Requests travel in batches (``{"requests": [...]}``) and their replies too
+    (``{"replies": [...]}``, matched by ``request_id``).
+    """
 
     type: str
     request_id: str
@@ -342,8 +423,9 @@ class Command:
     deadline: float | None = None
 
     @classmethod
-    def decode(cls, delivery: Delivery) -> Command:
-        data = decode_body(delivery.body, delivery.content_type)
+    def from_json(cls, data: Any, reply_to: str | None = None) -> Command:
+        if not isinstance(data, dict):
+            raise InvalidMessageError(f"a request is a JSON {type(data).__name__}, not an object")
         kind = _field(data, "type", str)
         if kind not in COMMAND_TYPES:
             raise InvalidMessageError(f"unknown request type {kind[:50]!r}")
@@ -351,12 +433,12 @@ class Command:
             type=kind,
             request_id=_id(data, "request_id"),
             body=data,
-            reply_to=delivery.reply_to,
+            reply_to=reply_to,
             deadline=_field(data, "deadline", (int, float), optional=True),
         )
         if kind in ("start", "status", "wait", "cancel", "retry", "signal"):
             _id(data, "workflow_id")
-        if kind in ("start",):
+        if kind == "start":
             _name(data, "workflow")
         if kind == "signal":
             _name(data, "signal")
@@ -365,38 +447,43 @@ class Command:
         return command
 
 
-def request_message(
-    kind: str,
-    fields: dict[str, Any],
-    *,
-    request_id: str,
-    reply_to: str,
-    deadline: float | None,
-    persistent: bool,
-    expiration: float | None,
-) -> Message:
+def decode_requests(delivery: Delivery) -> tuple[list[Command], list[Refused]]:
+    return _decode_items(
+        delivery, "requests", lambda item: Command.from_json(item, delivery.reply_to)
+    )
+
+
+def request_item(
+    kind: str, fields: dict[str, Any], *, request_id: str, deadline: float | None
+) -> bytes:
     body = {"type": kind, "request_id": request_id, **fields}
     if deadline is not None:
         body["deadline"] = deadline
+    return dumps(body)
+
+
+def requests_message(
+    items: list[bytes], *, reply_to: str, persistent: bool, expiration: float | None
+) -> Message:
     return Message(
-        body=dumps(body),
+        body=batch_body("requests", items),
         routing_key=COMMANDS_QUEUE,
-        message_id=request_id,
+        message_id=new_id(),
         reply_to=reply_to,
-        correlation_id=request_id,
         persistent=persistent,
         expiration=expiration,
+        headers={"hms-count": len(items)},
     )
 
 
-def reply_message(reply_to: str, request_id: str, ok: bool, value: Any) -> Message:
-    body = {"ok": ok, "result": value} if ok else {"ok": False, "error": value}
-    return Message(
-        body=dumps(body),
-        routing_key=reply_to,
-        correlation_id=request_id,
-        persistent=False,
-    )
+def reply_item(request_id: str, ok: bool, value: Any) -> bytes:
+    if ok:
+        return dumps({"request_id": request_id, "ok": True, "result": value})
+    return dumps({"request_id": request_id, "ok": False, "error": value})
+
+
+def replies_message(reply_to: str, items: list[bytes]) -> Message:
+    return Message(body=batch_body("replies", items), routing_key=reply_to, persistent=False)
 
 
 def dead_letter_message(

@@ -19,15 +19,23 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from bus_adapters.base import Bus, BusError, Delivery, Subscription
 from hms_mgmt.context import Handler, StepContext
 from hms_mgmt.definitions import WorkflowDefinition
-from hms_mgmt.errors import InvalidMessageError, NonRetryableError, Retry
+from hms_mgmt.errors import InvalidMessageError, NonRetryableError, PayloadError, Retry
 from hms_mgmt.logs import get_logger
-from hms_mgmt.messages import Outcome, StepMessage, new_id, normalise_result
+from hms_mgmt.messages import (
+    BATCH_BYTES,
+    MAX_BATCH,
+    MAX_PAYLOAD_BYTES,
+    Outcome,
+    StepMessage,
+    normalise_result,
+    outcomes_message,
+)
 from hms_mgmt.topology import declare_core, declare_step
 
 log = get_logger("worker")
@@ -79,6 +87,7 @@ class Worker:
         self._subscriptions: list[Subscription] = []
         self._stopping = asyncio.Event()
         self.stats = {"succeeded": 0, "failed": 0, "invalid": 0}
+        self._reporter = OutcomeReporter(bus)
 
     async def start(self) -> None:
         await self.bus.connect()
@@ -126,7 +135,7 @@ class Worker:
 
     async def _handle(self, delivery: Delivery) -> None:
         try:
-            message = StepMessage.decode(delivery)
+            steps = StepMessage.decode(delivery)
         except InvalidMessageError as exc:
             self.stats["invalid"] += 1
             log.warning(
@@ -135,28 +144,32 @@ class Worker:
                 reason=str(exc),
                 message_id=delivery.message_id,
             )
-            with contextlib.suppress(BusError, OSError):
-                await delivery.reject(requeue=False)
+            await _settle(delivery.reject(requeue=False))
             return
-        handler = self.handlers.get(message.topic)
+        handler = self.handlers.get(steps[0].topic)
         if handler is None:
-            with contextlib.suppress(BusError, OSError):
-                await delivery.reject(requeue=True)
+            await _settle(delivery.reject(requeue=True))
             return
-        async with self._slots:
-            if self._stopping.is_set():
-                with contextlib.suppress(BusError, OSError):
-                    await delivery.reject(requeue=True)
-                return
-            outcome = await self._run(handler, message)
         try:
-            await self._report(outcome)
+            if len(steps) == 1:
+                done = await self._run_one(handler, steps[0])
+            else:
+                done = all(await asyncio.gather(*(self._run_one(handler, s) for s in steps)))
         except asyncio.CancelledError:
             return  # shutting down: unacked, so the broker redelivers the step
-        try:
-            await delivery.ack()
-        except Exception as exc:  # the channel went away: the step comes again, applied once
-            log.debug("ack failed; the step will be redelivered", error=repr(exc))
+        if done:
+            await _settle(delivery.ack())
+        else:  # stopping before every run in it started: let another worker have it
+            await _settle(delivery.reject(requeue=True))
+
+    async def _run_one(self, handler: Handler, message: StepMessage) -> bool:
+        """Run one step and have its outcome confirmed; False if stopping before it started."""
+        async with self._slots:
+            if self._stopping.is_set():
+                return False
+            outcome = await self._run(handler, message)
+        await self._reporter.report(outcome)
+        return True
 
     async def _run(self, handler: Handler, message: StepMessage) -> Outcome:
         topic = message.topic
@@ -167,7 +180,7 @@ class Worker:
         started_at = time.time()
 
         async def heartbeat() -> None:
-            await self._report(self._outcome(message, "heartbeat"))
+            await self._reporter.report(self._outcome(message, "heartbeat"))
 
         ctx = StepContext(
             payload=message.payload,
@@ -184,7 +197,7 @@ class Worker:
         report_started: asyncio.TimerHandle | None = None
         if message.timeout is not None:
             # The engine's deadline runs from the start, so it needs to know now.
-            await self._report(self._outcome(message, "started", started_at=started_at))
+            self._reporter.report(self._outcome(message, "started", started_at=started_at))
         else:
             report_started = asyncio.get_running_loop().call_later(
                 self.started_report_after, self._report_started_later, message, started_at
@@ -209,8 +222,7 @@ class Worker:
         except ValueError as exc:
             # A handler that returns the wrong shape would do so again: no retries.
             return self._failed(message, exc, started_at, bound, retryable=False)
-        self.stats["succeeded"] += 1
-        return self._outcome(
+        outcome = self._outcome(
             message,
             "succeeded",
             result=result,
@@ -218,6 +230,18 @@ class Worker:
             finished_at=time.time(),
             handler=describe(),
         )
+        try:
+            size = len(outcome.encoded)
+        except (TypeError, ValueError) as exc:
+            error = PayloadError(f"{describe()} returned data that is not JSON-serialisable: {exc}")
+            return self._failed(message, error, started_at, bound, retryable=False)
+        if size > MAX_PAYLOAD_BYTES:
+            error = PayloadError(
+                f"{describe()} returned {size} bytes of JSON; the limit is {MAX_PAYLOAD_BYTES}"
+            )
+            return self._failed(message, error, started_at, bound, retryable=False)
+        self.stats["succeeded"] += 1
+        return outcome
 
     async def _call(self, handler: Handler, ctx: StepContext) -> Any:
         if inspect.iscoroutinefunction(handler):
@@ -258,11 +282,7 @@ class Worker:
         )
 
     def _report_started_later(self, message: StepMessage, started_at: float) -> None:
-        task = asyncio.get_running_loop().create_task(
-            self._report(self._outcome(message, "started", started_at=started_at))
-        )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._reporter.report(self._outcome(message, "started", started_at=started_at))
 
     @staticmethod
     def _outcome(message: StepMessage, kind: str, **values: Any) -> Outcome:
@@ -272,22 +292,70 @@ class Worker:
             kind=kind,
             step=message.step,
             attempt=message.attempt,
-            outcome_id=new_id(),
             **values,
         )
 
-    async def _report(self, outcome: Outcome) -> None:
-        """Publish an outcome, confirmed; keep trying through a broker outage."""
+
+async def _settle(ack_or_reject: Awaitable[None]) -> None:
+    try:
+        await ack_or_reject
+    except Exception as exc:  # the channel went away: the step comes again, applied once
+        log.debug("ack or reject failed; the step will be redelivered", error=repr(exc))
+
+
+class OutcomeReporter:
+    """Publishes outcomes, confirmed, many to a message.
+
+    Outcomes reported while a publish is being prepared go out together, so a
+    busy worker sends one message for many steps and a quiet one a message
+    per step. ``report`` returns a future that resolves once the broker has
+    confirmed the message carrying the outcome; a failed publish is retried
+    until it goes through.
+    """
+
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+        self._pending: list[tuple[bytes, asyncio.Future[None]]] = []
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def report(self, outcome: Outcome) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._pending.append((outcome.encoded, future))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            batch: list[tuple[bytes, asyncio.Future[None]]] = []
+            size = 0
+            while self._pending and len(batch) < MAX_BATCH and size < BATCH_BYTES:
+                item = self._pending.pop(0)
+                batch.append(item)
+                size += len(item[0])
+            task = loop.create_task(self._send(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[tuple[bytes, asyncio.Future[None]]]) -> None:
+        message = outcomes_message([encoded for encoded, _ in batch])
         delay = 0.1
-        message = outcome.to_message()
         while True:
             try:
-                await self.bus.publish(message)
-                return
+                await self._bus.publish(message)
+                break
             except BusError as exc:
-                log.warning("could not report an outcome; retrying", error=str(exc), retry_in=delay)
+                log.warning("could not report outcomes; retrying", error=str(exc), retry_in=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+        for _, future in batch:
+            if not future.done():
+                future.set_result(None)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -326,10 +394,12 @@ def main(argv: list[str] | None = None) -> None:
     _run_until_signalled(target.run)
 
 
-def _run_until_signalled(run: Callable[[], Awaitable[None]]) -> None:
+def _run_until_signalled(run: Callable[[], Coroutine[Any, Any, None]]) -> None:
     """Run a serve coroutine; ``Management.run`` ends cleanly on SIGTERM or SIGINT."""
+    from hms_mgmt import loop
+
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run())  # type: ignore[arg-type]
+        loop.run(run())
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ async def test_a_step_that_always_fails_ends_in_its_dlq(
         assert dead.headers["x-hms-reason"] == "attempts exhausted"
         assert dead.headers["x-hms-attempts"] == 2
         assert dead.headers["x-hms-error"] == "credit bureau down"
-        assert json.loads(dead.body)["payload"] == {"application_id": "A-1"}
+        assert json.loads(dead.body)["steps"][0]["payload"] == {"application_id": "A-1"}
         await dead.reject(requeue=True)
     finally:
         await bus.close()

@@ -103,7 +103,12 @@ async def test_undecodable_messages_are_dead_lettered_while_the_engine_serves(
     try:
         garbage: list[tuple[str, str, bytes, str]] = [
             ("hms.steps", "grantApproval.creditCheck", b"\xff\xfe not utf-8", "application/json"),
-            ("hms.steps", "grantApproval.finalize", b'{"workflow_id": "x"}', "application/json"),
+            (
+                "hms.steps",
+                "grantApproval.finalize",
+                b'{"steps": [{"workflow_id": "x"}]}',
+                "application/json",
+            ),
             ("", "hms.engine.results", b"{not json", "application/json"),
             ("", "hms.engine.commands", b'{"type": "start"}', "text/plain"),
         ]

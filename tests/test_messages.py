@@ -10,11 +10,14 @@ from hms_mgmt.errors import InvalidMessageError, PayloadError
 from hms_mgmt.messages import (
     MAX_DEPTH,
     MAX_MESSAGE_BYTES,
-    Command,
     Outcome,
     StepMessage,
+    batch_body,
+    decode_outcomes,
+    decode_requests,
     encode_payload,
     normalise_result,
+    outcomes_message,
 )
 from hms_mgmt.results import StepResult
 
@@ -66,7 +69,9 @@ def test_step_message_round_trip() -> None:
         "hms-attempt": 1,
         "hms-seq": 1,
     }
-    assert StepMessage.decode(delivery(wire.body)) == message
+    assert StepMessage.decode(delivery(wire.body)) == [message]
+    two = batch_body("steps", [message.encode(), step(seq=2).encode()])
+    assert [m.seq for m in StepMessage.decode(delivery(two))] == [1, 2]
 
 
 @pytest.mark.parametrize(
@@ -79,7 +84,10 @@ def test_step_message_round_trip() -> None:
         (b"[1, 2]", "application/json", "JSON list, not an object"),
         (b"[" * (MAX_DEPTH + 1) + b"]" * (MAX_DEPTH + 1), "application/json", "nested deeper"),
         (b'{"a": "' + b"x" * MAX_MESSAGE_BYTES + b'"}', "application/json", "exceeds"),
-        (b'{"workflow": "w"}', "application/json", "'workflow_id' is missing"),
+        (b'{"workflow": "w"}', "application/json", "'steps' must be a non-empty list"),
+        (b'{"steps": []}', "application/json", "'steps' must be a non-empty list"),
+        (b'{"steps": [{"workflow": "w"}]}', "application/json", "'workflow_id' is missing"),
+        (b'{"steps": [7]}', "application/json", "not an object"),
     ],
 )
 def test_undecodable_step_messages_say_why(
@@ -99,7 +107,7 @@ def test_step_message_fields_are_type_checked() -> None:
         ("workflow_id", ""),
     ):
         data = json.loads(good)
-        data[field] = bad
+        data["steps"][0][field] = bad
         body = json.dumps(data).encode()
         with pytest.raises(InvalidMessageError, match=field):
             StepMessage.decode(delivery(body))
@@ -110,31 +118,42 @@ def test_step_message_on_the_wrong_queue_is_refused() -> None:
         StepMessage.decode(delivery(step().to_message().body, queue="other.queue"))
 
 
-def test_outcome_round_trip_and_validation() -> None:
-    outcome = Outcome(
-        "wf1", 2, "succeeded", step="s", attempt=1, result={"data": 1}, outcome_id="o1"
+def test_outcomes_travel_in_batches_and_bad_items_are_refused_alone() -> None:
+    good = Outcome("wf1", 2, "succeeded", step="s", attempt=1, result={"data": 1})
+    wire = outcomes_message([good.encoded])
+    [decoded], refused = decode_outcomes(delivery(wire.body, queue="hms.engine.results"))
+    assert decoded == good and refused == []
+    bad_items = [
+        (b'{"workflow_id": "x", "seq": 1, "kind": "succeeded"}', "no 'result'"),
+        (b'{"workflow_id": "x", "seq": 1, "kind": "exploded"}', "kind"),
+        (
+            b'{"workflow_id": "x", "seq": 1, "kind": "succeeded", "result": {"bogus": 1}}',
+            "unknown keys",
+        ),
+    ]
+    body = batch_body("outcomes", [good.encoded] + [item for item, _ in bad_items])
+    outcomes, refused = decode_outcomes(delivery(body))
+    assert outcomes == [good]
+    assert len(refused) == 3
+    for (_, reason), (_, expected) in zip(refused, bad_items, strict=True):
+        assert expected in reason
+    with pytest.raises(InvalidMessageError, match="'outcomes' must be a non-empty list"):
+        decode_outcomes(delivery(b'{"outcomes": {}}'))
+
+
+def test_requests_are_validated_one_by_one() -> None:
+    body = batch_body(
+        "requests",
+        [
+            b'{"type": "explode", "request_id": "r1"}',
+            b'{"type": "status", "request_id": "r2"}',
+            b'{"type": "status", "request_id": "r3", "workflow_id": "w"}',
+        ],
     )
-    wire = outcome.to_message()
-    decoded = Outcome.decode(delivery(wire.body, queue="hms.engine.results"))
-    assert decoded.result == {"data": 1}
-    assert decoded.seq == 2
-    with pytest.raises(InvalidMessageError, match="no 'result'"):
-        Outcome.decode(delivery(b'{"workflow_id": "x", "seq": 1, "kind": "succeeded"}'))
-    with pytest.raises(InvalidMessageError, match="kind"):
-        Outcome.decode(delivery(b'{"workflow_id": "x", "seq": 1, "kind": "exploded"}'))
-    with pytest.raises(InvalidMessageError, match="unknown keys"):
-        Outcome.decode(
-            delivery(b'{"workflow_id": "x", "seq": 1, "kind": "succeeded", "result": {"bogus": 1}}')
-        )
-
-
-def test_commands_are_validated() -> None:
-    with pytest.raises(InvalidMessageError, match="unknown request type"):
-        Command.decode(delivery(b'{"type": "explode", "request_id": "r"}'))
-    with pytest.raises(InvalidMessageError, match="workflow_id"):
-        Command.decode(delivery(b'{"type": "status", "request_id": "r"}'))
-    command = Command.decode(delivery(b'{"type": "status", "request_id": "r", "workflow_id": "w"}'))
-    assert command.type == "status"
+    commands, refused = decode_requests(delivery(body))
+    assert [c.request_id for c in commands] == ["r3"]
+    assert "unknown request type" in refused[0][1]
+    assert "workflow_id" in refused[1][1]
 
 
 def test_payloads_that_cannot_travel_are_refused() -> None:

@@ -8,6 +8,7 @@ import signal
 import sys
 
 from bus_adapters.base import BusError, open_bus
+from hms_mgmt import loop
 from hms_mgmt.engine.engine import Engine
 from hms_mgmt.logs import configure, get_logger
 from hms_mgmt.settings import Settings
@@ -42,9 +43,9 @@ async def serve(settings: Settings) -> None:
         open_bus(settings.broker_url, name="hms-engine"), open_store(settings.store_url)
     )
     task = asyncio.ensure_future(engine.run())
-    loop = asyncio.get_running_loop()
+    running = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, engine.stop)
+        running.add_signal_handler(signum, engine.stop)
     await task
 
 
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log = get_logger("engine")
     try:
-        asyncio.run(serve(settings))
+        loop.run(serve(settings))
     except BusError as exc:
         log.error("cannot reach the broker", error=str(exc))
         return 3

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import time
 from collections import OrderedDict
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bus_adapters.base import (
+    JSON_CONTENT_TYPE,
     Bus,
     BusError,
     Delivery,
@@ -47,12 +49,21 @@ from hms_mgmt.messages import (
     COMMANDS_QUEUE,
     DEAD_EXCHANGE,
     DEADLETTERS_QUEUE,
+    MAX_BATCH,
     RESULTS_QUEUE,
+    STEPS_EXCHANGE,
     Command,
     Outcome,
+    Refused,
     StepMessage,
+    batch_body,
     dead_letter_message,
-    reply_message,
+    decode_outcomes,
+    decode_requests,
+    dumps,
+    replies_message,
+    reply_item,
+    step_headers,
 )
 from hms_mgmt.records import StepRun, Workflow, WorkflowState
 from hms_mgmt.store.base import Batch, OutboxRow, Store
@@ -68,7 +79,18 @@ class _Event:
     kind: str  # command, outcome, dead_letter, timer
     workflow_id: str
     value: Any
-    delivery: Delivery | None = None
+    source: _Received | None = None
+
+
+@dataclass
+class _Received:
+    """One message taken from a queue: its events, and items that did not validate."""
+
+    delivery: Delivery | None
+    events: list[_Event] = field(default_factory=list)
+    refused: list[Refused] = field(default_factory=list)
+    key: str = ""  # what the items are called in the body: steps, outcomes, requests
+    dead_queue: str | None = None  # the step queue whose .dlq takes refused steps
 
 
 @dataclass
@@ -84,14 +106,17 @@ class _Work:
 
     batch: Batch = field(default_factory=Batch)
     state: dict[str, tuple[Workflow, StepRun | None]] = field(default_factory=dict)
-    replies: list[tuple[Command, bool, Any]] = field(default_factory=list)
+    replies: list[tuple[str, str, bool, Any]] = field(default_factory=list)  # to, id, ok, value
     reads: list[Command] = field(default_factory=list)
-    acks: list[Delivery] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)
     timers: list[tuple[str, str, float]] = field(default_factory=list)
     keys: dict[str, str] = field(default_factory=dict)  # idempotency key -> workflow id
     answered: dict[str, Any] = field(default_factory=dict)  # request id -> (ok, reply)
     failed_runs: dict[tuple[str, int], StepRun] = field(default_factory=dict)  # for retry
+
+    def reply(self, command: Command, ok: bool, value: Any) -> None:
+        if command.reply_to:
+            self.replies.append((command.reply_to, command.request_id, ok, value))
 
 
 class Engine:
@@ -117,7 +142,7 @@ class Engine:
         self.latest: dict[str, WorkflowDefinition] = {}
         self.timers = TimerQueue(timer_horizon)
         self.relay = OutboxRelay(bus, on_unroutable=self._redeclare, crash_point=self._crash_point)
-        self._inbox: asyncio.Queue[_Event] = asyncio.Queue()
+        self._inbox: asyncio.Queue[_Received] = asyncio.Queue()
         self._cache: OrderedDict[str, tuple[Workflow, StepRun | None]] = OrderedDict()
         self._cache_size = cache_size
         self._waiters: dict[str, list[_Waiter]] = {}
@@ -193,65 +218,99 @@ class Engine:
 
     def _on_command(self, delivery: Delivery) -> None:
         try:
-            command = Command.decode(delivery)
+            commands, refused = decode_requests(delivery)
         except InvalidMessageError as exc:
             self._refuse(delivery, str(exc))
             return
-        workflow_id = str(command.body.get("workflow_id", ""))
-        self._inbox.put_nowait(_Event("command", workflow_id, command, delivery))
+        received = _Received(delivery, refused=refused, key="requests")
+        received.events = [
+            _Event("command", str(c.body.get("workflow_id", "")), c, received) for c in commands
+        ]
+        self._inbox.put_nowait(received)
 
     def _on_outcome(self, delivery: Delivery) -> None:
         try:
-            outcome = Outcome.decode(delivery)
+            outcomes, refused = decode_outcomes(delivery)
         except InvalidMessageError as exc:
             self._refuse(delivery, str(exc))
             return
-        self._inbox.put_nowait(_Event("outcome", outcome.workflow_id, outcome, delivery))
+        received = _Received(delivery, refused=refused, key="outcomes")
+        received.events = [_Event("outcome", o.workflow_id, o, received) for o in outcomes]
+        self._inbox.put_nowait(received)
 
     def _on_dead_letter(self, delivery: Delivery) -> None:
         deaths = delivery.headers.get("x-death") or []
         death = deaths[0] if deaths and isinstance(deaths[0], dict) else {}
         queue, reason = str(death.get("queue", "")), str(death.get("reason", "unknown"))
         try:
-            message = StepMessage.decode(delivery)
-            if queue and queue != message.topic:
+            steps = StepMessage.decode(delivery)
+            if queue and queue != steps[0].topic:
                 raise InvalidMessageError(
-                    f"message for {message.topic!r} came from queue {queue!r}"
+                    f"message for {steps[0].topic!r} came from queue {queue!r}"
                 )
         except InvalidMessageError as exc:
             self._refuse(delivery, str(exc), step_queue=queue or None)
             return
-        value = (message, reason)
-        self._inbox.put_nowait(_Event("dead_letter", message.workflow_id, value, delivery))
+        received = _Received(delivery, key="steps", dead_queue=steps[0].topic)
+        received.events = [
+            _Event("dead_letter", step.workflow_id, (step, reason), received) for step in steps
+        ]
+        self._inbox.put_nowait(received)
 
     def _refuse(self, delivery: Delivery, reason: str, *, step_queue: str | None = None) -> None:
         """Dead-letter a message that cannot be decoded, with the reason; then ack it."""
-        self._spawn(self._dead_letter_invalid(delivery, reason, step_queue))
-
-    async def _dead_letter_invalid(
-        self, delivery: Delivery, reason: str, step_queue: str | None
-    ) -> None:
-        headers = {k: v for k, v in delivery.headers.items() if isinstance(k, str)}
-        headers["x-hms-reason"] = f"invalid message: {reason}"
-        headers["x-hms-queue"] = step_queue or delivery.queue
         log.warning(
             "invalid message dead-lettered",
             queue=step_queue or delivery.queue,
             reason=reason,
             message_id=delivery.message_id,
         )
+        self._spawn(
+            self._dead_letter_and_ack(
+                delivery, delivery.body, delivery.content_type, reason, step_queue
+            )
+        )
+
+    def _refuse_items(self, received: _Received) -> None:
+        """Dead-letter the items of a message that did not validate; then ack the message."""
+        assert received.delivery is not None
+        reasons = "; ".join(sorted({reason for _, reason in received.refused}))
+        log.warning(
+            "invalid items dead-lettered",
+            queue=received.dead_queue or received.delivery.queue,
+            count=len(received.refused),
+            reason=reasons[:500],
+        )
+        body = batch_body(received.key, [dumps(item) for item, _ in received.refused])
+        self._spawn(
+            self._dead_letter_and_ack(
+                received.delivery, body, JSON_CONTENT_TYPE, reasons, received.dead_queue
+            )
+        )
+
+    async def _dead_letter_and_ack(
+        self,
+        delivery: Delivery,
+        body: bytes,
+        content_type: str | None,
+        reason: str,
+        step_queue: str | None,
+    ) -> None:
+        headers = {k: v for k, v in delivery.headers.items() if isinstance(k, str)}
+        headers["x-hms-reason"] = f"invalid message: {reason}"[:1000]
+        headers["x-hms-queue"] = step_queue or delivery.queue
         targets = [(DEAD_EXCHANGE, step_queue)] if step_queue else []
         targets.append(("", dlq_name(delivery.queue)))
         for exchange, key in targets:
             try:
                 await self.bus.publish(
                     Message(
-                        body=delivery.body,
+                        body=body,
                         exchange=exchange,
                         routing_key=key,
                         headers=headers,
                         message_id=delivery.message_id,
-                        content_type=delivery.content_type or "application/octet-stream",
+                        content_type=content_type or "application/octet-stream",
                     )
                 )
                 break
@@ -276,7 +335,7 @@ class Engine:
                 now = self.clock()
                 if self.timers.needs_scan(now):
                     await self._scan_timers(now)
-                events: list[_Event] = []
+                received: list[_Received] = []
                 if self._inbox.empty():
                     timeout = self._idle_timeout(now)
                     getter = asyncio.ensure_future(self._inbox.get())
@@ -284,21 +343,27 @@ class Engine:
                         {getter, stop}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                     )
                     if getter in done:
-                        events.append(getter.result())
+                        received.append(getter.result())
                     else:
                         getter.cancel()
                         with contextlib.suppress(asyncio.CancelledError):
                             await getter
                         if getter.done() and not getter.cancelled():
-                            events.append(getter.result())
-                while len(events) < self.batch_size and not self._inbox.empty():
-                    events.append(self._inbox.get_nowait())
+                            received.append(getter.result())
+                count = sum(len(r.events) for r in received)
+                while count < self.batch_size and not self._inbox.empty():
+                    item = self._inbox.get_nowait()
+                    received.append(item)
+                    count += len(item.events)
                 now = self.clock()
-                for workflow_id, kind in self.timers.pop_due(now):
-                    events.append(_Event("timer", workflow_id, kind))
+                due = self.timers.pop_due(now)
+                if due:
+                    timers = _Received(None)
+                    timers.events = [_Event("timer", wid, kind, timers) for wid, kind in due]
+                    received.append(timers)
                 self._expire_waiters(now)
-                if events or self.relay.has_confirmed:
-                    await self._process(events)
+                if received or self.relay.has_confirmed:
+                    await self._process(received)
         finally:
             stop.cancel()
 
@@ -319,8 +384,9 @@ class Engine:
         rows = await self.store.due_timers(until, limit)
         self.timers.loaded(rows, until, complete=len(rows) < limit)
 
-    async def _process(self, events: list[_Event]) -> None:
+    async def _process(self, received: list[_Received]) -> None:
         now = self.clock()
+        events = [event for r in received for event in r.events]
         work = _Work()
         work.batch.sent = self.relay.take_confirmed()
         try:
@@ -332,9 +398,10 @@ class Engine:
             log.exception("a batch failed to commit; its messages will be redelivered")
             for event in events:
                 self._cache.pop(event.workflow_id, None)
-                if event.delivery is not None:
+            for item in received:
+                if item.delivery is not None:
                     with contextlib.suppress(BusError, OSError):
-                        await event.delivery.reject(requeue=True)
+                        await item.delivery.reject(requeue=True)
             self.relay.restore_confirmed(work.batch.sent)
             await asyncio.sleep(1.0)
             return
@@ -352,15 +419,21 @@ class Engine:
         self.relay.submit(work.batch.outbox)
         for workflow_id, kind, due in work.timers:
             self.timers.add(workflow_id, kind, due)
-        for delivery in work.acks:
-            await _ack(delivery)
+        if work.batch.outbox:
+            await asyncio.sleep(0)  # let the next steps go out before the acks and replies
+        for item in received:
+            if item.delivery is None:
+                continue
+            if item.refused:
+                self._refuse_items(item)  # acks once the refused items are dead-lettered
+            else:
+                await _ack(item.delivery)
         self._crash_point("after_ack")
-        for command, ok, value in work.replies:
-            await self._reply(command, ok, value)
         for command in work.reads:
-            await self._read(command, now)
+            await self._read(command, work, now)
         for workflow_id in work.finished:
-            await self._wake_waiters(workflow_id)
+            await self._wake_waiters(workflow_id, work)
+        await self._send_replies(work.replies)
 
     async def _prepare(self, events: list[_Event], work: _Work, now: float) -> None:
         """Load what the batch needs: workflows, keys and request replies; store definitions."""
@@ -371,7 +444,7 @@ class Engine:
             if event.kind == "command":
                 command: Command = event.value
                 if command.type == "define":
-                    await self._define(command, now)
+                    await self._define(command, work, now)
                     continue
                 if command.type in ("cancel", "retry", "signal"):
                     request_ids.append(command.request_id)
@@ -404,8 +477,6 @@ class Engine:
                 work.failed_runs[(workflow_id, seq)] = run
 
     def _apply(self, event: _Event, work: _Work, now: float) -> None:
-        if event.delivery is not None:
-            work.acks.append(event.delivery)
         try:
             if event.kind == "command":
                 self._apply_command(event.value, work, now)
@@ -417,7 +488,7 @@ class Engine:
                 self._apply_timer(event, work, now)
         except HmsError as exc:
             if event.kind == "command":
-                work.replies.append((event.value, False, _error(exc)))
+                work.reply(event.value, False, _error(exc))
             else:
                 log.error(
                     "event refused", kind=event.kind, workflow_id=event.workflow_id, error=str(exc)
@@ -439,8 +510,16 @@ class Engine:
                 current = run
         work.state[wf.id] = (wf, current)
         for step in t.steps:
-            message = step.to_message()
-            batch.outbox.append(_outbox_row(message, now))
+            batch.outbox.append(
+                OutboxRow(
+                    message_id=step.message_id,
+                    exchange=STEPS_EXCHANGE,
+                    routing_key=step.topic,
+                    body=step.encode(),
+                    headers=step_headers(step.workflow_id, step.step, step.attempt, step.seq),
+                    created_at=now,
+                )
+            )
         for dead in t.dead_letters:
             original = _step_message_of(
                 dead.run, dead.workflow, self._definition_of(wf)
@@ -469,7 +548,7 @@ class Engine:
     def _apply_outcome(self, event: _Event, work: _Work, now: float) -> None:
         outcome: Outcome = event.value
         if outcome.workflow_id not in work.state:
-            self._refuse_event(event, work, f"outcome for unknown workflow {outcome.workflow_id!r}")
+            self._refuse_event(event, f"outcome for unknown workflow {outcome.workflow_id!r}")
             return
         workflow, run = self._loaded(work, outcome.workflow_id)
         if outcome.step and outcome.step != run.step and outcome.seq == run.seq:
@@ -500,9 +579,7 @@ class Engine:
         if message.workflow_id not in work.state:
             self._refuse_event(
                 event,
-                work,
-                f"dead-lettered ({reason}) step message of unknown workflow {message.workflow_id!r}",
-                step_queue=message.topic,
+                f"dead-lettered ({reason}) step of unknown workflow {message.workflow_id!r}",
             )
             return
         workflow, run = self._loaded(work, message.workflow_id)
@@ -518,13 +595,12 @@ class Engine:
         )
         self._record(work, t, workflow.id, now)
 
-    def _refuse_event(
-        self, event: _Event, work: _Work, reason: str, *, step_queue: str | None = None
-    ) -> None:
-        """Dead-letter a decodable message that names no workflow we know (not acked here)."""
-        if event.delivery is not None:
-            work.acks.remove(event.delivery)
-            self._refuse(event.delivery, reason, step_queue=step_queue)
+    def _refuse_event(self, event: _Event, reason: str) -> None:
+        """An item that names no workflow we know: dead-lettered, the store unchanged."""
+        if event.source is None or event.source.delivery is None:
+            return
+        encoded = event.value.encoded if event.kind == "outcome" else event.value[0].encode()
+        event.source.refused.append((json.loads(encoded), reason))
 
     def _apply_timer(self, event: _Event, work: _Work, now: float) -> None:
         if event.workflow_id not in work.state:
@@ -551,7 +627,7 @@ class Engine:
             return
         if command.request_id in work.answered:
             ok, value = work.answered[command.request_id]
-            work.replies.append((command, ok, value))
+            work.reply(command, ok, value)
             return
         workflow_id = str(command.body["workflow_id"])
         try:
@@ -584,18 +660,18 @@ class Engine:
             )
         work.answered[command.request_id] = reply
         work.batch.requests.append((command.request_id, list(reply), now))
-        work.replies.append((command, *reply))
+        work.reply(command, *reply)
 
     def _start(self, command: Command, work: _Work, now: float) -> None:
         body = command.body
         workflow_id = str(body["workflow_id"])
         existing = work.state.get(workflow_id)
         if existing is not None:
-            work.replies.append((command, True, {"workflow_id": workflow_id, "existing": True}))
+            work.reply(command, True, {"workflow_id": workflow_id, "existing": True})
             return
         key = body.get("idempotency_key")
         if isinstance(key, str) and key in work.keys:
-            work.replies.append((command, True, {"workflow_id": work.keys[key], "existing": True}))
+            work.reply(command, True, {"workflow_id": work.keys[key], "existing": True})
             return
         name = str(body["workflow"])
         definition = self.latest.get(name)
@@ -624,24 +700,24 @@ class Engine:
         self._record(work, t, workflow_id, now)
         self.stats["started"] += 1
         log.debug("workflow started", workflow_id=workflow_id, workflow=name)
-        work.replies.append((command, True, {"workflow_id": workflow_id, "existing": False}))
+        work.reply(command, True, {"workflow_id": workflow_id, "existing": False})
 
-    async def _define(self, command: Command, now: float) -> None:
+    async def _define(self, command: Command, work: _Work, now: float) -> None:
         try:
             definition = WorkflowDefinition.from_json(command.body["definition"])
         except (DefinitionError, KeyError, TypeError, ValueError) as exc:
-            await self._reply(command, False, _error(DefinitionError(str(exc))))
+            work.reply(command, False, _error(DefinitionError(str(exc))))
             return
         latest = self.latest.get(definition.name)
         if latest is not None and latest.to_json() == definition.to_json():
-            await self._reply(command, True, {"name": latest.name, "version": latest.version})
+            work.reply(command, True, {"name": latest.name, "version": latest.version})
             return
         version = 1 if latest is None else latest.version + 1
         definition = definition.with_version(version)
         try:
             await declare_workflow(self.bus, definition)
         except BusError as exc:
-            await self._reply(command, False, _error(HmsError(f"cannot declare queues: {exc}")))
+            work.reply(command, False, _error(HmsError(f"cannot declare queues: {exc}")))
             return
         await self.store.save_definition(definition, now)
         self._remember(definition)
@@ -651,7 +727,7 @@ class Engine:
             version=version,
             steps=definition.step_names,
         )
-        await self._reply(command, True, {"name": definition.name, "version": version})
+        work.reply(command, True, {"name": definition.name, "version": version})
 
     def _remember(self, definition: WorkflowDefinition) -> None:
         self.definitions[(definition.name, definition.version)] = definition
@@ -674,7 +750,7 @@ class Engine:
 
     # -- answering --------------------------------------------------------------
 
-    async def _read(self, command: Command, now: float) -> None:
+    async def _read(self, command: Command, work: _Work, now: float) -> None:
         if command.type == "list":
             body = command.body
             limit = body.get("limit", 50)
@@ -683,12 +759,12 @@ class Engine:
                 name=body.get("name"),
                 limit=int(limit) if isinstance(limit, int) else 50,
             )
-            await self._reply(command, True, [_summary(w) for w in workflows])
+            work.reply(command, True, [_summary(w) for w in workflows])
             return
         workflow_id = str(command.body["workflow_id"])
         state = await self.state(workflow_id)
         if state is None:
-            await self._reply(
+            work.reply(
                 command,
                 False,
                 _error(WorkflowNotFoundError(f"no workflow with id {workflow_id!r}")),
@@ -703,7 +779,7 @@ class Engine:
                 _Waiter(command.reply_to, command.request_id, now + hold)
             )
             return
-        await self._reply(command, True, state.to_json())
+        work.reply(command, True, state.to_json())
 
     async def state(self, workflow_id: str) -> WorkflowState | None:
         """A workflow and its runs as the store has them."""
@@ -713,44 +789,44 @@ class Engine:
         workflow, _ = loaded[workflow_id]
         return WorkflowState.of(workflow, await self.store.runs(workflow_id))
 
-    async def _wake_waiters(self, workflow_id: str) -> None:
+    async def _wake_waiters(self, workflow_id: str, work: _Work) -> None:
         waiters = self._waiters.pop(workflow_id, None)
         if not waiters:
             return
         state = await self.state(workflow_id)
         if state is None:
             return
-        for waiter in waiters:
-            await self._send_reply(waiter.reply_to, waiter.request_id, True, state.to_json())
+        value = state.to_json()
+        work.replies.extend((w.reply_to, w.request_id, True, value) for w in waiters)
 
     def _expire_waiters(self, now: float) -> None:
-        expired: list[tuple[str, _Waiter]] = []
+        expired: list[tuple[str, str, bool, Any]] = []
         for workflow_id, waiters in list(self._waiters.items()):
             keep = [w for w in waiters if w.expires_at > now]
-            expired.extend((workflow_id, w) for w in waiters if w.expires_at <= now)
+            expired.extend(
+                (w.reply_to, w.request_id, True, {"workflow_id": workflow_id, "terminal": False})
+                for w in waiters
+                if w.expires_at <= now
+            )
             if keep:
                 self._waiters[workflow_id] = keep
             else:
                 del self._waiters[workflow_id]
-        for workflow_id, waiter in expired:
-            self._spawn(
-                self._send_reply(
-                    waiter.reply_to,
-                    waiter.request_id,
-                    True,
-                    {"workflow_id": workflow_id, "terminal": False},
-                )
-            )
+        if expired:
+            self._spawn(self._send_replies(expired))
 
-    async def _reply(self, command: Command, ok: bool, value: Any) -> None:
-        if command.reply_to:
-            await self._send_reply(command.reply_to, command.request_id, ok, value)
-
-    async def _send_reply(self, reply_to: str, request_id: str, ok: bool, value: Any) -> None:
-        try:
-            await self.bus.publish(reply_message(reply_to, request_id, ok, value), confirm=False)
-        except BusError as exc:
-            log.warning("could not send a reply; the client will ask again", error=str(exc))
+    async def _send_replies(self, replies: list[tuple[str, str, bool, Any]]) -> None:
+        """One message per client for all its replies of a batch; best effort (clients ask again)."""
+        grouped: dict[str, list[bytes]] = {}
+        for reply_to, request_id, ok, value in replies:
+            grouped.setdefault(reply_to, []).append(reply_item(request_id, ok, value))
+        for reply_to, items in grouped.items():
+            for start in range(0, len(items), MAX_BATCH):
+                message = replies_message(reply_to, items[start : start + MAX_BATCH])
+                try:
+                    await self.bus.publish(message, confirm=False)
+                except BusError as exc:
+                    log.warning("could not send replies; the client will ask again", error=str(exc))
 
     # -- helpers ---------------------------------------------------------------
 

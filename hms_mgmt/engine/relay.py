@@ -1,8 +1,14 @@
 """The outbox relay: publishes committed outbox rows, confirmed, and reports them sent.
 
-A row leaves the outbox only after the broker has confirmed it; a row whose
-publish fails is retried with backoff until it goes, so a committed step is
-never lost. A crash between the confirm and the row's deletion publishes it
+Rows for the same step queue that are handed over together go out as one
+message (``{"steps": [...]}``), up to :data:`MAX_BATCH` runs or
+:data:`BATCH_BYTES`: a busy engine sends one message for many runs, a quiet
+one a message per run. Retries (attempt > 1) always travel alone, so a run
+that crashes its worker cannot take the same neighbours down twice.
+
+A row leaves the outbox only after the broker has confirmed its message; a
+publish that fails is retried with backoff until it goes, so a committed step
+is never lost. A crash between the confirm and the row's deletion publishes it
 again at start-up: consumers treat the copy as already applied.
 """
 
@@ -13,9 +19,56 @@ from collections.abc import Awaitable, Callable
 
 from bus_adapters.base import Bus, BusError, Message, UnroutableError
 from hms_mgmt.logs import get_logger
+from hms_mgmt.messages import BATCH_BYTES, MAX_BATCH, STEPS_EXCHANGE, batch_body
 from hms_mgmt.store.base import OutboxRow
 
 log = get_logger("relay")
+
+
+def group(rows: list[OutboxRow]) -> list[tuple[list[OutboxRow], Message]]:
+    """Rows as messages: step runs for one queue batched together, the rest one by one."""
+    messages: list[tuple[list[OutboxRow], Message]] = []
+    open_batches: dict[str, tuple[list[OutboxRow], int]] = {}
+
+    def close(key: str) -> None:
+        batch, _size = open_batches.pop(key)
+        first = batch[0]
+        headers = dict(first.headers) if len(batch) == 1 else {"hms-count": len(batch)}
+        body = batch_body("steps", [row.body for row in batch])
+        message = Message(
+            body=body,
+            exchange=first.exchange,
+            routing_key=first.routing_key,
+            headers=headers,
+            message_id=first.message_id
+            if len(batch) == 1
+            else f"{first.message_id}+{len(batch) - 1}",
+        )
+        messages.append((batch, message))
+
+    for row in rows:
+        if row.exchange != STEPS_EXCHANGE:
+            message = Message(
+                body=row.body,
+                exchange=row.exchange,
+                routing_key=row.routing_key,
+                headers=row.headers,
+                message_id=row.message_id,
+            )
+            messages.append(([row], message))
+            continue
+        key = row.routing_key
+        if row.headers.get("hms-attempt", 1) != 1:
+            key = f"{key}#{row.message_id}"  # a retry goes alone
+        batch, size = open_batches.get(key, ([], 0))
+        if batch and (len(batch) >= MAX_BATCH or size + len(row.body) > BATCH_BYTES):
+            close(key)
+            batch, size = [], 0
+        batch.append(row)
+        open_batches[key] = (batch, size + len(row.body) + 1)
+    for key in list(open_batches):
+        close(key)
+    return messages
 
 
 class OutboxRelay:
@@ -24,7 +77,7 @@ class OutboxRelay:
         bus: Bus,
         *,
         on_unroutable: Callable[[OutboxRow], Awaitable[None]] | None = None,
-        max_in_flight: int = 2000,
+        max_in_flight: int = 256,
         crash_point: Callable[[str], None] = lambda _point: None,
     ) -> None:
         self._bus = bus
@@ -35,17 +88,18 @@ class OutboxRelay:
         self._confirmed: list[str] = []
         self._crash_point = crash_point
         self.unroutable_total = 0
+        self.published_messages = 0
 
     @property
     def in_flight(self) -> int:
         return len(self._tasks)
 
     def submit(self, rows: list[OutboxRow]) -> None:
-        for row in rows:
-            if row.message_id in self._queued:
-                continue
-            self._queued.add(row.message_id)
-            task = asyncio.get_running_loop().create_task(self._publish(row))
+        fresh = [row for row in rows if row.message_id not in self._queued]
+        self._queued.update(row.message_id for row in fresh)
+        loop = asyncio.get_running_loop()
+        for batch, message in group(fresh):
+            task = loop.create_task(self._publish(batch, message))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -73,15 +127,8 @@ class OutboxRelay:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _publish(self, row: OutboxRow) -> None:
+    async def _publish(self, rows: list[OutboxRow], message: Message) -> None:
         delay = 0.1
-        message = Message(
-            body=row.body,
-            exchange=row.exchange,
-            routing_key=row.routing_key,
-            headers=row.headers,
-            message_id=row.message_id,
-        )
         async with self._slots:
             while True:
                 try:
@@ -92,25 +139,27 @@ class OutboxRelay:
                     self.unroutable_total += 1
                     log.error(
                         "unroutable publish: kept in the outbox, retrying",
-                        routing_key=row.routing_key,
-                        exchange=row.exchange,
-                        message_id=row.message_id,
+                        routing_key=message.routing_key,
+                        exchange=message.exchange,
+                        message_id=message.message_id,
                         error=str(exc),
                     )
                     if self._on_unroutable is not None:
                         try:
-                            await self._on_unroutable(row)
+                            await self._on_unroutable(rows[0])
                         except BusError as declare_error:
                             log.error("re-declaring topology failed", error=str(declare_error))
                 except BusError as exc:
                     log.warning(
                         "publish failed: kept in the outbox, retrying",
-                        routing_key=row.routing_key,
+                        routing_key=message.routing_key,
                         error=str(exc),
                         retry_in=delay,
                     )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         self._crash_point("after_confirm")
-        self._queued.discard(row.message_id)
-        self._confirmed.append(row.message_id)
+        self.published_messages += 1
+        for row in rows:
+            self._queued.discard(row.message_id)
+            self._confirmed.append(row.message_id)

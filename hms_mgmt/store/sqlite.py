@@ -8,6 +8,7 @@ engine's throughput. JSON columns are text, so the file can be read by hand.
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,62 @@ def path_of(url: str) -> str:
     if not url.startswith("sqlite:///"):
         raise ValueError(f"invalid SQLite URL {url!r}: expected sqlite:///path.db")
     return url[len("sqlite:///") :] or ":memory:"
+
+
+def _statements(batch: Batch) -> list[tuple[str, list[tuple[Any, ...]]]]:
+    """The batch as SQL statements with their rows, encoded here, outside the SQLite thread."""
+    statements: list[tuple[str, list[tuple[Any, ...]]]] = []
+    if batch.workflows:
+        statements.append((UPSERT_WORKFLOW, [_workflow_row(w) for w in batch.workflows.values()]))
+    if batch.runs:
+        statements.append((UPSERT_RUN, [_run_row(r) for r in batch.runs.values()]))
+    if batch.history:
+        statements.append(
+            (
+                "INSERT INTO history (workflow_id, at, kind, detail) VALUES (?, ?, ?, ?)",
+                [(w, at, kind, _json(detail)) for w, at, kind, detail in batch.history],
+            )
+        )
+    if batch.outbox:
+        statements.append(
+            (
+                "INSERT OR IGNORE INTO outbox (message_id, exchange, routing_key, body, headers,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        r.message_id,
+                        r.exchange,
+                        r.routing_key,
+                        r.body,
+                        _json(r.headers),
+                        r.created_at,
+                    )
+                    for r in batch.outbox
+                ],
+            )
+        )
+    if batch.sent:
+        statements.append(("DELETE FROM outbox WHERE message_id = ?", [(i,) for i in batch.sent]))
+    if batch.requests:
+        statements.append(
+            (
+                "INSERT OR REPLACE INTO requests (request_id, reply, at) VALUES (?, ?, ?)",
+                [(rid, _json(reply), at) for rid, reply, at in batch.requests],
+            )
+        )
+    return statements
+
+
+def _write(db: sqlite3.Connection, statements: list[tuple[str, list[tuple[Any, ...]]]]) -> None:
+    """One transaction, run on the store's thread."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for sql, rows in statements:
+            db.executemany(sql, rows)
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
 
 
 class SQLiteStore:
@@ -243,46 +300,19 @@ class SQLiteStore:
     async def commit(self, batch: Batch) -> None:
         if not batch:
             return
-        db = self.db
-        await db.execute("BEGIN IMMEDIATE")
+        statements = _statements(batch)
+        run_in_thread = getattr(self.db, "_execute", None)
+        if run_in_thread is not None:
+            # One trip to aiosqlite's thread for the whole transaction, not one per statement.
+            await run_in_thread(_write, self.db._conn, statements)
+            return
+        await self.db.execute("BEGIN IMMEDIATE")  # pragma: no cover - older aiosqlite
         try:
-            if batch.workflows:
-                await db.executemany(UPSERT_WORKFLOW, map(_workflow_row, batch.workflows.values()))
-            if batch.runs:
-                await db.executemany(UPSERT_RUN, map(_run_row, batch.runs.values()))
-            if batch.history:
-                await db.executemany(
-                    "INSERT INTO history (workflow_id, at, kind, detail) VALUES (?, ?, ?, ?)",
-                    [(w, at, kind, _json(detail)) for w, at, kind, detail in batch.history],
-                )
-            if batch.outbox:
-                await db.executemany(
-                    "INSERT OR IGNORE INTO outbox (message_id, exchange, routing_key, body, headers,"
-                    " created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                    [
-                        (
-                            r.message_id,
-                            r.exchange,
-                            r.routing_key,
-                            r.body,
-                            _json(r.headers),
-                            r.created_at,
-                        )
-                        for r in batch.outbox
-                    ],
-                )
-            if batch.sent:
-                await db.executemany(
-                    "DELETE FROM outbox WHERE message_id = ?", [(i,) for i in batch.sent]
-                )
-            if batch.requests:
-                await db.executemany(
-                    "INSERT OR REPLACE INTO requests (request_id, reply, at) VALUES (?, ?, ?)",
-                    [(rid, _json(reply), at) for rid, reply, at in batch.requests],
-                )
-            await db.execute("COMMIT")
+            for sql, rows in statements:
+                await self.db.executemany(sql, rows)
+            await self.db.execute("COMMIT")
         except BaseException:
-            await db.execute("ROLLBACK")
+            await self.db.execute("ROLLBACK")
             raise
 
     async def unsent(self) -> list[OutboxRow]:

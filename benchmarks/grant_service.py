@@ -1,0 +1,40 @@
+"""The benchmark's step service: four trivial handlers, each copies the payload and adds a key."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import hms_mgmt
+
+STEPS = ["validateApp", "creditCheck", "scheduleInspection", "finalize"]
+
+service = hms_mgmt.init(service_name="bench-grant-service")  # broker from HMS_BROKER_URL
+service.define_workflow("grantApproval", STEPS)
+
+
+def _handler(step: str) -> Any:
+    async def handler(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+        data = dict(ctx.payload)
+        data[step] = "ok"
+        return {"data": data}
+
+    handler.__qualname__ = step
+    return handler
+
+
+for _step in STEPS:
+    service.on_step(f"grantApproval.{_step}", _handler(_step))
+
+
+def payload(number: int) -> dict[str, Any]:
+    """About 200 bytes of JSON, like the peers' payload."""
+    return {
+        "wf": f"wf-{number}",
+        "applicant": {"name": "Jane Q. Example", "id": "APP-0042-7731"},
+        "program": "home-repair-grant",
+        "amount": 12500,
+        "currency": "EUR",
+        "counter": "bench",
+        "expect": number,
+        "done": "bench-done",
+    }

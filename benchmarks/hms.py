@@ -1,0 +1,218 @@
+"""HMS-MGMT on the grant-shaped workload: the engine daemon and one step-service process.
+
+``python benchmarks/hms.py --n 2000 --runs 3 --lone 200 [--json out.json]`` (from the
+repository root, with the project's virtualenv). Each run starts N workflows at once
+through the client and stops the clock when the engine has recorded the last one as
+succeeded (read from its SQLite file, so watching costs the engine nothing). Lone
+latency is ``start`` then ``wait`` for one workflow at a time: the time until the
+engine has recorded it succeeded and told the client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import hms_mgmt  # noqa: E402
+from benchmarks.grant_service import STEPS, payload, service  # noqa: E402
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def rabbitmqctl(*args: str) -> str:
+    return subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, text=True).stdout
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its reaped children."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15]) / CLK_TCK
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def broker_pid() -> int:
+    return int(rabbitmqctl("eval", "os:getpid().").strip().strip('"'))
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
+
+
+class Daemons:
+    def __init__(self, url: str, folder: Path, extra_env: dict[str, str]) -> None:
+        self.db = folder / "bench.db"
+        env = {
+            **os.environ,
+            "HMS_BROKER_URL": url,
+            "HMS_STORE_URL": f"sqlite:///{self.db}",
+            "HMS_LOG_FORMAT": "json",
+            "HMS_LOG_LEVEL": "warning",
+            "PYTHONPATH": str(ROOT),
+            **extra_env,
+        }
+        logs = folder / "daemons.log"
+        with logs.open("ab") as log:
+            self.engine = subprocess.Popen(
+                [sys.executable, "-m", "hms_mgmt.engine"], cwd=ROOT, env=env, stdout=log, stderr=log
+            )
+            self.worker = subprocess.Popen(
+                [sys.executable, "-m", "hms_mgmt.worker", "benchmarks.grant_service:service"],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=log,
+            )
+        self.logs = logs
+
+    def succeeded(self) -> int:
+        with sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=5) as db:
+            return int(
+                db.execute("SELECT count(*) FROM workflows WHERE status = 'succeeded'").fetchone()[
+                    0
+                ]
+            )
+
+    def stop(self) -> None:
+        for child in (self.worker, self.engine):
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in (self.worker, self.engine):
+            try:
+                child.wait(20)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+async def one_run(
+    client: hms_mgmt.Management, daemons: Daemons, n: int, offset: int
+) -> dict[str, Any]:
+    pids = {"engine": daemons.engine.pid, "worker": daemons.worker.pid, "broker": broker_pid()}
+    cpu_before = {k: cpu_seconds(p) for k, p in pids.items()}
+    target = daemons.succeeded() + n
+    began = time.perf_counter()
+    await asyncio.gather(*(client.start("grantApproval", payload(offset + i)) for i in range(n)))
+    start_s = time.perf_counter() - began
+    while await asyncio.to_thread(daemons.succeeded) < target:  # noqa: ASYNC110 - polls a file
+        await asyncio.sleep(0.01)
+    wall = time.perf_counter() - began
+    cpu = {k: (cpu_seconds(p) - cpu_before[k]) * 1000 / n for k, p in pids.items()}
+    return {
+        "n": n,
+        "wall_s": round(wall, 3),
+        "start_s": round(start_s, 3),
+        "wps": round(n / wall, 1),
+        "cpu_ms_per_workflow": {k: round(v, 3) for k, v in cpu.items()},
+    }
+
+
+async def lone(client: hms_mgmt.Management, count: int) -> list[float]:
+    times = []
+    for i in range(count):
+        began = time.perf_counter()
+        started = await client.start("grantApproval", payload(i))
+        state = await client.wait(started.workflow_id, timeout=30)
+        times.append((time.perf_counter() - began) * 1000)
+        assert state.status == "succeeded", state.describe()
+    return times
+
+
+async def measure(args: argparse.Namespace, url: str, daemons: Daemons) -> dict[str, Any]:
+    async with hms_mgmt.init(
+        service_name="bench-client", broker_url=url, request_timeout=600
+    ) as client:
+        client.definitions.update(service.definitions)
+        await lone(client, 20)  # warm up: every connection and queue in place
+        runs = []
+        for number in range(args.runs):
+            run = await one_run(client, daemons, args.n, offset=number * args.n)
+            print(
+                f"hms n={args.n} run {number + 1}: {run['wps']:.0f} workflows/s "
+                f"(starts took {run['start_s']:.2f}s) cpu ms/wf {run['cpu_ms_per_workflow']}",
+                flush=True,
+            )
+            runs.append(run)
+        await lone(client, 10)
+        lone_ms = await lone(client, args.lone)
+    wps = [r["wps"] for r in runs]
+    return {
+        "system": "hms-mgmt",
+        "settings": "engine daemon + 1 step-service process; SQLite WAL; quorum step queues; confirms",
+        "n": args.n,
+        "runs": runs,
+        "runs_wps": wps,
+        "wps_median": statistics.median(wps),
+        "steps_per_s_median": statistics.median(wps) * len(STEPS),
+        "lone_ms_median": round(statistics.median(lone_ms), 2),
+        "lone_ms_p99": round(percentile(lone_ms, 0.99), 2),
+        "engine_peak_rss_mb": round(peak_rss_mb(daemons.engine.pid), 1),
+        "engine_rss_mb": round(rss_mb(daemons.engine.pid), 1),
+        "cpu_ms_per_workflow": statistics.median(
+            r["cpu_ms_per_workflow"]["worker"] + r["cpu_ms_per_workflow"]["engine"] for r in runs
+        ),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--lone", type=int, default=200)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the daemons")
+    args = parser.parse_args()
+    vhost = f"hms-bench-{uuid.uuid4().hex[:8]}"
+    rabbitmqctl("add_vhost", vhost)
+    rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    url = f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    extra_env = dict(item.split("=", 1) for item in args.env)
+    try:
+        with tempfile.TemporaryDirectory(prefix="hms-bench-") as folder:
+            daemons = Daemons(url, Path(folder), extra_env)
+            try:
+                result = asyncio.run(measure(args, url, daemons))
+            except BaseException:
+                print(daemons.logs.read_text()[-4000:], file=sys.stderr)
+                raise
+            finally:
+                daemons.stop()
+    finally:
+        rabbitmqctl("delete_vhost", vhost)
+    print(
+        f"hms: {result['wps_median']:.0f} workflows/s median; lone {result['lone_ms_median']} ms "
+        f"median, {result['lone_ms_p99']} ms p99; engine peak RSS {result['engine_peak_rss_mb']} MB"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
