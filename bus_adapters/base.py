@@ -91,6 +91,9 @@ class Subscription(Protocol):
     async def cancel(self) -> None:
         """Stop receiving; unacked deliveries stay with the caller to ack or reject."""
 
+    async def set_prefetch(self, count: int) -> None:
+        """Change how many deliveries may be unacked at once (from the next delivery on)."""
+
 
 class Bus(Protocol):
     """What HMS-MGMT needs from a broker."""

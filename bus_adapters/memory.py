@@ -234,6 +234,10 @@ class _MemorySubscription:
         if self._consumer in self._queue.consumers:
             self._queue.consumers.remove(self._consumer)
 
+    async def set_prefetch(self, count: int) -> None:
+        self._consumer.prefetch = count
+        self._broker.dispatch(self._queue)
+
     def close(self) -> None:
         self._broker.remove_consumer(self._queue, self._consumer)
 

@@ -96,6 +96,9 @@ class _RabbitSubscription:
             with contextlib.suppress(TimeoutError, aiormq.exceptions.AMQPError, RuntimeError):
                 await self._queue.cancel(self._tag)
 
+    async def set_prefetch(self, count: int) -> None:
+        await self._channel.set_qos(prefetch_count=count)
+
 
 class RabbitMQBus:
     """A :class:`bus_adapters.base.Bus` on RabbitMQ through aio-pika."""
@@ -111,6 +114,7 @@ class RabbitMQBus:
         self._unconfirmed: AbstractChannel | None = None
         self._declare: AbstractChannel | None = None
         self._get_channel: AbstractChannel | None = None
+        self._specs: dict[str, QueueSpec] = {}
         self._exchanges: dict[tuple[bool, str], AbstractExchange] = {}
         self._consumer_channels: list[AbstractChannel] = []
         self._lock = asyncio.Lock()
@@ -148,6 +152,7 @@ class RabbitMQBus:
             raise BusError(f"cannot declare exchange {name!r}: {exc}") from exc
 
     async def declare_queue(self, spec: QueueSpec) -> None:
+        self._specs[spec.name] = spec
         channel = await self._declare_channel()
         try:
             await channel.declare_queue(spec.name, durable=True, arguments=queue_arguments(spec))
@@ -218,7 +223,15 @@ class RabbitMQBus:
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=prefetch)
         self._consumer_channels.append(channel)
-        declared = await channel.get_queue(queue, ensure=False)
+        # Declared (not just looked up) on this channel, so that the robust connection
+        # declares it again and restores the consumer after a reconnect.
+        spec = self._specs.get(queue)
+        if spec is None:
+            declared = await channel.declare_queue(queue, passive=True)
+        else:
+            declared = await channel.declare_queue(
+                queue, durable=True, arguments=queue_arguments(spec)
+            )
 
         async def callback(message: AbstractIncomingMessage) -> None:
             on_delivery(_delivery(message, queue))

@@ -43,6 +43,12 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 _strict = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
+
+def check_finite(value: Any) -> None:
+    """Raise ``ValueError`` for NaN or Infinity, which JSON cannot carry (orjson writes null)."""
+    _strict.encode(value)
+
+
 MAX_MESSAGE_BYTES = 1024 * 1024
 MAX_PAYLOAD_BYTES = MAX_MESSAGE_BYTES - 16 * 1024  # room for the envelope around a payload
 MAX_DEPTH = 64
@@ -78,8 +84,10 @@ def depth(value: Any) -> int:
 
 def encode_payload(payload: Any, *, what: str = "payload") -> bytes:
     """The payload as JSON, refusing what cannot travel: raises :class:`PayloadError`."""
-    try:  # strict: NaN and Infinity are not JSON
-        body = _strict.encode(payload).encode()
+    try:
+        body = dumps(payload)  # refuses integers beyond 64 bits and keys that are not strings
+        if b"null" in body:
+            check_finite(payload)
     except (TypeError, ValueError, OverflowError, RecursionError) as exc:
         raise PayloadError(f"{what} is not JSON-serialisable: {exc}") from exc
     if len(body) > MAX_PAYLOAD_BYTES:

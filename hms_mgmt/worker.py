@@ -33,6 +33,7 @@ from hms_mgmt.messages import (
     MAX_PAYLOAD_BYTES,
     Outcome,
     StepMessage,
+    check_finite,
     normalise_result,
     outcomes_message,
 )
@@ -88,6 +89,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self.stats = {"succeeded": 0, "failed": 0, "invalid": 0}
         self._reporter = OutcomeReporter(bus)
+        self._probation = True
 
     async def start(self) -> None:
         await self.bus.connect()
@@ -95,10 +97,12 @@ class Worker:
         for topic in self.handlers:
             workflow, step = topic.split(".", 1)
             await declare_step(self.bus, workflow, step)
+        # On probation: one delivery at a time per queue until one has been handled. A worker
+        # that starts after a crash thus meets the message that crashed it alone, and a
+        # message that kills its worker cannot take prefetched neighbours past the delivery
+        # limit with it, crash after crash.
         for topic in self.handlers:
-            self._subscriptions.append(
-                await self.bus.consume(topic, self._on_delivery, prefetch=self.concurrency)
-            )
+            self._subscriptions.append(await self.bus.consume(topic, self._on_delivery, prefetch=1))
         log.info("worker serving", topics=sorted(self.handlers), concurrency=self.concurrency)
 
     async def run(self) -> None:
@@ -127,6 +131,12 @@ class Worker:
                 log.warning("handlers still running at shutdown were cancelled", count=len(pending))
                 await asyncio.gather(*pending, return_exceptions=True)
         log.info("worker stopped", **self.stats)
+
+    async def _end_probation(self) -> None:
+        self._probation = False
+        for subscription in self._subscriptions:
+            with contextlib.suppress(BusError, OSError, RuntimeError):
+                await subscription.set_prefetch(self.concurrency)
 
     def _on_delivery(self, delivery: Delivery) -> None:
         task = asyncio.get_running_loop().create_task(self._handle(delivery))
@@ -159,6 +169,8 @@ class Worker:
             return  # shutting down: unacked, so the broker redelivers the step
         if done:
             await _settle(delivery.ack())
+            if self._probation:
+                await self._end_probation()
         else:  # stopping before every run in it started: let another worker have it
             await _settle(delivery.reject(requeue=True))
 
@@ -232,6 +244,8 @@ class Worker:
         )
         try:
             size = len(outcome.encoded)
+            if b"null" in outcome.encoded:
+                check_finite(result)
         except (TypeError, ValueError) as exc:
             error = PayloadError(f"{describe()} returned data that is not JSON-serialisable: {exc}")
             return self._failed(message, error, started_at, bound, retryable=False)
@@ -315,6 +329,8 @@ class OutcomeReporter:
 
     def __init__(self, bus: Bus) -> None:
         self._bus = bus
+        # Test hook for the chaos suite: send every outcome message this many times.
+        self._copies = int(os.environ.get("HMS_TEST_DUPLICATE_OUTCOMES", "1"))
         self._pending: list[tuple[bytes, asyncio.Future[None]]] = []
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -347,7 +363,8 @@ class OutcomeReporter:
         delay = 0.1
         while True:
             try:
-                await self._bus.publish(message)
+                for _ in range(self._copies):
+                    await self._bus.publish(message)
                 break
             except BusError as exc:
                 log.warning("could not report outcomes; retrying", error=str(exc), retry_in=delay)

@@ -161,6 +161,10 @@ def test_payloads_that_cannot_travel_are_refused() -> None:
         encode_payload({"when": object()})
     with pytest.raises(PayloadError, match="not JSON-serialisable"):
         encode_payload({"x": float("nan")})
+    with pytest.raises(PayloadError, match="not JSON-serialisable"):
+        encode_payload({"x": 2**64})  # found by the stateful test: would come back as a float
+    with pytest.raises(PayloadError, match="not JSON-serialisable"):
+        encode_payload({1: "x"})
     with pytest.raises(PayloadError, match="limit"):
         encode_payload("x" * MAX_MESSAGE_BYTES)
     deep: Any = []

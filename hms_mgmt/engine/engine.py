@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from bus_adapters.base import (
 )
 from hms_mgmt import machine
 from hms_mgmt.definitions import WorkflowDefinition
+from hms_mgmt.engine.crash import CrashPoints
 from hms_mgmt.engine.relay import OutboxRelay
 from hms_mgmt.engine.timers import TimerQueue
 from hms_mgmt.errors import (
@@ -141,6 +141,7 @@ class Engine:
         self.definitions: dict[tuple[str, int], WorkflowDefinition] = {}
         self.latest: dict[str, WorkflowDefinition] = {}
         self.timers = TimerQueue(timer_horizon)
+        self._crash_point = CrashPoints()
         self.relay = OutboxRelay(bus, on_unroutable=self._redeclare, crash_point=self._crash_point)
         self._inbox: asyncio.Queue[_Received] = asyncio.Queue()
         self._cache: OrderedDict[str, tuple[Workflow, StepRun | None]] = OrderedDict()
@@ -152,7 +153,6 @@ class Engine:
         self._running = False
         self.ready = asyncio.Event()
         self.stats = {"events": 0, "batches": 0, "started": 0, "finished": 0, "dead_lettered": 0}
-        self._crash_at = os.environ.get("HMS_TEST_CRASH_AT", "")
 
     # -- life cycle -----------------------------------------------------------
 
@@ -783,11 +783,8 @@ class Engine:
 
     async def state(self, workflow_id: str) -> WorkflowState | None:
         """A workflow and its runs as the store has them."""
-        loaded = await self.store.load([workflow_id])
-        if workflow_id not in loaded:
-            return None
-        workflow, _ = loaded[workflow_id]
-        return WorkflowState.of(workflow, await self.store.runs(workflow_id))
+        found = await self.store.workflow_with_runs(workflow_id)
+        return None if found is None else WorkflowState.of(*found)
 
     async def _wake_waiters(self, workflow_id: str, work: _Work) -> None:
         waiters = self._waiters.pop(workflow_id, None)
@@ -834,12 +831,6 @@ class Engine:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
-
-    def _crash_point(self, point: str) -> None:
-        """Test hook: ``HMS_TEST_CRASH_AT=<point>`` exits the process hard at that point."""
-        if self._crash_at == point:
-            log.warning("test crash point reached; exiting hard", point=point)
-            os._exit(70)
 
 
 async def _ack(delivery: Delivery) -> None:

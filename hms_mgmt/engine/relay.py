@@ -1,9 +1,11 @@
 """The outbox relay: publishes committed outbox rows, confirmed, and reports them sent.
 
 Rows for the same step queue that are handed over together go out as one
-message (``{"steps": [...]}``), up to :data:`MAX_BATCH` runs or
+message (``{"steps": [...]}``), up to :data:`STEP_BATCH` runs or
 :data:`BATCH_BYTES`: a busy engine sends one message for many runs, a quiet
-one a message per run. Retries (attempt > 1) always travel alone, so a run
+one a message per run. Step batches stay small because a message is acked,
+and after a crash redone, as a whole, and so that several step services share
+the work. Retries (attempt > 1) always travel alone, so a run
 that crashes its worker cannot take the same neighbours down twice.
 
 A row leaves the outbox only after the broker has confirmed its message; a
@@ -16,13 +18,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import NoReturn
 
 from bus_adapters.base import Bus, BusError, Message, UnroutableError
+from hms_mgmt.engine.crash import CrashPoints
 from hms_mgmt.logs import get_logger
-from hms_mgmt.messages import BATCH_BYTES, MAX_BATCH, STEPS_EXCHANGE, batch_body
+from hms_mgmt.messages import BATCH_BYTES, STEPS_EXCHANGE, batch_body
 from hms_mgmt.store.base import OutboxRow
 
 log = get_logger("relay")
+
+STEP_BATCH = 64
+"""Runs in one step message at most."""
 
 
 def group(rows: list[OutboxRow]) -> list[tuple[list[OutboxRow], Message]]:
@@ -61,7 +68,7 @@ def group(rows: list[OutboxRow]) -> list[tuple[list[OutboxRow], Message]]:
         if row.headers.get("hms-attempt", 1) != 1:
             key = f"{key}#{row.message_id}"  # a retry goes alone
         batch, size = open_batches.get(key, ([], 0))
-        if batch and (len(batch) >= MAX_BATCH or size + len(row.body) > BATCH_BYTES):
+        if batch and (len(batch) >= STEP_BATCH or size + len(row.body) > BATCH_BYTES):
             close(key)
             batch, size = [], 0
         batch.append(row)
@@ -78,7 +85,7 @@ class OutboxRelay:
         *,
         on_unroutable: Callable[[OutboxRow], Awaitable[None]] | None = None,
         max_in_flight: int = 256,
-        crash_point: Callable[[str], None] = lambda _point: None,
+        crash_point: CrashPoints | None = None,
     ) -> None:
         self._bus = bus
         self._on_unroutable = on_unroutable
@@ -86,7 +93,7 @@ class OutboxRelay:
         self._tasks: set[asyncio.Task[None]] = set()
         self._queued: set[str] = set()
         self._confirmed: list[str] = []
-        self._crash_point = crash_point
+        self._crash_point = crash_point or CrashPoints("")
         self.unroutable_total = 0
         self.published_messages = 0
 
@@ -127,12 +134,20 @@ class OutboxRelay:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    async def _publish_then_crash(self, message: Message) -> NoReturn:
+        """Test hook: send the message, then die before its confirm is handled."""
+        sending = asyncio.ensure_future(self._bus.publish(message))
+        await asyncio.sleep(0.02)
+        self._crash_point.crash("after_publish")
+        await sending
+
     async def _publish(self, rows: list[OutboxRow], message: Message) -> None:
         delay = 0.1
         async with self._slots:
             while True:
                 try:
-                    self._crash_point("before_publish")
+                    if self._crash_point.due("after_publish"):
+                        await self._publish_then_crash(message)
                     await self._bus.publish(message)
                     break
                 except UnroutableError as exc:

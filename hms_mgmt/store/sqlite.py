@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -81,6 +81,12 @@ def _upsert(table: str, columns: str, key: str) -> str:
         f"ON CONFLICT ({key}) DO UPDATE SET {updates}"
     )
 
+
+_WORKFLOW_AND_RUN = ", ".join(
+    [f"w.{c.strip()}" for c in WORKFLOW_COLUMNS.split(",")]
+    + [f"r.{c.strip()}" for c in RUN_COLUMNS.split(",")]
+)
+T = TypeVar("T")
 
 UPSERT_WORKFLOW = _upsert("workflows", WORKFLOW_COLUMNS, "id")
 UPSERT_RUN = _upsert("step_runs", RUN_COLUMNS, "workflow_id, seq")
@@ -224,8 +230,7 @@ class SQLiteStore:
             self._db = None
 
     async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
-        async with self.db.execute(sql, tuple(params)) as cursor:
-            return list(await cursor.fetchall())
+        return list(await self.db.execute_fetchall(sql, tuple(params)))  # one thread hop
 
     async def definitions(self) -> list[WorkflowDefinition]:
         rows = await self._all("SELECT body, version FROM definitions ORDER BY name, version")
@@ -240,22 +245,41 @@ class SQLiteStore:
     async def load(self, workflow_ids: Sequence[str]) -> dict[str, tuple[Workflow, StepRun | None]]:
         found: dict[str, tuple[Workflow, StepRun | None]] = {}
         ids = list(dict.fromkeys(workflow_ids))
+        width = len(WORKFLOW_COLUMNS.split(","))
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
-            marks = _placeholders(len(chunk))
             for row in await self._all(
-                f"SELECT {WORKFLOW_COLUMNS} FROM workflows WHERE id IN ({marks})", chunk
-            ):
-                found[row[0]] = (_workflow(row), None)
-            columns = ", ".join(f"r.{c.strip()}" for c in RUN_COLUMNS.split(","))
-            for row in await self._all(
-                f"SELECT {columns} FROM step_runs r JOIN workflows w "
-                f"ON r.workflow_id = w.id AND r.seq = w.seq WHERE w.id IN ({marks})",
+                f"SELECT {_WORKFLOW_AND_RUN} FROM workflows w LEFT JOIN step_runs r "
+                f"ON r.workflow_id = w.id AND r.seq = w.seq WHERE w.id IN ({_placeholders(len(chunk))})",
                 chunk,
             ):
-                workflow, _ = found[row[0]]
-                found[row[0]] = (workflow, _run(row))
+                run = None if row[width] is None else _run(row[width:])
+                found[row[0]] = (_workflow(row[:width]), run)
         return found
+
+    async def workflow_with_runs(self, workflow_id: str) -> tuple[Workflow, list[StepRun]] | None:
+        def read(db: sqlite3.Connection) -> tuple[list[Any], list[Any]]:
+            workflow = db.execute(
+                f"SELECT {WORKFLOW_COLUMNS} FROM workflows WHERE id = ?", (workflow_id,)
+            ).fetchall()
+            runs = db.execute(
+                f"SELECT {RUN_COLUMNS} FROM step_runs WHERE workflow_id = ? ORDER BY seq",
+                (workflow_id,),
+            ).fetchall()
+            return workflow, runs
+
+        workflow_rows, run_rows = await self._in_thread(read)
+        if not workflow_rows:
+            return None
+        return _workflow(workflow_rows[0]), [_run(row) for row in run_rows]
+
+    async def _in_thread(self, read: Callable[[sqlite3.Connection], T]) -> T:
+        """Run several statements in one trip to aiosqlite's thread."""
+        run_in_thread = getattr(self.db, "_execute", None)
+        if run_in_thread is None:  # pragma: no cover - older aiosqlite
+            return read(self.db._conn)
+        result: T = await run_in_thread(read, self.db._conn)
+        return result
 
     async def find_by_idempotency_key(self, keys: Sequence[str]) -> dict[str, str]:
         if not keys:
@@ -301,19 +325,8 @@ class SQLiteStore:
         if not batch:
             return
         statements = _statements(batch)
-        run_in_thread = getattr(self.db, "_execute", None)
-        if run_in_thread is not None:
-            # One trip to aiosqlite's thread for the whole transaction, not one per statement.
-            await run_in_thread(_write, self.db._conn, statements)
-            return
-        await self.db.execute("BEGIN IMMEDIATE")  # pragma: no cover - older aiosqlite
-        try:
-            for sql, rows in statements:
-                await self.db.executemany(sql, rows)
-            await self.db.execute("COMMIT")
-        except BaseException:
-            await self.db.execute("ROLLBACK")
-            raise
+        # One trip to aiosqlite's thread for the whole transaction, not one per statement.
+        await self._in_thread(lambda db: _write(db, statements))
 
     async def unsent(self) -> list[OutboxRow]:
         rows = await self._all(

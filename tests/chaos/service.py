@@ -1,0 +1,64 @@
+"""The step service the chaos suite runs, killed and restarted at will.
+
+Every handler run appends one line, ``<workflow_id> <seq> <attempt>``, to the file
+named by ``HMS_CHAOS_EXEC_LOG`` (one ``write`` on an ``O_APPEND`` file: lines never
+interleave), so the suite can count handler executions beyond one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import hms_mgmt
+from hms_mgmt import RetryPolicy
+
+GRANT = ["validateApp", "creditCheck", "scheduleInspection", "finalize"]
+
+chaos = hms_mgmt.init(service_name="chaos-service", concurrency=50)
+chaos.define_workflow(
+    "grant", GRANT, retry=RetryPolicy(max_attempts=5, initial_delay=0.2, max_delay=1.0)
+)
+chaos.define_workflow(
+    "poison", ["swallow", "after"], retry=RetryPolicy(max_attempts=2, initial_delay=0.1)
+)
+
+
+def record(ctx: hms_mgmt.StepContext) -> None:
+    path = os.environ.get("HMS_CHAOS_EXEC_LOG")
+    if path:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, f"{ctx.workflow_id} {ctx.seq} {ctx.attempt}\n".encode())
+        finally:
+            os.close(fd)
+
+
+def _grant_step(name: str) -> Any:
+    async def handler(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+        record(ctx)
+        pause = ctx.payload.get("sleep", 0)
+        if pause:
+            await asyncio.sleep(pause)
+        return {"data": {**ctx.payload, name: ctx.attempt}}
+
+    handler.__qualname__ = name
+    return handler
+
+
+for _step in GRANT:
+    chaos.on_step(f"grant.{_step}", _grant_step(_step))
+
+
+@chaos.on_step("poison.swallow")
+async def swallow(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+    record(ctx)
+    if ctx.payload.get("poison"):
+        os._exit(1)  # kills its worker on every delivery
+    return {"data": ctx.payload}
+
+
+@chaos.on_step("poison.after")
+async def after(ctx: hms_mgmt.StepContext) -> None:
+    record(ctx)
