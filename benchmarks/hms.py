@@ -101,6 +101,10 @@ class Daemons:
                 ]
             )
 
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        with sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=5) as db:
+            return list(db.execute(sql, params))
+
     def stop(self) -> None:
         for child in (self.worker, self.engine):
             if child.poll() is None:

@@ -16,6 +16,7 @@ from hms_mgmt.errors import (
     NonRetryableError,
     PayloadError,
     Retry,
+    ScheduleNotFoundError,
     UnknownWorkflowError,
     WorkflowNotFoundError,
 )
@@ -36,6 +37,7 @@ __all__ = (
     "PayloadError",
     "Retry",
     "RetryPolicy",
+    "ScheduleNotFoundError",
     "StartResult",
     "Step",
     "StepContext",

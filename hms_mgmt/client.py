@@ -36,6 +36,7 @@ from hms_mgmt.messages import (
     requests_message,
 )
 from hms_mgmt.records import WorkflowState
+from hms_mgmt.schedules import check as check_schedule
 from hms_mgmt.topology import declare_core
 
 log = get_logger("client")
@@ -279,6 +280,39 @@ class Client:
         return await self.request(
             "signal", {"workflow_id": workflow_id, "signal": name, "data": data}
         )
+
+    async def schedule(
+        self,
+        workflow: str,
+        *,
+        cron: str,
+        payload: Any = None,
+        timezone: str = "UTC",
+        schedule_id: str | None = None,
+        catch_up: str = "latest",
+    ) -> dict[str, Any]:
+        """Start ``workflow`` at every tick of ``cron``; returns the schedule with its next tick."""
+        check_name("workflow", workflow)
+        check_schedule(cron, timezone, catch_up)
+        encode_payload(payload)
+        result = await self.request(
+            "schedule",
+            {
+                "workflow": workflow,
+                "cron": cron,
+                "payload": payload,
+                "timezone": timezone,
+                "schedule_id": check_name("schedule", schedule_id or workflow),
+                "catch_up": catch_up,
+            },
+        )
+        return dict(result)
+
+    async def unschedule(self, schedule_id: str) -> Any:
+        return await self.request("unschedule", {"schedule_id": schedule_id})
+
+    async def schedules(self) -> list[dict[str, Any]]:
+        return list(await self.request("schedules", {}, persistent=False))
 
     async def list(
         self, *, status: str | None = None, name: str | None = None, limit: int = 50

@@ -23,6 +23,10 @@ class WorkflowNotFoundError(HmsError, LookupError):
     """No workflow has that id."""
 
 
+class ScheduleNotFoundError(HmsError, LookupError):
+    """No schedule has that id."""
+
+
 class InvalidStateError(HmsError):
     """The workflow is not in a state that allows the request (cancel a finished one, say)."""
 
@@ -55,6 +59,7 @@ _BY_NAME: dict[str, type[HmsError]] = {
         PayloadError,
         UnknownWorkflowError,
         WorkflowNotFoundError,
+        ScheduleNotFoundError,
         InvalidStateError,
         EngineUnavailableError,
         InvalidMessageError,

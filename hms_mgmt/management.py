@@ -208,7 +208,40 @@ class Management:
         return await (await self._connect()).retry(workflow_id)
 
     async def signal(self, workflow_id: str, name: str, data: Any = None) -> Any:
+        """Send a signal: a workflow waiting for it resumes; one not yet waiting keeps it."""
         return await (await self._connect()).signal(workflow_id, name, data)
+
+    async def schedule(
+        self,
+        workflow: str,
+        *,
+        cron: str,
+        payload: Any = None,
+        timezone: str = "UTC",
+        schedule_id: str | None = None,
+        catch_up: str = "latest",
+    ) -> dict[str, Any]:
+        """Start ``workflow`` at each tick of ``cron`` (in ``timezone``), once per tick.
+
+        ``catch_up`` says what happens to ticks missed while the engine was down:
+        ``latest`` (start one for the most recent), ``all`` (one per tick) or ``skip``.
+        Scheduling the same id again with the same settings changes nothing.
+        """
+        client = await self._connect()
+        return await client.schedule(
+            workflow,
+            cron=cron,
+            payload=payload,
+            timezone=timezone,
+            schedule_id=schedule_id,
+            catch_up=catch_up,
+        )
+
+    async def unschedule(self, schedule_id: str) -> Any:
+        return await (await self._connect()).unschedule(schedule_id)
+
+    async def schedules(self) -> list[dict[str, Any]]:
+        return await (await self._connect()).schedules()
 
     # -- serving --------------------------------------------------------------
 

@@ -413,6 +413,7 @@ def outcomes_message(encoded: list[bytes]) -> Message:
 
 COMMAND_TYPES = frozenset(
     {"define", "start", "status", "wait", "cancel", "retry", "signal", "list"}
+    | {"schedule", "unschedule", "schedules"}
 )
 
 
@@ -452,6 +453,11 @@ class Command:
             _name(data, "signal")
         if kind == "define":
             _field(data, "definition", dict)
+        if kind == "schedule":
+            _name(data, "workflow")
+            _field(data, "cron", str)
+        if kind == "unschedule":
+            _name(data, "schedule_id")
         return command
 
 

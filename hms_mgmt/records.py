@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -197,6 +198,11 @@ class WorkflowState:
             lines.append(line)
         if self.error:
             lines.append(f"  error: {self.error.get('type')}: {self.error.get('message')}")
+        if self.waiting_for:
+            lines.append(f"  waiting for {self.waiting_for.get('event')!r}")
+        if self.status == WorkflowStatus.SUCCEEDED and self.output is not None:
+            text = json.dumps(self.output, default=str)
+            lines.append(f"  output: {text if len(text) <= 300 else text[:300] + '...'}")
         return "\n".join(lines)
 
 

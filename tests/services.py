@@ -137,3 +137,35 @@ async def stumble(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
     if ctx.payload.get("always_fail") or ctx.attempt == 1:
         raise RuntimeError(f"stumbled on attempt {ctx.attempt}")
     return {"data": {"attempt": ctx.attempt}}
+
+
+# -- time and waiting -----------------------------------------------------------------------
+
+grant.define_workflow("inspection", ["request", "finalize"])
+grant.define_workflow("later", ["first", "second"])
+
+
+@grant.on_step("inspection.request")
+async def request_inspection(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+    await asyncio.sleep(float(ctx.payload.get("sleep", 0)))
+    return {
+        "wait_for": "inspectionReport",
+        "timeout": ctx.payload.get("timeout"),
+        "next_step": "finalize",
+        "data": ctx.payload,
+    }
+
+
+@grant.on_step("inspection.finalize")
+async def finalize_inspection(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+    return {"data": {**ctx.payload, "report": ctx.signal}}
+
+
+@grant.on_step("later.first")
+async def first_later(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+    return {"data": ctx.payload, "delay": ctx.payload["delay"]}
+
+
+@grant.on_step("later.second")
+async def second_later(ctx: hms_mgmt.StepContext) -> None:
+    return None

@@ -130,3 +130,9 @@ async def test_undecodable_messages_are_dead_lettered_and_the_engine_keeps_servi
     assert dead is not None and "not an object" in dead.headers["x-hms-reason"]
     started = await mgmt.start("grantApproval", {"still": "serving"})
     assert (await mgmt.wait(started.workflow_id, timeout=10)).status == "succeeded"
+
+
+async def test_a_request_the_engine_cannot_read_is_answered_at_once(mgmt: hms_mgmt.Management) -> None:
+    client = await mgmt._connect()
+    with pytest.raises(hms_mgmt.InvalidMessageError, match="unknown request type 'explode'"):
+        await client.request("explode", {}, timeout=5)

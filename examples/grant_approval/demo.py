@@ -15,14 +15,13 @@ from pathlib import Path
 
 import hms_mgmt
 from examples.grant_approval import service
-from examples.grant_approval.workflow import WORKFLOW, sample_application
+from examples.grant_approval.workflow import WORKFLOW, inspect, sample_application
 from hms_mgmt.logs import configure
 
 
 async def main(count: int = 3) -> int:
-    configure(
-        level=os.environ.get("HMS_LOG_LEVEL", "warning")
-    )  # the engine's info lines are noise here
+    # The in-process engine's info lines would be noise here.
+    configure(level=os.environ.get("HMS_LOG_LEVEL", "warning"))
     with tempfile.TemporaryDirectory() as folder:
         store_url = f"sqlite:///{Path(folder) / 'grant-demo.db'}"
         # One management object hosts the engine (store_url) and serves the handlers.
@@ -36,6 +35,8 @@ async def main(count: int = 3) -> int:
             started = [
                 await mgmt.start(WORKFLOW, sample_application(n)) for n in range(1, count + 1)
             ]
+            for s in started:  # each waits for its site inspection; the report resumes it
+                await inspect(mgmt, s.workflow_id)
             states = [await mgmt.wait(s.workflow_id, timeout=30) for s in started]
     for state in states:
         print(state.describe())

@@ -6,10 +6,13 @@ Run it with ``python -m hms_mgmt.worker examples.grant_approval.service:mgmt``
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import hms_mgmt
 from examples.grant_approval.workflow import WORKFLOW, define
+
+INSPECTION_DEADLINE = 14 * 24 * 3600  # no report in two weeks: the workflow fails
 
 mgmt = hms_mgmt.init(service_name="GrantWorkflow")
 define(mgmt)
@@ -32,10 +35,19 @@ async def credit_check(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
 
 @mgmt.on_step(f"{WORKFLOW}.scheduleInspection")
 async def schedule_inspection(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
-    return {"data": {**ctx.payload, "inspection": "2026-12-01T09:00"}}
+    # Book a site inspection for later, then wait (holding no worker, message or memory)
+    # for the inspector's report: ``signal(workflow_id, "inspectionReport", report)``.
+    booked = (datetime.now(UTC) + timedelta(days=3)).replace(microsecond=0).isoformat()
+    return {
+        "wait_for": "inspectionReport",
+        "timeout": INSPECTION_DEADLINE,
+        "next_step": "finalize",
+        "data": {**ctx.payload, "inspection_booked_for": booked},
+    }
 
 
 @mgmt.on_step(f"{WORKFLOW}.finalize")
 async def finalize(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
-    approved = ctx.payload.get("credit_score", 0) >= 700
-    return {"data": {**ctx.payload, "approved": approved}}
+    report = ctx.signal or {}
+    approved = ctx.payload.get("credit_score", 0) >= 700 and bool(report.get("passed"))
+    return {"data": {**ctx.payload, "inspection_report": report, "approved": approved}}

@@ -11,13 +11,15 @@ import sys
 import time
 
 import hms_mgmt
-from examples.grant_approval.workflow import WORKFLOW, define, sample_application
+from examples.grant_approval.workflow import WORKFLOW, define, inspect, sample_application
 
 
 async def submit(count: int, mgmt: hms_mgmt.Management) -> list[hms_mgmt.WorkflowState]:
     started = await asyncio.gather(
         *(mgmt.start(WORKFLOW, sample_application(n)) for n in range(1, count + 1))
     )
+    # Each workflow waits for its site inspection; the inspector's report resumes it.
+    await asyncio.gather(*(inspect(mgmt, s.workflow_id) for s in started))
     return list(await asyncio.gather(*(mgmt.wait(s.workflow_id, timeout=60) for s in started)))
 
 

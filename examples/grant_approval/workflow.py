@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import hms_mgmt
 
 WORKFLOW = "grantApproval"
@@ -18,3 +20,18 @@ def sample_application(number: int) -> dict[str, object]:
         "applicant_data": {"name": f"Applicant {number}", "ssn_last4": f"{number % 10000:04d}"},
         "amount": 25_000 + number,
     }
+
+
+async def inspect(mgmt: hms_mgmt.Management, workflow_id: str, timeout: float = 30) -> None:
+    """Play the inspector: once the workflow waits for the report, send it."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        state = await mgmt.status(workflow_id)
+        if state.status == "waiting":
+            break
+        if state.terminal or asyncio.get_running_loop().time() > deadline:
+            raise RuntimeError(
+                f"workflow {workflow_id} never waited for its inspection: {state.status}"
+            )
+        await asyncio.sleep(0.05)
+    await mgmt.signal(workflow_id, "inspectionReport", {"passed": True, "inspector": "R. Diaz"})

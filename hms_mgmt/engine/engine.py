@@ -31,7 +31,7 @@ from bus_adapters.base import (
     UnroutableError,
     redact_url,
 )
-from hms_mgmt import machine
+from hms_mgmt import machine, schedules
 from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.engine.crash import CrashPoints
 from hms_mgmt.engine.relay import OutboxRelay
@@ -41,6 +41,7 @@ from hms_mgmt.errors import (
     HmsError,
     InvalidMessageError,
     PayloadError,
+    ScheduleNotFoundError,
     UnknownWorkflowError,
     WorkflowNotFoundError,
 )
@@ -65,7 +66,8 @@ from hms_mgmt.messages import (
     reply_item,
     step_headers,
 )
-from hms_mgmt.records import StepRun, Workflow, WorkflowState
+from hms_mgmt.records import StepRun, StepStatus, Workflow, WorkflowState
+from hms_mgmt.schedules import Schedule
 from hms_mgmt.store.base import Batch, OutboxRow, Store
 from hms_mgmt.topology import declare_core, declare_step, declare_workflow, dlq_name
 
@@ -113,6 +115,7 @@ class _Work:
     keys: dict[str, str] = field(default_factory=dict)  # idempotency key -> workflow id
     answered: dict[str, Any] = field(default_factory=dict)  # request id -> (ok, reply)
     failed_runs: dict[tuple[str, int], StepRun] = field(default_factory=dict)  # for retry
+    schedules: dict[str, Schedule | None] = field(default_factory=dict)  # changed in this batch
 
     def reply(self, command: Command, ok: bool, value: Any) -> None:
         if command.reply_to:
@@ -141,12 +144,14 @@ class Engine:
         self.definitions: dict[tuple[str, int], WorkflowDefinition] = {}
         self.latest: dict[str, WorkflowDefinition] = {}
         self.timers = TimerQueue(timer_horizon)
+        self.schedules: dict[str, Schedule] = {}
         self._crash_point = CrashPoints()
         self.relay = OutboxRelay(bus, on_unroutable=self._redeclare, crash_point=self._crash_point)
         self._inbox: asyncio.Queue[_Received] = asyncio.Queue()
         self._cache: OrderedDict[str, tuple[Workflow, StepRun | None]] = OrderedDict()
         self._cache_size = cache_size
         self._waiters: dict[str, list[_Waiter]] = {}
+        self._next_expiry = float("inf")  # the soonest a waiter's hold runs out
         self._subscriptions: list[Subscription] = []
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
@@ -172,6 +177,7 @@ class Engine:
             self._remember(definition)
         for definition in self.latest.values():
             await declare_workflow(self.bus, definition)
+        self.schedules = {s.id: s for s in await self.store.schedules()}
         unsent = await self.store.unsent()
         if unsent:
             log.info("publishing outbox rows left from before", count=len(unsent))
@@ -222,6 +228,8 @@ class Engine:
         except InvalidMessageError as exc:
             self._refuse(delivery, str(exc))
             return
+        if refused and delivery.reply_to:
+            self._answer_refused(delivery.reply_to, refused)
         received = _Received(delivery, refused=refused, key="requests")
         received.events = [
             _Event("command", str(c.body.get("workflow_id", "")), c, received) for c in commands
@@ -256,6 +264,21 @@ class Engine:
             _Event("dead_letter", step.workflow_id, (step, reason), received) for step in steps
         ]
         self._inbox.put_nowait(received)
+
+    def _answer_refused(self, reply_to: str, refused: list[Refused]) -> None:
+        """Tell the client at once why its request was refused, rather than let it time out."""
+        replies = [
+            (
+                reply_to,
+                str(item["request_id"]),
+                False,
+                {"type": "InvalidMessageError", "message": reason},
+            )
+            for item, reason in refused
+            if isinstance(item, dict) and isinstance(item.get("request_id"), str)
+        ]
+        if replies:
+            self._spawn(self._send_replies(replies))
 
     def _refuse(self, delivery: Delivery, reason: str, *, step_queue: str | None = None) -> None:
         """Dead-letter a message that cannot be decoded, with the reason; then ack it."""
@@ -357,9 +380,11 @@ class Engine:
                     count += len(item.events)
                 now = self.clock()
                 due = self.timers.pop_due(now)
-                if due:
+                ticking = [s.id for s in self.schedules.values() if s.next_at <= now]
+                if due or ticking:
                     timers = _Received(None)
                     timers.events = [_Event("timer", wid, kind, timers) for wid, kind in due]
+                    timers.events += [_Event("schedule", "", sid, timers) for sid in ticking]
                     received.append(timers)
                 self._expire_waiters(now)
                 if received or self.relay.has_confirmed:
@@ -372,10 +397,13 @@ class Engine:
         next_due = self.timers.next_due()
         if next_due is not None:
             timeout = min(timeout, max(0.0, next_due - now))
+        if self.schedules:
+            soonest = min(s.next_at for s in self.schedules.values())
+            timeout = min(timeout, max(0.0, soonest - now))
         if self.relay.has_confirmed:
             timeout = min(timeout, 0.5)
         if self._waiters:
-            timeout = min(timeout, 1.0)
+            timeout = min(timeout, max(0.0, self._next_expiry - now))
         return min(timeout, 5.0)
 
     async def _scan_timers(self, now: float) -> None:
@@ -408,14 +436,20 @@ class Engine:
         self._crash_point("after_commit")
         self.stats["batches"] += 1
         self.stats["events"] += len(events)
-        for workflow_id, value in work.state.items():
-            if value[0].terminal:
-                self._cache.pop(workflow_id, None)
-            else:
-                self._cache[workflow_id] = value
+        horizon = now + self.timers.horizon
+        for workflow_id, (workflow, run) in work.state.items():
+            if _in_flight(workflow, run, horizon):
+                self._cache[workflow_id] = (workflow, run)
                 self._cache.move_to_end(workflow_id)
+            else:  # finished, or parked on a far timer or a signal: the store has it
+                self._cache.pop(workflow_id, None)
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
+        for schedule_id, changed in work.schedules.items():
+            if changed is None:
+                self.schedules.pop(schedule_id, None)
+            else:
+                self.schedules[schedule_id] = changed
         self.relay.submit(work.batch.outbox)
         for workflow_id, kind, due in work.timers:
             self.timers.add(workflow_id, kind, due)
@@ -451,6 +485,10 @@ class Engine:
                 key = command.body.get("idempotency_key")
                 if command.type == "start" and isinstance(key, str):
                     keys.append(key)
+            if event.kind == "schedule" and event.value in self.schedules:
+                ticks, _ = schedules.due(self.schedules[event.value], now)
+                wanted.update(schedules.workflow_id(event.value, tick) for tick in ticks)
+                continue
             if event.workflow_id and event.workflow_id not in self._cache:
                 wanted.add(event.workflow_id)
             elif event.workflow_id:
@@ -484,6 +522,8 @@ class Engine:
                 self._apply_outcome(event, work, now)
             elif event.kind == "dead_letter":
                 self._apply_dead_letter(event, work, now)
+            elif event.kind == "schedule":
+                self._apply_schedule_tick(event.value, work, now)
             else:
                 self._apply_timer(event, work, now)
         except HmsError as exc:
@@ -602,6 +642,82 @@ class Engine:
         encoded = event.value.encoded if event.kind == "outcome" else event.value[0].encode()
         event.source.refused.append((json.loads(encoded), reason))
 
+    def _apply_schedule_tick(self, schedule_id: str, work: _Work, now: float) -> None:
+        """Start the workflows of a schedule's due ticks and move it on, in one transaction."""
+        schedule = (
+            work.schedules[schedule_id]
+            if schedule_id in work.schedules
+            else self.schedules.get(schedule_id)
+        )
+        if schedule is None:
+            return
+        ticks, moved = schedules.due(schedule, now)
+        work.schedules[schedule_id] = moved
+        work.batch.schedules[schedule_id] = moved
+        definition = self.latest.get(schedule.workflow)
+        for tick in ticks:
+            workflow_id = schedules.workflow_id(schedule_id, tick)
+            if definition is None:
+                log.error(
+                    "scheduled workflow is not defined",
+                    schedule=schedule_id,
+                    workflow=schedule.workflow,
+                )
+                continue
+            if workflow_id in work.state:
+                continue  # this tick has started its workflow already
+            t = machine.start(definition, workflow_id, schedule.payload, now)
+            t.note("scheduled_start", schedule=schedule_id, tick=tick)
+            self._record(work, t, workflow_id, now)
+            self.stats["started"] += 1
+
+    def _apply_schedule_command(self, command: Command, work: _Work, now: float) -> None:
+        body = command.body
+        if command.type == "unschedule":
+            schedule_id = str(body["schedule_id"])
+            if schedule_id not in self.schedules and schedule_id not in work.schedules:
+                raise ScheduleNotFoundError(f"no schedule with id {schedule_id!r}")
+            work.schedules[schedule_id] = None
+            work.batch.schedules[schedule_id] = None
+            work.reply(command, True, {"schedule_id": schedule_id, "removed": True})
+            return
+        workflow = str(body["workflow"])
+        if workflow not in self.latest:
+            raise UnknownWorkflowError(f"cannot schedule {workflow!r}: no such workflow is defined")
+        schedule = schedules.new(
+            str(body.get("schedule_id") or workflow),
+            workflow,
+            str(body.get("cron")),
+            timezone=str(body.get("timezone") or "UTC"),
+            payload=body.get("payload"),
+            catch_up=str(body.get("catch_up") or "latest"),
+            now=now,
+        )
+        current = (
+            work.schedules[schedule.id]
+            if schedule.id in work.schedules
+            else self.schedules.get(schedule.id)
+        )
+        same = current is not None and (
+            current.workflow,
+            current.cron,
+            current.timezone,
+            current.payload,
+            current.catch_up,
+        ) == (
+            schedule.workflow,
+            schedule.cron,
+            schedule.timezone,
+            schedule.payload,
+            schedule.catch_up,
+        )
+        if current is not None and same:
+            schedule = current  # scheduling again changes nothing (every service start does it)
+        else:
+            work.schedules[schedule.id] = schedule
+            work.batch.schedules[schedule.id] = schedule
+        work.reply(command, True, schedule.to_json())
+
     def _apply_timer(self, event: _Event, work: _Work, now: float) -> None:
         if event.workflow_id not in work.state:
             return
@@ -621,6 +737,12 @@ class Engine:
             return
         if command.type in ("status", "wait", "list"):
             work.reads.append(command)
+            return
+        if command.type == "schedules":
+            work.reply(command, True, [x.to_json() for x in self.schedules.values()])
+            return
+        if command.type in ("schedule", "unschedule"):
+            self._apply_schedule_command(command, work, now)
             return
         if command.type == "start":
             self._start(command, work, now)
@@ -762,15 +884,16 @@ class Engine:
             work.reply(command, True, [_summary(w) for w in workflows])
             return
         workflow_id = str(command.body["workflow_id"])
-        state = await self.state(workflow_id)
-        if state is None:
+        in_flight = workflow_id in self._cache  # cached workflows are not finished
+        state = None if command.type == "wait" and in_flight else await self.state(workflow_id)
+        if state is None and not in_flight:
             work.reply(
                 command,
                 False,
                 _error(WorkflowNotFoundError(f"no workflow with id {workflow_id!r}")),
             )
             return
-        if command.type == "wait" and not state.terminal and command.reply_to:
+        if command.type == "wait" and (state is None or not state.terminal) and command.reply_to:
             hold = command.body.get("hold", WAIT_HOLD_MAX)
             hold = (
                 min(float(hold), WAIT_HOLD_MAX) if isinstance(hold, int | float) else WAIT_HOLD_MAX
@@ -778,8 +901,10 @@ class Engine:
             self._waiters.setdefault(workflow_id, []).append(
                 _Waiter(command.reply_to, command.request_id, now + hold)
             )
+            self._next_expiry = min(self._next_expiry, now + hold)
             return
-        work.reply(command, True, state.to_json())
+        if state is not None:
+            work.reply(command, True, state.to_json())
 
     async def state(self, workflow_id: str) -> WorkflowState | None:
         """A workflow and its runs as the store has them."""
@@ -797,6 +922,12 @@ class Engine:
         work.replies.extend((w.reply_to, w.request_id, True, value) for w in waiters)
 
     def _expire_waiters(self, now: float) -> None:
+        if now < self._next_expiry:
+            return
+        self._next_expiry = min(
+            (w.expires_at for ws in self._waiters.values() for w in ws if w.expires_at > now),
+            default=float("inf"),
+        )
         expired: list[tuple[str, str, bool, Any]] = []
         for workflow_id, waiters in list(self._waiters.items()):
             keep = [w for w in waiters if w.expires_at > now]
@@ -841,6 +972,19 @@ async def _ack(delivery: Delivery) -> None:
         log.debug("ack failed; the message will be redelivered", error=repr(exc))
     except Exception as exc:  # aio-pika raises its own channel errors
         log.debug("ack failed; the message will be redelivered", error=repr(exc))
+
+
+def _in_flight(workflow: Workflow, run: StepRun | None, horizon: float) -> bool:
+    """Whether a workflow is worth keeping in memory: a step out, or a timer due soon.
+
+    Keeping only these bounds the engine's memory by the work in flight, however
+    many workflows wait for months or for a signal.
+    """
+    if workflow.terminal:
+        return False
+    if run is not None and run.status in (StepStatus.PENDING, StepStatus.RUNNING):
+        return True
+    return workflow.timer_at is not None and workflow.timer_at <= horizon
 
 
 def _outbox_row(message: Message, now: float) -> OutboxRow:

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.records import StepRun, Workflow
+from hms_mgmt.schedules import Schedule
 
 
 @dataclass(frozen=True)
@@ -37,10 +38,17 @@ class Batch:
     outbox: list[OutboxRow] = field(default_factory=list)
     sent: list[str] = field(default_factory=list)
     requests: list[tuple[str, Any, float]] = field(default_factory=list)  # request id, reply, at
+    schedules: dict[str, Schedule | None] = field(default_factory=dict)  # None: delete it
 
     def __bool__(self) -> bool:
         return bool(
-            self.workflows or self.runs or self.history or self.outbox or self.sent or self.requests
+            self.workflows
+            or self.runs
+            or self.history
+            or self.outbox
+            or self.sent
+            or self.requests
+            or self.schedules
         )
 
 
@@ -99,6 +107,8 @@ class Store(Protocol):
     ) -> list[Workflow]: ...
 
     async def count_by_status(self) -> dict[str, int]: ...
+
+    async def schedules(self) -> list[Schedule]: ...
 
 
 def open_store(url: str) -> Store:

@@ -18,6 +18,7 @@ import aiosqlite
 from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.messages import dumps
 from hms_mgmt.records import StepRun, StepStatus, Workflow, WorkflowStatus
+from hms_mgmt.schedules import Schedule
 from hms_mgmt.store.base import Batch, HistoryEntry, OutboxRow
 
 SCHEMA_VERSION = 1
@@ -48,6 +49,10 @@ CREATE TABLE IF NOT EXISTS outbox (
     body BLOB NOT NULL, headers TEXT NOT NULL, created_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS requests (
     request_id TEXT PRIMARY KEY, reply TEXT NOT NULL, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS schedules (
+    id TEXT PRIMARY KEY, workflow TEXT NOT NULL, cron TEXT NOT NULL, timezone TEXT NOT NULL,
+    payload TEXT, catch_up TEXT NOT NULL, next_at REAL NOT NULL, created_at REAL NOT NULL,
+    last_tick REAL);
 """
 
 WORKFLOW_COLUMNS = (
@@ -167,6 +172,32 @@ def _statements(batch: Batch) -> list[tuple[str, list[tuple[Any, ...]]]]:
         )
     if batch.sent:
         statements.append(("DELETE FROM outbox WHERE message_id = ?", [(i,) for i in batch.sent]))
+    if batch.schedules:
+        kept = [x for x in batch.schedules.values() if x is not None]
+        gone = [(key,) for key, x in batch.schedules.items() if x is None]
+        if kept:
+            statements.append(
+                (
+                    "INSERT OR REPLACE INTO schedules (id, workflow, cron, timezone, payload, "
+                    "catch_up, next_at, created_at, last_tick) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (
+                            x.id,
+                            x.workflow,
+                            x.cron,
+                            x.timezone,
+                            _json(x.payload),
+                            x.catch_up,
+                            x.next_at,
+                            x.created_at,
+                            x.last_tick,
+                        )
+                        for x in kept
+                    ],
+                )
+            )
+        if gone:
+            statements.append(("DELETE FROM schedules WHERE id = ?", gone))
     if batch.requests:
         statements.append(
             (
@@ -362,6 +393,16 @@ class SQLiteStore:
             [*params, limit],
         )
         return [_workflow(row) for row in rows]
+
+    async def schedules(self) -> list[Schedule]:
+        rows = await self._all(
+            "SELECT id, workflow, cron, timezone, payload, catch_up, next_at, created_at, last_tick "
+            "FROM schedules ORDER BY id"
+        )
+        return [
+            Schedule(i, w, c, tz, _unjson(p), cu, n, ca, lt)
+            for i, w, c, tz, p, cu, n, ca, lt in rows
+        ]
 
     async def count_by_status(self) -> dict[str, int]:
         rows = await self._all("SELECT status, count(*) FROM workflows GROUP BY status")
