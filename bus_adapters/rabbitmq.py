@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import re
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -68,8 +69,17 @@ def _plain(value: Any) -> Any:
 
 
 def _delivery(message: AbstractIncomingMessage, queue: str) -> Delivery:
+    async def ack() -> None:
+        try:
+            await message.ack()
+        except Exception as exc:  # a closed channel: the broker requeues it anyway
+            raise BusError(f"ack failed: {exc!r}") from exc
+
     async def reject(requeue: bool) -> None:
-        await message.reject(requeue=requeue)
+        try:
+            await message.reject(requeue=requeue)
+        except Exception as exc:
+            raise BusError(f"reject failed: {exc!r}") from exc
 
     return Delivery(
         body=message.body,
@@ -82,14 +92,20 @@ def _delivery(message: AbstractIncomingMessage, queue: str) -> Delivery:
         correlation_id=message.correlation_id,
         reply_to=message.reply_to,
         redelivered=bool(message.redelivered),
-        _ack=message.ack,
+        _ack=ack,
         _reject=reject,
     )
 
 
 class _RabbitSubscription:
-    def __init__(self, queue: AbstractQueue, tag: str, channel: AbstractChannel) -> None:
-        self._queue, self._tag, self._channel = queue, tag, channel
+    def __init__(
+        self,
+        queue: AbstractQueue,
+        tag: str,
+        channel: AbstractChannel,
+        callback: Callable[[AbstractIncomingMessage], Awaitable[None]],
+    ) -> None:
+        self._queue, self._tag, self._channel, self._callback = queue, tag, channel, callback
 
     async def cancel(self) -> None:
         if not self._channel.is_closed:
@@ -97,7 +113,11 @@ class _RabbitSubscription:
                 await self._queue.cancel(self._tag)
 
     async def set_prefetch(self, count: int) -> None:
+        # basic.qos binds only consumers created after it: consume again. Deliveries
+        # of the old consumer stay on the channel and are acked there as usual.
         await self._channel.set_qos(prefetch_count=count)
+        await self._queue.cancel(self._tag)
+        self._tag = await self._queue.consume(self._callback, no_ack=False)
 
 
 class RabbitMQBus:
@@ -237,7 +257,7 @@ class RabbitMQBus:
             on_delivery(_delivery(message, queue))
 
         tag = await declared.consume(callback, no_ack=False)
-        return _RabbitSubscription(declared, tag, channel)
+        return _RabbitSubscription(declared, tag, channel, callback)
 
     async def reply_queue(self, on_delivery: OnDelivery) -> str:
         connection = self._require(self._consume_connection)

@@ -27,8 +27,8 @@ from hms_mgmt.errors import (
 )
 from hms_mgmt.logs import get_logger
 from hms_mgmt.messages import (
-    BATCH_BYTES,
-    MAX_BATCH,
+    MAX_REPLY_BYTES,
+    batches,
     decode_body,
     encode_payload,
     new_id,
@@ -98,7 +98,7 @@ class Client:
 
     def _on_reply(self, delivery: Delivery) -> None:
         try:
-            body = decode_body(delivery.body, delivery.content_type)
+            body = decode_body(delivery.body, delivery.content_type, limit=MAX_REPLY_BYTES)
             replies = body["replies"]
             if not isinstance(replies, list):
                 raise InvalidMessageError("field 'replies' is not a list")
@@ -121,24 +121,31 @@ class Client:
         request_id: str | None = None,
         persistent: bool = True,
         bounded: bool = True,
+        first_retry: float = FIRST_RETRY_AFTER,
     ) -> Any:
-        """Send a request and return the engine's answer, or raise the error it names."""
+        """Send a request and return the engine's answer, or raise the error it names.
+
+        Unanswered, it is sent again after ``first_retry`` seconds, then twice as long
+        each time, with the same id, until ``timeout``.
+        """
         await self.connect()
         timeout = self.request_timeout if timeout is None else timeout
         request_id = request_id or new_id()
-        deadline = time.time() + timeout
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = future
         window = self._window if bounded else contextlib.nullcontext()
-        item = _Request(
-            request_id,
-            request_item(kind, fields, request_id=request_id, deadline=deadline),
-            persistent,
-            deadline,
-        )
         try:
-            async with window:
-                reply = await self._send_until_answered(kind, item, future, timeout)
+            async with (
+                window
+            ):  # the deadline runs from here: waiting for a slot is not the engine's fault
+                deadline = time.time() + timeout
+                item = _Request(
+                    request_id,
+                    request_item(kind, fields, request_id=request_id, deadline=deadline),
+                    persistent,
+                    deadline,
+                )
+                self._pending[request_id] = future
+                reply = await self._send_until_answered(kind, item, future, timeout, first_retry)
         finally:
             self._pending.pop(request_id, None)
         if reply.get("ok"):
@@ -147,9 +154,14 @@ class Client:
         raise error_from_reply(str(error.get("type", "HmsError")), str(error.get("message", "")))
 
     async def _send_until_answered(
-        self, kind: str, item: _Request, future: asyncio.Future[dict[str, Any]], timeout: float
+        self,
+        kind: str,
+        item: _Request,
+        future: asyncio.Future[dict[str, Any]],
+        timeout: float,
+        first_retry: float,
     ) -> dict[str, Any]:
-        interval = FIRST_RETRY_AFTER
+        interval = first_retry
         while True:
             remaining = item.deadline - time.time()
             if remaining <= 0:
@@ -174,13 +186,8 @@ class Client:
         """Everything asked since the last flush goes out in one message (or a few)."""
         self._scheduled = False
         loop = asyncio.get_running_loop()
-        while self._outgoing:
-            batch: list[_Request] = []
-            size = 0
-            while self._outgoing and len(batch) < MAX_BATCH and size < BATCH_BYTES:
-                item = self._outgoing.pop(0)
-                batch.append(item)
-                size += len(item.body)
+        outgoing, self._outgoing = self._outgoing, []
+        for batch in batches(outgoing, lambda item: len(item.body)):
             task = loop.create_task(self._send(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -260,6 +267,7 @@ class Client:
                 timeout=hold + self.request_timeout,
                 persistent=False,
                 bounded=False,
+                first_retry=hold + FIRST_RETRY_AFTER,  # the engine holds it that long
             )
             if "status" in result:
                 state = WorkflowState.from_json(result)

@@ -17,7 +17,7 @@ from typing import Any
 
 from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.errors import InvalidStateError
-from hms_mgmt.messages import Outcome, StepMessage
+from hms_mgmt.messages import MAX_PAYLOAD_BYTES, Outcome, StepMessage, dumps
 from hms_mgmt.records import ACTIVE_RUN, StepRun, StepStatus, Workflow, WorkflowStatus
 
 TIMER_RUN = "run"  # a scheduled run (delayed step, retry backoff) is due
@@ -473,6 +473,17 @@ def _resume(
     next_step = wait["next_step"]
     if next_step is None:
         _finish(t, wf, WorkflowStatus.SUCCEEDED, output=wait["data"])
+        return
+    size = len(dumps(wait["data"])) + len(dumps(signal_data))
+    if size > MAX_PAYLOAD_BYTES:  # the next step's message could not carry both
+        failure = {
+            "type": "PayloadError",
+            "message": f"the data of {wait['event']!r} and of the wait before it come to "
+            f"{size} bytes of JSON; a step message carries at most {MAX_PAYLOAD_BYTES}",
+            "step": next_step,
+            "reason": "payload too large",
+        }
+        _finish(t, wf, WorkflowStatus.FAILED, error=failure)
         return
     _enter(
         t, definition, next_step, wait["data"], now, workflow=wf, context={"signal": signal_data}

@@ -13,7 +13,7 @@ import json
 import math
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -51,6 +51,7 @@ def check_finite(value: Any) -> None:
 
 MAX_MESSAGE_BYTES = 1024 * 1024
 MAX_PAYLOAD_BYTES = MAX_MESSAGE_BYTES - 16 * 1024  # room for the envelope around a payload
+MAX_REPLY_BYTES = 64 * 1024 * 1024  # the engine's answers (a long workflow's state) may be larger
 MAX_DEPTH = 64
 
 STEPS_EXCHANGE = "hms.steps"
@@ -60,6 +61,9 @@ COMMANDS_QUEUE = "hms.engine.commands"
 RESULTS_QUEUE = "hms.engine.results"
 DEADLETTERS_QUEUE = "hms.engine.deadletters"
 
+WORKFLOW_STATUSES = frozenset(
+    {"pending", "scheduled", "running", "waiting", "succeeded", "failed", "cancelled"}
+)
 OUTCOME_KINDS = frozenset({"started", "heartbeat", "succeeded", "failed"})
 RESULT_KEYS = frozenset({"next_step", "data", "complete", "delay", "run_at", "wait_for", "timeout"})
 
@@ -97,12 +101,14 @@ def encode_payload(payload: Any, *, what: str = "payload") -> bytes:
     return body
 
 
-def decode_body(body: bytes, content_type: str | None) -> dict[str, Any]:
+def decode_body(
+    body: bytes, content_type: str | None, *, limit: int = MAX_MESSAGE_BYTES
+) -> dict[str, Any]:
     """Bytes from the bus as a JSON object, or :class:`InvalidMessageError` saying why not."""
     if content_type != JSON_CONTENT_TYPE:
         raise InvalidMessageError(f"content type {content_type!r} is not {JSON_CONTENT_TYPE}")
-    if len(body) > MAX_MESSAGE_BYTES:
-        raise InvalidMessageError(f"message of {len(body)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    if len(body) > limit:
+        raise InvalidMessageError(f"message of {len(body)} bytes exceeds {limit}")
     try:
         body.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -203,6 +209,27 @@ BATCH_BYTES = 512 * 1024
 """A batch stops growing past this many bytes (a single item may be larger)."""
 
 
+def batches(
+    items: Iterable[T], size_of: Callable[[T], int], *, max_items: int = MAX_BATCH
+) -> Iterator[list[T]]:
+    """Items grouped into batches of at most ``max_items`` and :data:`BATCH_BYTES`.
+
+    A batch is closed before an item that would take it past the byte limit, so a
+    batch never exceeds it unless a single item does (and then it travels alone).
+    """
+    batch: list[T] = []
+    size = 0
+    for item in items:
+        length = size_of(item) + 1
+        if batch and (len(batch) >= max_items or size + length > BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(item)
+        size += length
+    if batch:
+        yield batch
+
+
 def batch_body(key: str, items: list[bytes]) -> bytes:
     """``{"<key>": [item, ...]}`` from items already encoded (no re-encoding)."""
     return b'{"' + key.encode() + b'":[' + b",".join(items) + b"]}"
@@ -287,7 +314,12 @@ class StepMessage:
     def decode(cls, delivery: Delivery) -> list[StepMessage]:
         """Every run in a step message; any invalid one makes the whole message invalid."""
         data = decode_body(delivery.body, delivery.content_type)
-        steps = [cls.from_json(item) for item in _items(data, "steps")]
+        try:
+            steps = [cls.from_json(item) for item in _items(data, "steps")]
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            if isinstance(exc, InvalidMessageError):
+                raise
+            raise InvalidMessageError(f"malformed step: {exc!r}") from exc
         topics = {step.topic for step in steps}
         if len(topics) > 1:
             raise InvalidMessageError(
@@ -365,6 +397,9 @@ class Outcome:
             unknown = set(result) - RESULT_KEYS
             if unknown:
                 raise InvalidMessageError(f"result has unknown keys {sorted(unknown)}")
+            _check_result(result)
+        if error is not None:
+            _check_error(error)
         return cls(
             workflow_id=_id(data, "workflow_id"),
             seq=_positive(data, "seq"),
@@ -377,6 +412,28 @@ class Outcome:
             finished_at=_field(data, "finished_at", (int, float), optional=True),
             handler=_field(data, "handler", str, optional=True),
         )
+
+
+def _check_result(result: dict[str, Any]) -> None:
+    """The fields of a result the engine acts on have the types it needs."""
+    for key in ("delay", "run_at", "timeout"):
+        value = _field(result, key, (int, float), optional=True)
+        if value is not None and value < 0:
+            raise InvalidMessageError(f"result field {key!r} must be >= 0, not {value}")
+    for key in ("next_step", "wait_for"):
+        if result.get(key) is not None:
+            _name(result, key)
+    _field(result, "complete", bool, optional=True)
+
+
+def _check_error(error: dict[str, Any]) -> None:
+    types = error.get("types")
+    if types is not None and (
+        not isinstance(types, list) or not all(isinstance(t, str) for t in types)
+    ):
+        raise InvalidMessageError("error field 'types' must be a list of strings")
+    _field(error, "retryable", bool, optional=True)
+    _field(error, "retry_delay", (int, float), optional=True)
 
 
 Refused = tuple[Any, str]
@@ -395,6 +452,8 @@ def _decode_items(
             good.append(parse(item))
         except InvalidMessageError as exc:
             refused.append((item, str(exc)))
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:  # a check we missed
+            refused.append((item, f"malformed item: {exc!r}"))
     return good, refused
 
 
@@ -458,6 +517,17 @@ class Command:
             _field(data, "cron", str)
         if kind == "unschedule":
             _name(data, "schedule_id")
+        if kind == "list":
+            status = data.get("status")
+            if status is not None and (
+                not isinstance(status, str) or status not in WORKFLOW_STATUSES
+            ):
+                raise InvalidMessageError(f"status {str(status)[:50]!r} is not a workflow status")
+            if data.get("name") is not None:
+                _name(data, "name")
+            limit = _field(data, "limit", int, optional=True)
+            if limit is not None and not 1 <= limit <= 1000:
+                raise InvalidMessageError(f"limit must be 1 to 1000, not {limit}")
         return command
 
 

@@ -18,13 +18,14 @@ from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
+from croniter import CroniterError, croniter
 
 from hms_mgmt.definitions import check_name
 from hms_mgmt.errors import DefinitionError
 
 CATCH_UP = ("latest", "all", "skip")
 MAX_CATCH_UP = 100
+MAX_ID = 80  # "<id>-<tick>" must stay within a workflow id's 100 characters
 SKIP_GRACE = 5.0  # a tick this late is still "now" under the skip policy, not missed
 
 
@@ -51,22 +52,32 @@ def check(cron: str, timezone: str, catch_up: str) -> None:
             f"invalid cron expression {cron!r}: expected five fields (minute hour day month "
             "weekday), or six with seconds last"
         )
-    _zone(timezone)
     if catch_up not in CATCH_UP:
         raise DefinitionError(f"catch_up must be one of {', '.join(CATCH_UP)}, not {catch_up!r}")
+    next_tick(cron, timezone, 0.0)  # an expression that never fires (30 February) fails here
 
 
 def _zone(timezone: str) -> ZoneInfo:
     try:
         return ZoneInfo(timezone)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
+    except (ZoneInfoNotFoundError, ValueError, OSError) as exc:
         raise DefinitionError(f"unknown time zone {timezone!r}") from exc
 
 
 def next_tick(cron: str, timezone: str, after: float) -> float:
     """The first tick strictly after ``after`` (a timestamp), in the schedule's time zone."""
     start = datetime.fromtimestamp(after, UTC).astimezone(_zone(timezone))
-    tick: datetime = croniter(cron, start).get_next(datetime)
+    try:
+        tick: datetime = croniter(cron, start).get_next(datetime)
+    except (CroniterError, ValueError, KeyError) as exc:
+        raise DefinitionError(f"cron expression {cron!r} has no next tick: {exc}") from exc
+    return tick.timestamp()
+
+
+def previous_tick(cron: str, timezone: str, before: float) -> float:
+    """The last tick at or before ``before``."""
+    start = datetime.fromtimestamp(before + 0.001, UTC).astimezone(_zone(timezone))
+    tick: datetime = croniter(cron, start).get_prev(datetime)
     return tick.timestamp()
 
 
@@ -81,6 +92,11 @@ def new(
     now: float,
 ) -> Schedule:
     check_name("schedule", schedule_id)
+    if len(schedule_id) > MAX_ID:
+        raise DefinitionError(
+            f"schedule id {schedule_id[:20]!r}... is {len(schedule_id)} characters; at most "
+            f"{MAX_ID}, so that its workflows' ids fit (give schedule_id= for a long workflow name)"
+        )
     check_name("workflow", workflow)
     check(cron, timezone, catch_up)
     return Schedule(
@@ -96,23 +112,25 @@ def new(
 
 
 def due(schedule: Schedule, now: float) -> tuple[list[float], Schedule]:
-    """The ticks to start now (per the catch-up policy) and the schedule moved past them."""
+    """The ticks to start now (per the catch-up policy) and the schedule moved past them.
+
+    Found from the latest tick backwards, so a long downtime costs at most
+    MAX_CATCH_UP steps, not one per missed tick.
+    """
     if schedule.next_at > now:
         return [], schedule
-    missed = [schedule.next_at]
-    following = next_tick(schedule.cron, schedule.timezone, schedule.next_at)
-    while following <= now:
-        missed.append(following)
-        if len(missed) > MAX_CATCH_UP:
-            missed.pop(0)
-        following = next_tick(schedule.cron, schedule.timezone, following)
+    cron, zone = schedule.cron, schedule.timezone
+    latest = max(schedule.next_at, previous_tick(cron, zone, now))
+    following = next_tick(cron, zone, latest)
     if schedule.catch_up == "all":
-        ticks = missed
+        ticks = [latest]
+        while len(ticks) < MAX_CATCH_UP and ticks[0] > schedule.next_at:
+            ticks.insert(0, max(schedule.next_at, previous_tick(cron, zone, ticks[0] - 0.002)))
     elif schedule.catch_up == "latest":
-        ticks = missed[-1:]
+        ticks = [latest]
     else:  # skip: only a tick that is due right now, not one missed while down
-        ticks = [t for t in missed[-1:] if now - t < SKIP_GRACE]
-    return ticks, replace(schedule, next_at=following, last_tick=missed[-1])
+        ticks = [latest] if now - latest < SKIP_GRACE else []
+    return ticks, replace(schedule, next_at=following, last_tick=latest)
 
 
 def workflow_id(schedule_id: str, tick: float) -> str:

@@ -28,11 +28,10 @@ from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.errors import InvalidMessageError, NonRetryableError, PayloadError, Retry
 from hms_mgmt.logs import get_logger
 from hms_mgmt.messages import (
-    BATCH_BYTES,
-    MAX_BATCH,
     MAX_PAYLOAD_BYTES,
     Outcome,
     StepMessage,
+    batches,
     check_finite,
     normalise_result,
     outcomes_message,
@@ -217,8 +216,14 @@ class Worker:
         describe = functools.partial(_describe, handler, topic)
         try:
             value = await self._call(handler, ctx)
-        except asyncio.CancelledError:
-            raise
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if self._stopping.is_set() or (task is not None and task.cancelling()):
+                raise  # we are being cancelled: shutting down
+            # The handler's own code was cancelled (a library cancelling a sub-task).
+            return self._failed(
+                message, RuntimeError(f"cancelled: {exc!r}"), started_at, bound, retryable=True
+            )
         except Retry as exc:
             return self._failed(message, exc, started_at, bound, retryable=True)
         except NonRetryableError as exc:
@@ -347,13 +352,8 @@ class OutcomeReporter:
     def _flush(self) -> None:
         self._scheduled = False
         loop = asyncio.get_running_loop()
-        while self._pending:
-            batch: list[tuple[bytes, asyncio.Future[None]]] = []
-            size = 0
-            while self._pending and len(batch) < MAX_BATCH and size < BATCH_BYTES:
-                item = self._pending.pop(0)
-                batch.append(item)
-                size += len(item[0])
+        pending, self._pending = self._pending, []
+        for batch in batches(pending, lambda item: len(item[0])):
             task = loop.create_task(self._send(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)

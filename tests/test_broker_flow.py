@@ -160,3 +160,15 @@ async def test_sigterm_lets_a_running_handler_finish(
     assert [s.step for s in state.steps] == ["nap", "after"]
     processes.worker(vhost, "tests.services:grant")
     assert (await client.wait(started.workflow_id, timeout=30)).status == "succeeded"
+
+
+async def test_a_worker_runs_steps_concurrently_once_off_probation(
+    client: hms_mgmt.Management, daemons: Processes
+) -> None:
+    await run_grants(client, 1)  # the step service has handled a message: probation is over
+    began = time.monotonic()
+    started = await asyncio.gather(*(client.start("slow", {"seconds": 1.0}) for _ in range(8)))
+    states = await asyncio.gather(*(client.wait(s.workflow_id, timeout=30) for s in started))
+    took = time.monotonic() - began
+    assert all(s.status == "succeeded" for s in states)
+    assert took < 4.0, f"eight 1-second steps took {took:.1f}s: they ran one at a time"

@@ -132,7 +132,82 @@ async def test_undecodable_messages_are_dead_lettered_and_the_engine_keeps_servi
     assert (await mgmt.wait(started.workflow_id, timeout=10)).status == "succeeded"
 
 
-async def test_a_request_the_engine_cannot_read_is_answered_at_once(mgmt: hms_mgmt.Management) -> None:
+async def test_a_request_the_engine_cannot_read_is_answered_at_once(
+    mgmt: hms_mgmt.Management,
+) -> None:
     client = await mgmt._connect()
     with pytest.raises(hms_mgmt.InvalidMessageError, match="unknown request type 'explode'"):
         await client.request("explode", {}, timeout=5)
+
+
+async def test_one_bad_event_never_holds_up_the_others(
+    mgmt: hms_mgmt.Management, memory_url: str
+) -> None:
+    await mgmt.serve()
+    client = await mgmt._connect()
+    bus = MemoryBus(memory_url)
+    poison = b'{"workflow_id": "w", "seq": 1, "kind": "succeeded", "result": {"data": 1, "delay": "soon"}}'
+    await bus.publish(Message(b'{"outcomes": [' + poison + b"]}", routing_key="hms.engine.results"))
+    with pytest.raises(hms_mgmt.DefinitionError, match="malformed definition"):
+        await client.request("define", {"definition": {"name": "x", "steps": ["a"]}}, timeout=5)
+    with pytest.raises(hms_mgmt.DefinitionError, match="no next tick"):
+        await mgmt.schedule("grantApproval", cron="0 0 30 2 *")
+    with pytest.raises(hms_mgmt.InvalidMessageError, match="not a workflow status"):
+        await client.request("list", {"status": {"a": 1}}, timeout=5)
+    started = await mgmt.start("grantApproval", {"still": "serving"})
+    assert (await mgmt.wait(started.workflow_id, timeout=10)).status == "succeeded"
+    await wait_until(
+        lambda: bus.statistics()["hms.engine.results.dlq"]["ready"] == 1, what="poison in dlq"
+    )
+
+
+async def test_a_refused_start_stays_refused_when_asked_again(mgmt: hms_mgmt.Management) -> None:
+    client = await mgmt._connect()
+    fields = {"workflow_id": "early-1", "workflow": "notYetDefined", "payload": {}}
+    with pytest.raises(hms_mgmt.UnknownWorkflowError):
+        await client.request("start", fields, request_id="early-1")
+    mgmt.define_workflow("notYetDefined", ["a"])
+    await mgmt.schedules()  # a round trip: the definition, sent before it, is in
+    with pytest.raises(hms_mgmt.UnknownWorkflowError):
+        await client.request("start", fields, request_id="early-1")
+    other = await mgmt.start("notYetDefined", {})
+    assert other.workflow_id != "early-1"
+
+
+async def test_status_of_a_workflow_larger_than_a_message(memory_url: str, store_url: str) -> None:
+    async with hms_mgmt.init(service_name="t", broker_url=memory_url, store_url=store_url) as m:
+        m.define_workflow("big", ["a", "b", "c"])
+        for step in ("a", "b", "c"):
+
+            async def handler(ctx: hms_mgmt.StepContext, step: str = step) -> dict[str, Any]:
+                return {"data": {step: "x" * 400_000}}
+
+            m.on_step(f"big.{step}", handler)
+        await m.serve()
+        started = await m.start("big", {})
+        state = await m.wait(started.workflow_id, timeout=10)
+    assert state.status == "succeeded"
+    assert len(state.steps[2].input["b"]) == 400_000  # a reply of about 2.4 MB arrived whole
+
+
+async def test_a_handler_whose_own_code_is_cancelled_fails_its_attempt(
+    memory_url: str, store_url: str
+) -> None:
+    import asyncio
+
+    async with hms_mgmt.init(service_name="t", broker_url=memory_url, store_url=store_url) as m:
+        m.define_workflow(
+            "flaky", ["a"], retry=hms_mgmt.RetryPolicy(initial_delay=0.05, jitter=False)
+        )
+
+        @m.on_step("flaky.a")
+        async def a(ctx: hms_mgmt.StepContext) -> None:
+            if ctx.attempt == 1:
+                raise asyncio.CancelledError("a library gave up")
+            return None
+
+        await m.serve()
+        started = await m.start("flaky", {})
+        state = await m.wait(started.workflow_id, timeout=10)
+    assert state.status == "succeeded"
+    assert [(s.attempt, s.status) for s in state.steps] == [(1, "failed"), (2, "succeeded")]

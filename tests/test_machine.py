@@ -264,3 +264,12 @@ def test_wait_for_a_signal_and_a_signal_that_comes_first() -> None:
 def test_idempotency_key_of_a_run() -> None:
     r = Run()
     assert r.current.idempotency_key == "wf1:validateApp:1"
+
+
+def test_a_signal_too_large_to_carry_with_the_wait_data_fails_the_workflow() -> None:
+    r = Run()
+    big = "x" * 600_000
+    r.outcome(result={"wait_for": "report", "next_step": "finalize", "data": big})
+    r._fold(machine.signal(r.workflow, r.current, GRANT, "report", big, r.now))
+    assert r.workflow.status == WorkflowStatus.FAILED
+    assert r.workflow.error is not None and r.workflow.error["type"] == "PayloadError"

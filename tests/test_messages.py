@@ -200,3 +200,31 @@ def test_handler_results_are_normalised(value: Any, expected: dict[str, Any]) ->
 def test_odd_handler_results_name_the_handler_and_value(value: Any) -> None:
     with pytest.raises(ValueError, match=r"handler h of w\.s returned"):
         normalise_result(value, payload=None, describe=describe)
+
+
+def test_batches_close_before_an_item_would_take_them_over_the_limit() -> None:
+    from hms_mgmt.messages import BATCH_BYTES, batches
+
+    items = [b"a" * 500_000, b"b" * 600_000, b"c" * 10, b"d" * 10]
+    grouped = list(batches(items, len))
+    assert [len(g) for g in grouped] == [1, 3] or [len(g) for g in grouped] == [1, 1, 2]
+    for group in grouped:
+        assert sum(len(i) + 1 for i in group) <= BATCH_BYTES or len(group) == 1
+    assert [len(g) for g in batches([b"x"] * 5, len, max_items=2)] == [2, 2, 1]
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        {"data": 1, "delay": "soon"},
+        {"data": 1, "run_at": -5},
+        {"wait_for": 7},
+        {"next_step": "a.b"},
+    ],
+)
+def test_outcomes_with_mistyped_result_fields_are_refused(result: dict[str, Any]) -> None:
+    item = json.dumps(
+        {"workflow_id": "w", "seq": 1, "kind": "succeeded", "result": result}
+    ).encode()
+    outcomes, refused = decode_outcomes(delivery(batch_body("outcomes", [item])))
+    assert outcomes == [] and len(refused) == 1

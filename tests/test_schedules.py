@@ -54,3 +54,26 @@ def test_a_tick_due_now_fires_under_every_policy_and_only_once() -> None:
 
 def test_a_tick_names_its_workflow() -> None:
     assert schedules.workflow_id("nightly", 1764100800.0) == "nightly-1764100800"
+
+
+def test_expressions_that_never_fire_and_bad_zones_are_refused() -> None:
+    with pytest.raises(DefinitionError, match="no next tick"):
+        schedules.check("0 0 30 2 *", "UTC", "latest")  # 30 February
+    with pytest.raises(DefinitionError, match="unknown time zone 'America'"):
+        schedules.check("* * * * *", "America", "latest")
+    with pytest.raises(DefinitionError, match="at most 80"):
+        schedules.new("x" * 81, "report", "* * * * *", now=0.0)
+
+
+def test_catching_up_after_a_week_down_is_quick() -> None:
+    import time
+
+    schedule = schedules.new(
+        "s", "report", "* * * * * *", catch_up="all", now=at("2026-11-01T00:00:00")
+    )
+    began = time.perf_counter()
+    ticks, moved = schedules.due(schedule, at("2026-11-08T00:00:00"))
+    assert time.perf_counter() - began < 0.5
+    assert len(ticks) == schedules.MAX_CATCH_UP
+    assert ticks == sorted(set(ticks)) and ticks[-1] == at("2026-11-08T00:00:00")
+    assert moved.next_at == at("2026-11-08T00:00:01")

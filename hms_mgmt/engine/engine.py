@@ -50,7 +50,7 @@ from hms_mgmt.messages import (
     COMMANDS_QUEUE,
     DEAD_EXCHANGE,
     DEADLETTERS_QUEUE,
-    MAX_BATCH,
+    MAX_REPLY_BYTES,
     RESULTS_QUEUE,
     STEPS_EXCHANGE,
     Command,
@@ -58,6 +58,7 @@ from hms_mgmt.messages import (
     Refused,
     StepMessage,
     batch_body,
+    batches,
     dead_letter_message,
     decode_outcomes,
     decode_requests,
@@ -116,6 +117,9 @@ class _Work:
     answered: dict[str, Any] = field(default_factory=dict)  # request id -> (ok, reply)
     failed_runs: dict[tuple[str, int], StepRun] = field(default_factory=dict)  # for retry
     schedules: dict[str, Schedule | None] = field(default_factory=dict)  # changed in this batch
+    ticks: dict[str, tuple[list[float], Schedule]] = field(
+        default_factory=dict
+    )  # due, computed once
 
     def reply(self, command: Command, ok: bool, value: Any) -> None:
         if command.reply_to:
@@ -428,9 +432,10 @@ class Engine:
                 self._cache.pop(event.workflow_id, None)
             for item in received:
                 if item.delivery is not None:
-                    with contextlib.suppress(BusError, OSError):
+                    with contextlib.suppress(Exception):  # a closed channel requeues it anyway
                         await item.delivery.reject(requeue=True)
             self.relay.restore_confirmed(work.batch.sent)
+            self.timers.loaded_until = float("-inf")  # timers popped for it: read them again
             await asyncio.sleep(1.0)
             return
         self._crash_point("after_commit")
@@ -463,10 +468,13 @@ class Engine:
             else:
                 await _ack(item.delivery)
         self._crash_point("after_ack")
-        for command in work.reads:
-            await self._read(command, work, now)
-        for workflow_id in work.finished:
-            await self._wake_waiters(workflow_id, work)
+        try:
+            for command in work.reads:
+                await self._read(command, work, now)
+            for workflow_id in work.finished:
+                await self._wake_waiters(workflow_id, work)
+        except Exception:  # a read gone wrong must not stop the engine; its client asks again
+            log.exception("answering a request failed")
         await self._send_replies(work.replies)
 
     async def _prepare(self, events: list[_Event], work: _Work, now: float) -> None:
@@ -480,13 +488,14 @@ class Engine:
                 if command.type == "define":
                     await self._define(command, work, now)
                     continue
-                if command.type in ("cancel", "retry", "signal"):
+                if command.type in ("start", "cancel", "retry", "signal"):
                     request_ids.append(command.request_id)
                 key = command.body.get("idempotency_key")
                 if command.type == "start" and isinstance(key, str):
                     keys.append(key)
             if event.kind == "schedule" and event.value in self.schedules:
-                ticks, _ = schedules.due(self.schedules[event.value], now)
+                ticks, moved = schedules.due(self.schedules[event.value], now)
+                work.ticks[event.value] = (ticks, moved)
                 wanted.update(schedules.workflow_id(event.value, tick) for tick in ticks)
                 continue
             if event.workflow_id and event.workflow_id not in self._cache:
@@ -526,9 +535,18 @@ class Engine:
                 self._apply_schedule_tick(event.value, work, now)
             else:
                 self._apply_timer(event, work, now)
-        except HmsError as exc:
+        except Exception as exc:
+            # One bad event is refused alone; it never fails the batch it came in.
+            if not isinstance(exc, HmsError):
+                log.exception("event refused", kind=event.kind, workflow_id=event.workflow_id)
             if event.kind == "command":
-                work.reply(event.value, False, _error(exc))
+                command: Command = event.value
+                work.reply(command, False, _error(exc))
+                if command.type == "start":  # a retry of this request gets the same answer
+                    work.batch.requests.append((command.request_id, [False, _error(exc)], now))
+                    work.answered[command.request_id] = (False, _error(exc))
+            elif event.kind in ("outcome", "dead_letter"):
+                self._refuse_event(event, f"{type(exc).__name__}: {exc}")
             else:
                 log.error(
                     "event refused", kind=event.kind, workflow_id=event.workflow_id, error=str(exc)
@@ -651,7 +669,7 @@ class Engine:
         )
         if schedule is None:
             return
-        ticks, moved = schedules.due(schedule, now)
+        ticks, moved = work.ticks.get(schedule_id) or schedules.due(schedule, now)
         work.schedules[schedule_id] = moved
         work.batch.schedules[schedule_id] = moved
         definition = self.latest.get(schedule.workflow)
@@ -787,6 +805,10 @@ class Engine:
     def _start(self, command: Command, work: _Work, now: float) -> None:
         body = command.body
         workflow_id = str(body["workflow_id"])
+        if command.request_id in work.answered:  # refused before: the same answer again
+            ok, value = work.answered[command.request_id]
+            work.reply(command, ok, value)
+            return
         existing = work.state.get(workflow_id)
         if existing is not None:
             work.reply(command, True, {"workflow_id": workflow_id, "existing": True})
@@ -827,8 +849,8 @@ class Engine:
     async def _define(self, command: Command, work: _Work, now: float) -> None:
         try:
             definition = WorkflowDefinition.from_json(command.body["definition"])
-        except (DefinitionError, KeyError, TypeError, ValueError) as exc:
-            work.reply(command, False, _error(DefinitionError(str(exc))))
+        except Exception as exc:  # whatever a malformed definition raises, refuse it
+            work.reply(command, False, _error(DefinitionError(f"malformed definition: {exc!r}")))
             return
         latest = self.latest.get(definition.name)
         if latest is not None and latest.to_json() == definition.to_json():
@@ -947,12 +969,11 @@ class Engine:
         """One message per client for all its replies of a batch; best effort (clients ask again)."""
         grouped: dict[str, list[bytes]] = {}
         for reply_to, request_id, ok, value in replies:
-            grouped.setdefault(reply_to, []).append(reply_item(request_id, ok, value))
+            grouped.setdefault(reply_to, []).append(_reply_within_limit(request_id, ok, value))
         for reply_to, items in grouped.items():
-            for start in range(0, len(items), MAX_BATCH):
-                message = replies_message(reply_to, items[start : start + MAX_BATCH])
+            for batch in batches(items, len):
                 try:
-                    await self.bus.publish(message, confirm=False)
+                    await self.bus.publish(replies_message(reply_to, batch), confirm=False)
                 except BusError as exc:
                     log.warning("could not send replies; the client will ask again", error=str(exc))
 
@@ -972,6 +993,18 @@ async def _ack(delivery: Delivery) -> None:
         log.debug("ack failed; the message will be redelivered", error=repr(exc))
     except Exception as exc:  # aio-pika raises its own channel errors
         log.debug("ack failed; the message will be redelivered", error=repr(exc))
+
+
+def _reply_within_limit(request_id: str, ok: bool, value: Any) -> bytes:
+    """A reply, or an error saying it is too large to send (a client reads up to a limit)."""
+    item = reply_item(request_id, ok, value)
+    if len(item) <= MAX_REPLY_BYTES:
+        return item
+    error = {
+        "type": "PayloadError",
+        "message": f"the answer is {len(item)} bytes, over the {MAX_REPLY_BYTES} a reply may carry",
+    }
+    return reply_item(request_id, False, error)
 
 
 def _in_flight(workflow: Workflow, run: StepRun | None, horizon: float) -> bool:

@@ -23,7 +23,7 @@ from typing import NoReturn
 from bus_adapters.base import Bus, BusError, Message, UnroutableError
 from hms_mgmt.engine.crash import CrashPoints
 from hms_mgmt.logs import get_logger
-from hms_mgmt.messages import BATCH_BYTES, STEPS_EXCHANGE, batch_body
+from hms_mgmt.messages import STEPS_EXCHANGE, batch_body, batches
 from hms_mgmt.store.base import OutboxRow
 
 log = get_logger("relay")
@@ -34,25 +34,8 @@ STEP_BATCH = 64
 
 def group(rows: list[OutboxRow]) -> list[tuple[list[OutboxRow], Message]]:
     """Rows as messages: step runs for one queue batched together, the rest one by one."""
+    by_key: dict[str, list[OutboxRow]] = {}
     messages: list[tuple[list[OutboxRow], Message]] = []
-    open_batches: dict[str, tuple[list[OutboxRow], int]] = {}
-
-    def close(key: str) -> None:
-        batch, _size = open_batches.pop(key)
-        first = batch[0]
-        headers = dict(first.headers) if len(batch) == 1 else {"hms-count": len(batch)}
-        body = batch_body("steps", [row.body for row in batch])
-        message = Message(
-            body=body,
-            exchange=first.exchange,
-            routing_key=first.routing_key,
-            headers=headers,
-            message_id=first.message_id
-            if len(batch) == 1
-            else f"{first.message_id}+{len(batch) - 1}",
-        )
-        messages.append((batch, message))
-
     for row in rows:
         if row.exchange != STEPS_EXCHANGE:
             message = Message(
@@ -63,18 +46,28 @@ def group(rows: list[OutboxRow]) -> list[tuple[list[OutboxRow], Message]]:
                 message_id=row.message_id,
             )
             messages.append(([row], message))
-            continue
-        key = row.routing_key
-        if row.headers.get("hms-attempt", 1) != 1:
-            key = f"{key}#{row.message_id}"  # a retry goes alone
-        batch, size = open_batches.get(key, ([], 0))
-        if batch and (len(batch) >= STEP_BATCH or size + len(row.body) > BATCH_BYTES):
-            close(key)
-            batch, size = [], 0
-        batch.append(row)
-        open_batches[key] = (batch, size + len(row.body) + 1)
-    for key in list(open_batches):
-        close(key)
+        elif row.headers.get("hms-attempt", 1) != 1:
+            by_key[f"{row.routing_key}#{row.message_id}"] = [row]  # a retry goes alone
+        else:
+            by_key.setdefault(row.routing_key, []).append(row)
+    for same_queue in by_key.values():
+        for batch in batches(same_queue, lambda row: len(row.body), max_items=STEP_BATCH):
+            first = batch[0]
+            several = len(batch) > 1
+            messages.append(
+                (
+                    batch,
+                    Message(
+                        body=batch_body("steps", [row.body for row in batch]),
+                        exchange=first.exchange,
+                        routing_key=first.routing_key,
+                        headers={"hms-count": len(batch)} if several else dict(first.headers),
+                        message_id=f"{first.message_id}+{len(batch) - 1}"
+                        if several
+                        else first.message_id,
+                    ),
+                )
+            )
     return messages
 
 
