@@ -75,6 +75,7 @@ from hms_mgmt.topology import declare_core, declare_step, declare_workflow, dlq_
 log = get_logger("engine")
 
 WAIT_HOLD_MAX = 30.0
+REQUEST_MEMORY = 7 * 24 * 3600.0  # how long answers to cancel/retry/signal/start are kept
 
 
 @dataclass
@@ -182,6 +183,7 @@ class Engine:
         for definition in self.latest.values():
             await declare_workflow(self.bus, definition)
         self.schedules = {s.id: s for s in await self.store.schedules()}
+        await self.store.forget_requests(self.clock() - REQUEST_MEMORY)
         unsent = await self.store.unsent()
         if unsent:
             log.info("publishing outbox rows left from before", count=len(unsent))

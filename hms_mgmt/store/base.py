@@ -110,6 +110,10 @@ class Store(Protocol):
 
     async def schedules(self) -> list[Schedule]: ...
 
+    async def forget_requests(self, before: float) -> None:
+        """Drop the answers kept for repeated requests older than ``before``."""
+        ...
+
 
 def open_store(url: str) -> Store:
     """The store for a URL: ``sqlite:///relative.db``, ``sqlite:////abs.db``, ``sqlite:///:memory:``."""

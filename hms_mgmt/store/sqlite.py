@@ -394,6 +394,10 @@ class SQLiteStore:
         )
         return [_workflow(row) for row in rows]
 
+    async def forget_requests(self, before: float) -> None:
+        """Drop the answers kept for repeated requests older than ``before``."""
+        await self._in_thread(lambda db: db.execute("DELETE FROM requests WHERE at < ?", (before,)))
+
     async def schedules(self) -> list[Schedule]:
         rows = await self._all(
             "SELECT id, workflow, cron, timezone, payload, catch_up, next_at, created_at, last_tick "
