@@ -183,6 +183,7 @@ class Management:
         run_at: datetime | float | None = None,
         idempotency_key: str | None = None,
         timeout: float | None = None,
+        traceparent: str | None = None,
     ) -> StartResult:
         """Start a workflow; returns once the engine has recorded it."""
         client = await self._connect()
@@ -193,6 +194,7 @@ class Management:
             run_at=run_at,
             idempotency_key=idempotency_key,
             timeout=timeout,
+            traceparent=traceparent,
         )
 
     async def status(self, workflow_id: str) -> WorkflowState:

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from bus_adapters.base import Bus, BusError, Delivery, Subscription
+from hms_mgmt import tracing
 from hms_mgmt.context import Handler, StepContext
 from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.errors import InvalidMessageError, NonRetryableError, PayloadError, Retry
@@ -186,7 +187,10 @@ class Worker:
     async def _run(self, handler: Handler, message: StepMessage) -> Outcome:
         topic = message.topic
         bound = log.bind(
-            workflow_id=message.workflow_id, step=message.step, attempt=message.attempt
+            workflow_id=message.workflow_id,
+            step=message.step,
+            attempt=message.attempt,
+            **tracing.log_fields(message.traceparent),
         )
         context = message.context or {}
         started_at = time.time()
@@ -204,6 +208,7 @@ class Worker:
             visit=message.visit,
             error=context.get("error"),
             signal=context.get("signal"),
+            traceparent=message.traceparent,
             _heartbeat=heartbeat,
         )
         report_started: asyncio.TimerHandle | None = None
@@ -216,7 +221,12 @@ class Worker:
             )
         describe = functools.partial(_describe, handler, topic)
         try:
-            value = await self._call(handler, ctx)
+            with tracing.step_span(
+                message.traceparent,
+                topic,
+                {"hms.workflow_id": message.workflow_id, "hms.attempt": message.attempt},
+            ):
+                value = await self._call(handler, ctx)
         except asyncio.CancelledError:
             raise
         except Retry as exc:
