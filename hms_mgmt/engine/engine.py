@@ -153,6 +153,8 @@ class Engine:
         self._running = False
         self.ready = asyncio.Event()
         self.stats = {"events": 0, "batches": 0, "started": 0, "finished": 0, "dead_lettered": 0}
+        # Called with each batch once it is committed (metrics); it must not raise or block.
+        self.on_commit: Callable[[Batch], None] | None = None
 
     # -- life cycle -----------------------------------------------------------
 
@@ -406,6 +408,11 @@ class Engine:
             await asyncio.sleep(1.0)
             return
         self._crash_point("after_commit")
+        if self.on_commit is not None:
+            try:
+                self.on_commit(work.batch)
+            except Exception:
+                log.exception("the on_commit hook failed")
         self.stats["batches"] += 1
         self.stats["events"] += len(events)
         for workflow_id, value in work.state.items():
