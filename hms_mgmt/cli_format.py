@@ -131,7 +131,8 @@ def changes(before: dict[str, Any] | None, after: dict[str, Any]) -> list[str]:
         if old is not None and old["status"] == step["status"]:
             continue
         row = step_row(step)
-        line = f"{when(after['updated_at'], date=False)}  step {row['seq']} {row['step']} "
+        at = step.get("finished_at") or step.get("started_at") or step["created_at"]
+        line = f"{when(at, date=False)}  step {row['seq']} {row['step']} "
         line += f"attempt {row['attempt']}: {row['status']}"
         if step.get("finished_at"):
             line += f" in {row['took']}"
