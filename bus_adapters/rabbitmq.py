@@ -138,6 +138,16 @@ class RabbitMQBus:
         self._exchanges: dict[tuple[bool, str], AbstractExchange] = {}
         self._consumer_channels: list[AbstractChannel] = []
         self._lock = asyncio.Lock()
+        self.reconnects = 0  # connections re-established after a drop (for metrics)
+
+    @property
+    def connected(self) -> bool:
+        """Whether both connections are up right now (for readiness checks)."""
+        connections = (self._consume_connection, self._publish_connection)
+        return all(c is not None and c.connected.is_set() for c in connections)
+
+    def _reconnected(self, *_: Any) -> None:
+        self.reconnects += 1
 
     async def connect(self) -> None:
         async with self._lock:
@@ -153,6 +163,8 @@ class RabbitMQBus:
             except (OSError, aiormq.exceptions.AMQPError) as exc:
                 await self._close_connections()
                 raise BusError(f"cannot connect to {redact_url(self.url)}: {exc}") from exc
+            for connection in (self._consume_connection, self._publish_connection):
+                connection.reconnect_callbacks.add(self._reconnected)
             self._confirmed = await self._publish_connection.channel(
                 publisher_confirms=True, on_return_raises=True
             )

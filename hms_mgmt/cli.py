@@ -1,100 +1,277 @@
-"""The ``hms`` command (also ``python -m hms_mgmt``): see and steer what runs.
+"""The ``hms`` command (also ``python -m hms_mgmt``): run, see and steer what runs.
 
-Exit codes: 0 done, 1 refused (unknown id, wrong state), 2 usage error,
-3 broker or engine unreachable.
+``hms engine`` and ``hms worker`` run the daemons; every other command talks to
+the engine's HTTP API (``HMS_ENGINE_URL``, default ``http://127.0.0.1:$HMS_HTTP_PORT``).
+Tables for people, ``-o json`` for scripts. Exit codes: 0 done, 1 refused
+(unknown id, wrong state, a workflow that ended failed under ``--follow``),
+2 usage error, 3 engine or broker unreachable.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+import time
+from pathlib import Path
+from typing import Any
 
 import click
 
-from bus_adapters.base import Bus, BusError, open_bus
-from hms_mgmt import dlq
-from hms_mgmt.client import Client
-from hms_mgmt.errors import EngineUnavailableError, HmsError
-from hms_mgmt.settings import Settings
+from hms_mgmt.cli_api import EXIT_REFUSED, CliError, EngineHttp, Unreachable, quote
+from hms_mgmt.cli_format import changes, show, summary_rows, table
 
-EXIT_REFUSED, EXIT_UNREACHABLE = 1, 3
-
-T = TypeVar("T")
+STATUSES = ["pending", "scheduled", "running", "waiting", "succeeded", "failed", "cancelled"]
+TERMINAL = {"succeeded", "failed", "cancelled"}
+FOLLOW_INTERVAL = 0.5
 
 
 class Context:
-    def __init__(self, broker_url: str, output: str) -> None:
-        self.broker_url = broker_url
+    def __init__(self, api: EngineHttp, output: str) -> None:
+        self.api = api
         self.output = output
 
-    def run(self, work: Callable[[Bus], Awaitable[T]]) -> T:
-        """Connect, do the work, disconnect; broker trouble exits with code 3."""
+    @property
+    def json(self) -> bool:
+        return self.output == "json"
 
-        async def go() -> T:
-            bus = open_bus(self.broker_url, name="hms-cli")
-            try:
-                await bus.connect()
-                return await work(bus)
-            finally:
-                await bus.close()
-
-        try:
-            return asyncio.run(go())
-        except BusError as exc:
-            click.echo(f"error: broker unreachable: {exc}", err=True)
-            sys.exit(EXIT_UNREACHABLE)
-        except EngineUnavailableError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(EXIT_UNREACHABLE)
-        except HmsError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(EXIT_REFUSED)
-
-    def emit(self, rows: list[dict[str, Any]], columns: list[str]) -> None:
-        if self.output == "json":
-            click.echo(json.dumps(rows, indent=2, default=str))
-            return
-        if not rows:
-            click.echo("(none)")
-            return
-        widths = {c: max(len(c), *(len(_cell(r.get(c))) for r in rows)) for c in columns}
-        click.echo("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
-        for row in rows:
-            click.echo("  ".join(_cell(row.get(c)).ljust(widths[c]) for c in columns).rstrip())
-
-
-def _cell(value: Any) -> str:
-    text = "-" if value is None else str(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    def emit(self, value: Any, text: str) -> None:
+        click.echo(json.dumps(value, indent=2, default=str) if self.json else text)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--broker-url", envvar="HMS_BROKER_URL", help="AMQP URL (HMS_BROKER_URL).")
+@click.option(
+    "--engine-url",
+    envvar="HMS_ENGINE_URL",
+    help="The engine's HTTP API (HMS_ENGINE_URL; default http://127.0.0.1:$HMS_HTTP_PORT).",
+)
+@click.option(
+    "--token",
+    envvar="HMS_HTTP_TOKEN",
+    help="Bearer token for changes (HMS_HTTP_TOKEN).",
+    show_envvar=False,
+)
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True)
 @click.pass_context
-def main(ctx: click.Context, broker_url: str | None, output: str) -> None:
+def main(
+    ctx: click.Context, engine_url: str | None, token: str | None, output: str, timeout: float
+) -> None:
     """HMS-MGMT: durable workflows over RabbitMQ."""
-    ctx.obj = Context(broker_url or Settings.from_env().broker_url, output)
+    from hms_mgmt.settings import Settings
+
+    try:
+        url = Settings.from_env(engine_url=engine_url).resolved_engine_url
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    ctx.obj = Context(EngineHttp(url, token or None, timeout), output)
+
+
+# -- the daemons ------------------------------------------------------------------
+
+
+def output_option(command: Any) -> Any:
+    """``-o`` after the command too (``hms workflow list -o json``), besides before it."""
+
+    def chosen(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+        if value is not None:
+            ctx.find_object(Context).output = value  # type: ignore[union-attr]
+
+    return click.option(
+        "-o",
+        "--output",
+        type=click.Choice(["table", "json"]),
+        expose_value=False,
+        callback=chosen,
+        help="Tables for people, json for scripts.",
+    )(command)
+
+
+PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
+
+
+@main.command("engine", context_settings=PASS_THROUGH, add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def engine(args: tuple[str, ...]) -> None:
+    """Run the engine daemon (same flags as python -m hms_mgmt.engine; --help lists them)."""
+    from hms_mgmt.engine.__main__ import main as engine_main
+
+    sys.exit(engine_main(list(args)))
+
+
+@main.command("worker", context_settings=PASS_THROUGH, add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def worker(args: tuple[str, ...]) -> None:
+    """Serve the step handlers of module:attribute (same flags as python -m hms_mgmt.worker)."""
+    from hms_mgmt.worker import main as worker_main
+
+    worker_main(list(args))
+
+
+# -- workflows --------------------------------------------------------------------
+
+
+@main.group("workflow")
+def workflow_group() -> None:
+    """List, show, start, cancel and retry workflows."""
+
+
+@workflow_group.command("list")
+@click.option("--status", type=click.Choice(STATUSES), help="Only workflows in this status.")
+@click.option("--name", help="Only workflows of this definition.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@output_option
+@click.pass_obj
+def workflow_list(obj: Context, status: str | None, name: str | None, limit: int) -> None:
+    """The latest workflows, newest first."""
+    workflows = obj.api.get("/api/workflows", status=status, name=name, limit=limit)
+    obj.emit(
+        workflows,
+        table(summary_rows(workflows), ["id", "name", "status", "created", "updated", "error"]),
+    )
+
+
+@workflow_group.command("show")
+@click.argument("workflow_id")
+@click.option("--follow", "-f", is_flag=True, help="Show changes live until the workflow ends.")
+@click.option("--history", is_flag=True, help="Also list every recorded event.")
+@output_option
+@click.pass_obj
+def workflow_show(obj: Context, workflow_id: str, follow: bool, history: bool) -> None:
+    """One workflow: its steps, attempts, errors and timings."""
+    path = f"/api/workflows/{quote(workflow_id)}"
+    state = obj.api.get(path)
+    if obj.json and follow:
+        click.echo(json.dumps(state, default=str))  # one line per change: JSON lines
+    else:
+        obj.emit(state, show(state, history=history))
+    if not follow:
+        return
+    while state["status"] not in TERMINAL:
+        time.sleep(FOLLOW_INTERVAL)
+        latest = obj.api.get(path)
+        if latest["updated_at"] == state["updated_at"] and latest["status"] == state["status"]:
+            continue
+        if obj.json:
+            click.echo(json.dumps(latest, default=str))
+        else:
+            for line in changes(state, latest):
+                click.echo(line)
+        state = latest
+    if state["status"] != "succeeded":
+        sys.exit(EXIT_REFUSED)
+
+
+def _input(value: str) -> Any:
+    text = value
+    if value.startswith("@"):
+        source = value[1:]
+        try:
+            text = sys.stdin.read() if source == "-" else Path(source).read_text()
+        except OSError as exc:
+            raise click.BadParameter(f"cannot read {source!r}: {exc.strerror}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}") from None
+
+
+@workflow_group.command("start")
+@click.argument("name")
+@click.option(
+    "--input",
+    "payload",
+    default="{}",
+    show_default=True,
+    help="The payload: JSON, or @file to read it from a file (@- for stdin).",
+)
+@click.option("--idempotency-key", help="Start at most one workflow for this key.")
+@output_option
+@click.pass_obj
+def workflow_start(obj: Context, name: str, payload: str, idempotency_key: str | None) -> None:
+    """Start workflow NAME; prints its id."""
+    from hms_mgmt.definitions import NAME_PATTERN
+
+    if not NAME_PATTERN.match(name):
+        raise click.BadParameter(
+            f"{name!r} is not a workflow name (letters, digits, '_' and '-')", param_hint="NAME"
+        )
+    value = _input(payload)
+    body: dict[str, Any] = {"workflow": name, "input": value}
+    if idempotency_key is not None:
+        body["idempotency_key"] = idempotency_key
+    started = obj.api.post("/api/workflows", body)
+    obj.emit(started, started["workflow_id"])
+
+
+@workflow_group.command("cancel")
+@click.argument("workflow_id")
+@click.option("--reason", help="Recorded with the cancellation.")
+@output_option
+@click.pass_obj
+def workflow_cancel(obj: Context, workflow_id: str, reason: str | None) -> None:
+    """Cancel a workflow that has not finished."""
+    result = obj.api.post(f"/api/workflows/{quote(workflow_id)}/cancel", {"reason": reason})
+    obj.emit(result, f"{result['workflow_id']}: {result['status']}")
+
+
+@workflow_group.command("retry")
+@click.argument("workflow_id")
+@output_option
+@click.pass_obj
+def workflow_retry(obj: Context, workflow_id: str) -> None:
+    """Resume a failed workflow from its failed step, with fresh attempts."""
+    result = obj.api.post(f"/api/workflows/{quote(workflow_id)}/retry")
+    obj.emit(result, f"{result['workflow_id']}: {result['status']}")
+
+
+@main.command("definitions")
+@output_option
+@click.pass_obj
+def definitions(obj: Context) -> None:
+    """The workflow definitions the engine knows (their latest versions)."""
+    found = obj.api.get("/api/definitions")
+    rows = [
+        {
+            "name": d["name"],
+            "version": d["version"],
+            "steps": " > ".join(d["steps"]),
+            "on_error": d["on_error"],
+        }
+        for d in found
+    ]
+    obj.emit(found, table(rows, ["name", "version", "steps", "on_error"]))
+
+
+# -- dead letters -------------------------------------------------------------------
 
 
 @main.group("dlq")
 def dlq_group() -> None:
-    """Dead-letter queues (<workflow>.<step>.dlq)."""
+    """Dead-letter queues (<workflow>.<step>.dlq): list, replay, purge."""
+
+
+def _dlq_name(queue: str) -> str:
+    return queue if queue.endswith(".dlq") else f"{queue}.dlq"
 
 
 @dlq_group.command("list")
-@click.argument("queue")
-@click.option("--limit", default=100, show_default=True, help="Messages to show at most.")
+@click.argument("queue", required=False)
+@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
+@output_option
 @click.pass_obj
-def dlq_list(obj: Context, queue: str, limit: int) -> None:
-    """Show the messages in QUEUE (they stay there)."""
-    letters = obj.run(lambda bus: dlq.peek(bus, _dlq_name(queue), limit))
+def dlq_list(obj: Context, queue: str | None, limit: int) -> None:
+    """Every .dlq queue with its message count; or the messages in QUEUE (they stay there)."""
+    if queue is None:
+        queues = obj.api.get("/api/dlq")
+        obj.emit(queues, table(queues, ["queue", "messages"]))
+        return
+    letters = obj.api.get(f"/api/dlq/{quote(_dlq_name(queue))}", limit=limit)
     obj.emit(
-        [letter.to_json() for letter in letters],
-        ["message_id", "workflow_id", "step", "attempts", "reason", "error_type", "error"],
+        letters,
+        table(
+            letters,
+            ["message_id", "workflow_id", "step", "attempts", "reason", "error_type", "error"],
+        ),
     )
 
 
@@ -102,28 +279,46 @@ def dlq_list(obj: Context, queue: str, limit: int) -> None:
 @click.argument("queue")
 @click.option("--id", "message_id", help="Replay the message with this id.")
 @click.option("--all", "replay_all", is_flag=True, help="Replay every message.")
+@output_option
 @click.pass_obj
 def dlq_replay(obj: Context, queue: str, message_id: str | None, replay_all: bool) -> None:
     """Resume the workflows of QUEUE's messages from their failed step."""
     if bool(message_id) == replay_all:
         raise click.UsageError("give exactly one of --id ID or --all")
-
-    async def work(bus: Bus) -> list[dlq.Replayed]:
-        client = Client(bus, service_name="hms-cli")
-        await client.connect()
-        return await dlq.replay(bus, client, _dlq_name(queue), message_id=message_id)
-
-    results = obj.run(work)
-    obj.emit([r.to_json() for r in results], ["message_id", "workflow_id", "outcome", "detail"])
+    name = _dlq_name(queue)
+    body = {"id": message_id} if message_id else {"all": True}
+    results: list[dict[str, Any]] = []
+    lines = obj.api.stream(f"/api/dlq/{quote(name)}/replay", body)
+    total = int(next(lines, {}).get("total", 0))
+    with click.progressbar(
+        length=max(total, 1), label=f"replaying {name}", file=sys.stderr, hidden=total < 2
+    ) as bar:
+        for line in lines:
+            if "error" in line:
+                raise Unreachable(f"replay stopped: {line['error']['message']}")
+            if "done" in line:
+                break
+            results.append(line)
+            bar.update(1)
+    obj.emit(results, table(results, ["message_id", "workflow_id", "outcome", "detail"]))
     if message_id and not results:
-        click.echo(f"error: no message {message_id!r} in {_dlq_name(queue)}", err=True)
-        sys.exit(EXIT_REFUSED)
-    if any(r.outcome == "kept" for r in results):
-        sys.exit(EXIT_REFUSED)
+        raise CliError(f"no message {message_id!r} in {name}")
+    if any(r["outcome"] == "kept" for r in results):
+        raise CliError("some messages were kept in the queue (see 'detail')")
 
 
-def _dlq_name(queue: str) -> str:
-    return queue if queue.endswith(".dlq") else f"{queue}.dlq"
+@dlq_group.command("purge")
+@click.argument("queue")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask first.")
+@output_option
+@click.pass_obj
+def dlq_purge(obj: Context, queue: str, yes: bool) -> None:
+    """Delete every message in QUEUE, for good."""
+    name = _dlq_name(queue)
+    if not yes:
+        click.confirm(f"Delete every message in {name} for good?", abort=True, err=True)
+    result = obj.api.post(f"/api/dlq/{quote(name)}/purge")
+    obj.emit(result, f"purged {result['purged']} message(s) from {result['queue']}")
 
 
 def run() -> None:

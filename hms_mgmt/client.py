@@ -18,6 +18,7 @@ from datetime import datetime
 from typing import Any
 
 from bus_adapters.base import Bus, BusError, Delivery, redact_url
+from hms_mgmt import tracing
 from hms_mgmt.definitions import WorkflowDefinition, check_name
 from hms_mgmt.errors import (
     EngineUnavailableError,
@@ -227,13 +228,18 @@ class Client:
         run_at: datetime | float | None = None,
         idempotency_key: str | None = None,
         timeout: float | None = None,
+        traceparent: str | None = None,
     ) -> StartResult:
+        """Start a workflow; ``traceparent`` defaults to the current trace or a new one."""
         check_name("workflow", workflow)
         encode_payload(payload)
+        if traceparent is not None and not tracing.valid(traceparent):
+            raise PayloadError(f"traceparent {traceparent!r} is not a W3C traceparent")
         fields: dict[str, Any] = {
             "workflow_id": new_workflow_id(),
             "workflow": workflow,
             "payload": payload,
+            "traceparent": traceparent or tracing.current_traceparent(),
         }
         if delay is not None:
             if not isinstance(delay, int | float) or delay < 0:

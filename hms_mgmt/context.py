@@ -22,12 +22,18 @@ class StepContext:
     visit: int
     error: dict[str, Any] | None = None  # for an error step: the failure that led here
     signal: Any = None  # after a wait: the signal's data
+    traceparent: str | None = None  # W3C trace context of the workflow (from start)
     _heartbeat: Callable[[], Awaitable[None]] | None = field(default=None, repr=False)
 
     @property
     def idempotency_key(self) -> str:
         """The same across redeliveries and retries of this step run; use it for side effects."""
         return f"{self.workflow_id}:{self.step}:{self.visit}"
+
+    @property
+    def trace_id(self) -> str | None:
+        """The trace id of :attr:`traceparent`, for log lines and lookups."""
+        return None if self.traceparent is None else self.traceparent.split("-")[1]
 
     async def heartbeat(self) -> None:
         """Tell the engine this step is alive: its timeout starts again from now."""

@@ -8,6 +8,7 @@ decode has no workflow to resume; it stays where it is.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -77,9 +78,17 @@ async def peek(bus: Bus, queue: str, limit: int = 100) -> list[DeadLetter]:
 
 
 async def replay(
-    bus: Bus, client: Client, queue: str, *, message_id: str | None = None
+    bus: Bus,
+    client: Client,
+    queue: str,
+    *,
+    message_id: str | None = None,
+    progress: Callable[[Replayed], Awaitable[None]] | None = None,
 ) -> list[Replayed]:
-    """Replay one message (by id) or, with ``message_id=None``, all of them."""
+    """Replay one message (by id) or, with ``message_id=None``, all of them.
+
+    ``progress`` is awaited with each result as it comes (a long replay streams them).
+    """
     results: list[Replayed] = []
     kept: list[Delivery] = []
     try:
@@ -96,12 +105,26 @@ async def replay(
                 kept.append(delivery)
             else:
                 await delivery.ack()
+            if progress is not None:
+                await progress(result)
             if message_id is not None:
                 break
     finally:
         for delivery in kept:
             await delivery.reject(requeue=True)
     return results
+
+
+async def purge(bus: Bus, queue: str) -> int:
+    """Remove the messages a queue holds now; returns how many went."""
+    removed = 0
+    for _ in range(await bus.queue_length(queue)):
+        delivery = await bus.get(queue)
+        if delivery is None:
+            break
+        await delivery.ack()
+        removed += 1
+    return removed
 
 
 async def _replay_one(client: Client, delivery: Delivery) -> Replayed:

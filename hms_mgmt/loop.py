@@ -18,5 +18,6 @@ def run(main: Coroutine[Any, Any, T]) -> T:
         except ImportError:
             pass
         else:
-            return uvloop.run(main)
+            result: T = uvloop.run(main)  # untyped without uvloop installed
+            return result
     return asyncio.run(main)

@@ -66,6 +66,7 @@ def start(
     *,
     run_at: float | None = None,
     idempotency_key: str | None = None,
+    traceparent: str | None = None,
 ) -> Transition:
     """A new workflow, its first step published now or scheduled for ``run_at``."""
     workflow = Workflow(
@@ -77,6 +78,7 @@ def start(
         created_at=now,
         updated_at=now,
         idempotency_key=idempotency_key,
+        traceparent=traceparent,
     )
     t = Transition(workflow=workflow)
     t.note("workflow_started", workflow=definition.name, version=definition.version)
@@ -569,6 +571,7 @@ def _publish(t: Transition, wf: Workflow, run: StepRun, definition: WorkflowDefi
             payload=run.input,
             timeout=timeout,
             context=run.context,
+            traceparent=wf.traceparent,
         )
     )
     t.note("step_published", seq=run.seq, step=run.step, attempt=run.attempt)

@@ -24,6 +24,7 @@ from hms_mgmt.context import Handler
 from hms_mgmt.definitions import RetryPolicy, Step, WorkflowDefinition, split_topic
 from hms_mgmt.errors import DefinitionError, HmsError
 from hms_mgmt.logs import get_logger
+from hms_mgmt.messages import Outcome, StepMessage
 from hms_mgmt.records import WorkflowState
 from hms_mgmt.settings import Settings
 
@@ -57,6 +58,8 @@ class Management:
         self._defined: set[str] = set()
         self._define_tasks: set[asyncio.Task[None]] = set()
         self._lock: asyncio.Lock | None = None
+        # Called with each step run's outcome in this process (a step service's metrics).
+        self.on_outcome: Callable[[StepMessage, Outcome], None] | None = None
 
     def __repr__(self) -> str:
         return f"<Management {self.service_name!r} workflows={sorted(self.definitions)}>"
@@ -183,6 +186,7 @@ class Management:
         run_at: datetime | float | None = None,
         idempotency_key: str | None = None,
         timeout: float | None = None,
+        traceparent: str | None = None,
     ) -> StartResult:
         """Start a workflow; returns once the engine has recorded it."""
         client = await self._connect()
@@ -193,6 +197,7 @@ class Management:
             run_at=run_at,
             idempotency_key=idempotency_key,
             timeout=timeout,
+            traceparent=traceparent,
         )
 
     async def status(self, workflow_id: str) -> WorkflowState:
@@ -265,9 +270,25 @@ class Management:
         await self._connect()
         assert self._bus is not None
         self._worker = Worker(
-            self._bus, self.handlers, self.definitions, concurrency=self.concurrency
+            self._bus,
+            self.handlers,
+            self.definitions,
+            concurrency=self.concurrency,
+            on_outcome=self.on_outcome,
         )
         await self._worker.start()
+
+    def readiness(self) -> dict[str, bool]:
+        """Whether this step service is serving and connected (for ``/readyz``)."""
+        return {
+            "serving": self._worker is not None,
+            "broker": self._bus is not None and bool(getattr(self._bus, "connected", True)),
+        }
+
+    @property
+    def reconnects(self) -> int:
+        """Broker connections re-established after a drop (for metrics)."""
+        return int(getattr(self._bus, "reconnects", 0))
 
     async def close(self) -> None:
         """Stop serving, stop a hosted engine, and disconnect."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from bus_adapters.base import JSON_CONTENT_TYPE, Delivery, Message
+from hms_mgmt import tracing
 from hms_mgmt.errors import InvalidMessageError, PayloadError
 
 try:  # orjson is a dependency; the fallback keeps a platform without its wheels working
@@ -254,6 +255,7 @@ class StepMessage:
     payload: Any
     timeout: float | None = None
     context: dict[str, Any] | None = None
+    traceparent: str | None = None  # the workflow's W3C trace context
 
     @property
     def topic(self) -> str:
@@ -282,6 +284,8 @@ class StepMessage:
             body["timeout"] = self.timeout
         if self.context:
             body["context"] = self.context
+        if self.traceparent is not None:
+            body["traceparent"] = self.traceparent
         return dumps(body)
 
     def to_message(self) -> Message:
@@ -290,7 +294,9 @@ class StepMessage:
             body=batch_body("steps", [self.encode()]),
             exchange=STEPS_EXCHANGE,
             routing_key=self.topic,
-            headers=step_headers(self.workflow_id, self.step, self.attempt, self.seq),
+            headers=step_headers(
+                self.workflow_id, self.step, self.attempt, self.seq, self.traceparent
+            ),
             message_id=self.message_id,
         )
 
@@ -308,6 +314,7 @@ class StepMessage:
             payload=data.get("payload"),
             timeout=_field(data, "timeout", (int, float), optional=True),
             context=_field(data, "context", dict, optional=True),
+            traceparent=tracing.checked(data.get("traceparent")),  # W3C: ignore an invalid one
         )
 
     @classmethod
@@ -331,13 +338,18 @@ class StepMessage:
         return steps
 
 
-def step_headers(workflow_id: str, step: str, attempt: int, seq: int) -> dict[str, Any]:
-    return {
+def step_headers(
+    workflow_id: str, step: str, attempt: int, seq: int, traceparent: str | None = None
+) -> dict[str, Any]:
+    headers: dict[str, Any] = {
         "hms-workflow-id": workflow_id,
         "hms-step": step,
         "hms-attempt": attempt,
         "hms-seq": seq,
     }
+    if traceparent is not None:
+        headers["traceparent"] = traceparent
+    return headers
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,7 @@ class Workflow:
     wait: dict[str, Any] | None = None  # what a waiting workflow waits for
     signals: dict[str, Any] = field(default_factory=dict)  # signals that came before their wait
     idempotency_key: str | None = None
+    traceparent: str | None = None  # W3C trace context from start, put in every step message
 
     @property
     def terminal(self) -> bool:
@@ -132,6 +133,7 @@ class WorkflowState:
     current_step: str | None = None
     scheduled_at: float | None = None
     waiting_for: dict[str, Any] | None = None
+    traceparent: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -169,6 +171,7 @@ class WorkflowState:
             current_step=None if current is None or workflow.terminal else current.step,
             scheduled_at=workflow.timer_at if workflow.timer_kind == "run" else None,
             waiting_for=workflow.wait,
+            traceparent=workflow.traceparent,
         )
 
     def to_json(self) -> dict[str, Any]:

@@ -18,8 +18,22 @@ class Settings:
     log_format: str | None = None  # console or json; by default console on a terminal
     log_level: str = "info"
     http_host: str = "127.0.0.1"
-    http_port: int | None = None
-    engine_url: str | None = None
+    http_port: int | None = None  # the engine's (or a step service's) HTTP server; off if None
+    http_token: str | None = None  # needed by mutating HTTP endpoints; required beyond loopback
+    engine_url: str | None = None  # where the CLI finds the engine's HTTP server
+
+    def __post_init__(self) -> None:
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ValueError(f"the HTTP port must be 0-65535, not {self.http_port}")
+
+    @property
+    def resolved_engine_url(self) -> str | None:
+        """``engine_url``, else ``http://127.0.0.1:<http_port>``, else None."""
+        if self.engine_url:
+            return self.engine_url.rstrip("/")
+        if self.http_port:
+            return f"http://127.0.0.1:{self.http_port}"
+        return None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from bus_adapters.base import Bus, BusError, Delivery, Subscription
+from hms_mgmt import tracing
 from hms_mgmt.context import Handler, StepContext
 from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.errors import InvalidMessageError, NonRetryableError, PayloadError, Retry
@@ -75,8 +76,10 @@ class Worker:
         concurrency: int = 100,
         started_report_after: float = 1.0,
         shutdown_timeout: float = 30.0,
+        on_outcome: Callable[[StepMessage, Outcome], None] | None = None,
     ) -> None:
         self.bus = bus
+        self.on_outcome = on_outcome  # called with each finished step's outcome (metrics)
         self.handlers = dict(handlers)
         self.definitions = dict(definitions or {})
         self.concurrency = concurrency
@@ -179,13 +182,21 @@ class Worker:
             if self._stopping.is_set():
                 return False
             outcome = await self._run(handler, message)
+        if self.on_outcome is not None:
+            try:
+                self.on_outcome(message, outcome)
+            except Exception:  # metrics never hold a step back
+                log.exception("the on_outcome hook failed")
         await self._reporter.report(outcome)
         return True
 
     async def _run(self, handler: Handler, message: StepMessage) -> Outcome:
         topic = message.topic
         bound = log.bind(
-            workflow_id=message.workflow_id, step=message.step, attempt=message.attempt
+            workflow_id=message.workflow_id,
+            step=message.step,
+            attempt=message.attempt,
+            **tracing.log_fields(message.traceparent),
         )
         context = message.context or {}
         started_at = time.time()
@@ -203,6 +214,7 @@ class Worker:
             visit=message.visit,
             error=context.get("error"),
             signal=context.get("signal"),
+            traceparent=message.traceparent,
             _heartbeat=heartbeat,
         )
         report_started: asyncio.TimerHandle | None = None
@@ -215,7 +227,12 @@ class Worker:
             )
         describe = functools.partial(_describe, handler, topic)
         try:
-            value = await self._call(handler, ctx)
+            with tracing.step_span(
+                message.traceparent,
+                topic,
+                {"hms.workflow_id": message.workflow_id, "hms.attempt": message.attempt},
+            ):
+                value = await self._call(handler, ctx)
         except asyncio.CancelledError as exc:
             task = asyncio.current_task()
             if self._stopping.is_set() or (task is not None and task.cancelling()):
@@ -391,11 +408,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=None, help="handlers run at once")
     parser.add_argument("--log-format", choices=["console", "json"], default=None)
     parser.add_argument("--log-level", default=None)
-    args = parser.parse_args(argv)
-    settings = Settings.from_env(
-        broker_url=args.broker_url, log_format=args.log_format, log_level=args.log_level
+    parser.add_argument(
+        "--http-port", type=int, help="serve /healthz, /readyz and /metrics (HMS_HTTP_PORT)"
     )
-    configure(settings.log_format, settings.log_level)
+    parser.add_argument("--http-host", help="address to listen on (HMS_HTTP_HOST; 127.0.0.1)")
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env(
+            broker_url=args.broker_url,
+            log_format=args.log_format,
+            log_level=args.log_level,
+            http_port=args.http_port,
+            http_host=args.http_host,
+        )
+        configure(settings.log_format, settings.log_level)
+    except ValueError as exc:
+        parser.error(str(exc))
     module_name, _, attribute = args.target.partition(":")
     if not attribute:
         parser.error(f"expected module:attribute, got {args.target!r}")
@@ -408,7 +436,19 @@ def main(argv: list[str] | None = None) -> None:
         target.broker_url = args.broker_url
     if args.concurrency:
         target.concurrency = args.concurrency
-    _run_until_signalled(target.run)
+    run = target.run
+    if settings.http_port is not None:
+        from hms_mgmt.httpserver import serve_with_probes
+
+        run = functools.partial(serve_with_probes, target, settings)
+    try:
+        _run_until_signalled(run)
+    except BusError as exc:
+        log.error("cannot reach the broker", error=str(exc))
+        sys.exit(3)
+    except ValueError as exc:  # a port in use, a service without handlers
+        log.error("cannot serve", error=str(exc))
+        sys.exit(2)
 
 
 def _run_until_signalled(run: Callable[[], Coroutine[Any, Any, None]]) -> None:

@@ -92,6 +92,7 @@ class Processes:
     def __init__(self, tmp_path: Path) -> None:
         self.tmp_path = tmp_path
         self.children: list[subprocess.Popen[bytes]] = []
+        self.engine_url: str | None = None  # the engine's HTTP API, when it serves one
 
     def spawn(
         self, name: str, args: list[str], env: dict[str, str] | None = None
@@ -161,7 +162,47 @@ async def client(vhost: str) -> AsyncIterator[hms_mgmt.Management]:
 
 @pytest.fixture
 def daemons(processes: Processes, vhost: str, store_url: str) -> Processes:
-    """The engine daemon and the test step service, as processes on the test's vhost."""
-    processes.engine(vhost, store_url)
+    """The engine daemon (serving HTTP) and the test step service, as processes on the test's vhost."""
+    port = free_port()
+    processes.engine(vhost, store_url, HMS_HTTP_PORT=str(port))
+    processes.engine_url = f"http://127.0.0.1:{port}"
     processes.worker(vhost, "tests.services:grant")
     return processes
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (for a child's HTTP server)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
+    """Status and body of a GET, off the event loop; (0, reason) when nothing answers."""
+    import urllib.error
+    import urllib.request
+
+    def get() -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+        except OSError as exc:
+            return 0, str(exc)
+
+    return await asyncio.to_thread(get)
+
+
+async def hms(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the ``hms`` command (``python -m hms_mgmt``) as a process and capture what it says."""
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "hms_mgmt", *args],
+        cwd=ROOT,
+        env={**os.environ, "HMS_LOG_FORMAT": "json", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )

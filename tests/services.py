@@ -18,6 +18,11 @@ grant.define_workflow("badNext", ["first", "second"])
 
 def _step(name: str) -> Any:
     async def handler(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+        # {"fail_once": "creditCheck"} fails that step's first attempt; "fail_always", every one.
+        if ctx.payload.get("fail_always") == name or (
+            ctx.payload.get("fail_once") == name and ctx.attempt == 1
+        ):
+            raise RuntimeError(f"{name} is unavailable (attempt {ctx.attempt})")
         return {"data": {**ctx.payload, name: ctx.attempt}}
 
     handler.__qualname__ = name
@@ -36,6 +41,17 @@ async def jump_nowhere(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
 @grant.on_step("badNext.second")
 async def second(ctx: hms_mgmt.StepContext) -> None:
     return None
+
+
+grant.define_workflow("traced", ["look"])
+
+
+@grant.on_step("traced.look")
+async def look(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+    from opentelemetry import trace
+
+    span = trace.get_current_span().get_span_context()
+    return {"data": {"traceparent": ctx.traceparent, "span_trace_id": f"{span.trace_id:032x}"}}
 
 
 grant.define_workflow("slow", ["nap", "after"])

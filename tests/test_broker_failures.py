@@ -167,8 +167,9 @@ async def test_redrive_from_the_dlq_completes_the_workflow(
     )
 
     def hms(*args: str) -> subprocess.CompletedProcess[str]:
+        assert daemons.engine_url is not None
         return subprocess.run(
-            [sys.executable, "-m", "hms_mgmt", "--broker-url", vhost, *args],
+            [sys.executable, "-m", "hms_mgmt", "--engine-url", daemons.engine_url, *args],
             cwd=ROOT,
             capture_output=True,
             text=True,

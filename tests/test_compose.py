@@ -20,3 +20,20 @@ def test_compose_file_wires_the_broker_engine_and_step_service() -> None:
     assert services["engine"]["command"][:3] == ["python", "-m", "hms_mgmt.engine"]
     assert services["grant-service"]["command"][-1] == "examples.grant_approval.service:mgmt"
     assert (ROOT / "Dockerfile").exists()
+
+
+def test_compose_file_wires_the_http_ports_and_health_checks() -> None:
+    services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+    for name in ("engine", "grant-service"):
+        service = services[name]
+        port = service["environment"]["HMS_HTTP_PORT"]
+        assert port.isdigit(), name
+        # published on the host's loopback only, to the port the process listens on
+        assert f"127.0.0.1:{port}:{port}" in service["ports"], name
+        check = " ".join(service["healthcheck"]["test"])
+        assert f"http://127.0.0.1:{port}/readyz" in check, name
+        assert service["healthcheck"]["test"][0] == "CMD"
+    engine = services["engine"]["environment"]
+    # beyond the container's loopback: the token must be wired for changes to be possible
+    assert engine["HMS_HTTP_HOST"] == "0.0.0.0"
+    assert "HMS_HTTP_TOKEN" in engine["HMS_HTTP_TOKEN"]

@@ -68,3 +68,44 @@ async def test_a_failed_batch_leaves_nothing_behind(tmp_path: Path) -> None:
     assert await store.load(["wf1"]) == {}
     assert await store.unsent() == []
     await store.close()
+
+
+V1_WORKFLOWS = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT INTO meta VALUES ('schema', '1');
+CREATE TABLE workflows (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, version INTEGER NOT NULL, status TEXT NOT NULL,
+    input TEXT, output TEXT, error TEXT, seq INTEGER NOT NULL, visits TEXT NOT NULL,
+    timer_at REAL, timer_kind TEXT, wait TEXT, signals TEXT NOT NULL, idempotency_key TEXT UNIQUE,
+    created_at REAL NOT NULL, updated_at REAL NOT NULL);
+INSERT INTO workflows VALUES ('old', 'w', 1, 'succeeded', '{"p":1}', '1', NULL, 2, '{"a":1,"b":1}',
+    NULL, NULL, NULL, '{}', NULL, 1.0, 2.0);
+"""
+
+
+async def test_a_schema_1_file_is_upgraded_in_place(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "v1.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(V1_WORKFLOWS)
+    store = SQLiteStore(f"sqlite:///{path}")
+    await store.open()
+    workflow, _ = (await store.load(["old"]))["old"]
+    assert workflow.status == "succeeded" and workflow.traceparent is None
+    tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    t = machine.start(DEFINITION, "new", None, 10.0, traceparent=tp)
+    assert t.workflow is not None
+    await store.commit(Batch(workflows={"new": t.workflow}))
+    await store.ping()
+    await store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("2",)
+        indexes = {
+            row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
+        }
+    assert "workflows_created" in indexes
+    again = SQLiteStore(f"sqlite:///{path}")
+    await again.open()  # a second open finds nothing to upgrade
+    assert (await again.load(["new"]))["new"][0].traceparent == tp
+    await again.close()

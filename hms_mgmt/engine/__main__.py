@@ -9,6 +9,7 @@ import sys
 
 from bus_adapters.base import BusError, open_bus
 from hms_mgmt import loop
+from hms_mgmt.engine.api import start_api
 from hms_mgmt.engine.engine import Engine
 from hms_mgmt.logs import configure, get_logger
 from hms_mgmt.settings import Settings
@@ -29,12 +30,25 @@ def parse(argv: list[str] | None) -> Settings:
     )
     parser.add_argument("--log-format", choices=["console", "json"], help="HMS_LOG_FORMAT")
     parser.add_argument("--log-level", help="HMS_LOG_LEVEL (default info)")
+    parser.add_argument(
+        "--http-port",
+        type=int,
+        help="serve /healthz, /readyz, /metrics and the JSON API on this port (HMS_HTTP_PORT; "
+        "default off)",
+    )
+    parser.add_argument(
+        "--http-host",
+        help="address to listen on (HMS_HTTP_HOST; default 127.0.0.1; beyond loopback, "
+        "changes need HMS_HTTP_TOKEN)",
+    )
     args = parser.parse_args(argv)
     return Settings.from_env(
         broker_url=args.broker_url,
         store_url=args.store_url,
         log_format=args.log_format,
         log_level=args.log_level,
+        http_port=args.http_port,
+        http_host=args.http_host,
     )
 
 
@@ -42,11 +56,18 @@ async def serve(settings: Settings) -> None:
     engine = Engine(
         open_bus(settings.broker_url, name="hms-engine"), open_store(settings.store_url)
     )
-    task = asyncio.ensure_future(engine.run())
-    running = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        running.add_signal_handler(signum, engine.stop)
-    await task
+    http = await start_api(engine, settings)  # up first: /healthz answers during start-up
+    try:
+        task = asyncio.ensure_future(engine.run())
+        running = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            running.add_signal_handler(signum, engine.stop)
+        await task
+    finally:
+        if http is not None:
+            await http.cleanup()
+        # Closed already unless start-up failed (say, no broker): its thread would keep us alive.
+        await engine.store.close()
 
 
 def main(argv: list[str] | None = None) -> int:

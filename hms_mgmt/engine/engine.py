@@ -31,7 +31,7 @@ from bus_adapters.base import (
     UnroutableError,
     redact_url,
 )
-from hms_mgmt import machine, schedules
+from hms_mgmt import machine, schedules, tracing
 from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.engine.crash import CrashPoints
 from hms_mgmt.engine.relay import OutboxRelay
@@ -163,6 +163,8 @@ class Engine:
         self._running = False
         self.ready = asyncio.Event()
         self.stats = {"events": 0, "batches": 0, "started": 0, "finished": 0, "dead_lettered": 0}
+        # Called with each batch once it is committed (metrics); it must not raise or block.
+        self.on_commit: Callable[[Batch], None] | None = None
 
     # -- life cycle -----------------------------------------------------------
 
@@ -441,6 +443,11 @@ class Engine:
             await asyncio.sleep(1.0)
             return
         self._crash_point("after_commit")
+        if self.on_commit is not None:
+            try:
+                self.on_commit(work.batch)
+            except Exception:
+                log.exception("the on_commit hook failed")
         self.stats["batches"] += 1
         self.stats["events"] += len(events)
         horizon = now + self.timers.horizon
@@ -576,13 +583,15 @@ class Engine:
                     exchange=STEPS_EXCHANGE,
                     routing_key=step.topic,
                     body=step.encode(),
-                    headers=step_headers(step.workflow_id, step.step, step.attempt, step.seq),
+                    headers=step_headers(
+                        step.workflow_id, step.step, step.attempt, step.seq, step.traceparent
+                    ),
                     created_at=now,
                 )
             )
         for dead in t.dead_letters:
             original = _step_message_of(
-                dead.run, dead.workflow, self._definition_of(wf)
+                dead.run, dead.workflow, self._definition_of(wf), wf.traceparent
             ).to_message()
             message = dead_letter_message(
                 original, reason=dead.reason, attempts=dead.attempts, last_error=dead.error
@@ -631,6 +640,7 @@ class Engine:
                 seq=outcome.seq,
                 kind=outcome.kind,
                 reason=t.history[0][1]["reason"],
+                **tracing.log_fields(workflow.traceparent),
             )
         self._record(work, t, workflow.id, now)
 
@@ -649,6 +659,7 @@ class Engine:
             step=message.step,
             attempt=message.attempt,
             reason=reason,
+            **tracing.log_fields(workflow.traceparent),
         )
         t = machine.dead_lettered(
             workflow, run, self._definition_of(workflow), message.seq, reason, now
@@ -840,12 +851,18 @@ class Engine:
             now,
             run_at=run_at,
             idempotency_key=key if isinstance(key, str) else None,
+            traceparent=tracing.checked(body.get("traceparent")),
         )
         if isinstance(key, str):
             work.keys[key] = workflow_id
         self._record(work, t, workflow_id, now)
         self.stats["started"] += 1
-        log.debug("workflow started", workflow_id=workflow_id, workflow=name)
+        log.debug(
+            "workflow started",
+            workflow_id=workflow_id,
+            workflow=name,
+            **tracing.log_fields(t.workflow.traceparent if t.workflow else None),
+        )
         work.reply(command, True, {"workflow_id": workflow_id, "existing": False})
 
     async def _define(self, command: Command, work: _Work, now: float) -> None:
@@ -1033,7 +1050,9 @@ def _outbox_row(message: Message, now: float) -> OutboxRow:
     )
 
 
-def _step_message_of(run: StepRun, workflow: str, definition: WorkflowDefinition) -> StepMessage:
+def _step_message_of(
+    run: StepRun, workflow: str, definition: WorkflowDefinition, traceparent: str | None = None
+) -> StepMessage:
     return StepMessage(
         workflow_id=run.workflow_id,
         workflow=workflow,
@@ -1044,6 +1063,7 @@ def _step_message_of(run: StepRun, workflow: str, definition: WorkflowDefinition
         payload=run.input,
         timeout=definition.timeout_for(run.step),
         context=run.context,
+        traceparent=traceparent,
     )
 
 
@@ -1072,6 +1092,12 @@ def _log_finished(workflow: Workflow) -> None:
             step=error.get("step"),
             attempt=error.get("attempts"),
             error=error.get("message"),
+            **tracing.log_fields(workflow.traceparent),
         )
     else:
-        log.debug("workflow finished", workflow_id=workflow.id, status=str(workflow.status))
+        log.debug(
+            "workflow finished",
+            workflow_id=workflow.id,
+            status=str(workflow.status),
+            **tracing.log_fields(workflow.traceparent),
+        )

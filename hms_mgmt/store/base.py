@@ -64,6 +64,10 @@ class Store(Protocol):
 
     async def close(self) -> None: ...
 
+    async def ping(self) -> None:
+        """Raise if the store cannot be read (readiness checks)."""
+        ...
+
     async def definitions(self) -> list[WorkflowDefinition]:
         """Every stored version of every definition, oldest first."""
         ...

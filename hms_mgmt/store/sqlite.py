@@ -21,7 +21,7 @@ from hms_mgmt.records import StepRun, StepStatus, Workflow, WorkflowStatus
 from hms_mgmt.schedules import Schedule
 from hms_mgmt.store.base import Batch, HistoryEntry, OutboxRow
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -32,7 +32,7 @@ CREATE TABLE IF NOT EXISTS workflows (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, version INTEGER NOT NULL, status TEXT NOT NULL,
     input TEXT, output TEXT, error TEXT, seq INTEGER NOT NULL, visits TEXT NOT NULL,
     timer_at REAL, timer_kind TEXT, wait TEXT, signals TEXT NOT NULL, idempotency_key TEXT UNIQUE,
-    created_at REAL NOT NULL, updated_at REAL NOT NULL);
+    created_at REAL NOT NULL, updated_at REAL NOT NULL, traceparent TEXT);
 CREATE INDEX IF NOT EXISTS workflows_timer ON workflows (timer_at) WHERE timer_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS workflows_status ON workflows (status, created_at);
 CREATE TABLE IF NOT EXISTS step_runs (
@@ -55,9 +55,17 @@ CREATE TABLE IF NOT EXISTS schedules (
     last_tick REAL);
 """
 
+MIGRATIONS: dict[int, list[str]] = {
+    # version -> what upgrades a file of the version before it (the new-file schema has it all)
+    2: ["ALTER TABLE workflows ADD COLUMN traceparent TEXT"],
+}
+INDEXES = """
+CREATE INDEX IF NOT EXISTS workflows_created ON workflows (created_at);
+"""
+
 WORKFLOW_COLUMNS = (
     "id, name, version, status, input, output, error, seq, visits, timer_at, timer_kind, "
-    "wait, signals, idempotency_key, created_at, updated_at"
+    "wait, signals, idempotency_key, created_at, updated_at, traceparent"
 )
 RUN_COLUMNS = (
     "workflow_id, seq, step, visit, attempt, status, input, output, error, context, "
@@ -101,7 +109,7 @@ def _workflow_row(w: Workflow) -> tuple[Any, ...]:
     return (
         w.id, w.name, w.version, str(w.status), _json(w.input), _json(w.output), _json(w.error),
         w.seq, _json(w.visits), w.timer_at, w.timer_kind, _json(w.wait), _json(w.signals),
-        w.idempotency_key, w.created_at, w.updated_at,
+        w.idempotency_key, w.created_at, w.updated_at, w.traceparent,
     )  # fmt: skip
 
 
@@ -111,6 +119,7 @@ def _workflow(row: Sequence[Any]) -> Workflow:
         input=_unjson(row[4]), output=_unjson(row[5]), error=_unjson(row[6]), seq=row[7],
         visits=_unjson(row[8]), timer_at=row[9], timer_kind=row[10], wait=_unjson(row[11]),
         signals=_unjson(row[12]), idempotency_key=row[13], created_at=row[14], updated_at=row[15],
+        traceparent=row[16],
     )  # fmt: skip
 
 
@@ -208,6 +217,20 @@ def _statements(batch: Batch) -> list[tuple[str, list[tuple[Any, ...]]]]:
     return statements
 
 
+def _migrate(db: sqlite3.Connection, version: int) -> None:
+    """Upgrade a file from ``version`` to :data:`SCHEMA_VERSION`, in one transaction."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            for sql in MIGRATIONS[target]:
+                db.execute(sql)
+        db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
 def _write(db: sqlite3.Connection, statements: list[tuple[str, list[tuple[Any, ...]]]]) -> None:
     """One transaction, run on the store's thread."""
     db.execute("BEGIN IMMEDIATE")
@@ -254,6 +277,13 @@ class SQLiteStore:
             raise RuntimeError(
                 f"{self.path} has schema {row[0]}, newer than this version of hms-mgmt knows"
             )
+        elif int(row[0]) < SCHEMA_VERSION:
+            await self._in_thread(lambda db: _migrate(db, int(row[0])))
+        await self.db.executescript(INDEXES)
+
+    async def ping(self) -> None:
+        """Raise if the file cannot be read (for readiness checks)."""
+        await self._all("SELECT 1 FROM meta LIMIT 1")
 
     async def close(self) -> None:
         if self._db is not None:

@@ -1,0 +1,375 @@
+"""The engine's HTTP server: health, readiness, Prometheus metrics and the JSON API the CLI uses.
+
+Handlers only read the store (aiosqlite runs reads and the engine's write
+transactions one at a time on its one connection). Whatever changes state
+(start, cancel, retry, DLQ replay) goes through the engine's normal request
+path: an in-process :class:`hms_mgmt.client.Client` on the engine's bus sends
+it to ``hms.engine.commands``, where the engine loop, the only writer, applies
+it like any other request.
+
+Mutating endpoints need ``Authorization: Bearer <HMS_HTTP_TOKEN>`` when a token
+is set; beyond loopback they are refused until one is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from bus_adapters.base import BusError, redact_url
+from hms_mgmt import dlq, tracing
+from hms_mgmt.client import Client
+from hms_mgmt.engine.engine import Engine
+from hms_mgmt.errors import (
+    DefinitionError,
+    EngineUnavailableError,
+    HmsError,
+    InvalidStateError,
+    PayloadError,
+    UnknownWorkflowError,
+    WorkflowNotFoundError,
+)
+from hms_mgmt.httpserver import (
+    bus_connected,
+    error_response,
+    is_loopback,
+    metrics_handler,
+    start_server,
+)
+from hms_mgmt.logs import get_logger
+from hms_mgmt.metrics import EngineMetrics
+from hms_mgmt.records import Workflow, WorkflowState, WorkflowStatus
+from hms_mgmt.settings import Settings
+from hms_mgmt.topology import ENGINE_QUEUES, dlq_name
+
+log = get_logger("api")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+STATUSES = [str(s) for s in WorkflowStatus]
+MAX_LIST = 1000
+PROBE_TIMEOUT = 2.0
+
+_STATUS_OF: list[tuple[type[Exception], int]] = [
+    (WorkflowNotFoundError, 404),
+    (UnknownWorkflowError, 404),
+    (InvalidStateError, 409),
+    (EngineUnavailableError, 503),
+    (PayloadError, 400),
+    (DefinitionError, 400),
+]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.kind = status, kind
+
+
+class EngineApi:
+    def __init__(
+        self,
+        engine: Engine,
+        metrics: EngineMetrics,
+        *,
+        host: str = "127.0.0.1",
+        token: str | None = None,
+        request_timeout: float = 10.0,
+    ) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.token = token
+        self.loopback = is_loopback(host)
+        self.host = host
+        # Requests go to the engine over its own bus, like any client's.
+        self.client = Client(
+            engine.bus, service_name="hms-engine-api", request_timeout=request_timeout
+        )
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._errors])
+        get, post = app.router.add_get, app.router.add_post
+        get("/healthz", self.healthz)
+        get("/readyz", self.readyz)
+        get("/metrics", metrics_handler(self.metrics.render, self._refresh_counts))
+        get("/api/workflows", self.list_workflows)
+        post("/api/workflows", self._mutating(self.start))
+        get("/api/workflows/{id}", self.show)
+        post("/api/workflows/{id}/cancel", self._mutating(self.cancel))
+        post("/api/workflows/{id}/retry", self._mutating(self.retry))
+        get("/api/definitions", self.definitions)
+        get("/api/dlq", self.dlq_queues)
+        get("/api/dlq/{queue}", self.dlq_messages)
+        post("/api/dlq/{queue}/replay", self._mutating(self.dlq_replay))
+        post("/api/dlq/{queue}/purge", self._mutating(self.dlq_purge))
+        return app
+
+    # -- plumbing ---------------------------------------------------------------
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return error_response(exc.status, exc.kind, str(exc))
+        except HmsError as exc:
+            status = next((code for kind, code in _STATUS_OF if isinstance(exc, kind)), 400)
+            return error_response(status, type(exc).__name__, str(exc))
+        except BusError as exc:
+            return error_response(503, "BrokerUnavailable", f"broker trouble: {exc}")
+
+    def _mutating(self, handler: Handler) -> Handler:
+        async def checked(request: web.Request) -> web.StreamResponse:
+            self._authorise(request)
+            self._need_broker()
+            await self.client.connect()
+            return await handler(request)
+
+        return checked
+
+    def _need_broker(self) -> None:
+        """Fail fast, rather than wait for a reconnect, while the broker is away."""
+        if not bus_connected(self.engine.bus):
+            raise ApiError(
+                503,
+                "BrokerUnavailable",
+                f"the engine is not connected to {redact_url(self.engine.bus.url)}; "
+                "try again once /readyz says ready",
+            )
+
+    def _authorise(self, request: web.Request) -> None:
+        if self.token is None:
+            if self.loopback:
+                return
+            raise ApiError(
+                403,
+                "Forbidden",
+                f"changes over HTTP are disabled: the server listens on {self.host}, beyond "
+                "loopback, and HMS_HTTP_TOKEN is not set",
+            )
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+            raise ApiError(
+                401, "Unauthorized", "this needs 'Authorization: Bearer <HMS_HTTP_TOKEN>'"
+            )
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        if not request.body_exists:
+            return {}
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ApiError(400, "BadRequest", f"the request body is not JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            raise ApiError(400, "BadRequest", "the request body must be a JSON object")
+        return body
+
+    async def _refresh_counts(self) -> None:
+        try:
+            counts = await asyncio.wait_for(self.engine.store.count_by_status(), PROBE_TIMEOUT)
+        except Exception as exc:  # a scrape still shows the counters
+            log.warning("cannot count workflows for /metrics", error=repr(exc))
+            return
+        self.metrics.set_counts(counts)
+
+    # -- probes -----------------------------------------------------------------
+
+    async def healthz(self, _request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    async def readyz(self, _request: web.Request) -> web.Response:
+        checks = {
+            "engine": self.engine.ready.is_set(),
+            "broker": bus_connected(self.engine.bus),
+            "store": await self._store_reachable(),
+        }
+        ok = all(checks.values())
+        return web.json_response({"ready": ok, "checks": checks}, status=200 if ok else 503)
+
+    async def _store_reachable(self) -> bool:
+        try:
+            await asyncio.wait_for(self.engine.store.ping(), PROBE_TIMEOUT)
+        except Exception:
+            return False
+        return True
+
+    # -- workflows --------------------------------------------------------------
+
+    async def list_workflows(self, request: web.Request) -> web.Response:
+        status = request.query.get("status") or None
+        if status is not None and status not in STATUSES:
+            raise ApiError(
+                400, "BadRequest", f"unknown status {status!r}; one of {', '.join(STATUSES)}"
+            )
+        limit = _int(request.query.get("limit", "50"), "limit", 1, MAX_LIST)
+        workflows = await self.engine.store.list_workflows(
+            status=status, name=request.query.get("name") or None, limit=limit
+        )
+        return web.json_response([_summary(w) for w in workflows])
+
+    async def show(self, request: web.Request) -> web.Response:
+        workflow_id = request.match_info["id"]
+        found = await self.engine.store.workflow_with_runs(workflow_id)
+        if found is None:
+            raise WorkflowNotFoundError(f"no workflow with id {workflow_id!r}")
+        state = WorkflowState.of(*found).to_json()
+        state["trace_id"] = tracing.trace_id(state.get("traceparent"))
+        state["history"] = [
+            {"at": entry.at, "kind": entry.kind, "detail": entry.detail}
+            for entry in await self.engine.store.history(workflow_id)
+        ]
+        return web.json_response(state)
+
+    async def start(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        name = body.get("workflow")
+        if not isinstance(name, str):
+            raise ApiError(400, "BadRequest", "give the workflow's name as 'workflow'")
+        key = body.get("idempotency_key")
+        started = await self.client.start(
+            name,
+            body.get("input"),
+            idempotency_key=None if key is None else str(key),
+            traceparent=tracing.checked(request.headers.get("traceparent")),
+        )
+        return web.json_response(
+            {"workflow_id": started.workflow_id, "existing": started.existing},
+            status=200 if started.existing else 201,
+        )
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        reason = (await self._body(request)).get("reason")
+        result = await self.client.cancel(
+            request.match_info["id"], None if reason is None else str(reason)
+        )
+        return web.json_response(result)
+
+    async def retry(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.client.retry(request.match_info["id"]))
+
+    async def definitions(self, _request: web.Request) -> web.Response:
+        return web.json_response(
+            [
+                {
+                    "name": d.name,
+                    "version": d.version,
+                    "steps": d.step_names,
+                    "on_error": None if d.on_error is None else d.on_error.name,
+                    "definition": d.to_json(),
+                }
+                for d in sorted(self.engine.latest.values(), key=lambda d: d.name)
+            ]
+        )
+
+    # -- dead letters -----------------------------------------------------------
+
+    def _known_dlqs(self) -> list[str]:
+        queues = {dlq_name(q) for q in ENGINE_QUEUES}
+        for definition in self.engine.definitions.values():
+            queues.update(dlq_name(f"{definition.name}.{s.name}") for s in definition.all_steps)
+        return sorted(queues)
+
+    def _dlq(self, request: web.Request) -> str:
+        queue = request.match_info["queue"]
+        if queue not in self._known_dlqs():
+            raise ApiError(
+                404,
+                "NotFound",
+                f"{queue!r} is not a dead-letter queue of this engine's workflows "
+                "(GET /api/dlq lists them)",
+            )
+        return queue
+
+    async def dlq_queues(self, _request: web.Request) -> web.Response:
+        self._need_broker()
+        bus = self.engine.bus
+        rows = [{"queue": q, "messages": await bus.queue_length(q)} for q in self._known_dlqs()]
+        return web.json_response(rows)
+
+    async def dlq_messages(self, request: web.Request) -> web.Response:
+        queue = self._dlq(request)
+        self._need_broker()
+        limit = _int(request.query.get("limit", "100"), "limit", 1, MAX_LIST)
+        letters = await dlq.peek(self.engine.bus, queue, limit)
+        return web.json_response([letter.to_json() for letter in letters])
+
+    async def dlq_replay(self, request: web.Request) -> web.StreamResponse:
+        """Streams JSON lines: the count first, then one line per message as it is replayed."""
+        queue = self._dlq(request)
+        body = await self._body(request)
+        message_id, replay_all = body.get("id"), body.get("all") is True
+        if (message_id is None) == (not replay_all):
+            raise ApiError(400, "BadRequest", 'give exactly one of {"id": ...} or {"all": true}')
+        total = 1 if message_id is not None else await self.engine.bus.queue_length(queue)
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+
+        async def line(value: dict[str, Any]) -> None:
+            await response.write(json.dumps(value).encode() + b"\n")
+
+        await line({"total": total})
+        try:
+            results = await dlq.replay(
+                self.engine.bus,
+                self.client,
+                queue,
+                message_id=None if message_id is None else str(message_id),
+                progress=lambda result: line(result.to_json()),
+            )
+        except (HmsError, BusError) as exc:
+            await line({"error": {"type": type(exc).__name__, "message": str(exc)}})
+        else:
+            await line({"done": True, "count": len(results)})
+        await response.write_eof()
+        return response
+
+    async def dlq_purge(self, request: web.Request) -> web.Response:
+        queue = self._dlq(request)
+        purged = await dlq.purge(self.engine.bus, queue)
+        log.warning("dead-letter queue purged over http", queue=queue, messages=purged)
+        return web.json_response({"queue": queue, "purged": purged})
+
+
+def _int(raw: str, name: str, low: int, high: int) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, "BadRequest", f"{name} must be a whole number, not {raw!r}") from None
+    if not low <= value <= high:
+        raise ApiError(400, "BadRequest", f"{name} must be between {low} and {high}")
+    return value
+
+
+def _summary(workflow: Workflow) -> dict[str, Any]:
+    error = workflow.error or {}
+    return {
+        "workflow_id": workflow.id,
+        "name": workflow.name,
+        "status": str(workflow.status),
+        "created_at": workflow.created_at,
+        "updated_at": workflow.updated_at,
+        "error": {k: error.get(k) for k in ("type", "message", "step", "attempts")}
+        if workflow.error
+        else None,
+        "trace_id": tracing.trace_id(workflow.traceparent),
+    }
+
+
+async def start_api(engine: Engine, settings: Settings) -> web.AppRunner | None:
+    """The engine's HTTP server when ``settings.http_port`` is set; its metrics hooked in."""
+    if settings.http_port is None:
+        return None
+    metrics = EngineMetrics(lambda: int(getattr(engine.bus, "reconnects", 0)))
+    engine.on_commit = metrics.on_batch
+    api = EngineApi(engine, metrics, host=settings.http_host, token=settings.http_token)
+    if not api.loopback and settings.http_token is None:
+        log.warning(
+            "the http server listens beyond loopback without HMS_HTTP_TOKEN: "
+            "its endpoints that change state are disabled",
+            host=settings.http_host,
+        )
+    return await start_server(api.app(), settings.http_host, settings.http_port, name="engine")

@@ -1,0 +1,98 @@
+"""The small aiohttp servers of the engine and of step services: health, readiness, metrics.
+
+Both listen on loopback unless told otherwise (``HMS_HTTP_HOST``). The engine's
+JSON API is in :mod:`hms_mgmt.engine.api`; this module has what both share.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from hms_mgmt.logs import get_logger
+from hms_mgmt.management import Management
+from hms_mgmt.metrics import WorkerMetrics
+from hms_mgmt.settings import Settings
+
+log = get_logger("http")
+
+CONTENT_TYPE_METRICS = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listen address reaches only this machine (``0.0.0.0`` and names do not)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bus_connected(bus: Any) -> bool:
+    """Whether a bus is connected; adapters without the notion (memory) always are."""
+    return bool(getattr(bus, "connected", True))
+
+
+def error_response(status: int, kind: str, message: str) -> web.Response:
+    return web.json_response({"error": {"type": kind, "message": message}}, status=status)
+
+
+async def start_server(app: web.Application, host: str, port: int, *, name: str) -> web.AppRunner:
+    """Listen on ``host:port`` (``0`` picks a free port); a port in use is a ValueError."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    bound = [a for a in runner.addresses if isinstance(a, tuple)]
+    log.info(f"{name} http server listening", host=host, port=bound[0][1] if bound else port)
+    return runner
+
+
+def metrics_handler(
+    render: Callable[[], bytes], refresh: Callable[[], Awaitable[None]] | None = None
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def metrics(_request: web.Request) -> web.Response:
+        if refresh is not None:
+            await refresh()
+        return web.Response(body=render(), headers={"Content-Type": CONTENT_TYPE_METRICS})
+
+    return metrics
+
+
+def probe_app(render: Callable[[], bytes], ready: Callable[[], dict[str, bool]]) -> web.Application:
+    """A step service's server: ``/healthz``, ``/readyz`` and ``/metrics``."""
+
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    async def readyz(_request: web.Request) -> web.Response:
+        checks = ready()
+        ok = all(checks.values())
+        return web.json_response({"ready": ok, "checks": checks}, status=200 if ok else 503)
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_handler(render))
+    return app
+
+
+async def serve_with_probes(target: Management, settings: Settings) -> None:
+    """Run a step service (``Management.run``) with its HTTP server beside it."""
+    assert settings.http_port is not None
+    metrics = WorkerMetrics(lambda: target.reconnects)
+    target.on_outcome = metrics.on_outcome
+    app = probe_app(metrics.render, target.readiness)
+    runner = await start_server(app, settings.http_host, settings.http_port, name="worker")
+    try:
+        await target.run()
+    finally:
+        await runner.cleanup()

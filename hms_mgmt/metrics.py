@@ -1,0 +1,144 @@
+"""Prometheus metrics of the engine and of step services, each in its own registry.
+
+The engine's are counted from each batch once it is committed (so a batch that
+rolls back counts nothing), the step services' from each outcome. Labels are
+workflow, step, status or outcome: never a workflow id, whose number is unbounded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from hms_mgmt.messages import DEAD_EXCHANGE, Outcome, StepMessage
+from hms_mgmt.records import TERMINAL, StepStatus, WorkflowStatus
+from hms_mgmt.store.base import Batch
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
+FINISHED_RUNS = frozenset(
+    {StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.TIMED_OUT, StepStatus.CANCELLED}
+)
+IN_PROGRESS = [str(s) for s in WorkflowStatus if s not in TERMINAL]
+
+
+class _ReadCounter(Collector):
+    """A counter kept elsewhere (the bus's reconnects), read at scrape time."""
+
+    def __init__(self, name: str, documentation: str, read: Callable[[], int]) -> None:
+        self._name, self._documentation, self._read = name, documentation, read
+
+    def collect(self) -> Iterable[Metric]:
+        yield CounterMetricFamily(self._name, self._documentation, value=self._read())
+
+
+class EngineMetrics:
+    def __init__(self, reconnects: Callable[[], int] = lambda: 0) -> None:
+        self.registry = registry = CollectorRegistry()
+        self.started = Counter(
+            "hms_workflows_started", "Workflows started.", ["workflow"], registry=registry
+        )
+        self.finished = Counter(
+            "hms_workflows_finished",
+            "Workflows that reached succeeded, failed or cancelled.",
+            ["workflow", "status"],
+            registry=registry,
+        )
+        self.in_progress = Gauge(
+            "hms_workflows_in_progress",
+            "Workflows not finished yet (pending, scheduled, running or waiting).",
+            registry=registry,
+        )
+        self.step_duration = Histogram(
+            "hms_step_duration_seconds",
+            "Step runs from their start to their end, as the engine recorded them.",
+            ["workflow", "step", "outcome"],
+            buckets=STEP_BUCKETS,
+            registry=registry,
+        )
+        self.retries = Counter(
+            "hms_step_retries",
+            "Attempts scheduled after a failed or timed-out one.",
+            ["workflow", "step"],
+            registry=registry,
+        )
+        self.dead_letters = Counter(
+            "hms_dead_letters",
+            "Step messages the engine gave up on and put in their .dlq.",
+            ["workflow", "step"],
+            registry=registry,
+        )
+        registry.register(
+            _ReadCounter(
+                "hms_bus_reconnects", "Broker connections re-established after a drop.", reconnects
+            )
+        )
+
+    def on_batch(self, batch: Batch) -> None:
+        """Count what a committed batch did."""
+        for workflow in batch.workflows.values():
+            # Only a transition puts a workflow in a batch, and none leaves a finished one
+            # finished: a terminal workflow here has just finished.
+            if workflow.terminal:
+                self.finished.labels(workflow.name, str(workflow.status)).inc()
+        for workflow_id, _at, kind, detail in batch.history:
+            if kind == "workflow_started":
+                self.started.labels(str(detail.get("workflow"))).inc()
+            elif kind == "retry_scheduled" and workflow_id in batch.workflows:
+                self.retries.labels(batch.workflows[workflow_id].name, str(detail["step"])).inc()
+        for run in batch.runs.values():
+            if run.status not in FINISHED_RUNS or run.started_at is None:
+                continue
+            owner = batch.workflows.get(run.workflow_id)
+            if owner is not None and run.finished_at is not None:
+                self.step_duration.labels(owner.name, run.step, str(run.status)).observe(
+                    max(0.0, run.finished_at - run.started_at)
+                )
+        for row in batch.outbox:
+            if row.exchange == DEAD_EXCHANGE:
+                workflow_name, _, step = row.routing_key.partition(".")
+                self.dead_letters.labels(workflow_name, step).inc()
+
+    def set_counts(self, by_status: dict[str, int]) -> None:
+        """The gauges read from the store at scrape time."""
+        self.in_progress.set(sum(by_status.get(status, 0) for status in IN_PROGRESS))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class WorkerMetrics:
+    def __init__(self, reconnects: Callable[[], int] = lambda: 0) -> None:
+        self.registry = registry = CollectorRegistry()
+        self.steps = Counter(
+            "hms_worker_steps",
+            "Step runs this process finished, by outcome (succeeded or failed).",
+            ["workflow", "step", "outcome"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "hms_worker_step_duration_seconds",
+            "Handler run time of the step runs this process finished.",
+            ["workflow", "step", "outcome"],
+            buckets=STEP_BUCKETS,
+            registry=registry,
+        )
+        registry.register(
+            _ReadCounter(
+                "hms_bus_reconnects", "Broker connections re-established after a drop.", reconnects
+            )
+        )
+
+    def on_outcome(self, message: StepMessage, outcome: Outcome) -> None:
+        labels = (message.workflow, message.step, outcome.kind)
+        self.steps.labels(*labels).inc()
+        if outcome.started_at is not None and outcome.finished_at is not None:
+            self.duration.labels(*labels).observe(
+                max(0.0, outcome.finished_at - outcome.started_at)
+            )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
