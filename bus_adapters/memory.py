@@ -66,7 +66,6 @@ class _Queue:
     ready: deque[_Stored] = field(default_factory=deque)
     consumers: list[_Consumer] = field(default_factory=list)
     next_consumer: int = 0
-    exclusive_owner: object | None = None
 
 
 @dataclass

@@ -14,12 +14,10 @@ from aiohttp import web
 
 from hms_mgmt.logs import get_logger
 from hms_mgmt.management import Management
-from hms_mgmt.metrics import WorkerMetrics
+from hms_mgmt.metrics import CONTENT_TYPE, WorkerMetrics
 from hms_mgmt.settings import Settings
 
 log = get_logger("http")
-
-CONTENT_TYPE_METRICS = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def is_loopback(host: str) -> bool:
@@ -62,7 +60,7 @@ def metrics_handler(
     async def metrics(_request: web.Request) -> web.Response:
         if refresh is not None:
             await refresh()
-        return web.Response(body=render(), headers={"Content-Type": CONTENT_TYPE_METRICS})
+        return web.Response(body=render(), headers={"Content-Type": CONTENT_TYPE})
 
     return metrics
 

@@ -55,7 +55,6 @@ class Management:
         self._engine_task: asyncio.Task[None] | None = None
         self._engine: Any = None
         self._worker: Any = None  # a hms_mgmt.worker.Worker while serving
-        self._defined: set[str] = set()
         self._define_tasks: set[asyncio.Task[None]] = set()
         self._lock: asyncio.Lock | None = None
         # Called with each step run's outcome in this process (a step service's metrics).
@@ -79,7 +78,6 @@ class Management:
         self.definitions[name] = definition
         for topic in self.handlers:
             self._check_topic(topic)
-        self._defined.discard(name)
         if self._client is not None:
             self._send_definition(definition)
         return definition
@@ -160,7 +158,6 @@ class Management:
         """Send a definition to the engine; the request waits in its queue if it is down."""
         assert self._client is not None
         client = self._client
-        self._defined.add(definition.name)
 
         async def send() -> None:
             try:

@@ -160,7 +160,6 @@ class Engine:
         self._subscriptions: list[Subscription] = []
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
-        self._running = False
         self.ready = asyncio.Event()
         self.stats = {"events": 0, "batches": 0, "started": 0, "finished": 0, "dead_lettered": 0}
         # Called with each batch once it is committed (metrics); it must not raise or block.
@@ -190,7 +189,6 @@ class Engine:
         if unsent:
             log.info("publishing outbox rows left from before", count=len(unsent))
             self.relay.submit(unsent)
-        self._running = True
         for queue, handler in (
             (COMMANDS_QUEUE, self._on_command),
             (RESULTS_QUEUE, self._on_outcome),
@@ -209,7 +207,6 @@ class Engine:
         self._stopping.set()
 
     async def _shutdown(self) -> None:
-        self._running = False
         for subscription in self._subscriptions:
             with contextlib.suppress(BusError, OSError):
                 await subscription.cancel()

@@ -87,12 +87,6 @@ class OutboxRelay:
         self._queued: set[str] = set()
         self._confirmed: list[str] = []
         self._crash_point = crash_point or CrashPoints("")
-        self.unroutable_total = 0
-        self.published_messages = 0
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._tasks)
 
     def submit(self, rows: list[OutboxRow]) -> None:
         fresh = [row for row in rows if row.message_id not in self._queued]
@@ -144,7 +138,6 @@ class OutboxRelay:
                     await self._bus.publish(message)
                     break
                 except UnroutableError as exc:
-                    self.unroutable_total += 1
                     log.error(
                         "unroutable publish: kept in the outbox, retrying",
                         routing_key=message.routing_key,
@@ -167,7 +160,6 @@ class OutboxRelay:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         self._crash_point("after_confirm")
-        self.published_messages += 1
         for row in rows:
             self._queued.discard(row.message_id)
             self._confirmed.append(row.message_id)
