@@ -30,6 +30,11 @@ from hms_mgmt.logs import get_logger
 from hms_mgmt.messages import (
     MAX_REPLY_BYTES,
     batches,
+    check_delay,
+    check_id,
+    check_key,
+    check_run_at,
+    check_schedule_id,
     decode_body,
     encode_payload,
     new_id,
@@ -61,6 +66,11 @@ class _Request:
     body: bytes
     persistent: bool
     deadline: float
+
+
+def _check_workflow_id(workflow_id: str) -> None:
+    """A workflow id the engine could have made: :data:`hms_mgmt.messages.ID_PATTERN`."""
+    check_id(workflow_id, "workflow id", PayloadError)
 
 
 def new_workflow_id() -> str:
@@ -242,19 +252,23 @@ class Client:
             "traceparent": traceparent or tracing.current_traceparent(),
         }
         if delay is not None:
-            if not isinstance(delay, int | float) or delay < 0:
-                raise PayloadError(f"delay must be seconds >= 0, not {delay!r}")
-            fields["delay"] = delay
+            fields["delay"] = check_delay(delay, "delay", PayloadError)
         if run_at is not None:
-            fields["run_at"] = run_at.timestamp() if isinstance(run_at, datetime) else float(run_at)
+            if isinstance(run_at, datetime):
+                try:
+                    run_at = run_at.timestamp()
+                except (OverflowError, ValueError, OSError) as exc:
+                    raise PayloadError(f"run_at {run_at!r} has no timestamp: {exc}") from None
+            fields["run_at"] = check_run_at(run_at, "run_at", PayloadError)
         if idempotency_key is not None:
-            fields["idempotency_key"] = str(idempotency_key)
+            fields["idempotency_key"] = check_key(str(idempotency_key), error=PayloadError)
         result = await self.request(
             "start", fields, timeout=timeout, request_id=fields["workflow_id"]
         )
         return StartResult(str(result["workflow_id"]), bool(result.get("existing")))
 
     async def status(self, workflow_id: str, *, timeout: float | None = None) -> WorkflowState:
+        _check_workflow_id(workflow_id)
         result = await self.request(
             "status", {"workflow_id": workflow_id}, timeout=timeout, persistent=False
         )
@@ -262,6 +276,7 @@ class Client:
 
     async def wait(self, workflow_id: str, timeout: float | None = None) -> WorkflowState:
         """The workflow's state once it is terminal; ``TimeoutError`` if it is not by ``timeout``."""
+        _check_workflow_id(workflow_id)
         deadline = None if timeout is None else time.time() + timeout
         while True:
             hold = (
@@ -283,12 +298,15 @@ class Client:
                 raise TimeoutError(f"workflow {workflow_id} did not finish within {timeout:g}s")
 
     async def cancel(self, workflow_id: str, reason: str | None = None) -> Any:
+        _check_workflow_id(workflow_id)
         return await self.request("cancel", {"workflow_id": workflow_id, "reason": reason})
 
     async def retry(self, workflow_id: str) -> Any:
+        _check_workflow_id(workflow_id)
         return await self.request("retry", {"workflow_id": workflow_id})
 
     async def signal(self, workflow_id: str, name: str, data: Any = None) -> Any:
+        _check_workflow_id(workflow_id)
         check_name("signal", name)
         encode_payload(data, what="signal data")
         return await self.request(
@@ -316,7 +334,9 @@ class Client:
                 "cron": cron,
                 "payload": payload,
                 "timezone": timezone,
-                "schedule_id": check_name("schedule", schedule_id or workflow),
+                "schedule_id": check_schedule_id(
+                    check_name("schedule", schedule_id or workflow), PayloadError
+                ),
                 "catch_up": catch_up,
             },
         )

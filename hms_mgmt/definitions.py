@@ -8,18 +8,21 @@ the engine as JSON and are stored there, versioned.
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hms_mgmt.errors import DefinitionError
+from hms_mgmt.messages import check_delay, short
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
+"""Workflow, step, signal and schedule names; match with ``fullmatch``."""
 
 
 def check_name(kind: str, name: object) -> str:
     """A workflow or step name: letters, digits, ``_`` and ``-`` (a dot would break routing)."""
-    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise DefinitionError(
             f"invalid {kind} name {name!r}: use 1-100 letters, digits, '_' or '-'"
         )
@@ -69,15 +72,14 @@ class RetryPolicy:
     ) -> None:
         if not isinstance(max_attempts, int) or max_attempts < 1:
             raise DefinitionError(f"max_attempts must be an integer >= 1, not {max_attempts!r}")
-        for label, value in (
-            ("initial_delay", initial_delay),
-            ("backoff", backoff),
-            ("max_delay", max_delay),
+        check_delay(initial_delay, "initial_delay", DefinitionError)
+        check_delay(max_delay, "max_delay", DefinitionError)
+        if (
+            not isinstance(backoff, int | float)
+            or isinstance(backoff, bool)
+            or not 1 <= backoff <= sys.float_info.max
         ):
-            if not isinstance(value, int | float) or value < 0:
-                raise DefinitionError(f"{label} must be a number >= 0, not {value!r}")
-        if backoff < 1:
-            raise DefinitionError(f"backoff must be >= 1, not {backoff!r}")
+            raise DefinitionError(f"backoff must be a finite number >= 1, not {short(backoff)}")
         object.__setattr__(self, "max_attempts", max_attempts)
         object.__setattr__(self, "initial_delay", float(initial_delay))
         object.__setattr__(self, "backoff", float(backoff))
@@ -87,7 +89,10 @@ class RetryPolicy:
 
     def delay_after(self, attempt: int, draw: float) -> float:
         """Seconds to wait after failed attempt ``attempt``; ``draw`` is in [0, 1)."""
-        base = min(self.max_delay, self.initial_delay * self.backoff ** (attempt - 1))
+        try:
+            base = min(self.max_delay, self.initial_delay * self.backoff ** (attempt - 1))
+        except OverflowError:  # backoff ** attempt beyond a float: long past max_delay
+            base = self.max_delay if self.initial_delay else 0.0
         return base * (0.5 + 0.5 * draw) if self.jitter else base
 
     def is_non_retryable(self, error_types: Sequence[str]) -> bool:
@@ -126,7 +131,7 @@ class Step:
         if self.retry is not None and not isinstance(self.retry, RetryPolicy):
             raise DefinitionError(f"retry of step {self.name!r} must be a RetryPolicy")
         if self.timeout is not None and (
-            not isinstance(self.timeout, int | float) or self.timeout <= 0
+            check_delay(self.timeout, f"timeout of step {self.name!r}", DefinitionError) <= 0
         ):
             raise DefinitionError(
                 f"timeout of step {self.name!r} must be > 0, not {self.timeout!r}"

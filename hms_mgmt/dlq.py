@@ -14,7 +14,7 @@ from typing import Any
 
 from bus_adapters.base import Bus, Delivery
 from hms_mgmt.client import Client
-from hms_mgmt.errors import InvalidStateError, WorkflowNotFoundError
+from hms_mgmt.errors import InvalidStateError, PayloadError, WorkflowNotFoundError
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ async def _replay_one(client: Client, delivery: Delivery) -> Replayed:
         await client.retry(letter.workflow_id)
     except InvalidStateError as exc:
         return Replayed(letter.message_id, letter.workflow_id, "removed", str(exc))
-    except WorkflowNotFoundError as exc:
+    except (WorkflowNotFoundError, PayloadError) as exc:  # PayloadError: not a workflow id
         return Replayed(letter.message_id, letter.workflow_id, "kept", str(exc))
     return Replayed(
         letter.message_id, letter.workflow_id, "resumed", f"resumed from step {letter.step}"

@@ -50,6 +50,19 @@ class Retry(HmsError):
         super().__init__(message)
         self.delay = delay
 
+    @property
+    def delay(self) -> float | None:
+        return self._delay
+
+    @delay.setter
+    def delay(self, value: float | None) -> None:
+        """Seconds from 0 to 10 years (``MAX_DELAY``); anything else is a ``ValueError`` at once."""
+        from hms_mgmt.messages import check_delay
+
+        if value is not None:
+            check_delay(value, "Retry delay")
+        self._delay = value
+
 
 _BY_NAME: dict[str, type[HmsError]] = {
     cls.__name__: cls

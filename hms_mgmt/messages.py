@@ -12,6 +12,7 @@ import functools
 import json
 import math
 import re
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     def _loads(data: bytes) -> Any:
         return json.loads(data.decode("utf-8"))
 
-    _DECODE_ERRORS = (json.JSONDecodeError, RecursionError)
+    _DECODE_ERRORS = (ValueError, RecursionError)  # ValueError: over 4300 digits, too
 
 _strict = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
@@ -54,6 +55,19 @@ MAX_MESSAGE_BYTES = 1024 * 1024
 MAX_PAYLOAD_BYTES = MAX_MESSAGE_BYTES - 16 * 1024  # room for the envelope around a payload
 MAX_REPLY_BYTES = 64 * 1024 * 1024  # the engine's answers (a long workflow's state) may be larger
 MAX_DEPTH = 64
+MAX_DELAY = 10 * 365 * 86400
+"""The longest delay, wait timeout or retry delay in seconds (10 years); ``run_at`` may be at
+most this far ahead."""
+INT_MIN, INT_MAX = -(2**63), 2**64 - 1
+"""The integers JSON may carry here: what orjson writes (it reads wider ones as floats)."""
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,99}$")
+"""Workflow and request ids; match with ``fullmatch`` (``$`` alone lets a final newline in)."""
+ID_RULE = (
+    "1-100 letters, digits, '_', '.', ':' or '-', starting with a letter, digit or '_' "
+    f"({ID_PATTERN.pattern})"
+)
+MAX_KEY_LENGTH = 200
+"""Idempotency keys: 1 to this many printable characters."""
 
 STEPS_EXCHANGE = "hms.steps"
 DLX_EXCHANGE = "hms.dlx"  # what the broker dead-letters
@@ -71,6 +85,81 @@ RESULT_KEYS = frozenset({"next_step", "data", "complete", "delay", "run_at", "wa
 
 def new_id() -> str:
     return uuid.uuid4().hex
+
+
+def short(value: Any, limit: int = 100) -> str:
+    """``repr(value)`` for an error message: at most ``limit`` characters, safe for any value."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # an integer of over 4300 digits, a deep structure
+        bits = value.bit_length() if isinstance(value, int) else None
+        text = f"<an integer of {bits} bits>" if bits else f"<a {type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_delay(value: Any, what: str, error: type[Exception] = ValueError) -> float:
+    """``value`` as seconds from 0 to :data:`MAX_DELAY`, or ``error`` naming it."""
+    if not _real(value) or (isinstance(value, float) and not math.isfinite(value)):
+        ok = False
+    else:
+        ok = 0 <= value <= MAX_DELAY
+    if not ok:
+        raise error(f"{what} must be seconds from 0 to {MAX_DELAY} (10 years), not {short(value)}")
+    return float(value)
+
+
+def check_run_at(
+    value: Any, what: str, error: type[Exception] = ValueError, *, now: float | None = None
+) -> float:
+    """``value`` as a Unix timestamp from 0 to now + :data:`MAX_DELAY`, or ``error`` naming it."""
+    latest = (time.time() if now is None else now) + MAX_DELAY
+    if not _real(value) or (isinstance(value, float) and not math.isfinite(value)):
+        ok = False
+    else:
+        ok = 0 <= value <= latest
+    if not ok:
+        raise error(
+            f"{what} must be a Unix timestamp from 0 to 10 years from now ({latest:.0f}), "
+            f"not {short(value)}"
+        )
+    return float(value)
+
+
+def check_schedule_id(value: Any, error: type[Exception] = ValueError) -> str:
+    """A schedule id whose ticks' workflow ids (``<id>-<tick>``) are valid ids."""
+    if not (isinstance(value, str) and valid_id(f"{value}-99999999999")):
+        raise error(
+            f"schedule id {short(value)} cannot name workflows: it must start with a letter, "
+            "digit or '_' and be at most 88 characters, so that '<id>-<tick>' is an id"
+        )
+    return value
+
+
+def valid_id(value: Any) -> bool:
+    return isinstance(value, str) and ID_PATTERN.fullmatch(value) is not None
+
+
+def check_id(value: Any, what: str, error: type[Exception] = ValueError) -> str:
+    """A workflow or request id matching :data:`ID_PATTERN`, or ``error`` naming it."""
+    if not valid_id(value):
+        raise error(f"{what} {short(value)} is not a valid id: ids are {ID_RULE}")
+    return str(value)
+
+
+def check_key(
+    value: Any, what: str = "idempotency key", error: type[Exception] = ValueError
+) -> str:
+    """An idempotency key: 1 to :data:`MAX_KEY_LENGTH` printable characters, or ``error``."""
+    if not (isinstance(value, str) and 1 <= len(value) <= MAX_KEY_LENGTH and value.isprintable()):
+        raise error(
+            f"{what} {short(value)} must be 1-{MAX_KEY_LENGTH} printable characters "
+            "(no control characters)"
+        )
+    return value
 
 
 def depth(value: Any) -> int:
@@ -94,7 +183,11 @@ def encode_payload(payload: Any, *, what: str = "payload") -> bytes:
         if b"null" in body:
             check_finite(payload)
     except (TypeError, ValueError, OverflowError, RecursionError) as exc:
-        raise PayloadError(f"{what} is not JSON-serialisable: {exc}") from exc
+        wide = _wide_int_in(payload)
+        named = (
+            "" if wide is None else f" ({short(wide, 60)}; integers must be {INT_MIN} to {INT_MAX})"
+        )
+        raise PayloadError(f"{what} is not JSON-serialisable: {exc}{named}") from exc
     if len(body) > MAX_PAYLOAD_BYTES:
         raise PayloadError(f"{what} is {len(body)} bytes as JSON; the limit is {MAX_PAYLOAD_BYTES}")
     if body.count(b"[") + body.count(b"{") > MAX_DEPTH and depth(payload) > MAX_DEPTH:
@@ -119,13 +212,63 @@ def decode_body(
     try:
         value = _loads(body)
     except _DECODE_ERRORS as exc:
+        _refuse_wide_integers(body)  # orjson calls one beyond 1e308 "infinity"
         raise InvalidMessageError(f"body is not JSON: {exc}") from exc
+    _refuse_wide_integers(body)
     if not isinstance(value, dict):
         raise InvalidMessageError(f"body is a JSON {type(value).__name__}, not an object")
     return value
 
 
-_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_STRINGS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")  # -2**63 has 19 digits, 2**64 - 1 has 20
+_NUMBER = re.compile(rb"-?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+
+
+def _refuse_wide_integers(body: bytes) -> None:
+    """Refuse JSON text with an integer literal outside 64 bits; scanned only when the body
+    has a run of 19 digits."""
+    if _LONG_DIGITS.search(body):
+        wide = _wide_literal(body)
+        if wide is not None:
+            raise InvalidMessageError(
+                f"body has the integer {wide}, outside 64 bits ({INT_MIN} to {INT_MAX}); "
+                "send such a number as a string"
+            )
+
+
+def _wide_literal(body: bytes) -> str | None:
+    """The first integer literal of (valid) JSON text outside 64 bits, shortened; else None.
+
+    orjson reads such an integer as a float, silently; strings are dropped first.
+    """
+    for match in _NUMBER.finditer(_STRINGS.sub(b'""', body)):
+        literal = match.group()
+        if match.group(1) or match.group(2) or len(literal) < 19:
+            continue  # a fraction or an exponent is a float anyway
+        digits = literal.lstrip(b"-").lstrip(b"0")
+        if len(digits) > 20 or not INT_MIN <= int(literal) <= INT_MAX:
+            text = literal.decode()
+            return text if len(text) <= 40 else f"{text[:30]}... ({len(digits)} digits)"
+    return None
+
+
+def _wide_int_in(value: Any) -> int | None:
+    """The first integer in a value that is outside 64 bits (for an error message)."""
+    stack, seen = [value], 0
+    while stack and seen < 1_000_000:
+        item = stack.pop()
+        seen += 1
+        if isinstance(item, int) and not isinstance(item, bool):
+            if not INT_MIN <= item <= INT_MAX:
+                return item
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return None
+
+
 _NOT_BRACKETS = re.compile(rb"[^\[\]{}]+")
 _INNERMOST = re.compile(rb"\[\]|\{\}")
 
@@ -176,16 +319,13 @@ def _name(data: dict[str, Any], key: str) -> str:
     from hms_mgmt.definitions import NAME_PATTERN
 
     value: str = _field(data, key, str)
-    if not NAME_PATTERN.match(value):
+    if not NAME_PATTERN.fullmatch(value):
         raise InvalidMessageError(f"field {key!r} is not a valid name: {value[:100]!r}")
     return value
 
 
 def _id(data: dict[str, Any], key: str) -> str:
-    value: str = _field(data, key, str)
-    if not 1 <= len(value) <= 100:
-        raise InvalidMessageError(f"field {key!r} must be 1-100 characters")
-    return value
+    return check_id(_field(data, key, str), f"field {key!r}", InvalidMessageError)
 
 
 def _positive(data: dict[str, Any], key: str) -> int:
@@ -428,10 +568,11 @@ class Outcome:
 
 def _check_result(result: dict[str, Any]) -> None:
     """The fields of a result the engine acts on have the types it needs."""
-    for key in ("delay", "run_at", "timeout"):
-        value = _field(result, key, (int, float), optional=True)
-        if value is not None and value < 0:
-            raise InvalidMessageError(f"result field {key!r} must be >= 0, not {value}")
+    for key in ("delay", "timeout"):
+        if result.get(key) is not None:
+            check_delay(result[key], f"result field {key!r}", InvalidMessageError)
+    if result.get("run_at") is not None:
+        check_run_at(result["run_at"], "result field 'run_at'", InvalidMessageError)
     for key in ("next_step", "wait_for"):
         if result.get(key) is not None:
             _name(result, key)
@@ -445,7 +586,8 @@ def _check_error(error: dict[str, Any]) -> None:
     ):
         raise InvalidMessageError("error field 'types' must be a list of strings")
     _field(error, "retryable", bool, optional=True)
-    _field(error, "retry_delay", (int, float), optional=True)
+    if error.get("retry_delay") is not None:
+        check_delay(error["retry_delay"], "error field 'retry_delay'", InvalidMessageError)
 
 
 Refused = tuple[Any, str]
@@ -520,6 +662,14 @@ class Command:
             _id(data, "workflow_id")
         if kind == "start":
             _name(data, "workflow")
+            if data.get("delay") is not None:
+                check_delay(data["delay"], "field 'delay'", InvalidMessageError)
+            if data.get("run_at") is not None:
+                check_run_at(data["run_at"], "field 'run_at'", InvalidMessageError)
+            if data.get("idempotency_key") is not None:
+                check_key(data["idempotency_key"], "field 'idempotency_key'", InvalidMessageError)
+        if kind == "wait":
+            _field(data, "hold", (int, float), optional=True)
         if kind == "signal":
             _name(data, "signal")
         if kind == "define":
@@ -527,6 +677,9 @@ class Command:
         if kind == "schedule":
             _name(data, "workflow")
             _field(data, "cron", str)
+            if data.get("schedule_id") is not None:
+                _name(data, "schedule_id")
+            check_schedule_id(data.get("schedule_id") or data["workflow"], InvalidMessageError)
         if kind == "unschedule":
             _name(data, "schedule_id")
         if kind == "list":
@@ -634,19 +787,24 @@ def normalise_result(value: Any, *, payload: Any, describe: Callable[[], str]) -
     if run_at is not None:
         timestamp = getattr(run_at, "timestamp", None)
         if callable(timestamp):
-            result["run_at"] = run_at = timestamp()
-        if not isinstance(run_at, int | float):
-            raise ValueError(f"{describe()} returned run_at {run_at!r}; expected a datetime")
+            try:
+                result["run_at"] = run_at = timestamp()
+            except (OverflowError, ValueError, OSError) as exc:
+                raise ValueError(f"{describe()} returned run_at {short(run_at)}: {exc}") from None
+        try:
+            check_run_at(run_at, "run_at")
+        except ValueError as exc:
+            raise ValueError(f"{describe()} returned run_at {short(run_at)}; {exc}") from None
     for key in ("delay", "timeout"):
-        if (
-            key in result
-            and result[key] is not None
-            and (not isinstance(result[key], int | float) or result[key] < 0)
-        ):
-            raise ValueError(f"{describe()} returned {key} {result[key]!r}; expected seconds >= 0")
+        if result.get(key) is not None:
+            try:
+                check_delay(result[key], key)
+            except ValueError as exc:
+                raise ValueError(
+                    f"{describe()} returned {key} {short(result[key])}; {exc}"
+                ) from None
     return result
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 200 else text[:200] + "..."
+    return short(value, 200)

@@ -5,6 +5,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from hms_mgmt.messages import check_delay, check_run_at, short
+
+
+def _timestamp(moment: datetime) -> float:
+    try:
+        return moment.timestamp()
+    except (OverflowError, ValueError, OSError) as exc:
+        raise ValueError(f"StepResult run_at {short(moment)} has no timestamp: {exc}") from None
+
 
 class StepResult:
     """A handler's decision: go on (to ``next_step`` or the next in order), finish, or wait.
@@ -28,9 +37,12 @@ class StepResult:
         if next_step is not None:
             result["next_step"] = next_step
         if delay is not None:
+            check_delay(delay, "StepResult delay")
             result["delay"] = delay
         if run_at is not None:
-            result["run_at"] = run_at.timestamp() if isinstance(run_at, datetime) else run_at
+            timestamp = _timestamp(run_at) if isinstance(run_at, datetime) else run_at
+            check_run_at(timestamp, "StepResult run_at")
+            result["run_at"] = timestamp
         self._result = result
 
     @classmethod
@@ -53,6 +65,7 @@ class StepResult:
         result = cls(data, next_step=next_step)
         result._result["wait_for"] = signal
         if timeout is not None:
+            check_delay(timeout, "StepResult.wait_for timeout")
             result._result["timeout"] = timeout
         return result
 

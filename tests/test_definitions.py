@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import pytest
 
 import hms_mgmt
@@ -99,3 +102,26 @@ def test_definitions_round_trip_as_json() -> None:
 def test_error_step_may_not_also_be_an_ordinary_step() -> None:
     with pytest.raises(DefinitionError, match="also an ordinary step"):
         WorkflowDefinition.build("w", ["a", "b"], on_error="b")
+
+
+@pytest.mark.parametrize(
+    ("make", "named"),
+    [
+        (lambda: RetryPolicy(initial_delay=math.inf), "initial_delay must be seconds"),
+        (lambda: RetryPolicy(max_delay=1e308), "max_delay must be seconds"),
+        (lambda: RetryPolicy(max_delay=math.nan), "max_delay must be seconds"),
+        (lambda: RetryPolicy(backoff=math.inf), "backoff must be a finite number"),
+        (lambda: RetryPolicy(backoff=math.nan), "backoff must be a finite number"),
+        (lambda: Step("a", timeout=math.inf), "timeout of step 'a' must be seconds"),
+        (lambda: Step("a", timeout=0), "timeout of step 'a' must be > 0"),
+    ],
+)
+def test_retry_delays_and_timeouts_are_finite_and_bounded(make: Any, named: str) -> None:
+    with pytest.raises(DefinitionError, match=named):
+        make()
+
+
+def test_backoff_past_what_a_float_holds_stays_at_max_delay() -> None:
+    policy = RetryPolicy(max_attempts=5000, initial_delay=1, backoff=10, max_delay=60, jitter=False)
+    assert policy.delay_after(4000, 0.5) == 60.0  # 10.0 ** 3999 overflows a float
+    assert RetryPolicy(initial_delay=0, backoff=10, jitter=False).delay_after(4000, 0.5) == 0.0

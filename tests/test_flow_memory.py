@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import math
+import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -10,6 +14,8 @@ import pytest
 import hms_mgmt
 from bus_adapters.base import Message
 from bus_adapters.memory import MemoryBus
+from hms_mgmt.client import Client
+from hms_mgmt.messages import MAX_DELAY
 from tests.conftest import wait_until
 
 GRANT = ["validateApp", "creditCheck", "scheduleInspection", "finalize"]
@@ -211,3 +217,113 @@ async def test_a_handler_whose_own_code_is_cancelled_fails_its_attempt(
         state = await m.wait(started.workflow_id, timeout=10)
     assert state.status == "succeeded"
     assert [(s.attempt, s.status) for s in state.steps] == [(1, "failed"), (2, "succeeded")]
+
+
+# -- bad input is refused where it first can be ------------------------------------------------
+
+
+async def test_the_client_refuses_bad_times_ids_and_keys_before_sending(memory_url: str) -> None:
+    bus = MemoryBus(memory_url)
+    client = Client(bus)
+    calls = [
+        (client.start("w", {}, delay=math.inf), "delay must be seconds from 0 to 315360000"),
+        (client.start("w", {}, delay=math.nan), "not nan"),
+        (client.start("w", {}, delay=1e308), r"not 1e\+308"),
+        (client.start("w", {}, run_at=math.nan), "run_at must be a Unix timestamp"),
+        (client.start("w", {}, run_at=time.time() + MAX_DELAY + 3600), "10 years from now"),
+        (client.start("w", {}, run_at=datetime(9999, 1, 1, tzinfo=UTC)), "253370764800"),
+        (client.start("w", {}, idempotency_key="a\nb"), r"'a\\nb' must be 1-200 printable"),
+        (client.start("w", {}, idempotency_key="x" * 201), "1-200 printable"),
+        (client.status("line\nbreak\x1b[31m"), r"'line\\nbreak\\x1b\[31m' is not a valid id"),
+        (client.wait("../../etc/passwd", timeout=1), "'../../etc/passwd' is not a valid id"),
+        (client.cancel("a b"), "not a valid id"),
+        (client.retry(""), "not a valid id"),
+        (client.signal("ok\n", "go"), "not a valid id"),
+        (client.schedule("w", cron="* * * * *", schedule_id="-w"), "cannot name workflows"),
+    ]
+    for call, message in calls:
+        with pytest.raises(hms_mgmt.PayloadError, match=message):
+            await asyncio.wait_for(call, 2)
+    assert bus.statistics().get("hms.engine.commands", {}).get("ready", 0) == 0
+    with pytest.raises(hms_mgmt.EngineUnavailableError):  # a good request does go out
+        await client.start("w", {}, delay=MAX_DELAY, timeout=0.2)
+    assert bus.statistics()["hms.engine.commands"]["ready"] == 1
+    await client.close()
+
+
+async def test_the_engine_refuses_raw_requests_with_bad_times_ids_and_keys(
+    mgmt: hms_mgmt.Management, memory_url: str
+) -> None:
+    client = await mgmt._connect()
+    start = {"workflow_id": "wf-raw", "workflow": "grantApproval", "payload": {}}
+    for fields, message in (
+        ({**start, "delay": 1e308}, "field 'delay' must be seconds .* not 1e\\+308"),
+        ({**start, "delay": MAX_DELAY + 1}, f"not {MAX_DELAY + 1}"),
+        ({**start, "run_at": -5}, "field 'run_at' must be a Unix timestamp .* not -5"),
+        ({**start, "run_at": 1e300}, "not 1e\\+300"),
+        ({**start, "idempotency_key": "k\x1b"}, "'idempotency_key' 'k\\\\x1b' must be 1-200"),
+        ({**start, "workflow_id": "line\nbreak\x1b[31m"}, "is not a valid id: ids are"),
+        ({**start, "workflow_id": "../../etc/passwd"}, "'../../etc/passwd' is not a valid id"),
+        ({"workflow_id": "a/b"}, "'a/b' is not a valid id"),
+    ):
+        kind = "start" if "workflow" in fields else "status"
+        with pytest.raises(hms_mgmt.InvalidMessageError, match=message):
+            await client.request(kind, fields, timeout=5)
+    assert await client.list() == []  # nothing was stored
+
+    bus = MemoryBus(memory_url)
+    wide = (
+        b'{"requests": [{"type": "start", "request_id": "r1", "workflow_id": "wf-wide",'
+        b' "workflow": "grantApproval", "payload": {"n": 18446744073709551616}}]}'
+    )
+    await bus.publish(Message(wide, routing_key="hms.engine.commands"))
+    outcome = b'{"outcomes": [{"workflow_id": "../x", "seq": 1, "kind": "heartbeat"}]}'
+    await bus.publish(Message(outcome, routing_key="hms.engine.results"))
+    stats = bus.statistics
+    # the refused requests above are dead-lettered too, besides being answered
+    await wait_until(lambda: stats()["hms.engine.commands.dlq"]["ready"] == 9, what="commands dlq")
+    await wait_until(lambda: stats()["hms.engine.results.dlq"]["ready"] == 1, what="results dlq")
+    reasons = []
+    while (dead := await bus.get("hms.engine.commands.dlq")) is not None:
+        reasons.append(dead.headers["x-hms-reason"])
+    [wide_reason] = [r for r in reasons if "18446744073709551616" in r]
+    assert "outside 64 bits" in wide_reason
+    dead = await bus.get("hms.engine.results.dlq")
+    assert dead is not None and "'../x' is not a valid id" in dead.headers["x-hms-reason"]
+    assert await client.list() == []
+
+
+async def test_a_handler_asking_for_an_unbounded_delay_fails_its_step_clearly(
+    memory_url: str, store_url: str
+) -> None:
+    async with hms_mgmt.init(service_name="t", broker_url=memory_url, store_url=store_url) as m:
+        m.define_workflow("later", ["a", "b"], retry=hms_mgmt.RetryPolicy(max_attempts=1))
+        m.define_workflow("again", ["a"], retry=hms_mgmt.RetryPolicy(max_attempts=1))
+        ran_b: list[str] = []
+
+        @m.on_step("later.a")
+        async def later_a(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+            return {"data": 1, "delay": float(ctx.payload["delay"])}
+
+        @m.on_step("later.b")
+        async def later_b(ctx: hms_mgmt.StepContext) -> None:
+            ran_b.append(ctx.workflow_id)
+
+        @m.on_step("again.a")
+        async def again_a(ctx: hms_mgmt.StepContext) -> None:
+            raise hms_mgmt.Retry("later, please", delay=math.inf)
+
+        await m.serve()
+        for delay in ("inf", "nan", "1e308"):  # as text: JSON has no inf or nan
+            started = await m.start("later", {"delay": delay})
+            state = await m.wait(started.workflow_id, timeout=10)
+            assert state.status == "failed" and len(state.steps) == 1
+            error = state.steps[0].error or {}
+            assert "later_a" in error["message"] and f"delay {float(delay)!r}" in error["message"]
+            assert state.error is not None and state.error["reason"] == "not retryable"
+        started = await m.start("again", {})
+        state = await m.wait(started.workflow_id, timeout=10)
+        assert state.status == "failed"
+        error = state.steps[0].error or {}
+        assert error["type"] == "ValueError" and "Retry delay must be seconds" in error["message"]
+        assert ran_b == []

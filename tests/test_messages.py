@@ -1,23 +1,33 @@
 from __future__ import annotations
 
 import json
+import math
+import re
+import time
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
 from bus_adapters.base import Delivery
-from hms_mgmt.errors import InvalidMessageError, PayloadError
+from hms_mgmt.definitions import check_name
+from hms_mgmt.errors import DefinitionError, InvalidMessageError, PayloadError, Retry
 from hms_mgmt.messages import (
+    ID_PATTERN,
+    MAX_DELAY,
     MAX_DEPTH,
     MAX_MESSAGE_BYTES,
+    Command,
     Outcome,
     StepMessage,
     batch_body,
+    decode_body,
     decode_outcomes,
     decode_requests,
     encode_payload,
     normalise_result,
     outcomes_message,
+    valid_id,
 )
 from hms_mgmt.results import StepResult
 
@@ -228,3 +238,219 @@ def test_outcomes_with_mistyped_result_fields_are_refused(result: dict[str, Any]
     ).encode()
     outcomes, refused = decode_outcomes(delivery(batch_body("outcomes", [item])))
     assert outcomes == [] and len(refused) == 1
+
+
+# -- bounded delays, 64-bit integers, ids and keys ------------------------------------------
+
+NOW = time.time()
+TOO_LATE = NOW + MAX_DELAY + 3600
+
+
+def _command(**fields: Any) -> Command:
+    return Command.from_json(
+        {"type": "start", "request_id": "r1", "workflow_id": "wf1", "workflow": "w", **fields}
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "named"),
+    [
+        ("delay", math.inf, "inf"),
+        ("delay", math.nan, "nan"),
+        ("delay", 1e308, "1e+308"),
+        ("delay", MAX_DELAY + 1, str(MAX_DELAY + 1)),
+        ("delay", -1, "-1"),
+        ("delay", "soon", "'soon'"),
+        ("delay", True, "True"),
+        ("run_at", math.nan, "nan"),
+        ("run_at", math.inf, "inf"),
+        ("run_at", TOO_LATE, repr(TOO_LATE)),
+        ("run_at", -5, "-5"),
+    ],
+)
+def test_start_requests_with_unbounded_times_are_refused_naming_the_value(
+    field: str, value: Any, named: str
+) -> None:
+    with pytest.raises(InvalidMessageError, match=field) as refused:
+        _command(**{field: value})
+    assert named in str(refused.value) and "10 years" in str(refused.value)
+
+
+def test_start_requests_with_times_in_bounds_are_accepted() -> None:
+    for fields in (
+        {"delay": 0},
+        {"delay": MAX_DELAY},
+        {"delay": 2.5},
+        {"run_at": 0},
+        {"run_at": NOW + MAX_DELAY - 60},
+    ):
+        assert _command(**fields).body["workflow_id"] == "wf1"
+    # on the wire too: a float orjson reads is still refused when out of bounds
+    body = batch_body(
+        "requests",
+        [b'{"type":"start","request_id":"r","workflow_id":"w","workflow":"w","delay":1e308}'],
+    )
+    commands, refused = decode_requests(delivery(body))
+    assert commands == [] and "1e+308" in refused[0][1]
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        {"data": 1, "delay": 1e308},
+        {"data": 1, "delay": MAX_DELAY + 1},
+        {"data": 1, "run_at": 1e300},
+        {"data": 1, "run_at": TOO_LATE},
+        {"wait_for": "e", "timeout": 1e308},
+    ],
+)
+def test_outcomes_with_unbounded_times_are_refused(result: dict[str, Any]) -> None:
+    item = json.dumps({"workflow_id": "w", "seq": 1, "kind": "succeeded", "result": result})
+    outcomes, refused = decode_outcomes(delivery(batch_body("outcomes", [item.encode()])))
+    assert outcomes == [] and "10 years" in refused[0][1]
+
+
+def test_failed_outcomes_with_an_unbounded_retry_delay_are_refused() -> None:
+    error = {"type": "Retry", "message": "m", "retry_delay": 1e308}
+    item = json.dumps({"workflow_id": "w", "seq": 1, "kind": "failed", "error": error})
+    outcomes, refused = decode_outcomes(delivery(batch_body("outcomes", [item.encode()])))
+    assert outcomes == [] and "retry_delay" in refused[0][1] and "1e+308" in refused[0][1]
+
+
+@pytest.mark.parametrize(
+    ("value", "named"),
+    [
+        ({"data": 1, "delay": math.inf}, "delay inf"),
+        ({"data": 1, "delay": math.nan}, "delay nan"),
+        ({"data": 1, "delay": 1e308}, "delay 1e+308"),
+        ({"data": 1, "run_at": math.nan}, "run_at nan"),
+        ({"data": 1, "run_at": datetime(9999, 1, 1, tzinfo=UTC)}, "run_at 253370764800.0"),
+        ({"wait_for": "e", "timeout": math.inf}, "timeout inf"),
+    ],
+)
+def test_handler_results_with_unbounded_times_fail_naming_the_value(
+    value: dict[str, Any], named: str
+) -> None:
+    with pytest.raises(ValueError, match=r"handler h of w\.s returned") as refused:
+        normalise_result(value, payload=None, describe=describe)
+    assert named in str(refused.value) and "10 years" in str(refused.value)
+
+
+def test_step_results_and_retries_refuse_unbounded_times_when_made() -> None:
+    for make in (
+        lambda: StepResult(1, delay=math.inf),
+        lambda: StepResult(1, delay=1e308),
+        lambda: StepResult(1, run_at=math.nan),
+        lambda: StepResult(1, run_at=datetime(9999, 1, 1, tzinfo=UTC)),
+        lambda: StepResult.wait_for("e", timeout=math.inf),
+        lambda: Retry(delay=math.inf),
+        lambda: Retry(delay=math.nan),
+        lambda: Retry(delay=MAX_DELAY + 1),
+    ):
+        with pytest.raises(ValueError, match="10 years"):
+            make()
+    retry = Retry(delay=5)
+    assert retry.delay == 5
+    with pytest.raises(ValueError, match="Retry delay must be seconds"):
+        retry.delay = math.inf  # set later: still refused, so a worker never sends it
+    assert StepResult(1, delay=MAX_DELAY).to_result() == {"data": 1, "delay": MAX_DELAY}
+
+
+@pytest.mark.parametrize(
+    ("literal", "named"),
+    [
+        (str(2**64), str(2**64)),
+        (str(-(2**63) - 1), str(-(2**63) - 1)),
+        ("123456789012345678901234567890", "123456789012345678901234567890"),
+        ("9" * 5000, "(5000 digits)"),
+    ],
+)
+def test_integers_beyond_64_bits_are_refused_naming_them(literal: str, named: str) -> None:
+    body = b'{"a": [1, {"b": ' + literal.encode() + b"}]}"
+    with pytest.raises(InvalidMessageError, match="outside 64 bits") as refused:
+        decode_body(body, "application/json")
+    assert named in str(refused.value)
+
+
+def test_integers_within_64_bits_floats_and_digit_strings_decode_as_they_are() -> None:
+    body = (
+        b'{"max": 18446744073709551615, "min": -9223372036854775808, "float": 1e19,'
+        b' "long float": 12345678901234567890123.5, "exp": 12345678901234567890123e-3,'
+        b' "text": "123456789012345678901234567890", "esc": "\\"12345678901234567890123"}'
+    )
+    value = decode_body(body, "application/json")
+    assert value["max"] == 2**64 - 1 and isinstance(value["max"], int)
+    assert value["min"] == -(2**63) and isinstance(value["min"], int)
+    assert isinstance(value["float"], float) and isinstance(value["exp"], float)
+    assert value["text"] == "123456789012345678901234567890"
+
+
+def test_payloads_with_integers_beyond_64_bits_are_refused_naming_them() -> None:
+    for wide in (2**64, -(2**63) - 1, 10**5000):
+        with pytest.raises(PayloadError, match="64-bit") as refused:
+            encode_payload({"a": [1, wide]})
+        if wide != 10**5000:
+            assert str(wide) in str(refused.value)
+    assert encode_payload([2**64 - 1, -(2**63)]) == b"[18446744073709551615,-9223372036854775808]"
+
+
+BAD_IDS = ["line\nbreak\x1b[31m", "../../etc/passwd", "", "x" * 101, "-lead", "ok\n", "a b", 7]
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+def test_requests_outcomes_and_steps_with_bad_workflow_ids_are_refused(bad: Any) -> None:
+    for kind in ("start", "status", "wait", "cancel", "retry", "signal"):
+        item = {"type": kind, "request_id": "r1", "workflow_id": bad, "workflow": "w"}
+        item["signal"] = "s"
+        with pytest.raises(InvalidMessageError, match="workflow_id"):
+            Command.from_json(item)
+    with pytest.raises(InvalidMessageError, match="request_id"):
+        Command.from_json({"type": "status", "request_id": bad, "workflow_id": "w"})
+    with pytest.raises(InvalidMessageError, match="workflow_id"):
+        Outcome.from_json({"workflow_id": bad, "seq": 1, "kind": "heartbeat"})
+    with pytest.raises(InvalidMessageError, match="workflow_id"):
+        StepMessage.from_json(
+            {"workflow_id": bad, "workflow": "w", "step": "s", "seq": 1, "visit": 1, "attempt": 1}
+        )
+    if isinstance(bad, str):
+        with pytest.raises(InvalidMessageError, match=re.escape(ID_PATTERN.pattern)):
+            Command.from_json({"type": "status", "request_id": "r", "workflow_id": bad})
+
+
+def test_ids_of_the_documented_pattern_are_accepted() -> None:
+    for good in ("a", "_x", "A-17:x.y_z", "x" * 100, "0193a2b4c5d6e7f8", "nightly-1764100800"):
+        assert valid_id(good)
+        assert Command.from_json({"type": "status", "request_id": good, "workflow_id": good})
+
+
+@pytest.mark.parametrize("key", ["", "a\nb", "tab\there", "x" * 201, 5, "\x1b[31m"])
+def test_start_requests_with_bad_idempotency_keys_are_refused(key: Any) -> None:
+    with pytest.raises(InvalidMessageError, match="idempotency_key"):
+        _command(idempotency_key=key)
+    assert _command(idempotency_key="A-17 é " + "x" * 190).body["idempotency_key"]
+
+
+def test_names_with_a_final_newline_are_refused() -> None:
+    with pytest.raises(InvalidMessageError, match="not a valid name"):
+        _command(workflow="grant\n")
+    with pytest.raises(DefinitionError, match="invalid workflow name"):
+        check_name("workflow", "grant\n")
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"workflow": "-w"}, "cannot name workflows"),
+        ({"workflow": "w", "schedule_id": "-nightly"}, "cannot name workflows"),
+        ({"workflow": "w", "schedule_id": "s" * 89}, "at most 88"),
+        ({"workflow": "w", "schedule_id": "a.b"}, "not a valid name"),
+    ],
+)
+def test_schedules_whose_workflow_ids_would_be_invalid_are_refused(
+    fields: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(InvalidMessageError, match=message):
+        Command.from_json({"type": "schedule", "request_id": "r", "cron": "* * * * *", **fields})
+    assert Command.from_json(
+        {"type": "schedule", "request_id": "r", "cron": "* * * * *", "workflow": "w"}
+    )
