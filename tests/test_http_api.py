@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import structlog.testing
 from aiohttp.test_utils import TestClient, TestServer
 
 from bus_adapters.base import open_bus
@@ -43,6 +45,12 @@ async def loopback(memory_url: str, store_url: str) -> AsyncIterator[TestClient[
 
 
 @pytest.fixture
+async def guarded(memory_url: str, store_url: str) -> AsyncIterator[TestClient[Any, Any]]:
+    async for client in _client(memory_url, store_url, token="s3cret"):
+        yield client
+
+
+@pytest.fixture
 async def exposed(memory_url: str, store_url: str) -> AsyncIterator[TestClient[Any, Any]]:
     async for client in _client(memory_url, store_url, host="0.0.0.0"):
         yield client
@@ -65,7 +73,7 @@ async def test_bad_requests_are_named(loopback: TestClient[Any, Any]) -> None:
         ("GET", "/api/workflows?limit=0", None, "limit must be between 1 and 1000"),
         ("GET", "/api/workflows?status=sleeping", None, "unknown status 'sleeping'"),
         ("POST", "/api/workflows", b"{nope", "the request body is not JSON"),
-        ("POST", "/api/workflows", b"[1]", "must be a JSON object"),
+        ("POST", "/api/workflows", b"[1]", "the request body is a JSON list, not an object"),
         ("POST", "/api/workflows", b"{}", "give the workflow's name as 'workflow'"),
         ("POST", "/api/workflows", b'{"workflow": "a.b"}', "invalid workflow name"),
     ]
@@ -101,3 +109,113 @@ def test_settings_for_the_http_server_and_the_cli() -> None:
         Settings.from_env({"HMS_HTTP_PORT": "eighty"})
     with pytest.raises(ValueError, match="0-65535"):
         Settings.from_env({}, http_port=70000)
+
+
+async def raw_http(client: TestClient[Any, Any], request: bytes) -> tuple[int, bytes]:
+    """Send bytes as they are (aiohttp's client would clean them up); the status and body."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+def post(path: str, body: bytes, *headers: bytes) -> bytes:
+    lines = [f"POST {path} HTTP/1.1".encode(), b"Host: t", b"Connection: close", *headers]
+    lines.append(f"Content-Length: {len(body)}".encode())
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+async def test_request_bodies_are_checked_like_messages_and_never_give_a_500(
+    loopback: TestClient[Any, Any],
+) -> None:
+    cases = [
+        (b"[" * 10_000 + b"]" * 10_000, "nested deeper than 64 levels"),
+        (b'{"a":' * 10_000 + b"1" + b"}" * 10_000, "nested deeper than 64 levels"),
+        (b'{"workflow": "w", "input": {"n": 18446744073709551616}}', "18446744073709551616"),
+        (b'{"workflow": "w", "input": ' + b"9" * 5000 + b"}", "outside 64 bits"),
+        (b'{"workflow": "\xff\xfe"}', "not UTF-8"),
+        (b'{"workflow": "w", "idempotency_key": 7}', "idempotency_key must be a string, not 7"),
+        (b'{"workflow": "w", "idempotency_key": "a\\nb"}', "'a\\nb' must be 1-200 printable"),
+    ]
+    for body, message in cases:
+        response = await loopback.post("/api/workflows", data=body)
+        answer = await response.json()
+        assert response.status == 400, (body[:40], answer)
+        assert message in answer["error"]["message"], (body[:40], answer)
+    too_big = await loopback.post("/api/workflows", data=io.BytesIO(b" " * (1024 * 1024 + 1)))
+    assert too_big.status == 413
+    assert (await too_big.json())["error"]["type"] == "RequestEntityTooLarge"
+
+
+async def test_bad_ids_and_query_parameters_are_refused_naming_them(
+    loopback: TestClient[Any, Any],
+) -> None:
+    cases = [
+        ("GET", "/api/workflows/line%0Abreak%1B%5B31m", r"'line\nbreak\x1b[31m' is not valid"),
+        ("GET", "/api/workflows/..%2F..%2Fetc%2Fpasswd", "'../../etc/passwd' is not valid"),
+        ("POST", "/api/workflows/a%20b/cancel", "'a b' is not valid: ids are 1-100 letters"),
+        ("POST", "/api/workflows/-x/retry", "^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,99}$"),
+        ("GET", "/api/workflows?name=a%00b", "name 'a\\x00b' is not a workflow name"),
+        ("GET", "/api/workflows?name=" + "n" * 101, "is not a workflow name"),
+        ("GET", "/api/workflows?limit=" + "9" * 5000, "limit must be a whole number"),
+        ("GET", "/api/dlq/hms.engine.commands.dlq?limit=-1", "limit must be between 1 and 1000"),
+    ]
+    for method, path, message in cases:
+        response = await loopback.request(method, path)
+        answer = await response.json()
+        assert response.status == 400, (path, answer)
+        assert message in answer["error"]["message"], (path, answer)
+        assert len(answer["error"]["message"]) < 400  # a huge value is not echoed whole
+    nowhere = await loopback.get("/api/nowhere")
+    assert nowhere.status == 404 and (await nowhere.json())["error"]["type"] == "NotFound"
+    wrong = await loopback.delete("/api/workflows")
+    assert wrong.status == 405 and "GET" in wrong.headers["Allow"]
+    assert (await wrong.json())["error"]["type"] == "MethodNotAllowed"
+
+
+async def test_tokens_are_compared_as_bytes(guarded: TestClient[Any, Any]) -> None:
+    body = b'{"workflow": "nope"}'
+    for header in (
+        b"Authorization: Bearer s3cr\xc3\xa9t",  # UTF-8, not ASCII
+        b"Authorization: Bearer \xff\xfe",  # not even UTF-8
+        b"Authorization: Bearer s3cret\xff",
+        b"Authorization: s3cret",
+    ):
+        status, answer = await raw_http(guarded, post("/api/workflows", body, header))
+        assert status == 401, (header, answer)
+        assert b"HMS_HTTP_TOKEN" in answer
+    status, answer = await raw_http(
+        guarded, post("/api/workflows", body, b"Authorization: Bearer s3cret")
+    )
+    assert status == 404 and b"'nope' is not defined" in answer  # let in, then refused
+
+
+async def test_a_bug_is_answered_in_the_documented_shape_and_logged(
+    memory_url: str, store_url: str
+) -> None:
+    engine = Engine(open_bus(memory_url), open_store(store_url))
+    running = asyncio.ensure_future(engine.run())
+    await asyncio.wait_for(engine.ready.wait(), 10)
+
+    async def broken(**_: Any) -> Any:
+        raise RuntimeError("a bug in the store")
+
+    engine.store.list_workflows = broken  # type: ignore[method-assign]
+    try:
+        async with TestClient(TestServer(EngineApi(engine, EngineMetrics()).app())) as client:
+            with structlog.testing.capture_logs() as logs:
+                response = await client.get("/api/workflows")
+                answer = await response.json()
+    finally:
+        engine.stop()
+        await running
+    assert response.status == 500
+    assert answer["error"]["type"] == "InternalError"
+    assert "its log says why" in answer["error"]["message"]
+    [logged] = [entry for entry in logs if entry["event"] == "an http request failed"]
+    assert logged["log_level"] == "error" and logged["path"] == "/api/workflows"

@@ -21,14 +21,16 @@ from typing import Any
 
 from aiohttp import web
 
-from bus_adapters.base import BusError, redact_url
+from bus_adapters.base import JSON_CONTENT_TYPE, BusError, redact_url
 from hms_mgmt import dlq, tracing
 from hms_mgmt.client import Client
+from hms_mgmt.definitions import NAME_PATTERN
 from hms_mgmt.engine.engine import Engine
 from hms_mgmt.errors import (
     DefinitionError,
     EngineUnavailableError,
     HmsError,
+    InvalidMessageError,
     InvalidStateError,
     PayloadError,
     UnknownWorkflowError,
@@ -42,6 +44,7 @@ from hms_mgmt.httpserver import (
     start_server,
 )
 from hms_mgmt.logs import get_logger
+from hms_mgmt.messages import ID_RULE, MAX_MESSAGE_BYTES, decode_body, short, valid_id
 from hms_mgmt.metrics import EngineMetrics
 from hms_mgmt.records import Workflow, WorkflowState, WorkflowStatus
 from hms_mgmt.settings import Settings
@@ -121,6 +124,18 @@ class EngineApi:
             return error_response(status, type(exc).__name__, str(exc))
         except BusError as exc:
             return error_response(503, "BrokerUnavailable", f"broker trouble: {exc}")
+        except web.HTTPException as exc:  # aiohttp's own: no route (404), method (405), size (413)
+            if exc.status < 400:
+                raise
+            response = error_response(exc.status, exc.reason.replace(" ", ""), exc.reason)
+            if "Allow" in exc.headers:
+                response.headers["Allow"] = exc.headers["Allow"]
+            return response
+        except Exception:  # a bug: logged, and answered in the documented shape
+            log.exception("an http request failed", method=request.method, path=request.path)
+            return error_response(
+                500, "InternalError", "the engine failed to answer this request; its log says why"
+            )
 
     def _mutating(self, handler: Handler) -> Handler:
         async def checked(request: web.Request) -> web.StreamResponse:
@@ -151,22 +166,24 @@ class EngineApi:
                 f"changes over HTTP are disabled: the server listens on {self.host}, beyond "
                 "loopback, and HMS_HTTP_TOKEN is not set",
             )
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+        # As bytes: a header aiohttp could not read as UTF-8 holds surrogates, which encode back.
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        expected = f"Bearer {self.token}".encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(given, expected):
             raise ApiError(
                 401, "Unauthorized", "this needs 'Authorization: Bearer <HMS_HTTP_TOKEN>'"
             )
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
+        """The body as a JSON object, checked like a message from the bus (size, UTF-8, depth,
+        64-bit integers); aiohttp's ``json()`` would recurse into any depth."""
         if not request.body_exists:
             return {}
+        raw = await request.read()  # over client_max_size (1 MiB): 413
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(400, "BadRequest", f"the request body is not JSON: {exc}") from exc
-        if not isinstance(body, dict):
-            raise ApiError(400, "BadRequest", "the request body must be a JSON object")
-        return body
+            return decode_body(raw, JSON_CONTENT_TYPE, limit=MAX_MESSAGE_BYTES)
+        except InvalidMessageError as exc:
+            raise ApiError(400, "BadRequest", f"the request {exc}") from exc
 
     async def _refresh_counts(self) -> None:
         try:
@@ -203,16 +220,21 @@ class EngineApi:
         status = request.query.get("status") or None
         if status is not None and status not in STATUSES:
             raise ApiError(
-                400, "BadRequest", f"unknown status {status!r}; one of {', '.join(STATUSES)}"
+                400, "BadRequest", f"unknown status {short(status)}; one of {', '.join(STATUSES)}"
+            )
+        name = request.query.get("name") or None
+        if name is not None and not NAME_PATTERN.fullmatch(name):
+            raise ApiError(
+                400,
+                "BadRequest",
+                f"name {short(name)} is not a workflow name (1-100 letters, digits, '_' or '-')",
             )
         limit = _int(request.query.get("limit", "50"), "limit", 1, MAX_LIST)
-        workflows = await self.engine.store.list_workflows(
-            status=status, name=request.query.get("name") or None, limit=limit
-        )
+        workflows = await self.engine.store.list_workflows(status=status, name=name, limit=limit)
         return web.json_response([_summary(w) for w in workflows])
 
     async def show(self, request: web.Request) -> web.Response:
-        workflow_id = request.match_info["id"]
+        workflow_id = _workflow_id(request)
         found = await self.engine.store.workflow_with_runs(workflow_id)
         if found is None:
             raise WorkflowNotFoundError(f"no workflow with id {workflow_id!r}")
@@ -230,10 +252,12 @@ class EngineApi:
         if not isinstance(name, str):
             raise ApiError(400, "BadRequest", "give the workflow's name as 'workflow'")
         key = body.get("idempotency_key")
+        if key is not None and not isinstance(key, str):
+            raise ApiError(400, "BadRequest", f"idempotency_key must be a string, not {short(key)}")
         started = await self.client.start(
             name,
             body.get("input"),
-            idempotency_key=None if key is None else str(key),
+            idempotency_key=key,
             traceparent=tracing.checked(request.headers.get("traceparent")),
         )
         return web.json_response(
@@ -242,14 +266,13 @@ class EngineApi:
         )
 
     async def cancel(self, request: web.Request) -> web.Response:
+        workflow_id = _workflow_id(request)
         reason = (await self._body(request)).get("reason")
-        result = await self.client.cancel(
-            request.match_info["id"], None if reason is None else str(reason)
-        )
+        result = await self.client.cancel(workflow_id, None if reason is None else str(reason))
         return web.json_response(result)
 
     async def retry(self, request: web.Request) -> web.Response:
-        return web.json_response(await self.client.retry(request.match_info["id"]))
+        return web.json_response(await self.client.retry(_workflow_id(request)))
 
     async def definitions(self, _request: web.Request) -> web.Response:
         return web.json_response(
@@ -279,7 +302,7 @@ class EngineApi:
             raise ApiError(
                 404,
                 "NotFound",
-                f"{queue!r} is not a dead-letter queue of this engine's workflows "
+                f"{short(queue)} is not a dead-letter queue of this engine's workflows "
                 "(GET /api/dlq lists them)",
             )
         return queue
@@ -334,11 +357,25 @@ class EngineApi:
         return web.json_response({"queue": queue, "purged": purged})
 
 
+def _workflow_id(request: web.Request) -> str:
+    """The ``{id}`` of the path, if it can be a workflow's id (``ID_PATTERN``); else 400."""
+    workflow_id = request.match_info["id"]
+    if not valid_id(workflow_id):
+        raise ApiError(
+            400, "BadRequest", f"workflow id {short(workflow_id)} is not valid: ids are {ID_RULE}"
+        )
+    return workflow_id
+
+
 def _int(raw: str, name: str, low: int, high: int) -> int:
     try:
+        if len(raw) > 20:  # out of range anyway, and int() refuses over 4300 digits
+            raise ValueError(raw)
         value = int(raw)
     except ValueError:
-        raise ApiError(400, "BadRequest", f"{name} must be a whole number, not {raw!r}") from None
+        raise ApiError(
+            400, "BadRequest", f"{name} must be a whole number, not {short(raw)}"
+        ) from None
     if not low <= value <= high:
         raise ApiError(400, "BadRequest", f"{name} must be between {low} and {high}")
     return value
