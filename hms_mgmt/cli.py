@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from hms_mgmt.cli_api import EXIT_REFUSED, CliError, EngineHttp, Unreachable, quote
-from hms_mgmt.cli_format import changes, show, summary_rows, table
+from hms_mgmt.cli_format import changes, printable, show, summary_rows, table
 
 STATUSES = ["pending", "scheduled", "running", "waiting", "succeeded", "failed", "cancelled"]
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -191,7 +191,7 @@ def workflow_start(obj: Context, name: str, payload: str, idempotency_key: str |
     """Start workflow NAME; prints its id."""
     from hms_mgmt.definitions import NAME_PATTERN
 
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise click.BadParameter(
             f"{name!r} is not a workflow name (letters, digits, '_' and '-')", param_hint="NAME"
         )
@@ -200,7 +200,7 @@ def workflow_start(obj: Context, name: str, payload: str, idempotency_key: str |
     if idempotency_key is not None:
         body["idempotency_key"] = idempotency_key
     started = obj.api.post("/api/workflows", body)
-    obj.emit(started, started["workflow_id"])
+    obj.emit(started, printable(str(started["workflow_id"])))
 
 
 @workflow_group.command("cancel")
@@ -211,7 +211,7 @@ def workflow_start(obj: Context, name: str, payload: str, idempotency_key: str |
 def workflow_cancel(obj: Context, workflow_id: str, reason: str | None) -> None:
     """Cancel a workflow that has not finished."""
     result = obj.api.post(f"/api/workflows/{quote(workflow_id)}/cancel", {"reason": reason})
-    obj.emit(result, f"{result['workflow_id']}: {result['status']}")
+    obj.emit(result, printable(f"{result['workflow_id']}: {result['status']}"))
 
 
 @workflow_group.command("retry")
@@ -221,7 +221,7 @@ def workflow_cancel(obj: Context, workflow_id: str, reason: str | None) -> None:
 def workflow_retry(obj: Context, workflow_id: str) -> None:
     """Resume a failed workflow from its failed step, with fresh attempts."""
     result = obj.api.post(f"/api/workflows/{quote(workflow_id)}/retry")
-    obj.emit(result, f"{result['workflow_id']}: {result['status']}")
+    obj.emit(result, printable(f"{result['workflow_id']}: {result['status']}"))
 
 
 @main.command("definitions")
@@ -295,7 +295,7 @@ def dlq_replay(obj: Context, queue: str, message_id: str | None, replay_all: boo
     ) as bar:
         for line in lines:
             if "error" in line:
-                raise Unreachable(f"replay stopped: {line['error']['message']}")
+                raise Unreachable(printable(f"replay stopped: {line['error']['message']}"))
             if "done" in line:
                 break
             results.append(line)
@@ -318,7 +318,7 @@ def dlq_purge(obj: Context, queue: str, yes: bool) -> None:
     if not yes:
         click.confirm(f"Delete every message in {name} for good?", abort=True, err=True)
     result = obj.api.post(f"/api/dlq/{quote(name)}/purge")
-    obj.emit(result, f"purged {result['purged']} message(s) from {result['queue']}")
+    obj.emit(result, printable(f"purged {result['purged']} message(s) from {result['queue']}"))
 
 
 def run() -> None:

@@ -17,6 +17,8 @@ from typing import Any
 
 import click
 
+from hms_mgmt.cli_format import printable
+
 EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
 
 
@@ -83,18 +85,25 @@ class EngineHttp:
 
     def get(self, path: str, **query: Any) -> Any:
         with self._open("GET", path, query=query) as response:
-            return json.loads(response.read())
+            return _loads(response.read())
 
     def post(self, path: str, body: Any = None) -> Any:
         with self._open("POST", path, body) as response:
-            return json.loads(response.read())
+            return _loads(response.read())
 
     def stream(self, path: str, body: Any = None) -> Iterator[dict[str, Any]]:
         """POST, then yield the JSON lines of the answer as they arrive."""
         with self._open("POST", path, body) as response:
             for line in response:
                 if line.strip():
-                    yield json.loads(line)
+                    yield _loads(line)
+
+
+def _loads(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:  # not JSON, over 4300 digits, too deep
+        raise CliError(f"the engine's answer is not JSON this command can read: {exc}") from None
 
 
 def _refusal(exc: urllib.error.HTTPError) -> CliError:
@@ -103,6 +112,7 @@ def _refusal(exc: urllib.error.HTTPError) -> CliError:
         message = str(error.get("message") or exc.reason)
     except (ValueError, AttributeError, OSError):
         message = f"HTTP {exc.code} {exc.reason}"
+    message = printable(message)
     return Unreachable(message) if exc.code in (502, 503, 504) else CliError(message)
 
 

@@ -1,4 +1,9 @@
-"""How the CLI shows things to people: tables, one workflow, its changes while followed."""
+"""How the CLI shows things to people: tables, one workflow, its changes while followed.
+
+Whatever the engine stored is shown without crashing and without reaching the
+terminal raw: control characters are escaped (``\\n``, ``\\x1b``), and a timestamp
+that is not a date prints as the number it is.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +12,39 @@ from datetime import UTC, datetime
 from typing import Any
 
 WIDTH = 60
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def printable(text: str) -> str:
+    """``text`` with every character that is not printable escaped (newline, ESC, ...)."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else _escape(char) for char in text)
+
+
+def _escape(char: str) -> str:
+    if char in _ESCAPES:
+        return _ESCAPES[char]
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def _text(value: Any) -> str:
+    """Any value as one line: strings as they are, the rest as JSON (or what Python makes of it)."""
+    if isinstance(value, str):
+        return value
+    try:
+        return json.dumps(value, default=str)
+    except (ValueError, RecursionError):  # an integer of over 4300 digits, a deep structure
+        return f"<{type(value).__name__}>"
 
 
 def cell(value: Any, width: int = WIDTH) -> str:
     if value is None:
         return "-"
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
-    text = " ".join(text.split())
+    text = printable(_text(value)[: width * 4])
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
@@ -27,10 +58,20 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def when(timestamp: float | None, *, date: bool = True) -> str:
+    """A Unix timestamp as UTC time; one that is no date (1e308, NaN) as the raw number."""
     if timestamp is None:
         return "-"
-    moment = datetime.fromtimestamp(timestamp, UTC)
+    if not _number(timestamp):
+        return cell(timestamp)
+    try:
+        moment = datetime.fromtimestamp(timestamp, UTC)
+    except (OverflowError, OSError, ValueError):
+        return cell(timestamp)
     return (
         moment.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
         if date
@@ -39,15 +80,23 @@ def when(timestamp: float | None, *, date: bool = True) -> str:
 
 
 def took(start: float | None, end: float | None) -> str:
-    if start is None or end is None:
+    if not _number(start) or not _number(end):
         return "-"
-    seconds = max(0.0, end - start)
-    return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
+    assert start is not None and end is not None
+    try:
+        seconds = max(0.0, float(end) - float(start))
+    except OverflowError:
+        return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:.1f} ms"
+    return f"{seconds:.2f} s" if seconds < 1e9 else f"{seconds:.3g} s"
 
 
 def error_text(error: dict[str, Any] | None) -> str | None:
     if not error:
         return None
+    if not isinstance(error, dict):
+        return _text(error)
     return f"{error.get('type')}: {error.get('message')}"
 
 
@@ -95,15 +144,17 @@ def show(state: dict[str, Any], *, history: bool = False) -> str:
         fields.append(("current", state["current_step"]))
     if state.get("scheduled_at"):
         fields.append(("scheduled", when(state["scheduled_at"])))
-    if state.get("waiting_for"):
-        fields.append(("waiting", f"for signal {state['waiting_for'].get('event')!r}"))
+    waiting = state.get("waiting_for")
+    if waiting:
+        event = waiting.get("event") if isinstance(waiting, dict) else waiting
+        fields.append(("waiting", f"for signal {event!r}"))
     if state.get("trace_id"):
         fields.append(("trace_id", state["trace_id"]))
     fields.append(("input", cell(state.get("input"), 100)))
     if state.get("output") is not None:
         fields.append(("output", cell(state["output"], 100)))
     error = state.get("error")
-    if error:
+    if error and isinstance(error, dict):
         where = (
             f" at step {error['step']} after {error.get('attempts')} attempt(s)"
             if error.get("step")
@@ -111,7 +162,9 @@ def show(state: dict[str, Any], *, history: bool = False) -> str:
         )
         reason = f" ({error['reason']})" if error.get("reason") else ""
         fields.append(("error", f"{error_text(error)}{where}{reason}"))
-    lines = [f"{name:<10}{value}" for name, value in fields]
+    elif error:
+        fields.append(("error", error_text(error)))
+    lines = [f"{name:<10}{printable(_text(value))}" for name, value in fields]
     lines += ["", table([step_row(s) for s in state["steps"]], STEP_COLUMNS)]
     if history:
         events = [
@@ -141,4 +194,4 @@ def changes(before: dict[str, Any] | None, after: dict[str, Any]) -> list[str]:
         lines.append(line)
     if before is None or before["status"] != after["status"]:
         lines.append(f"{when(after['updated_at'], date=False)}  workflow {after['status']}")
-    return lines
+    return [printable(line) for line in lines]
