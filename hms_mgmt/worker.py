@@ -397,6 +397,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     from hms_mgmt.logs import configure
+    from hms_mgmt.loopwatch import LoopMonitor, add_loop_flags
     from hms_mgmt.settings import Settings
 
     parser = argparse.ArgumentParser(
@@ -412,6 +413,7 @@ def main(argv: list[str] | None = None) -> None:
         "--http-port", type=int, help="serve /healthz, /readyz and /metrics (HMS_HTTP_PORT)"
     )
     parser.add_argument("--http-host", help="address to listen on (HMS_HTTP_HOST; 127.0.0.1)")
+    add_loop_flags(parser)
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env(
@@ -420,6 +422,8 @@ def main(argv: list[str] | None = None) -> None:
             log_level=args.log_level,
             http_port=args.http_port,
             http_host=args.http_host,
+            loop_block_threshold=args.loop_block_threshold,
+            liveness_lag=args.liveness_lag,
         )
         configure(settings.log_format, settings.log_level)
     except ValueError as exc:
@@ -436,6 +440,7 @@ def main(argv: list[str] | None = None) -> None:
         target.broker_url = args.broker_url
     if args.concurrency:
         target.concurrency = args.concurrency
+    target.loop_monitor = LoopMonitor.from_settings(settings, "step-service")
     run = target.run
     if settings.http_port is not None:
         from hms_mgmt.httpserver import serve_with_probes

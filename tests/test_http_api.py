@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,9 +14,11 @@ from bus_adapters.base import open_bus
 from hms_mgmt.engine.api import EngineApi
 from hms_mgmt.engine.engine import Engine
 from hms_mgmt.httpserver import is_loopback
+from hms_mgmt.loopwatch import LoopMonitor
 from hms_mgmt.metrics import EngineMetrics
 from hms_mgmt.settings import Settings
 from hms_mgmt.store.base import open_store
+from tests.conftest import wait_until
 
 
 async def _client(
@@ -101,3 +104,23 @@ def test_settings_for_the_http_server_and_the_cli() -> None:
         Settings.from_env({"HMS_HTTP_PORT": "eighty"})
     with pytest.raises(ValueError, match="0-65535"):
         Settings.from_env({}, http_port=70000)
+
+
+async def test_healthz_fails_for_a_while_after_a_long_event_loop_stall(
+    memory_url: str, store_url: str
+) -> None:
+    monitor = LoopMonitor("engine", interval=0.05, threshold=0.2, liveness_limit=0.3)
+    monitor.start()
+    try:
+        async for client in _client(memory_url, store_url, loop_monitor=monitor):
+            healthy = await client.get("/healthz")
+            assert (healthy.status, await healthy.json()) == (200, {"status": "alive"})
+            time.sleep(0.6)  # noqa: ASYNC251 - the engine's loop stalls past the liveness limit
+            await wait_until(lambda: monitor.liveness() is not None and monitor.lag() < 0.2)
+            blocked = await client.get("/healthz")
+            body = await blocked.json()
+            assert (blocked.status, body["status"], body["ongoing"]) == (503, "blocked", False)
+            assert body["blocked_for"] >= 0.5 and body["limit"] == 0.3
+            assert body["blocked_by"].startswith("test_healthz_fails_for_a_while")
+    finally:
+        monitor.stop()
