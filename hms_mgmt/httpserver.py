@@ -100,7 +100,11 @@ def probe_app(
 async def serve_with_probes(target: Management, settings: Settings) -> None:
     """Run a step service (``Management.run``) with its HTTP server beside it."""
     assert settings.http_port is not None
-    metrics = WorkerMetrics(lambda: target.reconnects)
+    metrics = WorkerMetrics(
+        lambda: target.reconnects,
+        lambda: target.abandoned_threads,
+        lambda: target.threads_running_past_timeout,
+    )
     target.on_outcome = metrics.on_outcome
     if target.loop_monitor is None:
         target.loop_monitor = LoopMonitor.from_settings(settings, "step-service")

@@ -56,6 +56,7 @@ class Management:
         self._engine_task: asyncio.Task[None] | None = None
         self._engine: Any = None
         self._worker: Any = None  # a hms_mgmt.worker.Worker while serving
+        self._threads: Any = None  # its HandlerThreads (kept after it stops, for metrics)
         # Watches the event loop while run() serves; run() makes one from HMS_* if None.
         self.loop_monitor: LoopMonitor | None = None
         self._define_tasks: set[asyncio.Task[None]] = set()
@@ -286,6 +287,7 @@ class Management:
             concurrency=self.concurrency,
             on_outcome=self.on_outcome,
         )
+        self._threads = self._worker.threads
         await self._worker.start()
 
     def readiness(self) -> dict[str, bool]:
@@ -299,6 +301,16 @@ class Management:
     def reconnects(self) -> int:
         """Broker connections re-established after a drop (for metrics)."""
         return int(getattr(self._bus, "reconnects", 0))
+
+    @property
+    def abandoned_threads(self) -> int:
+        """Handler threads given up on at their step's deadline (for metrics)."""
+        return int(getattr(self._threads, "abandoned", 0))
+
+    @property
+    def threads_running_past_timeout(self) -> int:
+        """Of those, the ones still running (for metrics)."""
+        return int(getattr(self._threads, "running_past_timeout", 0))
 
     async def close(self) -> None:
         """Stop serving, stop a hosted engine, and disconnect."""

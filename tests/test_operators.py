@@ -336,6 +336,7 @@ async def test_metrics_change_as_workflows_run_and_fail(
     for scraped in (engine_after, worker_after):  # both watch their event loop
         assert ("hms_event_loop_blocks_total", ()) in scraped
         assert 0 <= scraped[("hms_event_loop_lag_seconds", ())] < 1
+    assert worker_after[("hms_worker_abandoned_threads_total", ())] == 0
 
 
 async def test_a_workflow_in_progress_is_counted(ops: Ops, client: hms_mgmt.Management) -> None:
