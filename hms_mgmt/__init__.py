@@ -17,6 +17,7 @@ from hms_mgmt.errors import (
     PayloadError,
     Retry,
     ScheduleNotFoundError,
+    StepTimeout,
     UnknownWorkflowError,
     WorkflowNotFoundError,
 )
@@ -44,6 +45,7 @@ __all__ = (
     "StepRecord",
     "StepResult",
     "StepStatus",
+    "StepTimeout",
     "UnknownWorkflowError",
     "WorkflowDefinition",
     "WorkflowNotFoundError",

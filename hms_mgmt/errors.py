@@ -43,6 +43,13 @@ class NonRetryableError(HmsError):
     """Raise from a handler to fail the step at once, without retries."""
 
 
+class StepTimeout(HmsError):
+    """A step's attempt did not finish within its ``timeout``: the worker stopped waiting for it.
+
+    Retryable. The engine records the same type when its own deadline for the attempt passes.
+    """
+
+
 class Retry(HmsError):
     """Raise from a handler to ask for another attempt, after ``delay`` seconds if given."""
 

@@ -13,6 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from hms_mgmt.logs import get_logger
+from hms_mgmt.loopwatch import LoopCollector, LoopMonitor
 from hms_mgmt.management import Management
 from hms_mgmt.metrics import CONTENT_TYPE, WorkerMetrics
 from hms_mgmt.settings import Settings
@@ -65,11 +66,24 @@ def metrics_handler(
     return metrics
 
 
-def probe_app(render: Callable[[], bytes], ready: Callable[[], dict[str, bool]]) -> web.Application:
+def healthz(monitor: LoopMonitor | None) -> web.Response:
+    """Liveness. A blocked event loop cannot answer at all (the probe times out); this adds
+    a 503 while, and for a while after, a stall longer than ``HMS_LIVENESS_LAG``."""
+    blocked = None if monitor is None else monitor.liveness()
+    if blocked is not None:
+        return web.json_response(blocked, status=503)
+    return web.json_response({"status": "alive"})
+
+
+def probe_app(
+    render: Callable[[], bytes],
+    ready: Callable[[], dict[str, bool]],
+    monitor: LoopMonitor | None = None,
+) -> web.Application:
     """A step service's server: ``/healthz``, ``/readyz`` and ``/metrics``."""
 
-    async def healthz(_request: web.Request) -> web.Response:
-        return web.json_response({"status": "alive"})
+    async def alive(_request: web.Request) -> web.Response:
+        return healthz(monitor)
 
     async def readyz(_request: web.Request) -> web.Response:
         checks = ready()
@@ -77,7 +91,7 @@ def probe_app(render: Callable[[], bytes], ready: Callable[[], dict[str, bool]])
         return web.json_response({"ready": ok, "checks": checks}, status=200 if ok else 503)
 
     app = web.Application()
-    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/healthz", alive)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler(render))
     return app
@@ -86,9 +100,16 @@ def probe_app(render: Callable[[], bytes], ready: Callable[[], dict[str, bool]])
 async def serve_with_probes(target: Management, settings: Settings) -> None:
     """Run a step service (``Management.run``) with its HTTP server beside it."""
     assert settings.http_port is not None
-    metrics = WorkerMetrics(lambda: target.reconnects)
+    metrics = WorkerMetrics(
+        lambda: target.reconnects,
+        lambda: target.abandoned_threads,
+        lambda: target.threads_running_past_timeout,
+    )
     target.on_outcome = metrics.on_outcome
-    app = probe_app(metrics.render, target.readiness)
+    if target.loop_monitor is None:
+        target.loop_monitor = LoopMonitor.from_settings(settings, "step-service")
+    metrics.registry.register(LoopCollector(target.loop_monitor))
+    app = probe_app(metrics.render, target.readiness, target.loop_monitor)
     runner = await start_server(app, settings.http_host, settings.http_port, name="worker")
     try:
         await target.run()

@@ -24,6 +24,7 @@ from hms_mgmt.context import Handler
 from hms_mgmt.definitions import RetryPolicy, Step, WorkflowDefinition, split_topic
 from hms_mgmt.errors import DefinitionError, HmsError
 from hms_mgmt.logs import get_logger
+from hms_mgmt.loopwatch import LoopMonitor
 from hms_mgmt.messages import Outcome, StepMessage
 from hms_mgmt.records import WorkflowState
 from hms_mgmt.settings import Settings
@@ -55,6 +56,9 @@ class Management:
         self._engine_task: asyncio.Task[None] | None = None
         self._engine: Any = None
         self._worker: Any = None  # a hms_mgmt.worker.Worker while serving
+        self._threads: Any = None  # its HandlerThreads (kept after it stops, for metrics)
+        # Watches the event loop while run() serves; run() makes one from HMS_* if None.
+        self.loop_monitor: LoopMonitor | None = None
         self._define_tasks: set[asyncio.Task[None]] = set()
         self._lock: asyncio.Lock | None = None
         # Called with each step run's outcome in this process (a step service's metrics).
@@ -248,15 +252,25 @@ class Management:
     # -- serving --------------------------------------------------------------
 
     async def run(self) -> None:
-        """Serve the registered handlers until cancelled (``python -m hms_mgmt.worker`` adds signals)."""
-        await self.serve()
-        stop = asyncio.Event()
-        signals = _catch_signals(stop.set)
+        """Serve the registered handlers until cancelled or SIGTERM/SIGINT.
+
+        While it serves, :attr:`loop_monitor` watches the event loop and logs any stall
+        over ``HMS_LOOP_BLOCK_THRESHOLD`` (a handler blocking it, say).
+        """
+        if self.loop_monitor is None:
+            self.loop_monitor = LoopMonitor.from_settings(Settings.from_env(), "step-service")
+        self.loop_monitor.start()
         try:
-            await stop.wait()  # until cancelled or signalled
+            await self.serve()
+            stop = asyncio.Event()
+            signals = _catch_signals(stop.set)
+            try:
+                await stop.wait()  # until cancelled or signalled
+            finally:
+                _release_signals(signals)
+                await self.close()  # stops taking work, lets running handlers finish
         finally:
-            _release_signals(signals)
-            await self.close()  # stops taking work, lets running handlers finish
+            self.loop_monitor.stop()
 
     async def serve(self) -> None:
         """Start serving the handlers in the background (tests and one-process programs)."""
@@ -273,6 +287,7 @@ class Management:
             concurrency=self.concurrency,
             on_outcome=self.on_outcome,
         )
+        self._threads = self._worker.threads
         await self._worker.start()
 
     def readiness(self) -> dict[str, bool]:
@@ -286,6 +301,16 @@ class Management:
     def reconnects(self) -> int:
         """Broker connections re-established after a drop (for metrics)."""
         return int(getattr(self._bus, "reconnects", 0))
+
+    @property
+    def abandoned_threads(self) -> int:
+        """Handler threads given up on at their step's deadline (for metrics)."""
+        return int(getattr(self._threads, "abandoned", 0))
+
+    @property
+    def threads_running_past_timeout(self) -> int:
+        """Of those, the ones still running (for metrics)."""
+        return int(getattr(self._threads, "running_past_timeout", 0))
 
     async def close(self) -> None:
         """Stop serving, stop a hosted engine, and disconnect."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from hms_mgmt.messages import DEAD_EXCHANGE, Outcome, StepMessage
@@ -33,6 +33,13 @@ class _ReadCounter(Collector):
 
     def collect(self) -> Iterable[Metric]:
         yield CounterMetricFamily(self._name, self._documentation, value=self._read())
+
+
+class _ReadGauge(_ReadCounter):
+    """A gauge kept elsewhere, read at scrape time."""
+
+    def collect(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily(self._name, self._documentation, value=self._read())
 
 
 class EngineMetrics:
@@ -111,7 +118,12 @@ class EngineMetrics:
 
 
 class WorkerMetrics:
-    def __init__(self, reconnects: Callable[[], int] = lambda: 0) -> None:
+    def __init__(
+        self,
+        reconnects: Callable[[], int] = lambda: 0,
+        abandoned_threads: Callable[[], int] = lambda: 0,
+        threads_running_past_timeout: Callable[[], int] = lambda: 0,
+    ) -> None:
         self.registry = registry = CollectorRegistry()
         self.steps = Counter(
             "hms_worker_steps",
@@ -129,6 +141,21 @@ class WorkerMetrics:
         registry.register(
             _ReadCounter(
                 "hms_bus_reconnects", "Broker connections re-established after a drop.", reconnects
+            )
+        )
+        registry.register(
+            _ReadCounter(
+                "hms_worker_abandoned_threads",
+                "Handler threads still running at their step's deadline: the attempt failed, "
+                "the thread could not be stopped and ran on.",
+                abandoned_threads,
+            )
+        )
+        registry.register(
+            _ReadGauge(
+                "hms_worker_threads_running_past_timeout",
+                "Abandoned handler threads that have not returned yet.",
+                threads_running_past_timeout,
             )
         )
 

@@ -9,6 +9,7 @@ from typing import Any
 
 DEFAULT_BROKER_URL = "amqp://guest:guest@localhost:5672/"
 DEFAULT_STORE_URL = "sqlite:///hms_mgmt.db"
+_SECONDS = frozenset({"loop_block_threshold", "liveness_lag"})
 
 
 @dataclass(frozen=True)
@@ -21,10 +22,18 @@ class Settings:
     http_port: int | None = None  # the engine's (or a step service's) HTTP server; off if None
     http_token: str | None = None  # needed by mutating HTTP endpoints; required beyond loopback
     engine_url: str | None = None  # where the CLI finds the engine's HTTP server
+    # A stall of the event loop longer than this (seconds) is logged and counted.
+    loop_block_threshold: float = 1.0
+    # /healthz fails (503) during and for a while after a stall longer than this (seconds).
+    liveness_lag: float = 30.0
 
     def __post_init__(self) -> None:
         if self.http_port is not None and not 0 <= self.http_port <= 65535:
             raise ValueError(f"the HTTP port must be 0-65535, not {self.http_port}")
+        for name in ("loop_block_threshold", "liveness_lag"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"{name} must be a number of seconds > 0, not {value!r}")
 
     @property
     def resolved_engine_url(self) -> str | None:
@@ -49,6 +58,13 @@ class Settings:
                     values[f.name] = int(raw)
                 except ValueError:
                     raise ValueError(f"HMS_HTTP_PORT must be a port number, not {raw!r}") from None
+            elif f.name in _SECONDS:
+                try:
+                    values[f.name] = float(raw)
+                except ValueError:
+                    raise ValueError(
+                        f"HMS_{f.name.upper()} must be a number of seconds, not {raw!r}"
+                    ) from None
             else:
                 values[f.name] = raw
         settings = cls(**values)

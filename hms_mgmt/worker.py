@@ -6,27 +6,42 @@ at any point leads to a redelivery, never a lost step; the engine ignores a
 repeated outcome. A handler's exception is an outcome (``failed``), never a
 reject; only a message that cannot be decoded is rejected, which dead-letters
 it. Run one with ``python -m hms_mgmt.worker module:attribute``.
+
+A step with a ``timeout`` has a deadline here too: its start plus the timeout,
+pushed out by ``ctx.heartbeat()``. When it passes, an ``async def`` handler is
+cancelled and the attempt fails with ``StepTimeout``, freeing its concurrency
+slot. A plain-function handler runs in a thread (on the worker's own pool, one
+thread per unit of concurrency), and a thread cannot be stopped: at its
+deadline the attempt fails all the same and the slot is freed, but the thread
+runs on, abandoned, until the function returns. Abandoned threads are counted
+(``hms_worker_abandoned_threads_total``, ``hms_worker_threads_running_past_timeout``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import contextvars
 import functools
 import importlib
 import inspect
 import os
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 from bus_adapters.base import Bus, BusError, Delivery, Subscription
 from hms_mgmt import tracing
 from hms_mgmt.context import Handler, StepContext
 from hms_mgmt.definitions import WorkflowDefinition
-from hms_mgmt.errors import InvalidMessageError, NonRetryableError, PayloadError, Retry
+from hms_mgmt.errors import InvalidMessageError, NonRetryableError, PayloadError, Retry, StepTimeout
 from hms_mgmt.logs import get_logger
 from hms_mgmt.messages import (
     MAX_PAYLOAD_BYTES,
@@ -40,6 +55,9 @@ from hms_mgmt.messages import (
 from hms_mgmt.topology import declare_core, declare_step
 
 log = get_logger("worker")
+
+THREAD_PREFIX = "hms-handler"  # the names of the threads that run plain-function handlers
+CANCEL_GRACE = 1.0  # seconds a timed-out handler has to wind up after its cancellation
 
 
 def _describe(handler: Handler, topic: str) -> str:
@@ -66,6 +84,66 @@ def _error_of(exc: BaseException, *, retryable: bool = True) -> dict[str, Any]:
     return error
 
 
+class HandlerThreads(ThreadPoolExecutor):
+    """The threads that run plain-function handlers: ``size`` of them for handlers in time.
+
+    A thread cannot be stopped. A handler still running in one when its step's deadline
+    passes is abandoned (:meth:`abandon`): it runs on until the function returns, counted
+    in :attr:`running_past_timeout`, and meanwhile the pool may start one more thread in
+    its place, so that handlers in time always have ``size`` threads. (This raises
+    ``ThreadPoolExecutor._max_workers``, which the executor reads at each ``submit``.)
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__(max_workers=size, thread_name_prefix=THREAD_PREFIX)
+        self.size = size
+        self.abandoned = 0  # ever
+        self.running_past_timeout = 0  # abandoned and not returned yet
+        self._counts = threading.Lock()
+
+    def abandon(self, future: concurrent.futures.Future[Any]) -> bool:
+        """Give up on a call; False if it has finished (or had not started) after all."""
+        with self._counts:
+            if future.done() or future.cancel():
+                return False
+            self.abandoned += 1
+            self.running_past_timeout += 1
+            self._max_workers += 1
+        future.add_done_callback(self._returned)  # in its thread, or here if it just returned
+        return True
+
+    def _returned(self, _future: concurrent.futures.Future[Any]) -> None:
+        with self._counts:
+            self.running_past_timeout -= 1
+            self._max_workers -= 1
+
+
+class _ThreadRun:
+    """One call of a plain-function handler in a pool thread, and the thread it runs in."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.thread_id: int | None = None
+        self.future: concurrent.futures.Future[Any] | None = None
+
+    def __call__(self, ctx: StepContext) -> Any:
+        self.thread_id = threading.get_ident()
+        return self.handler(ctx)
+
+
+@dataclass
+class _Deadline:
+    """When a step with a timeout must have finished, on the loop's clock."""
+
+    timeout: float
+    at: float
+    heartbeats: int = 0
+
+    def heartbeat(self, now: float) -> None:
+        self.at = now + self.timeout
+        self.heartbeats += 1
+
+
 class Worker:
     def __init__(
         self,
@@ -87,6 +165,8 @@ class Worker:
         self.shutdown_timeout = shutdown_timeout
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
+        self.threads = HandlerThreads(concurrency)
+        self._orphans: set[asyncio.Task[Any]] = set()  # timed out, ignoring their cancellation
         self._subscriptions: list[Subscription] = []
         self._stopping = asyncio.Event()
         self.stats = {"succeeded": 0, "failed": 0, "invalid": 0}
@@ -132,6 +212,10 @@ class Worker:
             if pending:
                 log.warning("handlers still running at shutdown were cancelled", count=len(pending))
                 await asyncio.gather(*pending, return_exceptions=True)
+        for orphan in self._orphans:
+            orphan.cancel()
+        # Threads cannot be stopped: do not wait for those still running a handler.
+        self.threads.shutdown(wait=False, cancel_futures=True)
         log.info("worker stopped", **self.stats)
 
     async def _end_probation(self) -> None:
@@ -200,8 +284,14 @@ class Worker:
         )
         context = message.context or {}
         started_at = time.time()
+        loop = asyncio.get_running_loop()
+        deadline = None
+        if message.timeout is not None:
+            deadline = _Deadline(message.timeout, loop.time() + message.timeout)
 
         async def heartbeat() -> None:
+            if deadline is not None:
+                deadline.heartbeat(loop.time())
             await self._reporter.report(self._outcome(message, "heartbeat"))
 
         ctx = StepContext(
@@ -222,7 +312,7 @@ class Worker:
             # The engine's deadline runs from the start, so it needs to know now.
             self._reporter.report(self._outcome(message, "started", started_at=started_at))
         else:
-            report_started = asyncio.get_running_loop().call_later(
+            report_started = loop.call_later(
                 self.started_report_after, self._report_started_later, message, started_at
             )
         describe = functools.partial(_describe, handler, topic)
@@ -232,7 +322,11 @@ class Worker:
                 topic,
                 {"hms.workflow_id": message.workflow_id, "hms.attempt": message.attempt},
             ):
-                value = await self._call(handler, ctx)
+                thread = None if inspect.iscoroutinefunction(handler) else _ThreadRun(handler)
+                if deadline is None:
+                    value = await self._call(handler, ctx, thread)
+                else:
+                    value = await self._call_by(deadline, handler, ctx, thread, message)
         except asyncio.CancelledError as exc:
             task = asyncio.current_task()
             if self._stopping.is_set() or (task is not None and task.cancelling()):
@@ -279,13 +373,97 @@ class Worker:
         self.stats["succeeded"] += 1
         return outcome
 
-    async def _call(self, handler: Handler, ctx: StepContext) -> Any:
-        if inspect.iscoroutinefunction(handler):
+    async def _call(self, handler: Handler, ctx: StepContext, thread: _ThreadRun | None) -> Any:
+        if thread is None:
             return await handler(ctx)
-        value = await asyncio.to_thread(handler, ctx)
+        # In the worker's pool, not asyncio's default executor (min(32, CPUs + 4) threads,
+        # shared with DNS lookups and to_thread): one thread per unit of concurrency.
+        thread.future = self.threads.submit(contextvars.copy_context().run, thread, ctx)
+        value = await asyncio.wrap_future(thread.future)
         if inspect.isawaitable(value):
             value = await value
         return value
+
+    async def _call_by(
+        self,
+        deadline: _Deadline,
+        handler: Handler,
+        ctx: StepContext,
+        thread: _ThreadRun | None,
+        message: StepMessage,
+    ) -> Any:
+        """Run a handler in its own task until it finishes or its deadline passes.
+
+        Its value or exception is ours; at the deadline it is cancelled (a thread is
+        abandoned) and we raise :class:`StepTimeout`. Cancelling us cancels it too.
+        """
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._call(handler, ctx, thread))
+        try:
+            while not task.done():
+                remaining = deadline.at - loop.time()
+                if remaining <= 0:
+                    break
+                await asyncio.wait({task}, timeout=remaining)
+        except asyncio.CancelledError:  # shutting down: the handler goes with us
+            task.cancel()
+            await self._wind_up(task)
+            raise
+        if task.done():
+            return task.result()  # the handler's own CancelledError included
+        raise await self._time_out(task, thread, deadline, message)
+
+    async def _time_out(
+        self,
+        task: asyncio.Task[Any],
+        thread: _ThreadRun | None,
+        deadline: _Deadline,
+        message: StepMessage,
+    ) -> StepTimeout:
+        """Stop a handler whose deadline has passed; the error its attempt fails with."""
+        since = " of its last heartbeat" if deadline.heartbeats else ""
+        text = (
+            f"step {message.step!r} attempt {message.attempt} did not finish within "
+            f"{deadline.timeout:g}s{since}"
+        )
+        bound = log.bind(
+            workflow_id=message.workflow_id,
+            step=message.step,
+            attempt=message.attempt,
+            **tracing.log_fields(message.traceparent),
+        )
+        if thread is not None and thread.future is not None and self.threads.abandon(thread.future):
+            where = _thread_stack(thread.thread_id)
+            task.cancel()  # stops the wait for the thread; the thread itself runs on
+            task.add_done_callback(_retrieve)
+            error = StepTimeout(f"{text}; its thread cannot be stopped and runs on")
+            bound.warning(
+                "step timed out; its handler thread cannot be stopped and runs on",
+                timeout=deadline.timeout,
+                threads_running_past_timeout=self.threads.running_past_timeout,
+            )
+        else:
+            where = _suspended_at(task)
+            task.cancel()
+            await self._wind_up(task)
+            error = StepTimeout(f"{text}: its handler was cancelled")
+            bound.warning("step timed out; its handler was cancelled", timeout=deadline.timeout)
+        if where:
+            error.add_note(f"The handler was here when its time ran out:\n{where}")
+        return error
+
+    async def _wind_up(self, task: asyncio.Task[Any]) -> None:
+        """Give a cancelled handler a moment to finish; one that ignores it is left running."""
+        task.add_done_callback(_retrieve)
+        await asyncio.wait({task}, timeout=CANCEL_GRACE)
+        if not task.done():
+            log.warning(
+                "a cancelled handler is still running; it is left to run on",
+                grace=CANCEL_GRACE,
+                where=_suspended_at(task).strip().rsplit("\n", 2)[0],
+            )
+            self._orphans.add(task)
+            task.add_done_callback(self._orphans.discard)
 
     def _check_next_step(
         self, message: StepMessage, result: dict[str, Any], describe: Callable[[], str]
@@ -330,6 +508,39 @@ class Worker:
             attempt=message.attempt,
             **values,
         )
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Take a given-up handler's result, so asyncio does not log it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _suspended_at(task: asyncio.Task[Any]) -> str:
+    """Where a suspended handler task waits: its chain of awaits, innermost last."""
+    frames: list[tuple[FrameType, int]] = []
+    awaiting: Any = task.get_coro()
+    while awaiting is not None and len(frames) < 64:
+        frame = getattr(awaiting, "cr_frame", None) or getattr(awaiting, "gi_frame", None)
+        if frame is None:
+            break
+        if frame.f_code is not Worker._call.__code__:
+            frames.append((frame, frame.f_lineno))
+        awaiting = getattr(awaiting, "cr_await", None) or getattr(awaiting, "gi_yieldfrom", None)
+    return "".join(traceback.StackSummary.extract(frames).format())
+
+
+def _thread_stack(thread_id: int | None) -> str:
+    """Where a handler thread is: its stack from the handler in, innermost last."""
+    frame = sys._current_frames().get(thread_id or -1)
+    if frame is None:
+        return ""
+    stack = traceback.extract_stack(frame)
+    for index, entry in enumerate(stack):
+        if entry.name == "__call__" and entry.filename == __file__:
+            stack = traceback.StackSummary.from_list(stack[index + 1 :])
+            break
+    return "".join(stack.format())
 
 
 async def _settle(ack_or_reject: Awaitable[None]) -> None:
@@ -397,6 +608,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     from hms_mgmt.logs import configure
+    from hms_mgmt.loopwatch import LoopMonitor, add_loop_flags
     from hms_mgmt.settings import Settings
 
     parser = argparse.ArgumentParser(
@@ -412,6 +624,7 @@ def main(argv: list[str] | None = None) -> None:
         "--http-port", type=int, help="serve /healthz, /readyz and /metrics (HMS_HTTP_PORT)"
     )
     parser.add_argument("--http-host", help="address to listen on (HMS_HTTP_HOST; 127.0.0.1)")
+    add_loop_flags(parser)
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env(
@@ -420,6 +633,8 @@ def main(argv: list[str] | None = None) -> None:
             log_level=args.log_level,
             http_port=args.http_port,
             http_host=args.http_host,
+            loop_block_threshold=args.loop_block_threshold,
+            liveness_lag=args.liveness_lag,
         )
         configure(settings.log_format, settings.log_level)
     except ValueError as exc:
@@ -436,6 +651,7 @@ def main(argv: list[str] | None = None) -> None:
         target.broker_url = args.broker_url
     if args.concurrency:
         target.concurrency = args.concurrency
+    target.loop_monitor = LoopMonitor.from_settings(settings, "step-service")
     run = target.run
     if settings.http_port is not None:
         from hms_mgmt.httpserver import serve_with_probes
@@ -449,6 +665,25 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:  # a port in use, a service without handlers
         log.error("cannot serve", error=str(exc))
         sys.exit(2)
+    stuck = handler_threads_running(grace=1.0)
+    if stuck:
+        # Python waits for every thread at exit, and these may never return.
+        log.warning(
+            "exiting with handler threads still running: threads cannot be stopped",
+            threads=[thread.name for thread in stuck],
+        )
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def handler_threads_running(grace: float) -> list[threading.Thread]:
+    """The handler threads still running after up to ``grace`` seconds (idle ones end)."""
+    until = time.monotonic() + grace
+    threads = [t for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX)]
+    for thread in threads:
+        thread.join(max(0.0, until - time.monotonic()))
+    return [thread for thread in threads if thread.is_alive()]
 
 
 def _run_until_signalled(run: Callable[[], Coroutine[Any, Any, None]]) -> None:

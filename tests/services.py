@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -185,3 +186,43 @@ async def first_later(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
 @grant.on_step("later.second")
 async def second_later(ctx: hms_mgmt.StepContext) -> None:
     return None
+
+
+# -- hung handlers and a blocked event loop (the worker's deadlines, the loop monitor) -----
+
+grant.define_workflow("hung", [Step("hang", timeout=1.0, retry=ONCE)])
+grant.define_workflow("hungThread", [Step("block", timeout=1.0, retry=ONCE)])
+grant.define_workflow("loopHog", ["hog"])
+
+
+def _note(path: str, line: str) -> None:
+    with open(path, "a") as out:  # a few bytes to a local file
+        out.write(line + "\n")
+
+
+@grant.on_step("hung.hang")
+async def hang(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+    if ctx.attempt == 1:  # hangs past its timeout, noting what happens to it in a file
+        _note(ctx.payload["note"], "started")
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            _note(ctx.payload["note"], "cancelled")
+            raise
+    return {"data": {"attempt": ctx.attempt}}
+
+
+@grant.on_step("hungThread.block")
+def block_in_a_thread(ctx: hms_mgmt.StepContext) -> dict[str, Any]:  # runs in a thread
+    if ctx.attempt == 1:  # past its timeout, until the file named "release" exists (or 60 s)
+        release, until = Path(ctx.payload["release"]), time.monotonic() + 60
+        while not release.exists() and time.monotonic() < until:
+            time.sleep(0.05)
+    return {"data": {"attempt": ctx.attempt}}
+
+
+@grant.on_step("loopHog.hog")
+async def hog_the_loop(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+    # Blocks the event loop: never do this (await asyncio.sleep, or use a plain function).
+    time.sleep(float(ctx.payload.get("seconds", 3)))  # noqa: ASYNC251
+    return {"data": ctx.payload}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,9 +16,11 @@ from bus_adapters.base import open_bus
 from hms_mgmt.engine.api import EngineApi
 from hms_mgmt.engine.engine import Engine
 from hms_mgmt.httpserver import is_loopback
+from hms_mgmt.loopwatch import LoopMonitor
 from hms_mgmt.metrics import EngineMetrics
 from hms_mgmt.settings import Settings
 from hms_mgmt.store.base import open_store
+from tests.conftest import wait_until
 
 
 async def _client(
@@ -219,3 +222,23 @@ async def test_a_bug_is_answered_in_the_documented_shape_and_logged(
     assert "its log says why" in answer["error"]["message"]
     [logged] = [entry for entry in logs if entry["event"] == "an http request failed"]
     assert logged["log_level"] == "error" and logged["path"] == "/api/workflows"
+
+
+async def test_healthz_fails_for_a_while_after_a_long_event_loop_stall(
+    memory_url: str, store_url: str
+) -> None:
+    monitor = LoopMonitor("engine", interval=0.05, threshold=0.2, liveness_limit=0.3)
+    monitor.start()
+    try:
+        async for client in _client(memory_url, store_url, loop_monitor=monitor):
+            healthy = await client.get("/healthz")
+            assert (healthy.status, await healthy.json()) == (200, {"status": "alive"})
+            time.sleep(0.6)  # noqa: ASYNC251 - the engine's loop stalls past the liveness limit
+            await wait_until(lambda: monitor.liveness() is not None and monitor.lag() < 0.2)
+            blocked = await client.get("/healthz")
+            body = await blocked.json()
+            assert (blocked.status, body["status"], body["ongoing"]) == (503, "blocked", False)
+            assert body["blocked_for"] >= 0.5 and body["limit"] == 0.3
+            assert body["blocked_by"].startswith("test_healthz_fails_for_a_while")
+    finally:
+        monitor.stop()

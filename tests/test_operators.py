@@ -250,6 +250,7 @@ async def test_the_daemons_through_hms_refuse_bad_setups(tmp_path: Path) -> None
     assert port.returncode == 2 and "0-65535" in port.stderr
     helped = await hms("engine", "--help")
     assert helped.returncode == 0 and "--http-port" in helped.stdout
+    assert "HMS_LIVENESS_LAG" in helped.stdout
 
 
 # -- HTTP: health, metrics, tokens -------------------------------------------------------------
@@ -332,6 +333,10 @@ async def test_metrics_change_as_workflows_run_and_fail(
     )
     _, text = await http_get(f"{ops.engine_url}/metrics")
     assert all(g.workflow_id not in text for g in [*grants, doomed])  # never a label
+    for scraped in (engine_after, worker_after):  # both watch their event loop
+        assert ("hms_event_loop_blocks_total", ()) in scraped
+        assert 0 <= scraped[("hms_event_loop_lag_seconds", ())] < 1
+    assert worker_after[("hms_worker_abandoned_threads_total", ())] == 0
 
 
 async def test_a_workflow_in_progress_is_counted(ops: Ops, client: hms_mgmt.Management) -> None:

@@ -12,6 +12,7 @@ from hms_mgmt import loop
 from hms_mgmt.engine.api import start_api
 from hms_mgmt.engine.engine import Engine
 from hms_mgmt.logs import configure, get_logger
+from hms_mgmt.loopwatch import LoopMonitor, add_loop_flags
 from hms_mgmt.settings import Settings
 from hms_mgmt.store.base import open_store
 
@@ -41,6 +42,7 @@ def parse(argv: list[str] | None) -> Settings:
         help="address to listen on (HMS_HTTP_HOST; default 127.0.0.1; beyond loopback, "
         "changes need HMS_HTTP_TOKEN)",
     )
+    add_loop_flags(parser)
     args = parser.parse_args(argv)
     return Settings.from_env(
         broker_url=args.broker_url,
@@ -49,6 +51,8 @@ def parse(argv: list[str] | None) -> Settings:
         log_level=args.log_level,
         http_port=args.http_port,
         http_host=args.http_host,
+        loop_block_threshold=args.loop_block_threshold,
+        liveness_lag=args.liveness_lag,
     )
 
 
@@ -56,7 +60,9 @@ async def serve(settings: Settings) -> None:
     engine = Engine(
         open_bus(settings.broker_url, name="hms-engine"), open_store(settings.store_url)
     )
-    http = await start_api(engine, settings)  # up first: /healthz answers during start-up
+    monitor = LoopMonitor.from_settings(settings, "engine")
+    http = await start_api(engine, settings, monitor)  # up first: /healthz answers in start-up
+    monitor.start()
     try:
         task = asyncio.ensure_future(engine.run())
         running = asyncio.get_running_loop()
@@ -64,6 +70,7 @@ async def serve(settings: Settings) -> None:
             running.add_signal_handler(signum, engine.stop)
         await task
     finally:
+        monitor.stop()
         if http is not None:
             await http.cleanup()
         # Closed already unless start-up failed (say, no broker): its thread would keep us alive.

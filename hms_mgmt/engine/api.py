@@ -39,11 +39,13 @@ from hms_mgmt.errors import (
 from hms_mgmt.httpserver import (
     bus_connected,
     error_response,
+    healthz,
     is_loopback,
     metrics_handler,
     start_server,
 )
 from hms_mgmt.logs import get_logger
+from hms_mgmt.loopwatch import LoopCollector, LoopMonitor
 from hms_mgmt.messages import ID_RULE, MAX_MESSAGE_BYTES, decode_body, short, valid_id
 from hms_mgmt.metrics import EngineMetrics
 from hms_mgmt.records import Workflow, WorkflowState, WorkflowStatus
@@ -82,8 +84,10 @@ class EngineApi:
         host: str = "127.0.0.1",
         token: str | None = None,
         request_timeout: float = 10.0,
+        loop_monitor: LoopMonitor | None = None,
     ) -> None:
         self.engine = engine
+        self.loop_monitor = loop_monitor
         self.metrics = metrics
         self.token = token
         self.loopback = is_loopback(host)
@@ -196,7 +200,7 @@ class EngineApi:
     # -- probes -----------------------------------------------------------------
 
     async def healthz(self, _request: web.Request) -> web.Response:
-        return web.json_response({"status": "alive"})
+        return healthz(self.loop_monitor)
 
     async def readyz(self, _request: web.Request) -> web.Response:
         checks = {
@@ -396,13 +400,23 @@ def _summary(workflow: Workflow) -> dict[str, Any]:
     }
 
 
-async def start_api(engine: Engine, settings: Settings) -> web.AppRunner | None:
+async def start_api(
+    engine: Engine, settings: Settings, loop_monitor: LoopMonitor | None = None
+) -> web.AppRunner | None:
     """The engine's HTTP server when ``settings.http_port`` is set; its metrics hooked in."""
     if settings.http_port is None:
         return None
     metrics = EngineMetrics(lambda: int(getattr(engine.bus, "reconnects", 0)))
     engine.on_commit = metrics.on_batch
-    api = EngineApi(engine, metrics, host=settings.http_host, token=settings.http_token)
+    if loop_monitor is not None:
+        metrics.registry.register(LoopCollector(loop_monitor))
+    api = EngineApi(
+        engine,
+        metrics,
+        host=settings.http_host,
+        token=settings.http_token,
+        loop_monitor=loop_monitor,
+    )
     if not api.loopback and settings.http_token is None:
         log.warning(
             "the http server listens beyond loopback without HMS_HTTP_TOKEN: "
