@@ -14,6 +14,7 @@ these semantics, whatever the broker underneath:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -33,6 +34,14 @@ class PublishNotConfirmedError(BusError):
     """The broker refused a message or did not confirm it in time."""
 
 
+class ResourceLockedError(BusError):
+    """Another connection holds the exclusive queue asked for."""
+
+
+class AccessRefusedError(BusError):
+    """The broker user may not do this (RabbitMQ permissions)."""
+
+
 @dataclass(frozen=True)
 class QueueSpec:
     """A durable queue; quorum queues may dead-letter and limit deliveries."""
@@ -41,6 +50,7 @@ class QueueSpec:
     quorum: bool = False
     dead_letter_exchange: str | None = None
     delivery_limit: int | None = None
+    max_length: int | None = None  # the oldest messages are dropped beyond it
 
 
 @dataclass
@@ -57,6 +67,7 @@ class Message:
     reply_to: str | None = None
     correlation_id: str | None = None
     expiration: float | None = None  # seconds until the broker may drop it
+    user_id: str | None = None  # RabbitMQ checks it is the publisher's own user
 
 
 @dataclass
@@ -75,6 +86,7 @@ class Delivery:
     redelivered: bool
     _ack: Callable[[], Awaitable[None]]
     _reject: Callable[[bool], Awaitable[None]]
+    user_id: str | None = None  # the publisher's broker user, as the broker validated it
 
     async def ack(self) -> None:
         await self._ack()
@@ -95,10 +107,19 @@ class Subscription(Protocol):
         """Change how many deliveries may be unacked at once (from the next delivery on)."""
 
 
+class BusLock(Protocol):
+    """An exclusive queue held on a connection of its own, for as long as the process lives."""
+
+    lost: asyncio.Event  # set when the connection holding it drops: the lock is gone
+
+    async def release(self) -> None: ...
+
+
 class Bus(Protocol):
     """What HMS-MGMT needs from a broker."""
 
     url: str
+    user: str | None  # the broker user this bus publishes as (None: the broker has no users)
 
     async def connect(self) -> None: ...
 
@@ -128,6 +149,11 @@ class Bus(Protocol):
 
     async def get(self, queue: str) -> Delivery | None:
         """Take one message from a queue without a consumer (for operators' tools)."""
+        ...
+
+    async def hold(self, queue: str) -> BusLock:
+        """Declare ``queue`` exclusive to this process: a lock the broker frees when the process
+        dies or its connection drops. Raises :class:`ResourceLockedError` if another holds it."""
         ...
 
     async def close(self) -> None: ...

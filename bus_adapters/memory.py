@@ -23,6 +23,7 @@ from bus_adapters.base import (
     Message,
     OnDelivery,
     QueueSpec,
+    ResourceLockedError,
     UnroutableError,
 )
 
@@ -76,6 +77,7 @@ class MemoryBroker:
     )  # exchange -> (key, queue)
     queues: dict[str, _Queue] = field(default_factory=dict)
     tags: itertools.count[int] = field(default_factory=itertools.count)
+    held: dict[str, _MemoryLock] = field(default_factory=dict)  # exclusive queues by name
 
     def route(self, exchange: str, routing_key: str) -> list[str]:
         if exchange == "":
@@ -97,6 +99,9 @@ class MemoryBroker:
     def enqueue(self, queue_name: str, stored: _Stored) -> None:
         queue = self.queues[queue_name]
         queue.ready.append(stored)
+        limit = queue.spec.max_length
+        while limit is not None and len(queue.ready) > limit:
+            queue.ready.popleft()  # x-max-length: the oldest go
         self.dispatch(queue)
 
     def dispatch(self, queue: _Queue) -> None:
@@ -164,6 +169,7 @@ class MemoryBroker:
             redelivered=redelivered,
             _ack=ack,
             _reject=reject,
+            user_id=message.user_id,
         )
         asyncio.get_running_loop().call_soon(consumer.on_delivery, delivery)
 
@@ -210,6 +216,16 @@ class MemoryBroker:
         self.dispatch(queue)
 
 
+class _MemoryLock:
+    def __init__(self, broker: MemoryBroker, queue: str) -> None:
+        self._broker, self._queue = broker, queue
+        self.lost = asyncio.Event()
+
+    async def release(self) -> None:
+        if self._broker.held.get(self._queue) is self:
+            del self._broker.held[self._queue]
+
+
 _brokers: dict[str, MemoryBroker] = {}
 
 
@@ -246,9 +262,11 @@ class MemoryBus:
 
     def __init__(self, url: str = "memory://") -> None:
         self.url = url
+        self.user: str | None = None
         self.broker = broker_for(url)
         self._subscriptions: list[_MemorySubscription] = []
         self._exclusive: list[str] = []
+        self._locks: list[_MemoryLock] = []
         self._closed = False
 
     async def connect(self) -> None:
@@ -339,8 +357,21 @@ class MemoryBus:
         self._subscriptions.append(_MemorySubscription(self.broker, stored_queue, consumer))
         return delivery
 
+    async def hold(self, queue: str) -> _MemoryLock:
+        self._check_open()
+        if queue in self.broker.held:
+            raise ResourceLockedError(f"another connection holds {queue!r}")
+        lock = _MemoryLock(self.broker, queue)
+        self.broker.held[queue] = lock
+        self._locks.append(lock)
+        return lock
+
     async def close(self) -> None:
         self._closed = True
+        for lock in self._locks:
+            await lock.release()
+            lock.lost.set()
+        self._locks.clear()
         for subscription in self._subscriptions:
             subscription.close()
         self._subscriptions.clear()

@@ -13,9 +13,9 @@ import asyncio
 import contextlib
 import re
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import aio_pika
 import aiormq
@@ -29,12 +29,14 @@ from aio_pika.abc import (
 from aio_pika.exceptions import DeliveryError, PublishError
 
 from bus_adapters.base import (
+    AccessRefusedError,
     BusError,
     Delivery,
     Message,
     OnDelivery,
     PublishNotConfirmedError,
     QueueSpec,
+    ResourceLockedError,
     UnroutableError,
     redact_url,
 )
@@ -54,7 +56,32 @@ def queue_arguments(spec: QueueSpec) -> dict[str, Any]:
             arguments["x-overflow"] = "reject-publish"
     if spec.delivery_limit is not None:
         arguments["x-delivery-limit"] = spec.delivery_limit
+    if spec.max_length is not None:
+        arguments["x-max-length"] = spec.max_length
     return arguments
+
+
+def _refusal(what: str, exc: Exception) -> BusError:
+    """A broker error as ours: a missing permission is told apart from other trouble."""
+    if isinstance(exc, aiormq.exceptions.ChannelAccessRefused):
+        return AccessRefusedError(f"{what}: access refused by the broker: {exc}")
+    return BusError(f"{what}: {exc}")
+
+
+class _RabbitLock:
+    def __init__(self, connection: aio_pika.abc.AbstractConnection) -> None:
+        self._connection = connection
+        self.lost = asyncio.Event()
+        connection.close_callbacks.add(self._on_close)
+
+    def _on_close(self, *_: Any) -> None:
+        self.lost.set()
+
+    async def release(self) -> None:
+        self._connection.close_callbacks.discard(self._on_close)
+        if not self._connection.is_closed:
+            with contextlib.suppress(aiormq.exceptions.AMQPError, OSError, RuntimeError):
+                await self._connection.close()
 
 
 def _plain(value: Any) -> Any:
@@ -94,7 +121,23 @@ def _delivery(message: AbstractIncomingMessage, queue: str) -> Delivery:
         redelivered=bool(message.redelivered),
         _ack=ack,
         _reject=reject,
+        user_id=message.user_id,
     )
+
+
+@contextlib.contextmanager
+def _as_bus_error(what: str) -> Iterator[None]:
+    """aio-pika's and aiormq's many errors (a channel closed by a dropped connection) as ours."""
+    try:
+        yield
+    except BusError:
+        raise
+    except (aiormq.exceptions.AMQPError, RuntimeError, ConnectionError, OSError) as exc:
+        raise _refusal(what, exc) from exc
+
+
+def _with_query(url: str, parameter: str) -> str:
+    return f"{url}{'&' if '?' in url else '?'}{parameter}"
 
 
 class _RabbitSubscription:
@@ -126,7 +169,9 @@ class RabbitMQBus:
     def __init__(self, url: str, *, name: str = "hms", publish_timeout: float = PUBLISH_TIMEOUT):
         self.url = url
         # A name in the URL (?name=...) wins, so tests can name connections after themselves.
-        self.name = parse_qs(urlsplit(url).query).get("name", [name])[0]
+        parts = urlsplit(url)
+        self.name = parse_qs(parts.query).get("name", [name])[0]
+        self.user: str | None = unquote(parts.username) if parts.username else "guest"
         self.publish_timeout = publish_timeout
         self._consume_connection: AbstractRobustConnection | None = None
         self._publish_connection: AbstractRobustConnection | None = None
@@ -181,7 +226,7 @@ class RabbitMQBus:
         try:
             await channel.declare_exchange(name, aio_pika.ExchangeType(kind), durable=True)
         except aiormq.exceptions.AMQPError as exc:
-            raise BusError(f"cannot declare exchange {name!r}: {exc}") from exc
+            raise _refusal(f"cannot declare exchange {name!r}", exc) from exc
 
     async def declare_queue(self, spec: QueueSpec) -> None:
         self._specs[spec.name] = spec
@@ -189,7 +234,7 @@ class RabbitMQBus:
         try:
             await channel.declare_queue(spec.name, durable=True, arguments=queue_arguments(spec))
         except aiormq.exceptions.AMQPError as exc:
-            raise BusError(f"cannot declare queue {spec.name!r}: {exc}") from exc
+            raise _refusal(f"cannot declare queue {spec.name!r}", exc) from exc
 
     async def bind(self, queue: str, exchange: str, routing_key: str) -> None:
         channel = await self._declare_channel()
@@ -197,7 +242,7 @@ class RabbitMQBus:
             declared = await channel.get_queue(queue, ensure=False)
             await declared.bind(exchange, routing_key)
         except aiormq.exceptions.AMQPError as exc:
-            raise BusError(f"cannot bind {queue!r} to {exchange!r}: {exc}") from exc
+            raise _refusal(f"cannot bind {queue!r} to {exchange!r}", exc) from exc
 
     async def _exchange(self, name: str, confirm: bool) -> AbstractExchange:
         key = (confirm, name)
@@ -226,6 +271,9 @@ class RabbitMQBus:
             reply_to=message.reply_to,
             correlation_id=message.correlation_id,
             expiration=message.expiration,
+            # Every message names its publisher's user; RabbitMQ refuses a false one, so the
+            # engine can tell a client's request from a step service's.
+            user_id=message.user_id or self.user,
         )
         try:
             await exchange.publish(
@@ -251,6 +299,12 @@ class RabbitMQBus:
     async def consume(
         self, queue: str, on_delivery: OnDelivery, prefetch: int
     ) -> _RabbitSubscription:
+        with _as_bus_error(f"cannot consume {queue!r}"):
+            return await self._consume(queue, on_delivery, prefetch)
+
+    async def _consume(
+        self, queue: str, on_delivery: OnDelivery, prefetch: int
+    ) -> _RabbitSubscription:
         connection = self._require(self._consume_connection)
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=prefetch)
@@ -272,6 +326,10 @@ class RabbitMQBus:
         return _RabbitSubscription(declared, tag, channel, callback)
 
     async def reply_queue(self, on_delivery: OnDelivery) -> str:
+        with _as_bus_error("cannot declare a reply queue"):
+            return await self._reply_queue(on_delivery)
+
+    async def _reply_queue(self, on_delivery: OnDelivery) -> str:
         connection = self._require(self._consume_connection)
         channel = await connection.channel()
         self._consumer_channels.append(channel)
@@ -288,6 +346,10 @@ class RabbitMQBus:
         return name
 
     async def queue_length(self, queue: str) -> int:
+        with _as_bus_error(f"cannot count {queue!r}"):
+            return await self._queue_length(queue)
+
+    async def _queue_length(self, queue: str) -> int:
         connection = self._require(self._publish_connection)
         channel = await connection.channel(publisher_confirms=False)
         try:
@@ -301,6 +363,10 @@ class RabbitMQBus:
                 await channel.close()
 
     async def get(self, queue: str) -> Delivery | None:
+        with _as_bus_error(f"cannot get from {queue!r}"):
+            return await self._get(queue)
+
+    async def _get(self, queue: str) -> Delivery | None:
         connection = self._require(self._consume_connection)
         if self._get_channel is None or self._get_channel.is_closed:
             self._get_channel = await connection.channel()
@@ -310,6 +376,27 @@ class RabbitMQBus:
         except aiormq.exceptions.ChannelNotFoundEntity:
             return None
         return None if message is None else _delivery(message, queue)
+
+    async def hold(self, queue: str) -> _RabbitLock:
+        # A plain connection, not a robust one: a robust one would quietly declare the queue
+        # again after a drop, while another process may hold it by then.
+        url = self.url if "heartbeat=" in self.url else _with_query(self.url, "heartbeat=10")
+        try:
+            connection = await aio_pika.connect(
+                url, client_properties={"connection_name": f"{self.name}:lock"}
+            )
+        except (OSError, aiormq.exceptions.AMQPError) as exc:
+            raise BusError(f"cannot connect to {redact_url(self.url)}: {exc}") from exc
+        try:
+            channel = await connection.channel()
+            await channel.declare_queue(queue, exclusive=True, durable=False)
+        except aiormq.exceptions.ChannelLockedResource as exc:
+            await connection.close()
+            raise ResourceLockedError(f"another connection holds {queue!r}") from exc
+        except (aiormq.exceptions.AMQPError, OSError) as exc:
+            await connection.close()
+            raise _refusal(f"cannot declare {queue!r}", exc) from exc
+        return _RabbitLock(connection)
 
     async def close(self) -> None:
         async with self._lock:

@@ -321,6 +321,77 @@ def dlq_purge(obj: Context, queue: str, yes: bool) -> None:
     obj.emit(result, printable(f"purged {result['purged']} message(s) from {result['queue']}"))
 
 
+# -- the store --------------------------------------------------------------------------
+
+
+@main.group("store")
+def store_group() -> None:
+    """The engine's store: take an online backup, prune finished workflows."""
+
+
+@store_group.command("backup")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option(
+    "--store-url",
+    envvar="HMS_STORE_URL",
+    default="sqlite:///hms_mgmt.db",
+    show_default=True,
+    help="The store to back up (HMS_STORE_URL).",
+)
+@click.option("--force", is_flag=True, help="Overwrite PATH if it exists.")
+@output_option
+@click.pass_obj
+def store_backup(obj: Context, path: str, store_url: str, force: bool) -> None:
+    """Copy the store, consistent, to PATH while the engine runs (SQLite's backup API).
+
+    To restore: stop the engine, copy the backup over the store's file, delete the
+    store's -wal and -shm files, start the engine (see the README).
+    """
+    from hms_mgmt.errors import StoreError
+    from hms_mgmt.store.sqlite import backup, path_of
+
+    try:
+        source = path_of(store_url)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if Path(path).exists() and not force:
+        raise CliError(f"{path} exists: choose another path, or pass --force to overwrite it")
+    try:
+        result = backup(source, path)
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
+    obj.emit(
+        result,
+        f"backed up {source} ({result['workflows']} workflows, {result['bytes']} bytes) to "
+        f"{path} in {result['seconds']:.2f} s",
+    )
+
+
+@store_group.command("prune")
+@click.option(
+    "--older-than",
+    required=True,
+    help="Delete workflows that finished longer ago than this: 30d, 12h, 90m, 45s.",
+)
+@output_option
+@click.pass_obj
+def store_prune(obj: Context, older_than: str) -> None:
+    """Delete finished workflows (with their runs and history) older than --older-than, now.
+
+    The engine does it in small steps between batches, as retention (HMS_RETENTION) does.
+    """
+    from hms_mgmt.settings import parse_duration
+
+    try:
+        seconds = parse_duration(older_than, what="--older-than")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if seconds is None:
+        raise click.BadParameter("--older-than must be a duration such as 7d")
+    result = obj.api.post("/api/store/prune", {"older_than": seconds})
+    obj.emit(result, f"pruned {result['pruned']} finished workflow(s)")
+
+
 def run() -> None:
     main(prog_name="hms")
 

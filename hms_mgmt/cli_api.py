@@ -63,12 +63,12 @@ class EngineHttp:
         if query:
             url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
         headers = {"Accept": "application/json"}
+        if self.token:  # reads need it too beyond loopback
+            headers["Authorization"] = f"Bearer {self.token}"
         data = None
         if method == "POST":
             data = json.dumps({} if body is None else body).encode()
             headers["Content-Type"] = "application/json"
-            if self.token:
-                headers["Authorization"] = f"Bearer {self.token}"
         request = urllib.request.Request(url, data=data, headers=headers, method=method)
         try:
             return urllib.request.urlopen(request, timeout=self.timeout)

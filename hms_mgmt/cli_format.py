@@ -148,6 +148,8 @@ def show(state: dict[str, Any], *, history: bool = False) -> str:
     if waiting:
         event = waiting.get("event") if isinstance(waiting, dict) else waiting
         fields.append(("waiting", f"for signal {event!r}"))
+    if state.get("stuck"):
+        fields.append(("stuck", state["stuck"]))
     if state.get("trace_id"):
         fields.append(("trace_id", state["trace_id"]))
     fields.append(("input", cell(state.get("input"), 100)))

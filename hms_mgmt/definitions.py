@@ -120,11 +120,18 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class Step:
-    """A step with its own retry policy or timeout; plain names are fine where neither is needed."""
+    """A step with its own retry policy or deadlines; plain names are fine where none is needed.
+
+    ``timeout``: seconds a started attempt may run (from its start; heartbeats push it out).
+    ``schedule_to_start``: seconds an attempt may wait for a step service to start it; past
+    that it fails (``ScheduleToStartTimeout``) and the retry policy applies, so that a run
+    never waits for ever behind hung handlers or with no step service at all.
+    """
 
     name: str
     retry: RetryPolicy | None = None
     timeout: float | None = None
+    schedule_to_start: float | None = None
 
     def __post_init__(self) -> None:
         check_name("step", self.name)
@@ -136,13 +143,26 @@ class Step:
             raise DefinitionError(
                 f"timeout of step {self.name!r} must be > 0, not {self.timeout!r}"
             )
+        if self.schedule_to_start is not None and (
+            check_delay(
+                self.schedule_to_start, f"schedule_to_start of step {self.name!r}", DefinitionError
+            )
+            <= 0
+        ):
+            raise DefinitionError(
+                f"schedule_to_start of step {self.name!r} must be > 0, "
+                f"not {self.schedule_to_start!r}"
+            )
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "name": self.name,
             "retry": None if self.retry is None else self.retry.to_json(),
             "timeout": self.timeout,
         }
+        if self.schedule_to_start is not None:  # left out when unset: older definitions match
+            body["schedule_to_start"] = self.schedule_to_start
+        return body
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Step:
@@ -151,6 +171,7 @@ class Step:
             name=data["name"],
             retry=None if retry is None else RetryPolicy.from_json(retry),
             timeout=data.get("timeout"),
+            schedule_to_start=data.get("schedule_to_start"),
         )
 
 
@@ -222,6 +243,10 @@ class WorkflowDefinition:
     def timeout_for(self, step: str) -> float | None:
         found = self.step(step)
         return None if found is None else found.timeout
+
+    def schedule_to_start_for(self, step: str) -> float | None:
+        found = self.step(step)
+        return None if found is None else found.schedule_to_start
 
     def with_version(self, version: int) -> WorkflowDefinition:
         return replace(self, version=version)

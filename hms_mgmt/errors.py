@@ -35,6 +35,19 @@ class EngineUnavailableError(HmsError, TimeoutError):
     """The engine did not answer a request before its deadline."""
 
 
+class StoreError(HmsError):
+    """The store cannot be used: missing, unreadable, read-only, corrupt or full; names the path.
+
+    ``kind`` says what is wrong (deleted, replaced, truncated, corrupt, read_only, full,
+    unopenable, taken, io) and ``lasting`` whether waiting can fix it.
+    """
+
+    def __init__(self, message: str, *, kind: str = "io", lasting: bool = False) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.lasting = lasting
+
+
 class InvalidMessageError(HmsError, ValueError):
     """A message on the bus cannot be decoded or validated."""
 
@@ -83,6 +96,7 @@ _BY_NAME: dict[str, type[HmsError]] = {
         InvalidStateError,
         EngineUnavailableError,
         InvalidMessageError,
+        StoreError,
     )
 }
 

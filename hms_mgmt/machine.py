@@ -23,6 +23,7 @@ from hms_mgmt.records import ACTIVE_RUN, StepRun, StepStatus, Workflow, Workflow
 TIMER_RUN = "run"  # a scheduled run (delayed step, retry backoff) is due
 TIMER_DEADLINE = "deadline"  # a started run has not finished in time
 TIMER_WAIT = "wait"  # a wait for a signal has run out
+TIMER_START = "start"  # a published run has not been started by any step service in time
 
 
 @dataclass
@@ -103,6 +104,8 @@ def apply_outcome(
     if outcome.kind == "started":
         current.status = StepStatus.RUNNING
         current.started_at = outcome.started_at or now
+        if wf.timer_kind == TIMER_START:
+            _clear_timer(wf)
         _set_deadline(wf, current, definition, from_time=current.started_at)
         t.note("step_started", seq=current.seq, step=current.step, attempt=current.attempt)
     elif outcome.kind == "heartbeat":
@@ -155,6 +158,7 @@ def fire_timer(
         return t
     due = (
         (kind == TIMER_RUN and run.status == StepStatus.SCHEDULED)
+        or (kind == TIMER_START and run.status == StepStatus.PENDING)
         or (kind == TIMER_DEADLINE and run.status in (StepStatus.PENDING, StepStatus.RUNNING))
         or (
             kind == TIMER_WAIT
@@ -170,7 +174,18 @@ def fire_timer(
         current.status = StepStatus.PENDING
         if wf.status == WorkflowStatus.SCHEDULED:
             wf.status = WorkflowStatus.PENDING
-        _publish(t, wf, current, definition)
+        _publish(t, wf, current, definition, now)
+    elif kind == TIMER_START:
+        waited = definition.schedule_to_start_for(current.step) or 0.0
+        current.finished_at = now
+        error = {
+            "type": "ScheduleToStartTimeout",
+            "message": f"step {current.step!r} attempt {current.attempt} was not started by any "
+            f"step service within {waited:g}s (is one serving {wf.name}.{current.step}, and "
+            "does it have free slots?)",
+            "retryable": True,
+        }
+        _fail(t, wf, current, definition, error, now, status=StepStatus.TIMED_OUT)
     elif kind == TIMER_DEADLINE:
         timeout = definition.timeout_for(current.step) or 0.0
         current.finished_at = now
@@ -555,11 +570,16 @@ def _new_run(
             wf.status = WorkflowStatus.SCHEDULED
         t.note("step_scheduled", seq=run.seq, step=step, attempt=attempt, due_at=due_at)
         return
-    _publish(t, wf, run, definition)
+    _publish(t, wf, run, definition, now)
 
 
-def _publish(t: Transition, wf: Workflow, run: StepRun, definition: WorkflowDefinition) -> None:
+def _publish(
+    t: Transition, wf: Workflow, run: StepRun, definition: WorkflowDefinition, now: float
+) -> None:
     timeout = definition.timeout_for(run.step)
+    schedule_to_start = definition.schedule_to_start_for(run.step)
+    if schedule_to_start is not None:
+        wf.timer_at, wf.timer_kind = now + schedule_to_start, TIMER_START
     t.steps.append(
         StepMessage(
             workflow_id=wf.id,
@@ -572,6 +592,7 @@ def _publish(t: Transition, wf: Workflow, run: StepRun, definition: WorkflowDefi
             timeout=timeout,
             context=run.context,
             traceparent=wf.traceparent,
+            schedule_to_start=schedule_to_start,
         )
     )
     t.note("step_published", seq=run.seq, step=run.step, attempt=run.attempt)

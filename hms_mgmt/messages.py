@@ -72,9 +72,13 @@ MAX_KEY_LENGTH = 200
 STEPS_EXCHANGE = "hms.steps"
 DLX_EXCHANGE = "hms.dlx"  # what the broker dead-letters
 DEAD_EXCHANGE = "hms.dead"  # what the engine gives up on
+COMMANDS_EXCHANGE = "hms.commands"  # clients' requests (direct): its own exchange, so that
+RESULTS_EXCHANGE = "hms.results"  # ... broker permissions can say who may write which
 COMMANDS_QUEUE = "hms.engine.commands"
 RESULTS_QUEUE = "hms.engine.results"
 DEADLETTERS_QUEUE = "hms.engine.deadletters"
+ENGINE_LOCK_QUEUE = "hms.engine.lock"  # exclusive: held by the one engine serving the vhost
+ENGINE_RECORD_QUEUE = "hms.engine.record"  # the serving engine's record: host, pid, store
 
 WORKFLOW_STATUSES = frozenset(
     {"pending", "scheduled", "running", "waiting", "succeeded", "failed", "cancelled"}
@@ -328,6 +332,13 @@ def _id(data: dict[str, Any], key: str) -> str:
     return check_id(_field(data, key, str), f"field {key!r}", InvalidMessageError)
 
 
+def _token(data: dict[str, Any]) -> str | None:
+    value: str | None = _field(data, "token", str, optional=True)
+    if value is not None and len(value) > 128:
+        raise InvalidMessageError("field 'token' is longer than 128 characters")
+    return value
+
+
 def _positive(data: dict[str, Any], key: str) -> int:
     value: int = _field(data, key, int)
     if value < 1:
@@ -396,6 +407,8 @@ class StepMessage:
     timeout: float | None = None
     context: dict[str, Any] | None = None
     traceparent: str | None = None  # the workflow's W3C trace context
+    token: str | None = None  # the engine's signature of this run; outcomes carry it back
+    schedule_to_start: float | None = None  # the engine wants a "started" report at once
 
     @property
     def topic(self) -> str:
@@ -426,6 +439,10 @@ class StepMessage:
             body["context"] = self.context
         if self.traceparent is not None:
             body["traceparent"] = self.traceparent
+        if self.token is not None:
+            body["token"] = self.token
+        if self.schedule_to_start is not None:
+            body["schedule_to_start"] = self.schedule_to_start
         return dumps(body)
 
     def to_message(self) -> Message:
@@ -455,6 +472,8 @@ class StepMessage:
             timeout=_field(data, "timeout", (int, float), optional=True),
             context=_field(data, "context", dict, optional=True),
             traceparent=tracing.checked(data.get("traceparent")),  # W3C: ignore an invalid one
+            token=_token(data),
+            schedule_to_start=_field(data, "schedule_to_start", (int, float), optional=True),
         )
 
     @classmethod
@@ -510,6 +529,7 @@ class Outcome:
     started_at: float | None = None
     finished_at: float | None = None
     handler: str | None = None
+    token: str | None = None  # the step message's token, echoed
 
     @functools.cached_property
     def encoded(self) -> bytes:
@@ -521,7 +541,7 @@ class Outcome:
             "step": self.step,
             "attempt": self.attempt,
         }
-        for key in ("result", "error", "started_at", "finished_at", "handler"):
+        for key in ("result", "error", "started_at", "finished_at", "handler", "token"):
             value = getattr(self, key)
             if value is not None:
                 body[key] = value
@@ -563,6 +583,7 @@ class Outcome:
             started_at=_field(data, "started_at", (int, float), optional=True),
             finished_at=_field(data, "finished_at", (int, float), optional=True),
             handler=_field(data, "handler", str, optional=True),
+            token=_token(data),
         )
 
 
@@ -618,6 +639,7 @@ def decode_outcomes(delivery: Delivery) -> tuple[list[Outcome], list[Refused]]:
 def outcomes_message(encoded: list[bytes]) -> Message:
     return Message(
         body=batch_body("outcomes", encoded),
+        exchange=RESULTS_EXCHANGE,
         routing_key=RESULTS_QUEUE,
         message_id=new_id(),
         headers={"hms-count": len(encoded)},
@@ -716,6 +738,7 @@ def requests_message(
 ) -> Message:
     return Message(
         body=batch_body("requests", items),
+        exchange=COMMANDS_EXCHANGE,
         routing_key=COMMANDS_QUEUE,
         message_id=new_id(),
         reply_to=reply_to,

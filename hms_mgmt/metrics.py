@@ -59,6 +59,16 @@ class EngineMetrics:
             "Workflows not finished yet (pending, scheduled, running or waiting).",
             registry=registry,
         )
+        self.stuck = Gauge(
+            "hms_steps_stuck",
+            "Current step runs waiting longer than HMS_STUCK_AFTER for a step service to start "
+            "them.",
+            ["workflow", "step"],
+            registry=registry,
+        )
+        self.store_bytes = Gauge(
+            "hms_store_bytes", "Bytes the store takes on disk (with its WAL).", registry=registry
+        )
         self.step_duration = Histogram(
             "hms_step_duration_seconds",
             "Step runs from their start to their end, as the engine recorded them.",
@@ -109,9 +119,20 @@ class EngineMetrics:
                 workflow_name, _, step = row.routing_key.partition(".")
                 self.dead_letters.labels(workflow_name, step).inc()
 
-    def set_counts(self, by_status: dict[str, int]) -> None:
+    def set_counts(
+        self,
+        by_status: dict[str, int],
+        stuck: dict[tuple[str, str], int] | None = None,
+        store_bytes: int | None = None,
+    ) -> None:
         """The gauges read from the store at scrape time."""
         self.in_progress.set(sum(by_status.get(status, 0) for status in IN_PROGRESS))
+        if stuck is not None:
+            self.stuck.clear()  # a step no longer stuck must not keep its last value
+            for (workflow, step), count in stuck.items():
+                self.stuck.labels(workflow, step).set(count)
+        if store_bytes is not None:
+            self.store_bytes.set(store_bytes)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -93,6 +93,36 @@ class Workflow:
         return self.status in TERMINAL
 
 
+def waiting_since(run: StepRun) -> float:
+    """Since when a pending run has waited for a step service (a deferred one, from its due time)."""
+    return max(run.created_at, run.due_at or 0.0)
+
+
+def why_stuck(workflow: Workflow, run: StepRun | None, now: float, after: float) -> str | None:
+    """Why a workflow seems stuck: a step that no step service has started, or that has run
+    with no timeout, for longer than ``after`` seconds. None when it is not."""
+    if workflow.terminal or run is None:
+        return None
+    topic = f"{workflow.name}.{run.step}"
+    if run.status == StepStatus.PENDING and now - waiting_since(run) > after:
+        return (
+            f"step {run.step!r} (attempt {run.attempt}) has waited {now - waiting_since(run):.0f}s "
+            f"for a step service to start it: is one serving {topic!r}, with free slots? "
+            "(Step(schedule_to_start=...) fails such a wait into the retry policy)"
+        )
+    if (
+        run.status == StepStatus.RUNNING
+        and run.deadline_at is None
+        and run.started_at is not None
+        and now - run.started_at > after
+    ):
+        return (
+            f"step {run.step!r} (attempt {run.attempt}) has run for {now - run.started_at:.0f}s "
+            "with no timeout to end it (Step(timeout=...) sets one)"
+        )
+    return None
+
+
 @dataclass
 class StepRecord:
     """One step run as a user reads it."""
@@ -134,14 +164,27 @@ class WorkflowState:
     scheduled_at: float | None = None
     waiting_for: dict[str, Any] | None = None
     traceparent: str | None = None
+    stuck: str | None = None  # why the workflow seems stuck, when it does
 
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL
 
     @classmethod
-    def of(cls, workflow: Workflow, runs: list[StepRun]) -> WorkflowState:
+    def of(
+        cls,
+        workflow: Workflow,
+        runs: list[StepRun],
+        *,
+        now: float | None = None,
+        stuck_after: float | None = None,
+    ) -> WorkflowState:
         current = runs[-1] if runs else None
+        stuck = (
+            None
+            if now is None or stuck_after is None
+            else why_stuck(workflow, current, now, stuck_after)
+        )
         return cls(
             workflow_id=workflow.id,
             name=workflow.name,
@@ -172,6 +215,7 @@ class WorkflowState:
             scheduled_at=workflow.timer_at if workflow.timer_kind == "run" else None,
             waiting_for=workflow.wait,
             traceparent=workflow.traceparent,
+            stuck=stuck,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -203,6 +247,8 @@ class WorkflowState:
             lines.append(f"  error: {self.error.get('type')}: {self.error.get('message')}")
         if self.waiting_for:
             lines.append(f"  waiting for {self.waiting_for.get('event')!r}")
+        if self.stuck:
+            lines.append(f"  stuck: {self.stuck}")
         if self.status == WorkflowStatus.SUCCEEDED and self.output is not None:
             text = json.dumps(self.output, default=str)
             lines.append(f"  output: {text if len(text) <= 300 else text[:300] + '...'}")

@@ -3,13 +3,35 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
 DEFAULT_BROKER_URL = "amqp://guest:guest@localhost:5672/"
 DEFAULT_STORE_URL = "sqlite:///hms_mgmt.db"
-_SECONDS = frozenset({"loop_block_threshold", "liveness_lag"})
+DEFAULT_RETENTION = 30 * 86400.0
+_SECONDS = frozenset({"loop_block_threshold", "liveness_lag", "store_grace", "stuck_after"})
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)?\s*$")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, None: 1}
+
+
+def parse_duration(text: str, *, what: str = "a duration") -> float | None:
+    """``30d``, ``12h``, ``90m``, ``45s`` or seconds as seconds; ``off`` (or ``0``) as None."""
+    if text.strip().lower() in ("off", "never", "none", "0"):
+        return None
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(
+            f"{what} must be a duration such as 30d, 12h, 90m or 45s (or off), not {text!r}"
+        )
+    return float(match[1]) * _UNIT[match[2]]
+
+
+def _users(text: str | None) -> frozenset[str] | None:
+    if text is None:
+        return None
+    return frozenset(user.strip() for user in text.split(",") if user.strip())
 
 
 @dataclass(frozen=True)
@@ -26,14 +48,28 @@ class Settings:
     loop_block_threshold: float = 1.0
     # /healthz fails (503) during and for a while after a stall longer than this (seconds).
     liveness_lag: float = 30.0
+    store_grace: float = 30.0  # seconds the store may be in trouble before the engine exits
+    retention: float | None = DEFAULT_RETENTION  # finished workflows are pruned after it
+    client_users: str | None = None  # broker users whose requests the engine obeys (all kinds)
+    service_users: str | None = None  # ... whose outcomes and definitions it obeys
+    http_open_reads: bool = False  # beyond loopback, let reads of the API in without the token
+    stuck_after: float = 300.0  # a step waiting this long to start shows as stuck
 
     def __post_init__(self) -> None:
         if self.http_port is not None and not 0 <= self.http_port <= 65535:
             raise ValueError(f"the HTTP port must be 0-65535, not {self.http_port}")
-        for name in ("loop_block_threshold", "liveness_lag"):
+        for name in _SECONDS:
             value = getattr(self, name)
             if not value > 0:
                 raise ValueError(f"{name} must be a number of seconds > 0, not {value!r}")
+
+    @property
+    def client_user_set(self) -> frozenset[str] | None:
+        return _users(self.client_users)
+
+    @property
+    def service_user_set(self) -> frozenset[str] | None:
+        return _users(self.service_users)
 
     @property
     def resolved_engine_url(self) -> str | None:
@@ -65,6 +101,10 @@ class Settings:
                     raise ValueError(
                         f"HMS_{f.name.upper()} must be a number of seconds, not {raw!r}"
                     ) from None
+            elif f.name == "retention":
+                values[f.name] = parse_duration(raw, what="HMS_RETENTION")
+            elif f.name == "http_open_reads":
+                values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
             else:
                 values[f.name] = raw
         settings = cls(**values)

@@ -6,16 +6,25 @@ re-declaration with different ones), so they all come from here.
 
 from __future__ import annotations
 
-from bus_adapters.base import Bus, QueueSpec
+from collections.abc import Awaitable, Callable
+from functools import partial
+
+from bus_adapters.base import AccessRefusedError, Bus, BusError, QueueSpec
 from hms_mgmt.definitions import WorkflowDefinition
+from hms_mgmt.logs import get_logger
 from hms_mgmt.messages import (
+    COMMANDS_EXCHANGE,
     COMMANDS_QUEUE,
     DEAD_EXCHANGE,
     DEADLETTERS_QUEUE,
     DLX_EXCHANGE,
+    ENGINE_RECORD_QUEUE,
+    RESULTS_EXCHANGE,
     RESULTS_QUEUE,
     STEPS_EXCHANGE,
 )
+
+log = get_logger("topology")
 
 DELIVERY_LIMIT = 5
 """Deliveries of one step message before the broker dead-letters it (a crash loop)."""
@@ -36,15 +45,39 @@ def dlq_name(queue: str) -> str:
     return f"{queue}.dlq"
 
 
-async def declare_core(bus: Bus) -> None:
-    """The exchanges and the engine's queues, each with its ``.dlq``."""
-    await bus.declare_exchange(STEPS_EXCHANGE, "topic")
-    await bus.declare_exchange(DLX_EXCHANGE, "topic")
-    await bus.declare_exchange(DEAD_EXCHANGE, "topic")
+async def declare_core(bus: Bus, *, engine: bool = False) -> None:
+    """The exchanges and the engine's queues, each with its ``.dlq``.
+
+    Step services and clients declare them too, so that none depends on the engine
+    having started first; where a least-privilege broker user may not, they leave it
+    to the engine (see "Broker users and permissions" in the README).
+    """
+    steps: list[Callable[[], Awaitable[None]]] = [
+        partial(bus.declare_exchange, STEPS_EXCHANGE, "topic"),
+        partial(bus.declare_exchange, DLX_EXCHANGE, "topic"),
+        partial(bus.declare_exchange, DEAD_EXCHANGE, "topic"),
+        partial(bus.declare_exchange, COMMANDS_EXCHANGE, "direct"),
+        partial(bus.declare_exchange, RESULTS_EXCHANGE, "direct"),
+    ]
     for name in ENGINE_QUEUES:
-        await bus.declare_queue(QueueSpec(name))
-        await bus.declare_queue(QueueSpec(dlq_name(name)))
-    await bus.bind(DEADLETTERS_QUEUE, DLX_EXCHANGE, "#")
+        steps += [
+            partial(bus.declare_queue, QueueSpec(name)),
+            partial(bus.declare_queue, QueueSpec(dlq_name(name))),
+        ]
+    steps += [
+        partial(bus.bind, DEADLETTERS_QUEUE, DLX_EXCHANGE, "#"),
+        partial(bus.bind, COMMANDS_QUEUE, COMMANDS_EXCHANGE, COMMANDS_QUEUE),
+        partial(bus.bind, RESULTS_QUEUE, RESULTS_EXCHANGE, RESULTS_QUEUE),
+    ]
+    if engine:
+        steps.append(partial(bus.declare_queue, QueueSpec(ENGINE_RECORD_QUEUE, max_length=1)))
+    for step in steps:
+        try:
+            await step()
+        except AccessRefusedError as exc:
+            if engine:
+                raise
+            log.debug("not allowed to declare; the engine declares it", error=str(exc))
 
 
 async def declare_workflow(bus: Bus, definition: WorkflowDefinition) -> None:
@@ -53,9 +86,20 @@ async def declare_workflow(bus: Bus, definition: WorkflowDefinition) -> None:
         await declare_step(bus, definition.name, step.name)
 
 
-async def declare_step(bus: Bus, workflow: str, step: str) -> None:
+async def declare_step(bus: Bus, workflow: str, step: str, *, engine: bool = True) -> None:
+    """A step's queue and its ``.dlq``, bound to their exchanges.
+
+    A step service declares its queues too, so that it can consume before the engine has
+    seen its definitions; the bindings it leaves to the engine when the exchanges are not
+    there yet or its broker user may not bind (the engine binds them on ``define``).
+    """
     spec = step_queue(workflow, step)
     await bus.declare_queue(spec)
-    await bus.bind(spec.name, STEPS_EXCHANGE, spec.name)
     await bus.declare_queue(QueueSpec(dlq_name(spec.name)))
-    await bus.bind(dlq_name(spec.name), DEAD_EXCHANGE, spec.name)
+    for queue, exchange in ((spec.name, STEPS_EXCHANGE), (dlq_name(spec.name), DEAD_EXCHANGE)):
+        try:
+            await bus.bind(queue, exchange, spec.name)
+        except BusError as exc:
+            if engine:
+                raise
+            log.debug("not binding; the engine binds it", queue=queue, error=str(exc))

@@ -178,7 +178,7 @@ class Worker:
         await declare_core(self.bus)
         for topic in self.handlers:
             workflow, step = topic.split(".", 1)
-            await declare_step(self.bus, workflow, step)
+            await declare_step(self.bus, workflow, step, engine=False)
         # On probation: one delivery at a time per queue until one has been handled. A worker
         # that starts after a crash thus meets the message that crashed it alone, and a
         # message that kills its worker cannot take prefetched neighbours past the delivery
@@ -308,8 +308,9 @@ class Worker:
             _heartbeat=heartbeat,
         )
         report_started: asyncio.TimerHandle | None = None
-        if message.timeout is not None:
-            # The engine's deadline runs from the start, so it needs to know now.
+        if message.timeout is not None or message.schedule_to_start is not None:
+            # The engine's deadline runs from the start, and its schedule-to-start deadline
+            # stops there, so it needs to know now.
             self._reporter.report(self._outcome(message, "started", started_at=started_at))
         else:
             report_started = loop.call_later(
@@ -506,6 +507,7 @@ class Worker:
             kind=kind,
             step=message.step,
             attempt=message.attempt,
+            token=message.token,
             **values,
         )
 

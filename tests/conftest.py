@@ -178,14 +178,17 @@ def free_port() -> int:
         return port
 
 
-async def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
+async def http_get(
+    url: str, timeout: float = 5.0, headers: dict[str, str] | None = None
+) -> tuple[int, str]:
     """Status and body of a GET, off the event loop; (0, reason) when nothing answers."""
     import urllib.error
     import urllib.request
 
     def get() -> tuple[int, str]:
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:
+            request = urllib.request.Request(url, headers=headers or {})
+            with urllib.request.urlopen(request, timeout=timeout) as response:
                 return response.status, response.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode()

@@ -67,7 +67,11 @@ async def test_beyond_loopback_without_a_token_changes_are_refused(
     assert "HMS_HTTP_TOKEN is not set" in (await response.json())["error"]["message"]
     for path in ("/api/workflows/x/cancel", "/api/workflows/x/retry", "/api/dlq/w.a.dlq/purge"):
         assert (await exposed.post(path)).status == 403
-    assert (await exposed.get("/api/workflows")).status == 200  # reads stay open
+    read = await exposed.get("/api/workflows")  # reads carry payloads: closed too
+    assert read.status == 403
+    assert "HMS_HTTP_OPEN_READS" in (await read.json())["error"]["message"]
+    assert (await exposed.get("/readyz")).status in (200, 503)  # probes stay open
+    assert (await exposed.get("/metrics")).status == 200
 
 
 async def test_bad_requests_are_named(loopback: TestClient[Any, Any]) -> None:

@@ -29,9 +29,11 @@ class Ops:
     processes: Processes
     engine_url: str
     worker_url: str
+    token: str = ""
 
     async def hms(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-        return await hms(*args, env={"HMS_ENGINE_URL": self.engine_url, **env})
+        given = {"HMS_ENGINE_URL": self.engine_url, "HMS_HTTP_TOKEN": self.token}
+        return await hms(*args, env={**given, **env})
 
     async def ok(self, *args: str) -> str:
         done = await self.hms(*args)
@@ -64,13 +66,20 @@ async def start_ops(
         ["-m", "hms_mgmt", "worker", "tests.services:grant", "--http-port", str(worker_port)],
         {"HMS_BROKER_URL": vhost},
     )
-    ops = Ops(processes, f"http://127.0.0.1:{engine_port}", f"http://127.0.0.1:{worker_port}")
+    ops = Ops(
+        processes,
+        f"http://127.0.0.1:{engine_port}",
+        f"http://127.0.0.1:{worker_port}",
+        engine_env.get("HMS_HTTP_TOKEN", ""),
+    )
 
     async def ready() -> bool:
         status, _ = await http_get(f"{ops.engine_url}/readyz")
         if status != 200 or (await http_get(f"{ops.worker_url}/readyz"))[0] != 200:
             return False
-        _, body = await http_get(f"{ops.engine_url}/api/definitions")
+        token = engine_env.get("HMS_HTTP_TOKEN")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        _, body = await http_get(f"{ops.engine_url}/api/definitions", headers=headers)
         return "traced" in body  # the step service's definitions have arrived
 
     await wait_until(ready, timeout=30, interval=0.2, what="engine and worker ready")
@@ -262,7 +271,7 @@ async def test_health_and_readiness(ops: Ops) -> None:
     assert status == 200
     assert json.loads(body) == {
         "ready": True,
-        "checks": {"engine": True, "broker": True, "store": True},
+        "checks": {"engine": True, "broker": True, "vhost_lock": True, "store": True},
     }
     assert (await http_get(f"{ops.worker_url}/healthz"))[0] == 200
     status, body = await http_get(f"{ops.worker_url}/readyz")
@@ -355,16 +364,33 @@ async def test_beyond_loopback_changes_need_the_token(
     async for ops in start_ops(
         processes, vhost, store_url, HMS_HTTP_HOST="0.0.0.0", HMS_HTTP_TOKEN="s3cret"
     ):
-        nobody = await ops.hms("workflow", "start", "grantApproval")
+        nobody = await ops.hms("workflow", "start", "grantApproval", HMS_HTTP_TOKEN="")
         assert nobody.returncode == 1 and "Authorization: Bearer" in nobody.stderr
         wrong = await ops.hms("workflow", "start", "grantApproval", HMS_HTTP_TOKEN="guess")
-        assert wrong.returncode == 1 and "Authorization: Bearer" in wrong.stderr
-        assert await ops.json("workflow", "list") == []  # reads need no token
+        assert (
+            wrong.returncode == 1 and "does not match the engine's HMS_HTTP_TOKEN" in wrong.stderr
+        )
+        # Reads carry payloads (applicants' data): beyond loopback they need the token too.
+        reader = await ops.hms("workflow", "list", HMS_HTTP_TOKEN="")
+        assert reader.returncode == 1 and "Authorization: Bearer" in reader.stderr, reader
+        assert await ops.json("workflow", "list") == []
+        assert (await http_get(f"{ops.engine_url}/readyz"))[0] == 200  # probes stay open
         started = await ops.hms(
             "workflow", "start", "grantApproval", "--input", "{}", HMS_HTTP_TOKEN="s3cret"
         )
         assert started.returncode == 0, started.stderr
         assert (await ops.finished(started.stdout.strip()))["status"] == "succeeded"
+
+
+async def test_beyond_loopback_reads_can_be_opened_by_the_operator(
+    processes: Processes, vhost: str, store_url: str
+) -> None:
+    async for ops in start_ops(
+        processes, vhost, store_url, HMS_HTTP_HOST="0.0.0.0", HMS_HTTP_OPEN_READS="1"
+    ):
+        assert await ops.json("workflow", "list") == []
+        refused = await ops.hms("workflow", "start", "grantApproval")
+        assert refused.returncode == 1 and "changes over HTTP are disabled" in refused.stderr
 
 
 # -- trace context ------------------------------------------------------------------------------

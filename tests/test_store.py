@@ -97,7 +97,7 @@ async def test_a_schema_1_file_is_upgraded_in_place(tmp_path: Path) -> None:
     t = machine.start(DEFINITION, "new", None, 10.0, traceparent=tp)
     assert t.workflow is not None
     await store.commit(Batch(workflows={"new": t.workflow}))
-    await store.ping()
+    assert await store.watch(probe=True) is None
     await store.close()
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("2",)

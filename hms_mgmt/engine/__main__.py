@@ -6,22 +6,25 @@ import argparse
 import asyncio
 import signal
 import sys
+from dataclasses import replace
 
 from bus_adapters.base import BusError, open_bus
 from hms_mgmt import loop
 from hms_mgmt.engine.api import start_api
-from hms_mgmt.engine.engine import Engine
+from hms_mgmt.engine.engine import EXIT_REFUSED, Engine
+from hms_mgmt.engine.vhost import StartRefused
+from hms_mgmt.errors import StoreError
 from hms_mgmt.logs import configure, get_logger
 from hms_mgmt.loopwatch import LoopMonitor, add_loop_flags
-from hms_mgmt.settings import Settings
+from hms_mgmt.settings import Settings, parse_duration
 from hms_mgmt.store.base import open_store
 
 
-def parse(argv: list[str] | None) -> Settings:
+def parse(argv: list[str] | None) -> tuple[Settings, bool]:
     parser = argparse.ArgumentParser(
         prog="python -m hms_mgmt.engine",
         description="Run the HMS-MGMT engine: it records workflow state and publishes steps.",
-        epilog="Flags override HMS_* environment variables.",
+        epilog="Flags override HMS_* environment variables. " + EXIT_CODES,
     )
     parser.add_argument(
         "--broker-url", help="AMQP URL (HMS_BROKER_URL; default the local RabbitMQ)"
@@ -42,9 +45,29 @@ def parse(argv: list[str] | None) -> Settings:
         help="address to listen on (HMS_HTTP_HOST; default 127.0.0.1; beyond loopback, "
         "changes need HMS_HTTP_TOKEN)",
     )
+    parser.add_argument(
+        "--new-store",
+        action="store_true",
+        help="serve this vhost from this store although it was last served from another one "
+        "(say the old store is lost for good); without it such a start is refused",
+    )
+    parser.add_argument(
+        "--retention",
+        help="keep finished workflows this long, then prune them (HMS_RETENTION: 30d, 12h, "
+        "90m, or off; default 30d)",
+    )
+    parser.add_argument(
+        "--store-grace",
+        type=float,
+        help="seconds the store may fail before the engine exits with code 4 (HMS_STORE_GRACE; "
+        "default 30)",
+    )
     add_loop_flags(parser)
     args = parser.parse_args(argv)
-    return Settings.from_env(
+    retention = (
+        None if args.retention is None else parse_duration(args.retention, what="--retention")
+    )
+    settings = Settings.from_env(
         broker_url=args.broker_url,
         store_url=args.store_url,
         log_format=args.log_format,
@@ -53,12 +76,23 @@ def parse(argv: list[str] | None) -> Settings:
         http_host=args.http_host,
         loop_block_threshold=args.loop_block_threshold,
         liveness_lag=args.liveness_lag,
+        store_grace=args.store_grace,
     )
+    if args.retention is not None:
+        settings = replace(settings, retention=retention)
+    return settings, args.new_store
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, *, new_store: bool = False) -> int:
     engine = Engine(
-        open_bus(settings.broker_url, name="hms-engine"), open_store(settings.store_url)
+        open_bus(settings.broker_url, name="hms-engine"),
+        open_store(settings.store_url),
+        store_grace=settings.store_grace,
+        retention=settings.retention,
+        new_store=new_store,
+        client_users=settings.client_user_set,
+        service_users=settings.service_user_set,
+        stuck_after=settings.stuck_after,
     )
     monitor = LoopMonitor.from_settings(settings, "engine")
     http = await start_api(engine, settings, monitor)  # up first: /healthz answers in start-up
@@ -69,6 +103,7 @@ async def serve(settings: Settings) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             running.add_signal_handler(signum, engine.stop)
         await task
+        return engine.exit_code
     finally:
         monitor.stop()
         if http is not None:
@@ -77,23 +112,33 @@ async def serve(settings: Settings) -> None:
         await engine.store.close()
 
 
+EXIT_CODES = """exit codes: 0 stopped, 2 bad configuration or a store that cannot be opened,
+3 broker unreachable, 4 the store failed for longer than the grace period,
+5 refused: another engine serves the vhost, or the vhost was served from another store"""
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        settings = parse(argv)
+        settings, new_store = parse(argv)
         configure(settings.log_format, settings.log_level)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     log = get_logger("engine")
     try:
-        loop.run(serve(settings))
+        return loop.run(serve(settings, new_store=new_store))
+    except StoreError as exc:
+        log.error("cannot start: the store cannot be used", cause=str(exc), exit_code=2)
+        return 2
+    except StartRefused as exc:
+        log.error("refusing to start", cause=str(exc), exit_code=EXIT_REFUSED)
+        return EXIT_REFUSED
     except BusError as exc:
-        log.error("cannot reach the broker", error=str(exc))
+        log.error("cannot reach the broker", error=str(exc), exit_code=3)
         return 3
     except ValueError as exc:
-        log.error("bad configuration", error=str(exc))
+        log.error("bad configuration", error=str(exc), exit_code=2)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -46,7 +47,7 @@ from hms_mgmt.httpserver import (
 )
 from hms_mgmt.logs import get_logger
 from hms_mgmt.loopwatch import LoopCollector, LoopMonitor
-from hms_mgmt.messages import ID_RULE, MAX_MESSAGE_BYTES, decode_body, short, valid_id
+from hms_mgmt.messages import ID_RULE, MAX_DELAY, MAX_MESSAGE_BYTES, decode_body, short, valid_id
 from hms_mgmt.metrics import EngineMetrics
 from hms_mgmt.records import Workflow, WorkflowState, WorkflowStatus
 from hms_mgmt.settings import Settings
@@ -85,8 +86,10 @@ class EngineApi:
         token: str | None = None,
         request_timeout: float = 10.0,
         loop_monitor: LoopMonitor | None = None,
+        open_reads: bool = False,
     ) -> None:
         self.engine = engine
+        self.open_reads = open_reads
         self.loop_monitor = loop_monitor
         self.metrics = metrics
         self.token = token
@@ -103,16 +106,17 @@ class EngineApi:
         get("/healthz", self.healthz)
         get("/readyz", self.readyz)
         get("/metrics", metrics_handler(self.metrics.render, self._refresh_counts))
-        get("/api/workflows", self.list_workflows)
+        get("/api/workflows", self._reading(self.list_workflows))
         post("/api/workflows", self._mutating(self.start))
-        get("/api/workflows/{id}", self.show)
+        get("/api/workflows/{id}", self._reading(self.show))
         post("/api/workflows/{id}/cancel", self._mutating(self.cancel))
         post("/api/workflows/{id}/retry", self._mutating(self.retry))
-        get("/api/definitions", self.definitions)
-        get("/api/dlq", self.dlq_queues)
-        get("/api/dlq/{queue}", self.dlq_messages)
+        get("/api/definitions", self._reading(self.definitions))
+        get("/api/dlq", self._reading(self.dlq_queues))
+        get("/api/dlq/{queue}", self._reading(self.dlq_messages))
         post("/api/dlq/{queue}/replay", self._mutating(self.dlq_replay))
         post("/api/dlq/{queue}/purge", self._mutating(self.dlq_purge))
+        post("/api/store/prune", self._mutating(self.prune, broker=False))
         return app
 
     # -- plumbing ---------------------------------------------------------------
@@ -141,11 +145,23 @@ class EngineApi:
                 500, "InternalError", "the engine failed to answer this request; its log says why"
             )
 
-    def _mutating(self, handler: Handler) -> Handler:
+    def _mutating(self, handler: Handler, *, broker: bool = True) -> Handler:
         async def checked(request: web.Request) -> web.StreamResponse:
             self._authorise(request)
-            self._need_broker()
-            await self.client.connect()
+            if broker:
+                self._need_broker()
+                await self.client.connect()
+            return await handler(request)
+
+        return checked
+
+    def _reading(self, handler: Handler) -> Handler:
+        """Reads carry applicants' data: beyond loopback they need the token too, unless the
+        operator opened them (HMS_HTTP_OPEN_READS)."""
+
+        async def checked(request: web.Request) -> web.StreamResponse:
+            if not (self.loopback or self.open_reads):
+                self._authorise(request, reading=True)
             return await handler(request)
 
         return checked
@@ -160,22 +176,36 @@ class EngineApi:
                 "try again once /readyz says ready",
             )
 
-    def _authorise(self, request: web.Request) -> None:
+    def _authorise(self, request: web.Request, *, reading: bool = False) -> None:
         if self.token is None:
             if self.loopback:
                 return
+            what = (
+                "reads over HTTP are closed (set HMS_HTTP_TOKEN, or HMS_HTTP_OPEN_READS=1 to "
+                "open them to anyone who can reach the port)"
+                if reading
+                else "changes over HTTP are disabled"
+            )
             raise ApiError(
                 403,
                 "Forbidden",
-                f"changes over HTTP are disabled: the server listens on {self.host}, beyond "
-                "loopback, and HMS_HTTP_TOKEN is not set",
+                f"{what}: the server listens on {self.host}, beyond loopback, and "
+                "HMS_HTTP_TOKEN is not set",
+            )
+        header = request.headers.get("Authorization")
+        if header is None:
+            raise ApiError(
+                401, "Unauthorized", "this needs 'Authorization: Bearer <HMS_HTTP_TOKEN>'"
             )
         # As bytes: a header aiohttp could not read as UTF-8 holds surrogates, which encode back.
-        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        given = header.encode("utf-8", "surrogateescape")
         expected = f"Bearer {self.token}".encode("utf-8", "surrogateescape")
         if not hmac.compare_digest(given, expected):
             raise ApiError(
-                401, "Unauthorized", "this needs 'Authorization: Bearer <HMS_HTTP_TOKEN>'"
+                401,
+                "Unauthorized",
+                "the token given does not match the engine's HMS_HTTP_TOKEN "
+                "(send 'Authorization: Bearer <HMS_HTTP_TOKEN>')",
             )
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
@@ -190,12 +220,20 @@ class EngineApi:
             raise ApiError(400, "BadRequest", f"the request {exc}") from exc
 
     async def _refresh_counts(self) -> None:
+        store = self.engine.store
         try:
-            counts = await asyncio.wait_for(self.engine.store.count_by_status(), PROBE_TIMEOUT)
+            counts, stuck, size = await asyncio.wait_for(
+                asyncio.gather(
+                    store.count_by_status(),
+                    store.stuck_counts(time.time() - self.engine.stuck_after),
+                    store.size(),
+                ),
+                PROBE_TIMEOUT,
+            )
         except Exception as exc:  # a scrape still shows the counters
             log.warning("cannot count workflows for /metrics", error=repr(exc))
             return
-        self.metrics.set_counts(counts)
+        self.metrics.set_counts(counts, stuck, size)
 
     # -- probes -----------------------------------------------------------------
 
@@ -203,20 +241,9 @@ class EngineApi:
         return healthz(self.loop_monitor)
 
     async def readyz(self, _request: web.Request) -> web.Response:
-        checks = {
-            "engine": self.engine.ready.is_set(),
-            "broker": bus_connected(self.engine.bus),
-            "store": await self._store_reachable(),
-        }
+        checks = self.engine.checks()
         ok = all(checks.values())
         return web.json_response({"ready": ok, "checks": checks}, status=200 if ok else 503)
-
-    async def _store_reachable(self) -> bool:
-        try:
-            await asyncio.wait_for(self.engine.store.ping(), PROBE_TIMEOUT)
-        except Exception:
-            return False
-        return True
 
     # -- workflows --------------------------------------------------------------
 
@@ -242,7 +269,9 @@ class EngineApi:
         found = await self.engine.store.workflow_with_runs(workflow_id)
         if found is None:
             raise WorkflowNotFoundError(f"no workflow with id {workflow_id!r}")
-        state = WorkflowState.of(*found).to_json()
+        state = WorkflowState.of(
+            *found, now=time.time(), stuck_after=self.engine.stuck_after
+        ).to_json()
         state["trace_id"] = tracing.trace_id(state.get("traceparent"))
         state["history"] = [
             {"at": entry.at, "kind": entry.kind, "detail": entry.detail}
@@ -354,6 +383,18 @@ class EngineApi:
         await response.write_eof()
         return response
 
+    async def prune(self, request: web.Request) -> web.Response:
+        older_than = (await self._body(request)).get("older_than")
+        if (
+            not isinstance(older_than, int | float)
+            or isinstance(older_than, bool)
+            or not 0 <= older_than <= MAX_DELAY
+        ):
+            raise ApiError(400, "BadRequest", "give 'older_than' as seconds, from 0 to 10 years")
+        pruned = await self.engine.prune(time.time() - older_than)
+        log.warning("finished workflows pruned over http", count=pruned, older_than=older_than)
+        return web.json_response({"pruned": pruned, "older_than": older_than})
+
     async def dlq_purge(self, request: web.Request) -> web.Response:
         queue = self._dlq(request)
         purged = await dlq.purge(self.engine.bus, queue)
@@ -416,11 +457,13 @@ async def start_api(
         host=settings.http_host,
         token=settings.http_token,
         loop_monitor=loop_monitor,
+        open_reads=settings.http_open_reads,
     )
     if not api.loopback and settings.http_token is None:
         log.warning(
-            "the http server listens beyond loopback without HMS_HTTP_TOKEN: "
-            "its endpoints that change state are disabled",
+            "the http server listens beyond loopback without HMS_HTTP_TOKEN: its endpoints "
+            "that change state are disabled"
+            + ("" if settings.http_open_reads else ", and so are its reads of /api"),
             host=settings.http_host,
         )
     return await start_server(api.app(), settings.http_host, settings.http_port, name="engine")

@@ -15,18 +15,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bus_adapters.base import (
     JSON_CONTENT_TYPE,
     Bus,
     BusError,
+    BusLock,
     Delivery,
     Message,
+    ResourceLockedError,
     Subscription,
     UnroutableError,
     redact_url,
@@ -34,14 +37,17 @@ from bus_adapters.base import (
 from hms_mgmt import machine, schedules, tracing
 from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.engine.crash import CrashPoints
+from hms_mgmt.engine.health import StoreHealth
 from hms_mgmt.engine.relay import OutboxRelay
 from hms_mgmt.engine.timers import TimerQueue
+from hms_mgmt.engine.vhost import StartRefused, take_vhost
 from hms_mgmt.errors import (
     DefinitionError,
     HmsError,
     InvalidMessageError,
     PayloadError,
     ScheduleNotFoundError,
+    StoreError,
     UnknownWorkflowError,
     WorkflowNotFoundError,
 )
@@ -50,6 +56,7 @@ from hms_mgmt.messages import (
     COMMANDS_QUEUE,
     DEAD_EXCHANGE,
     DEADLETTERS_QUEUE,
+    ENGINE_LOCK_QUEUE,
     MAX_REPLY_BYTES,
     RESULTS_QUEUE,
     STEPS_EXCHANGE,
@@ -70,12 +77,26 @@ from hms_mgmt.messages import (
 from hms_mgmt.records import StepRun, StepStatus, Workflow, WorkflowState
 from hms_mgmt.schedules import Schedule
 from hms_mgmt.store.base import Batch, OutboxRow, Store
+from hms_mgmt.tokens import Signer
 from hms_mgmt.topology import declare_core, declare_step, declare_workflow, dlq_name
 
 log = get_logger("engine")
 
 WAIT_HOLD_MAX = 30.0
 REQUEST_MEMORY = 7 * 24 * 3600.0  # how long answers to cancel/retry/signal/start are kept
+DEFAULT_RETENTION = 30 * 24 * 3600.0  # finished workflows are pruned after this long
+PRUNE_EVERY = 10.0  # seconds between prune steps while nothing is left to prune
+PRUNE_STEP = 200  # workflows deleted per prune transaction: small, so the loop never stalls
+WATCH_EVERY = 1.0  # seconds between checks of the store
+START_THROUGH_DROPS = 60.0  # seconds start-up waits out a broker that dropped it half-way
+
+UNSIGNED = (
+    "its token does not match its step run: forged, replayed across runs, or signed by "
+    "another engine's store"
+)
+
+EXIT_STORE_LOST = 4  # the store failed for longer than the grace period
+EXIT_REFUSED = 5  # another engine serves the vhost, or took over the store
 
 
 @dataclass
@@ -140,9 +161,44 @@ class Engine:
         cache_size: int = 20_000,
         timer_horizon: float = 60.0,
         clock: Callable[[], float] = time.time,
+        store_grace: float = 30.0,
+        retention: float | None = DEFAULT_RETENTION,
+        new_store: bool = False,
+        lock_wait: float = 5.0,
+        client_users: frozenset[str] | None = None,
+        service_users: frozenset[str] | None = None,
+        stuck_after: float = 300.0,
     ) -> None:
+        """An engine over ``bus`` and ``store``; nothing happens until :meth:`run`.
+
+        ``store_grace``: seconds the store may be in trouble before the engine exits.
+        ``retention``: seconds a finished workflow is kept (None keeps them for ever).
+        ``new_store``: serve a vhost last served from another store (see ``vhost``).
+        ``lock_wait``: seconds to wait for a previous engine's lock to be freed.
+        ``client_users``/``service_users``: the broker users whose requests (all kinds)
+        and whose outcomes and definitions are obeyed; both None obeys every user.
+        ``stuck_after``: seconds after which a step not started (or running with no
+        timeout) shows as stuck in ``status()`` and the metrics.
+        """
+        self.stuck_after = stuck_after
         self.bus = bus
         self.store = store
+        self.retention = retention
+        self.new_store = new_store
+        self.lock_wait = lock_wait
+        self.client_users = client_users
+        self.service_users = service_users
+        self.engine_id = secrets.token_hex(8)
+        self.health = StoreHealth(store_grace)
+        self.exit_code = 0
+        self._lock: BusLock | None = None
+        self._cut_off = False  # the vhost lock was lost: no commits until it is back
+        self._reached_broker = False
+        self._held: list[_Received] | None = None  # a batch whose commit failed, to try again
+        self._next_prune = 0.0
+        self._prunes: list[tuple[float, asyncio.Future[int]]] = []  # asked for by hand
+        self._pruned = 0
+        self._signer = Signer(b"")
         self.batch_size = batch_size
         self.prefetch = prefetch
         self.clock = clock
@@ -169,22 +225,71 @@ class Engine:
 
     async def run(self) -> None:
         """Serve until :meth:`stop` is called or the task is cancelled."""
-        await self.start()
+        try:
+            await self._start_through_drops()
+        except BaseException:  # refused or failed: let go of what start-up took
+            await self._undo_start()
+            await self.store.close()
+            raise
         try:
             await self._loop()
         finally:
             await self._shutdown()
 
+    async def _start_through_drops(self) -> None:
+        """Start; a broker that drops the connection half-way through start-up (a restart)
+        is waited for. A broker that cannot be reached at all fails at once (exit code 3)."""
+        deadline = time.monotonic() + START_THROUGH_DROPS
+        while True:
+            try:
+                await self.start()
+                return
+            except BusError as exc:
+                if not self._reached_broker or time.monotonic() > deadline:
+                    raise
+                log.warning("the broker went away during start-up: starting again", error=str(exc))
+                await self._undo_start()
+                await asyncio.sleep(1.0)
+
+    async def _undo_start(self) -> None:
+        for task in list(self._side_tasks):
+            task.cancel()
+        await asyncio.gather(*self._side_tasks, return_exceptions=True)
+        self._subscriptions.clear()
+        if self._lock is not None:
+            with contextlib.suppress(Exception):
+                await self._lock.release()
+            self._lock = None
+        with contextlib.suppress(Exception):
+            await self.bus.close()
+
     async def start(self) -> None:
         await self.store.open()
+        self._signer = Signer(self.store.identity.secret)
         await self.bus.connect()
-        await declare_core(self.bus)
+        self._reached_broker = True
+        await declare_core(self.bus, engine=True)
+        try:
+            self._lock = await take_vhost(
+                self.bus,
+                self.store.identity,
+                self.store.url,
+                self.engine_id,
+                new_store=self.new_store,
+                wait=self.lock_wait,
+            )
+        except StartRefused:
+            if self.store.identity.fresh:  # made by this start: leave nothing behind
+                await self.store.discard()
+            raise
+        await self.store.claim(self.engine_id)
+        self._spawn(self._watch_lock(self._lock))
+        self._spawn(self._watch_store())
         for definition in await self.store.definitions():
             self._remember(definition)
         for definition in self.latest.values():
             await declare_workflow(self.bus, definition)
         self.schedules = {s.id: s for s in await self.store.schedules()}
-        await self.store.forget_requests(self.clock() - REQUEST_MEMORY)
         unsent = await self.store.unsent()
         if unsent:
             log.info("publishing outbox rows left from before", count=len(unsent))
@@ -198,10 +303,84 @@ class Engine:
         log.info(
             "engine started",
             broker=redact_url(self.bus.url),
-            store=getattr(self.store, "url", "?"),
+            store=redact_url(self.store.url),
+            store_id=self.store.identity.store_id,
+            engine_id=self.engine_id,
             definitions=sorted(self.latest),
         )
         self.ready.set()
+
+    def checks(self) -> dict[str, bool]:
+        """Readiness, check by check: started, connected, holding the vhost, store committing."""
+        return {
+            "engine": self.ready.is_set() and self.exit_code == 0,
+            "broker": bool(getattr(self.bus, "connected", True)),
+            "vhost_lock": self._lock is not None and not self._cut_off,
+            "store": self.health.ready,
+        }
+
+    def _fail(self, code: int, message: str, **fields: Any) -> None:
+        """Stop the engine with an exit code, saying why in one line."""
+        if self.exit_code == 0:
+            self.exit_code = code
+            log.error(message, exit_code=code, **fields)
+        self._stopping.set()
+
+    async def _watch_lock(self, lock: BusLock) -> None:
+        """The vhost lock went with its connection: hold it again, or stop if another engine has."""
+        while not self._stopping.is_set():
+            await lock.lost.wait()
+            if self._stopping.is_set():
+                return
+            self._cut_off = True
+            log.warning("lost the vhost lock with its connection: pausing until it is back")
+            while not self._stopping.is_set():
+                try:
+                    lock = await self.bus.hold(ENGINE_LOCK_QUEUE)
+                except ResourceLockedError:
+                    self._fail(
+                        EXIT_REFUSED, "another engine took this vhost while this one was cut off"
+                    )
+                    return
+                except BusError:
+                    await asyncio.sleep(1.0)
+                    continue
+                self._lock = lock
+                if await self.store.owner() != self.engine_id:
+                    self._fail(
+                        EXIT_REFUSED,
+                        "another engine committed to this store while this one was cut off; "
+                        "restart this engine to carry on from the store",
+                    )
+                    return
+                self._cut_off = False
+                log.info("holding the vhost lock again")
+                break
+
+    async def _watch_store(self) -> None:
+        """Every second: is the file still there, whole, and can it commit? Upkeep in between."""
+        rescued = False
+        while not self._stopping.is_set():
+            await asyncio.sleep(WATCH_EVERY)
+            probe = time.monotonic() - self.health.last_ok > WATCH_EVERY
+            problem = await self.store.watch(probe=probe)
+            if problem is None:
+                if probe:
+                    self.health.ok()
+                continue
+            self.health.failed(problem)
+            if problem.kind == "deleted" and not rescued:
+                rescued = True
+                try:
+                    copy = await self.store.rescue()
+                except StoreError as exc:
+                    log.error("could not copy the deleted store's content", error=str(exc))
+                else:
+                    log.error(
+                        "copied what the deleted store held (every commit the engine made) to a "
+                        "new file: move it back to the store's path and restart the engine",
+                        copy=copy,
+                    )
 
     def stop(self) -> None:
         self._stopping.set()
@@ -220,6 +399,8 @@ class Engine:
         for task in list(self._side_tasks):
             task.cancel()
         await asyncio.gather(*self._side_tasks, return_exceptions=True)
+        if self._lock is not None:
+            await self._lock.release()
         with contextlib.suppress(Exception):
             await self.bus.close()
         await self.store.close()
@@ -233,6 +414,14 @@ class Engine:
         except InvalidMessageError as exc:
             self._refuse(delivery, str(exc))
             return
+        allowed = []
+        for command in commands:
+            reason = self._forbidden(delivery.user_id, command.type)
+            if reason is None:
+                allowed.append(command)
+            else:
+                refused.append((command.body, reason))
+        commands = allowed
         if refused and delivery.reply_to:
             self._answer_refused(delivery.reply_to, refused)
         received = _Received(delivery, refused=refused, key="requests")
@@ -247,6 +436,17 @@ class Engine:
         except InvalidMessageError as exc:
             self._refuse(delivery, str(exc))
             return
+        sender = self._forbidden(delivery.user_id, "outcome")
+        if sender is not None:
+            self._refuse(delivery, sender)
+            return
+        signed = []
+        for outcome in outcomes:
+            if self._signer.valid(outcome.workflow_id, outcome.seq, outcome.attempt, outcome.token):
+                signed.append(outcome)
+            else:
+                refused.append((json.loads(outcome.encoded), UNSIGNED))
+        outcomes = signed
         received = _Received(delivery, refused=refused, key="outcomes")
         received.events = [_Event("outcome", o.workflow_id, o, received) for o in outcomes]
         self._inbox.put_nowait(received)
@@ -261,6 +461,9 @@ class Engine:
                 raise InvalidMessageError(
                     f"message for {steps[0].topic!r} came from queue {queue!r}"
                 )
+            for step in steps:
+                if not self._signer.valid(step.workflow_id, step.seq, step.attempt, step.token):
+                    raise InvalidMessageError(f"a step in it: {UNSIGNED}")
         except InvalidMessageError as exc:
             self._refuse(delivery, str(exc), step_queue=queue or None)
             return
@@ -269,6 +472,28 @@ class Engine:
             _Event("dead_letter", step.workflow_id, (step, reason), received) for step in steps
         ]
         self._inbox.put_nowait(received)
+
+    def _forbidden(self, user: str | None, what: str) -> str | None:
+        """Why ``user`` may not send ``what`` (a request type, or "outcome"); None if it may.
+
+        With neither ``client_users`` nor ``service_users`` set, every user of the vhost is
+        trusted. Otherwise the broker-validated ``user_id`` decides: client users may send
+        every request, service users outcomes and definitions, the engine's own user all.
+        """
+        if self.client_users is None and self.service_users is None:
+            return None
+        if user is None:
+            return (
+                f"{what!r} without a user_id: the engine obeys only messages whose broker user "
+                "is named (and checked by RabbitMQ)"
+            )
+        if user == self.bus.user:
+            return None
+        if what != "outcome" and user in (self.client_users or ()):
+            return None
+        if what in ("outcome", "define") and user in (self.service_users or ()):
+            return None
+        return f"broker user {user!r} may not send {what!r} messages to this engine"
 
     def _answer_refused(self, reply_to: str, refused: list[Refused]) -> None:
         """Tell the client at once why its request was refused, rather than let it time out."""
@@ -360,9 +585,14 @@ class Engine:
         stop = asyncio.ensure_future(self._stopping.wait())
         try:
             while not self._stopping.is_set():
+                if self._cut_off or self.health.problem is not None or self._held is not None:
+                    await self._sit_out_trouble()
+                    continue
                 now = self.clock()
                 if self.timers.needs_scan(now):
                     await self._scan_timers(now)
+                if now >= self._next_prune or self._prunes:
+                    await self._prune(now)
                 received: list[_Received] = []
                 if self._inbox.empty():
                     timeout = self._idle_timeout(now)
@@ -397,6 +627,64 @@ class Engine:
         finally:
             stop.cancel()
 
+    async def _sit_out_trouble(self) -> None:
+        """No new work while cut off or while the store is in trouble; a failed batch is retried.
+
+        What was consumed stays unacked, so it waits in RabbitMQ (or comes back to the next
+        engine) rather than being acked without a commit.
+        """
+        if self.health.expired:
+            self._fail(
+                EXIT_STORE_LOST,
+                "the store has been in trouble for too long: exiting",
+                cause=str(self.health.problem),
+            )
+            return
+        await asyncio.sleep(WATCH_EVERY)
+        held = self._held
+        if (
+            held is not None
+            and not self._cut_off
+            and not (self.health.problem is not None and self.health.problem.lasting)
+        ):
+            self._held = None
+            await self._process(held)
+
+    async def _prune(self, now: float) -> None:
+        """One small step of retention: finished workflows past it go, with their runs and history."""
+        cutoff = None if self.retention is None else now - self.retention
+        if self._prunes:
+            asked = max(before for before, _ in self._prunes)
+            cutoff = asked if cutoff is None else max(cutoff, asked)
+        try:
+            pruned = 0 if cutoff is None else await self.store.prune(cutoff, PRUNE_STEP)
+            forgotten = await self.store.forget_requests(now - REQUEST_MEMORY, PRUNE_STEP * 5)
+        except StoreError as exc:
+            self.health.failed(exc)
+            return
+        self.health.ok()
+        self._pruned += pruned
+        more = pruned == PRUNE_STEP or forgotten == PRUNE_STEP * 5
+        self._next_prune = now + (0.05 if more else PRUNE_EVERY)
+        if pruned:
+            log.debug("pruned finished workflows", count=pruned)
+        if not more and self._prunes:
+            done, self._prunes = self._prunes, []
+            for _, future in done:
+                if not future.done():
+                    future.set_result(self._pruned)
+            self._pruned = 0
+
+    async def prune(self, before: float) -> int:
+        """Delete the workflows that finished before ``before`` (by hand); return how many went.
+
+        The loop does it in the same small steps as retention, between batches.
+        """
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._pruned = 0
+        self._prunes.append((before, future))
+        return await future
+
     def _idle_timeout(self, now: float) -> float:
         timeout = max(0.0, self.timers.loaded_until - self.timers.horizon / 2 - now)
         next_due = self.timers.next_due()
@@ -418,6 +706,18 @@ class Engine:
         self.timers.loaded(rows, until, complete=len(rows) < limit)
 
     async def _process(self, received: list[_Received]) -> None:
+        """Apply a batch and make it durable, then let its effects out, in this order:
+
+        1. load what the events need, apply the pure machine, and commit the new state with
+           the messages it causes (outbox) and the outbox rows confirmed since (one transaction);
+        2. check that the store file is still the one we committed to;
+        3. hand the outbox to the relay (publish, confirm, delete on the next commit);
+        4. ack what was consumed, only now: a crash before this redelivers it, and every
+           event is applied at most once (stale outcomes, answered requests are ignored);
+        5. answer requests and wake waiters.
+
+        A batch that fails to commit is held and tried again; nothing is acked meanwhile.
+        """
         now = self.clock()
         events = [event for r in received for event in r.events]
         work = _Work()
@@ -427,18 +727,30 @@ class Engine:
             for event in events:
                 self._apply(event, work, now)
             await self.store.commit(work.batch)
-        except Exception:
-            log.exception("a batch failed to commit; its messages will be redelivered")
+        except Exception as exc:
             for event in events:
                 self._cache.pop(event.workflow_id, None)
+            self.relay.restore_confirmed(work.batch.sent)
+            self.timers.loaded_until = float("-inf")  # timers popped for it: read them again
+            if isinstance(exc, StoreError):
+                if exc.kind == "taken":
+                    self._fail(EXIT_REFUSED, str(exc))
+                    return
+                self.health.failed(exc)
+                self._held = received  # tried again once the store takes commits
+                return
+            log.exception("a batch failed; its messages will be redelivered")
             for item in received:
                 if item.delivery is not None:
                     with contextlib.suppress(Exception):  # a closed channel requeues it anyway
                         await item.delivery.reject(requeue=True)
-            self.relay.restore_confirmed(work.batch.sent)
-            self.timers.loaded_until = float("-inf")  # timers popped for it: read them again
             await asyncio.sleep(1.0)
             return
+        moved = self.store.check_file()
+        if moved is not None:  # committed into a file no longer there: ack nothing
+            self.health.failed(moved)
+            return
+        self.health.ok()
         self._crash_point("after_commit")
         if self.on_commit is not None:
             try:
@@ -574,6 +886,7 @@ class Engine:
                 current = run
         work.state[wf.id] = (wf, current)
         for step in t.steps:
+            step = replace(step, token=self._signer.token(step.workflow_id, step.seq, step.attempt))
             batch.outbox.append(
                 OutboxRow(
                     message_id=step.message_id,
@@ -947,7 +1260,9 @@ class Engine:
     async def state(self, workflow_id: str) -> WorkflowState | None:
         """A workflow and its runs as the store has them."""
         found = await self.store.workflow_with_runs(workflow_id)
-        return None if found is None else WorkflowState.of(*found)
+        if found is None:
+            return None
+        return WorkflowState.of(*found, now=self.clock(), stuck_after=self.stuck_after)
 
     async def _wake_waiters(self, workflow_id: str, work: _Work) -> None:
         waiters = self._waiters.pop(workflow_id, None)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from hms_mgmt.definitions import WorkflowDefinition
+from hms_mgmt.errors import StoreError
 from hms_mgmt.records import StepRun, Workflow
 from hms_mgmt.schedules import Schedule
 
@@ -53,6 +54,15 @@ class Batch:
 
 
 @dataclass(frozen=True)
+class StoreIdentity:
+    """Who a store is: a random id made with it, and the secret its step tokens are signed with."""
+
+    store_id: str
+    secret: bytes
+    fresh: bool  # this open created the store
+
+
+@dataclass(frozen=True)
 class HistoryEntry:
     at: float
     kind: str
@@ -60,12 +70,54 @@ class HistoryEntry:
 
 
 class Store(Protocol):
-    async def open(self) -> None: ...
+    """Every method raises :class:`hms_mgmt.errors.StoreError` when the store itself fails."""
+
+    url: str
+    identity: StoreIdentity
+
+    async def open(self) -> None:
+        """Open or create the store; :class:`hms_mgmt.errors.StoreError` names what is wrong."""
+        ...
 
     async def close(self) -> None: ...
 
-    async def ping(self) -> None:
-        """Raise if the store cannot be read (readiness checks)."""
+    async def discard(self) -> None:
+        """Close and delete a store this process has just created (a refused start)."""
+        ...
+
+    def check_file(self) -> StoreError | None:
+        """A cheap check, made before every ack, that the store is still where it was opened."""
+        ...
+
+    async def watch(self, *, probe: bool) -> StoreError | None:
+        """The store's health, checked every second: ``probe`` commits a tiny write to prove it can.
+
+        It also does the store's upkeep (checkpoints, reclaiming freed space) in small steps.
+        """
+        ...
+
+    async def claim(self, owner: str) -> None:
+        """Make ``owner`` the store's only writer: a commit by any other then fails (fencing)."""
+        ...
+
+    async def rescue(self) -> str:
+        """Copy what the store holds (its last committed state) to a new file; return its path.
+
+        For a store whose file was deleted under the engine: what it committed lives on in
+        the open file until the engine lets go of it.
+        """
+        ...
+
+    async def owner(self) -> str | None:
+        """The engine that last claimed the store."""
+        ...
+
+    async def prune(self, before: float, limit: int) -> int:
+        """Delete up to ``limit`` workflows that finished before ``before``; return how many."""
+        ...
+
+    async def size(self) -> int:
+        """Bytes the store takes on disk."""
         ...
 
     async def definitions(self) -> list[WorkflowDefinition]:
@@ -112,10 +164,14 @@ class Store(Protocol):
 
     async def count_by_status(self) -> dict[str, int]: ...
 
+    async def stuck_counts(self, before: float) -> dict[tuple[str, str], int]:
+        """(workflow, step) -> current runs still waiting to start since before ``before``."""
+        ...
+
     async def schedules(self) -> list[Schedule]: ...
 
-    async def forget_requests(self, before: float) -> None:
-        """Drop the answers kept for repeated requests older than ``before``."""
+    async def forget_requests(self, before: float, limit: int = 1000) -> int:
+        """Drop up to ``limit`` answers kept for repeated requests older than ``before``."""
         ...
 
 

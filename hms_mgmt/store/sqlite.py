@@ -7,19 +7,30 @@ engine's throughput. JSON columns are text, so the file can be read by hand.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import os
+import secrets
 import sqlite3
+import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 import aiosqlite
 
 from hms_mgmt.definitions import WorkflowDefinition
+from hms_mgmt.errors import StoreError
 from hms_mgmt.messages import dumps
 from hms_mgmt.records import StepRun, StepStatus, Workflow, WorkflowStatus
 from hms_mgmt.schedules import Schedule
-from hms_mgmt.store.base import Batch, HistoryEntry, OutboxRow
+from hms_mgmt.store.base import (
+    Batch,
+    HistoryEntry,
+    OutboxRow,
+    StoreIdentity,
+)
 
 SCHEMA_VERSION = 2
 
@@ -61,7 +72,14 @@ MIGRATIONS: dict[int, list[str]] = {
 }
 INDEXES = """
 CREATE INDEX IF NOT EXISTS workflows_created ON workflows (created_at);
+CREATE INDEX IF NOT EXISTS workflows_finished ON workflows (updated_at)
+    WHERE status IN ('succeeded', 'failed', 'cancelled');
+CREATE INDEX IF NOT EXISTS requests_at ON requests (at);
 """
+FINISHED = "status IN ('succeeded', 'failed', 'cancelled')"  # matches the partial index
+MIN_FREE_BYTES = 16 * 1024 * 1024  # less free space than this is a full disk
+VACUUM_STEP = 512  # pages handed back to the file system per upkeep step
+VACUUM_WHEN = 0.2  # ... once this share of the file is free pages
 
 WORKFLOW_COLUMNS = (
     "id, name, version, status, input, output, error, seq, visits, timer_at, timer_kind, "
@@ -231,16 +249,108 @@ def _migrate(db: sqlite3.Connection, version: int) -> None:
         raise
 
 
-def _write(db: sqlite3.Connection, statements: list[tuple[str, list[tuple[Any, ...]]]]) -> None:
-    """One transaction, run on the store's thread."""
+def _write(
+    db: sqlite3.Connection,
+    statements: list[tuple[str, list[tuple[Any, ...]]]],
+    *,
+    owner: str | None = None,
+) -> None:
+    """One transaction, run on the store's thread; with ``owner``, only while it owns the store."""
     db.execute("BEGIN IMMEDIATE")
     try:
+        if owner is not None:
+            row = db.execute("SELECT value FROM meta WHERE key = 'owner'").fetchone()
+            if row is None or row[0] != owner:
+                raise StoreError(
+                    f"another engine ({row[0] if row else 'unknown'}) has taken over this store "
+                    "while this one was cut off; this engine must stop",
+                    kind="taken",
+                    lasting=True,
+                )
         for sql, rows in statements:
             db.executemany(sql, rows)
         db.execute("COMMIT")
     except BaseException:
-        db.execute("ROLLBACK")
+        # SQLite rolls back by itself on a full disk or an I/O error; a ROLLBACK then would
+        # fail ("no transaction is active") and hide the real cause.
+        if db.in_transaction:
+            db.execute("ROLLBACK")
         raise
+
+
+def _make_folder(path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+
+def _prepare(db: sqlite3.Connection) -> StoreIdentity:
+    """Set up a new file or check an existing one; its identity (made once, kept in ``meta``)."""
+    if db.execute("PRAGMA page_count").fetchone()[0] > 0:  # fails on a file that is not SQLite
+        found = db.execute("PRAGMA quick_check").fetchall()
+        if found != [("ok",)]:
+            raise sqlite3.DatabaseError(f"database disk image is malformed: {found[0][0]}")
+    else:
+        db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # only takes before the first table
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute("PRAGMA busy_timeout=5000")
+    # Checkpoints are the store's own upkeep (``watch``): the file then changes size only
+    # there, so a file that shrinks between them was truncated under us.
+    db.execute("PRAGMA wal_autocheckpoint=0")
+    fresh = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone() is None
+    db.executescript(SCHEMA)
+    row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+    if row is None:
+        db.execute("INSERT INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+    elif int(row[0]) > SCHEMA_VERSION:
+        raise StoreError(f"it has schema {row[0]}, newer than this version of hms-mgmt knows")
+    elif int(row[0]) < SCHEMA_VERSION:
+        _migrate(db, int(row[0]))
+    db.executescript(INDEXES)
+    made = {
+        "store_id": secrets.token_hex(16),
+        "secret": secrets.token_hex(32),
+        "created_at": repr(time.time()),
+    }
+    db.executemany("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", made.items())
+    values = dict(db.execute("SELECT key, value FROM meta").fetchall())
+    return StoreIdentity(values["store_id"], bytes.fromhex(values["secret"]), fresh)
+
+
+def store_error(path: str, exc: BaseException) -> StoreError:
+    """What an SQLite error says about the store, in words an operator can act on."""
+    text = str(exc)
+    lowered = text.lower()
+    if "readonly" in lowered or "read-only" in lowered:
+        return StoreError(
+            f"the store {path} is read-only: SQLite must write the file and the -wal and "
+            f"-shm files beside it ({text})",
+            kind="read_only",
+        )
+    if "full" in lowered or "no space" in lowered:
+        return StoreError(f"the disk of the store {path} is full ({text})", kind="full")
+    if "malformed" in lowered or "not a database" in lowered or "corrupt" in lowered:
+        return StoreError(
+            f"the store {path} is corrupt ({text}): restore it from a backup "
+            "(see 'Backing up and restoring the store' in the README)",
+            kind="corrupt",
+            lasting=True,
+        )
+    if "disk i/o error" in lowered and not all(
+        os.access(name, os.W_OK) for name in (path, path + "-wal") if os.path.exists(name)
+    ):
+        return StoreError(
+            f"the store {path} cannot be written: a read-only file system, an immutable file "
+            f"or missing permissions ({text})",
+            kind="read_only",
+        )
+    if "unable to open" in lowered:
+        return StoreError(
+            f"cannot open the store {path}: a missing or read-only folder, a folder where the "
+            f"file should be, or no permission ({text})",
+            kind="unopenable",
+            lasting=True,
+        )
+    return StoreError(f"the store {path} failed: {text}", kind="io")
 
 
 class SQLiteStore:
@@ -250,6 +360,11 @@ class SQLiteStore:
         self.url = url
         self.path = path_of(url)
         self._db: aiosqlite.Connection | None = None
+        self.identity = StoreIdentity("", b"", fresh=False)
+        self._file: tuple[int, int] | None = None  # (device, inode) of the file we opened
+        self._checkpointed_size = 0  # the file's size after our last complete checkpoint
+        self._upkeep = 0
+        self._owner: str | None = None  # the engine that claimed the store (fencing)
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -260,48 +375,210 @@ class SQLiteStore:
     async def open(self) -> None:
         if self._db is not None:
             return
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = await aiosqlite.connect(self.path, isolation_level=None)
-        await self.db.execute("PRAGMA journal_mode=WAL")
-        await self.db.execute("PRAGMA synchronous=NORMAL")
-        await self.db.execute("PRAGMA busy_timeout=5000")
-        await self.db.executescript(SCHEMA)
-        async with self.db.execute("SELECT value FROM meta WHERE key = 'schema'") as cursor:
-            row = await cursor.fetchone()
-        if row is None:
-            await self.db.execute(
-                "INSERT INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
-            )
-        elif int(row[0]) > SCHEMA_VERSION:
-            raise RuntimeError(
-                f"{self.path} has schema {row[0]}, newer than this version of hms-mgmt knows"
-            )
-        elif int(row[0]) < SCHEMA_VERSION:
-            await self._in_thread(lambda db: _migrate(db, int(row[0])))
-        await self.db.executescript(INDEXES)
+        memory = self.path == ":memory:"
+        try:
+            if not memory:
+                await asyncio.to_thread(_make_folder, self.path)
+            try:
+                self._db = await aiosqlite.connect(self.path, isolation_level=None)
+            except sqlite3.Error as exc:
+                raise store_error(self.path, exc) from None
+            self.identity = await self._in_thread(_prepare)
+            if not memory:
+                stat = os.stat(self.path)
+                self._file = (stat.st_dev, stat.st_ino)
+                self._checkpointed_size = stat.st_size
+        except BaseException as exc:
+            await self.close()
+            if isinstance(exc, OSError):
+                raise StoreError(
+                    f"cannot open the store {self.path}: {exc.strerror or exc}", kind="unopenable"
+                ) from None
+            if isinstance(exc, StoreError) and self.path not in str(exc):
+                raise StoreError(
+                    f"cannot use the store {self.path}: {exc}", kind=exc.kind
+                ) from None
+            raise
 
-    async def ping(self) -> None:
-        """Raise if the file cannot be read (for readiness checks)."""
-        await self._all("SELECT 1 FROM meta LIMIT 1")
+    def check_file(self) -> StoreError | None:
+        if self._file is None:
+            return None
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            return StoreError(
+                f"the store file {self.path} was deleted under the engine",
+                kind="deleted",
+                lasting=True,
+            )
+        except OSError as exc:
+            return StoreError(f"cannot look at the store {self.path}: {exc}")
+        if (stat.st_dev, stat.st_ino) != self._file:
+            return StoreError(
+                f"the store file {self.path} was replaced by another file",
+                kind="replaced",
+                lasting=True,
+            )
+        return self._truncated(stat.st_size)
+
+    def _truncated(self, size: int) -> StoreError | None:
+        # Only our own checkpoints change the file's size (auto-checkpoints are off); one
+        # that may shrink it sets _checkpointed_size to 0 while it runs.
+        if size >= self._checkpointed_size:
+            return None
+        return StoreError(
+            f"the store file {self.path} was truncated under the engine "
+            f"({size} bytes, at least {self._checkpointed_size} expected)",
+            kind="truncated",
+            lasting=True,
+        )
+
+    async def watch(self, *, probe: bool) -> StoreError | None:
+        problem = self.check_file()
+        if problem is not None or self._file is None:
+            return problem
+        try:
+            return await self._in_thread(lambda db: self._upkeep_step(db, probe))
+        except StoreError as exc:
+            return exc
+
+    def _upkeep_step(self, db: sqlite3.Connection, probe: bool) -> StoreError | None:
+        """On the store's thread: prove a commit, spot truncation, checkpoint, hand back space."""
+        truncated = self._truncated(os.stat(self.path).st_size)
+        if truncated is not None:
+            return truncated
+        # A small commit can go through on a file that cannot grow (it reuses WAL space), so
+        # the room to grow and the right to write are checked, not only a probe commit.
+        files = [name for name in (self.path, self.path + "-wal") if os.path.exists(name)]
+        if not all(os.access(name, os.W_OK) for name in files):
+            return StoreError(
+                f"the store {self.path} cannot be written: a read-only file system, an "
+                "immutable file or missing permissions",
+                kind="read_only",
+            )
+        disk = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+        free = disk.f_bavail * disk.f_frsize
+        if free < MIN_FREE_BYTES:
+            return StoreError(
+                f"the disk of the store {self.path} is full: {free} bytes free, the engine "
+                f"needs at least {MIN_FREE_BYTES} to commit safely",
+                kind="full",
+            )
+        if probe:
+            self._write(
+                db, [("UPDATE meta SET value = ? WHERE key = 'probe'", [(repr(time.time()),)])]
+            )
+        self._upkeep += 1
+        if self._upkeep % 10 == 0:
+            free = db.execute("PRAGMA freelist_count").fetchone()[0]
+            pages = db.execute("PRAGMA page_count").fetchone()[0]
+            if free > 1000 and free > pages * VACUUM_WHEN:
+                db.execute(f"PRAGMA incremental_vacuum({VACUUM_STEP})").fetchall()
+        known, self._checkpointed_size = self._checkpointed_size, 0
+        busy, frames, done = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        size = os.stat(self.path).st_size
+        # Complete: the file holds everything, at its full size. Not (a backup reading beside
+        # us): it may have grown, but cannot have shrunk.
+        self._checkpointed_size = size if busy == 0 and frames == done else max(known, size)
+        return None
+
+    async def claim(self, owner: str) -> None:
+        def take(db: sqlite3.Connection) -> None:
+            _write(
+                db, [("INSERT OR REPLACE INTO meta (key, value) VALUES ('owner', ?)", [(owner,)])]
+            )
+
+        await self._in_thread(take)
+        self._owner = owner
+
+    def _write(
+        self, db: sqlite3.Connection, statements: list[tuple[str, list[tuple[Any, ...]]]]
+    ) -> None:
+        """One transaction, refused if another engine has claimed the store since we did."""
+        _write(db, statements, owner=self._owner)
+
+    async def rescue(self) -> str:
+        destination = f"{self.path}.rescued-{time.strftime('%Y%m%dT%H%M%S')}"
+
+        def copy(db: sqlite3.Connection) -> None:
+            target = sqlite3.connect(destination)
+            try:
+                db.backup(target)
+            finally:
+                target.close()
+
+        try:
+            await self._in_thread(copy)
+        except StoreError:
+            raise
+        except OSError as exc:
+            raise StoreError(f"cannot write {destination}: {exc}") from None
+        return destination
+
+    async def owner(self) -> str | None:
+        rows = await self._all("SELECT value FROM meta WHERE key = 'owner'")
+        return str(rows[0][0]) if rows else None
+
+    async def prune(self, before: float, limit: int) -> int:
+        def delete(db: sqlite3.Connection) -> int:
+            ids = [
+                row[0]
+                for row in db.execute(
+                    f"SELECT id FROM workflows WHERE {FINISHED} AND updated_at < ? LIMIT ?",
+                    (before, limit),
+                )
+            ]
+            if not ids:
+                return 0
+            marks = _placeholders(len(ids))
+            self._write(
+                db,
+                [
+                    (f"DELETE FROM {table} WHERE {column} IN ({marks})", [tuple(ids)])
+                    for table, column in (
+                        ("step_runs", "workflow_id"),
+                        ("history", "workflow_id"),
+                        ("workflows", "id"),
+                    )
+                ],
+            )
+            return len(ids)
+
+        return await self._in_thread(delete)
+
+    async def size(self) -> int:
+        if self._file is None:
+            return 0
+        total = 0
+        for suffix in ("", "-wal"):
+            with contextlib.suppress(OSError):
+                total += os.stat(self.path + suffix).st_size
+        return total
 
     async def close(self) -> None:
         if self._db is not None:
             await self._db.close()
             self._db = None
 
+    async def discard(self) -> None:
+        await self.close()
+        if self._file is not None and self.identity.fresh:
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(OSError):
+                    os.remove(self.path + suffix)
+
     async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
-        return list(await self.db.execute_fetchall(sql, tuple(params)))  # one thread hop
+        values = tuple(params)
+        return await self._in_thread(lambda db: db.execute(sql, values).fetchall())
 
     async def definitions(self) -> list[WorkflowDefinition]:
         rows = await self._all("SELECT body, version FROM definitions ORDER BY name, version")
         return [WorkflowDefinition.from_json(json.loads(body), version) for body, version in rows]
 
     async def save_definition(self, definition: WorkflowDefinition, now: float) -> None:
-        await self.db.execute(
-            "INSERT OR IGNORE INTO definitions (name, version, body, created_at) VALUES (?, ?, ?, ?)",
-            (definition.name, definition.version, _json(definition.to_json()), now),
-        )
+        row = (definition.name, definition.version, _json(definition.to_json()), now)
+        sql = "INSERT OR IGNORE INTO definitions (name, version, body, created_at) VALUES (?, ?, ?, ?)"
+        await self._in_thread(lambda db: self._write(db, [(sql, [row])]))
 
     async def load(self, workflow_ids: Sequence[str]) -> dict[str, tuple[Workflow, StepRun | None]]:
         found: dict[str, tuple[Workflow, StepRun | None]] = {}
@@ -334,12 +611,15 @@ class SQLiteStore:
             return None
         return _workflow(workflow_rows[0]), [_run(row) for row in run_rows]
 
-    async def _in_thread(self, read: Callable[[sqlite3.Connection], T]) -> T:
-        """Run several statements in one trip to aiosqlite's thread."""
+    async def _in_thread(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run several statements in one trip to aiosqlite's thread; SQLite errors as StoreError."""
         run_in_thread = getattr(self.db, "_execute", None)
-        if run_in_thread is None:  # pragma: no cover - older aiosqlite
-            return read(self.db._conn)
-        result: T = await run_in_thread(read, self.db._conn)
+        try:
+            if run_in_thread is None:  # pragma: no cover - older aiosqlite
+                return work(self.db._conn)
+            result: T = await run_in_thread(work, self.db._conn)
+        except sqlite3.Error as exc:
+            raise store_error(self.path, exc) from None
         return result
 
     async def find_by_idempotency_key(self, keys: Sequence[str]) -> dict[str, str]:
@@ -387,7 +667,7 @@ class SQLiteStore:
             return
         statements = _statements(batch)
         # One trip to aiosqlite's thread for the whole transaction, not one per statement.
-        await self._in_thread(lambda db: _write(db, statements))
+        await self._in_thread(lambda db: self._write(db, statements))
 
     async def unsent(self) -> list[OutboxRow]:
         rows = await self._all(
@@ -424,9 +704,17 @@ class SQLiteStore:
         )
         return [_workflow(row) for row in rows]
 
-    async def forget_requests(self, before: float) -> None:
-        """Drop the answers kept for repeated requests older than ``before``."""
-        await self._in_thread(lambda db: db.execute("DELETE FROM requests WHERE at < ?", (before,)))
+    async def forget_requests(self, before: float, limit: int = 1000) -> int:
+        """Drop up to ``limit`` answers kept for repeated requests older than ``before``."""
+        sql = (
+            "DELETE FROM requests WHERE rowid IN (SELECT rowid FROM requests WHERE at < ? LIMIT ?)"
+        )
+
+        def delete(db: sqlite3.Connection) -> int:
+            self._write(db, [(sql, [(before, limit)])])
+            return int(db.execute("SELECT changes()").fetchone()[0])
+
+        return await self._in_thread(delete)
 
     async def schedules(self) -> list[Schedule]:
         rows = await self._all(
@@ -438,6 +726,58 @@ class SQLiteStore:
             for i, w, c, tz, p, cu, n, ca, lt in rows
         ]
 
+    async def stuck_counts(self, before: float) -> dict[tuple[str, str], int]:
+        rows = await self._all(
+            "SELECT w.name, r.step, count(*) FROM workflows w JOIN step_runs r "
+            "ON r.workflow_id = w.id AND r.seq = w.seq "
+            "WHERE w.status IN ('pending', 'running') AND r.status = 'pending' "
+            "AND max(r.created_at, coalesce(r.due_at, 0)) < ? GROUP BY w.name, r.step",
+            (before,),
+        )
+        return {(name, step): count for name, step, count in rows}
+
     async def count_by_status(self) -> dict[str, int]:
         rows = await self._all("SELECT status, count(*) FROM workflows GROUP BY status")
         return {status: count for status, count in rows}
+
+
+def backup(source: str, destination: str) -> dict[str, Any]:
+    """An online, consistent copy of the store at ``source`` (SQLite's backup API), checked.
+
+    Safe beside a running engine: it reads a snapshot and never writes the store.
+    """
+    began = time.monotonic()
+    if not os.path.isfile(source):
+        raise StoreError(f"there is no store at {source}", kind="unopenable")
+    partial = destination + ".partial"
+    try:
+        reader = sqlite3.connect(
+            f"file:{urllib.parse.quote(os.path.abspath(source))}?mode=ro", uri=True
+        )
+        try:
+            writer = sqlite3.connect(partial)
+            try:
+                reader.backup(writer)
+                if writer.execute("PRAGMA quick_check").fetchall() != [("ok",)]:
+                    raise StoreError(f"the copy of {source} does not check out", kind="corrupt")
+                workflows = writer.execute("SELECT count(*) FROM workflows").fetchone()[0]
+            finally:
+                writer.close()
+        finally:
+            reader.close()
+        os.replace(partial, destination)
+    except sqlite3.Error as exc:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        raise store_error(source, exc) from None
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        raise StoreError(f"cannot write the backup {destination}: {exc.strerror or exc}") from None
+    return {
+        "source": source,
+        "path": destination,
+        "workflows": workflows,
+        "bytes": os.path.getsize(destination),
+        "seconds": round(time.monotonic() - began, 3),
+    }

@@ -93,6 +93,10 @@ class Case:
         self.engine_starts += 1
         return self.engine
 
+    def another_engine(self, name: str, **env: str) -> subprocess.Popen[bytes]:
+        """One more engine process (one the case expects to be refused); its log is ``name``."""
+        return self._spawn(name, ["-m", "hms_mgmt.engine"], env)
+
     def start_worker(self, **env: str) -> subprocess.Popen[bytes]:
         self.worker = self._spawn(
             "worker", ["-m", "hms_mgmt.worker", "tests.chaos.service:chaos"], env

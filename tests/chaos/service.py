@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from typing import Any
 
 import hms_mgmt
-from hms_mgmt import RetryPolicy
+from hms_mgmt import RetryPolicy, Step
 
 GRANT = ["validateApp", "creditCheck", "scheduleInspection", "finalize"]
 
@@ -62,3 +63,34 @@ async def swallow(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
 @chaos.on_step("poison.after")
 async def after(ctx: hms_mgmt.StepContext) -> None:
     record(ctx)
+
+
+# A first attempt that hangs for ever: the step's timeout must cancel it in the worker,
+# freeing its slot for the retry.
+chaos.define_workflow(
+    "hang",
+    [Step("stall", timeout=1.0, retry=RetryPolicy(max_attempts=3, initial_delay=0.1)), "after"],
+)
+
+
+@chaos.on_step("hang.stall")
+async def stall(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+    record(ctx)
+    if ctx.attempt == 1:
+        await asyncio.Event().wait()
+    return {"data": ctx.payload}
+
+
+@chaos.on_step("hang.after")
+async def after_stall(ctx: hms_mgmt.StepContext) -> None:
+    record(ctx)
+
+
+# A handler that blocks the event loop (time.sleep in async def): reported, not silent.
+chaos.define_workflow("hog", ["block"])
+
+
+@chaos.on_step("hog.block")
+async def block(ctx: hms_mgmt.StepContext) -> None:
+    record(ctx)
+    time.sleep(float(ctx.payload.get("block", 0)))  # noqa: ASYNC251 - the point of the case
