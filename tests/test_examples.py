@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, Processes
 
 
 def run_example(module: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -38,8 +39,22 @@ def test_the_quick_start_falls_back_to_the_memory_bus_without_a_broker() -> None
 
 
 @pytest.mark.broker
-def test_the_quick_start_runs_through_the_daemon_and_the_broker(vhost: str) -> None:
-    done = run_example("examples.grant_approval", {"HMS_BROKER_URL": vhost})
+def test_the_quick_start_runs_through_the_daemon_and_the_broker(vhost: str, tmp_path: Path) -> None:
+    env = {"HMS_BROKER_URL": vhost, "HMS_STORE_URL": f"sqlite:///{tmp_path / 'grant.db'}"}
+    for _ in range(2):  # and again: the vhost knows its store from the first run
+        done = run_example("examples.grant_approval", env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "Started the engine daemon" in done.stdout
+        assert "3/3 grant workflows succeeded in" in done.stdout
+
+
+@pytest.mark.broker
+def test_the_quick_start_uses_an_engine_that_already_serves_the_vhost(
+    vhost: str, tmp_path: Path, processes: Processes
+) -> None:
+    processes.engine(vhost, f"sqlite:///{tmp_path / 'running.db'}")
+    env = {"HMS_BROKER_URL": vhost, "HMS_STORE_URL": f"sqlite:///{tmp_path / 'grant.db'}"}
+    done = run_example("examples.grant_approval", env)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "Started the engine daemon" in done.stdout
+    assert "An engine already serves" in done.stdout
     assert "3/3 grant workflows succeeded in" in done.stdout

@@ -41,29 +41,33 @@ def spawn(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[b
 
 
 async def through_the_broker(url: str, count: int) -> int:
+    # The engine keeps its state where `hms engine` would (HMS_STORE_URL, by default
+    # hms_mgmt.db here): the vhost remembers its store, so each run must use the same one.
+    store_url = Settings.from_env().store_url
     with tempfile.TemporaryDirectory(prefix="hms-grant-") as folder:
         env = {
             **os.environ,
             "HMS_BROKER_URL": url,
-            "HMS_STORE_URL": f"sqlite:///{Path(folder) / 'grant.db'}",
+            "HMS_STORE_URL": store_url,
             "HMS_LOG_FORMAT": "json",
         }
         logs = {name: Path(folder) / f"{name}.log" for name in ("engine", "service")}
-        children = [
-            spawn(["-m", "hms_mgmt.engine"], logs["engine"], env),
-            spawn(
-                ["-m", "hms_mgmt.worker", "examples.grant_approval.service:mgmt"],
-                logs["service"],
-                env,
-            ),
-        ]
-        print(
-            f"Started the engine daemon (pid {children[0].pid}) and the grant step service "
-            f"(pid {children[1].pid}) on {redact_url(url)}"
+        engine = spawn(["-m", "hms_mgmt.engine"], logs["engine"], env)
+        service = spawn(
+            ["-m", "hms_mgmt.worker", "examples.grant_approval.service:mgmt"], logs["service"], env
         )
+        children = [service, engine]
+        state = await engine_state(engine, logs["engine"])
+        if state == "elsewhere":
+            print(f"An engine already serves {redact_url(url)}: submitting through it.")
+        elif state == "started":
+            print(
+                f"Started the engine daemon (pid {engine.pid}, store {store_url}) and the grant "
+                f"step service (pid {service.pid}) on {redact_url(url)}"
+            )
         try:
             os.environ["HMS_BROKER_URL"] = url
-            code = await submit.main(count)
+            code = 1 if state == "failed" else await submit.main(count)
         finally:
             for child in children:
                 child.send_signal(signal.SIGTERM)
@@ -80,6 +84,21 @@ async def through_the_broker(url: str, count: int) -> int:
                     file=sys.stderr,
                 )
         return code
+
+
+async def engine_state(engine: subprocess.Popen[bytes], log: Path) -> str:
+    """``started``, ``elsewhere`` (another engine serves the vhost) or ``failed``."""
+    for _ in range(100):  # an engine that is up within 10 s is up
+        said = await asyncio.to_thread(log.read_text, errors="replace")
+        code = engine.poll()
+        if code is not None:
+            return (
+                "elsewhere" if code == 5 and "another engine already serves" in said else "failed"
+            )
+        if '"engine started"' in said:
+            return "started"
+        await asyncio.sleep(0.1)
+    return "started"
 
 
 async def main(count: int) -> int:

@@ -10,6 +10,7 @@ notes its figures: how fast the engine refused or went unready.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import shutil
@@ -114,6 +115,13 @@ async def ready_again(url: str, timeout: float = 30) -> None:
 
 async def chattr(flag: str, files: list[str]) -> None:
     await asyncio.to_thread(subprocess.run, ["chattr", flag, *files], check=True)
+
+
+def fill(path: Path) -> None:
+    """Write zeros to ``path`` until the disk is full."""
+    with contextlib.suppress(OSError), path.open("wb", buffering=0) as file:
+        while True:
+            file.write(b"\0" * 65536)
 
 
 def remove_wal(db: Path) -> None:
@@ -221,12 +229,7 @@ async def test_the_store_on_a_full_disk(case: Case, tmpfs: Path) -> None:
     async with case.client() as client:
         ids = await case.start_many(client, 300, sleep=0.2)
         await asyncio.sleep(1.0)
-        with filler.open("wb") as file:
-            try:
-                while True:
-                    file.write(b"\0" * 65536)
-            except OSError:
-                pass
+        await asyncio.to_thread(fill, filler)
         unready = await unready_within(f"http://127.0.0.1:{port}")
         await asyncio.sleep(2.0)
         filler.unlink()
