@@ -12,6 +12,8 @@ import json
 import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import closing
 from pathlib import Path
@@ -440,3 +442,18 @@ def test_schedule_to_start_fails_a_run_no_service_starts_into_its_retry_policy()
     started_outcome = hms_mgmt.messages.Outcome(workflow_id="wf", seq=1, kind="started")
     went = machine.apply_outcome(workflow, run, definition, started_outcome, 110.0)
     assert went.workflow is not None and went.workflow.timer_kind is None
+
+
+def test_the_engine_refuses_a_bad_store_in_one_line_with_exit_code_2(tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.db"
+    corrupt.write_bytes(b"SQLite format 3\0" + b"\xff" * 8192)
+    for store, says in ((tmp_path, "cannot open the store"), (corrupt, "is corrupt")):
+        done = subprocess.run(
+            [sys.executable, "-m", "hms_mgmt.engine", "--store-url", f"sqlite:///{store}",
+             "--broker-url", "amqp://guest:guest@127.0.0.1:1/"],
+            capture_output=True, text=True, timeout=60, env={**os.environ, "HMS_LOG_FORMAT": "json"},
+        )  # fmt: skip
+        assert done.returncode == 2, done.stderr
+        [line] = done.stderr.strip().splitlines()  # one line, no traceback
+        entry = json.loads(line)
+        assert says in entry["cause"] and str(store) in entry["cause"], entry
