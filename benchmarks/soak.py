@@ -79,7 +79,7 @@ async def soak(args: argparse.Namespace, url: str, daemons: Daemons) -> dict[str
         "max_store_mb_after_retention": max((s["store_mb"] for s in settled), default=None),
         "min_store_mb_after_retention": min((s["store_mb"] for s in settled), default=None),
         "bytes_per_kept_workflow": round(last["store_mb"] * 1e6 / max(1, kept)),
-        "bytes_per_workflow_without_retention_per_day": round(
+        "bytes_per_day_without_retention": round(
             last["store_mb"] * 1e6 / max(1, kept) * args.rate * 86400
         ),
     }

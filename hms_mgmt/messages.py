@@ -166,20 +166,6 @@ def check_key(
     return value
 
 
-def depth(value: Any) -> int:
-    """Nesting depth of a JSON value, without recursion."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        if isinstance(item, dict):
-            deepest = max(deepest, level)
-            stack.extend((v, level + 1) for v in item.values())
-        elif isinstance(item, list):
-            deepest = max(deepest, level)
-            stack.extend((v, level + 1) for v in item)
-    return deepest
-
-
 def encode_payload(payload: Any, *, what: str = "payload") -> bytes:
     """The payload as JSON, refusing what cannot travel: raises :class:`PayloadError`."""
     try:
@@ -194,7 +180,7 @@ def encode_payload(payload: Any, *, what: str = "payload") -> bytes:
         raise PayloadError(f"{what} is not JSON-serialisable: {exc}{named}") from exc
     if len(body) > MAX_PAYLOAD_BYTES:
         raise PayloadError(f"{what} is {len(body)} bytes as JSON; the limit is {MAX_PAYLOAD_BYTES}")
-    if body.count(b"[") + body.count(b"{") > MAX_DEPTH and depth(payload) > MAX_DEPTH:
+    if body.count(b"[") + body.count(b"{") > MAX_DEPTH and _deeper_than(payload, MAX_DEPTH):
         raise PayloadError(f"{what} is nested deeper than {MAX_DEPTH} levels")
     return body
 
@@ -211,21 +197,38 @@ def decode_body(
         body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidMessageError(f"body is not UTF-8: {exc}") from exc
-    if body.count(b"[") + body.count(b"{") > MAX_DEPTH and _too_deep(body):
-        raise InvalidMessageError(f"body is nested deeper than {MAX_DEPTH} levels")
     try:
-        value = _loads(body)
+        value = _loads(body)  # orjson refuses nesting beyond 1024 levels by itself, safely
     except _DECODE_ERRORS as exc:
+        if "depth limit" in str(exc):
+            raise InvalidMessageError(f"body is nested deeper than {MAX_DEPTH} levels") from exc
         _refuse_wide_integers(body)  # orjson calls one beyond 1e308 "infinity"
         raise InvalidMessageError(f"body is not JSON: {exc}") from exc
+    if body.count(b"[") + body.count(b"{") > MAX_DEPTH and _deeper_than(value, MAX_DEPTH):
+        raise InvalidMessageError(f"body is nested deeper than {MAX_DEPTH} levels")
     _refuse_wide_integers(body)
     if not isinstance(value, dict):
         raise InvalidMessageError(f"body is a JSON {type(value).__name__}, not an object")
     return value
 
 
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether a decoded JSON value nests deeper than ``limit``; only containers are walked."""
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if level > limit:
+            return True
+        for child in item.values() if isinstance(item, dict) else item:
+            if isinstance(child, dict | list):
+                stack.append((child, level + 1))
+    return False
+
+
 _STRINGS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
-_LONG_DIGITS = re.compile(rb"[0-9]{19}")  # -2**63 has 19 digits, 2**64 - 1 has 20
+# A number of 19 digits or more (-2**63 has 19, 2**64 - 1 has 20) where JSON puts numbers:
+# digits inside strings (hex ids, tokens) seldom follow one of these.
+_LONG_DIGITS = re.compile(rb"[:,\[]\s*-?[0-9]{19}")
 _NUMBER = re.compile(rb"-?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?")
 
 
@@ -271,28 +274,6 @@ def _wide_int_in(value: Any) -> int | None:
         elif isinstance(item, list | tuple):
             stack.extend(item)
     return None
-
-
-_NOT_BRACKETS = re.compile(rb"[^\[\]{}]+")
-_INNERMOST = re.compile(rb"\[\]|\{\}")
-
-
-def _too_deep(body: bytes) -> bool:
-    """Whether JSON text nests deeper than MAX_DEPTH, found with regular expressions only.
-
-    Strings and everything but brackets are dropped, then innermost pairs are
-    peeled off one level per pass; a body that needs more than MAX_DEPTH
-    passes is too deep. Unbalanced text is left for the parser to refuse.
-    """
-    structure = _NOT_BRACKETS.sub(b"", _STRINGS.sub(b"", body))
-    for _ in range(MAX_DEPTH):
-        if not structure:
-            return False
-        peeled = _INNERMOST.sub(b"", structure)
-        if peeled == structure:
-            return False
-        structure = peeled
-    return bool(structure)
 
 
 T = TypeVar("T")
@@ -422,8 +403,9 @@ class StepMessage:
     def idempotency_key(self) -> str:
         return f"{self.workflow_id}:{self.step}:{self.visit}"
 
-    def encode(self) -> bytes:
-        """This run as one item of a step message."""
+    def encode(self, token: str | None = None) -> bytes:
+        """This run as one item of a step message, signed with ``token`` if given."""
+        token = token or self.token
         body: dict[str, Any] = {
             "workflow_id": self.workflow_id,
             "workflow": self.workflow,
@@ -439,8 +421,8 @@ class StepMessage:
             body["context"] = self.context
         if self.traceparent is not None:
             body["traceparent"] = self.traceparent
-        if self.token is not None:
-            body["token"] = self.token
+        if token is not None:
+            body["token"] = token
         if self.schedule_to_start is not None:
             body["schedule_to_start"] = self.schedule_to_start
         return dumps(body)

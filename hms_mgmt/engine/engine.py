@@ -19,7 +19,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from bus_adapters.base import (
@@ -886,13 +886,13 @@ class Engine:
                 current = run
         work.state[wf.id] = (wf, current)
         for step in t.steps:
-            step = replace(step, token=self._signer.token(step.workflow_id, step.seq, step.attempt))
+            token = self._signer.token(step.workflow_id, step.seq, step.attempt)
             batch.outbox.append(
                 OutboxRow(
                     message_id=step.message_id,
                     exchange=STEPS_EXCHANGE,
                     routing_key=step.topic,
-                    body=step.encode(),
+                    body=step.encode(token),
                     headers=step_headers(
                         step.workflow_id, step.step, step.attempt, step.seq, step.traceparent
                     ),
