@@ -189,7 +189,7 @@ def _input(value: str) -> Any:
 @click.pass_obj
 def workflow_start(obj: Context, name: str, payload: str, idempotency_key: str | None) -> None:
     """Start workflow NAME; prints its id."""
-    from hms_mgmt.definitions import NAME_PATTERN
+    from hms_mgmt.bounds import NAME_PATTERN
 
     if not NAME_PATTERN.fullmatch(name):
         raise click.BadParameter(

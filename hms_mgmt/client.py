@@ -19,6 +19,7 @@ from typing import Any
 
 from bus_adapters.base import Bus, BusError, Delivery, redact_url
 from hms_mgmt import tracing
+from hms_mgmt.bounds import check_delay, check_id, check_key, check_run_at, check_schedule_id
 from hms_mgmt.definitions import WorkflowDefinition, check_name
 from hms_mgmt.errors import (
     EngineUnavailableError,
@@ -27,23 +28,11 @@ from hms_mgmt.errors import (
     error_from_reply,
 )
 from hms_mgmt.logs import get_logger
-from hms_mgmt.messages import (
-    MAX_REPLY_BYTES,
-    batches,
-    check_delay,
-    check_id,
-    check_key,
-    check_run_at,
-    check_schedule_id,
-    decode_body,
-    encode_payload,
-    new_id,
-    request_item,
-    requests_message,
-)
 from hms_mgmt.records import WorkflowState
 from hms_mgmt.schedules import check as check_schedule
 from hms_mgmt.topology import declare_core
+from hms_mgmt.wire.codec import MAX_REPLY_BYTES, batches, decode_body, encode_payload, new_id
+from hms_mgmt.wire.requests import request_item, requests_message
 
 log = get_logger("client")
 
@@ -69,7 +58,7 @@ class _Request:
 
 
 def _check_workflow_id(workflow_id: str) -> None:
-    """A workflow id the engine could have made: :data:`hms_mgmt.messages.ID_PATTERN`."""
+    """A workflow id the engine could have made: :data:`hms_mgmt.bounds.ID_PATTERN`."""
     check_id(workflow_id, "workflow id", PayloadError)
 
 

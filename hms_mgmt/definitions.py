@@ -7,16 +7,14 @@ the engine as JSON and are stored there, versioned.
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from hms_mgmt.bounds import NAME_PATTERN, check_delay, short
 from hms_mgmt.errors import DefinitionError
-from hms_mgmt.messages import check_delay, short
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
 """Workflow, step, signal and schedule names; match with ``fullmatch``."""
 
 

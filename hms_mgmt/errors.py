@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from hms_mgmt.bounds import check_delay
+
 
 class HmsError(Exception):
     """Base of every HMS-MGMT error."""
@@ -77,8 +79,6 @@ class Retry(HmsError):
     @delay.setter
     def delay(self, value: float | None) -> None:
         """Seconds from 0 to 10 years (``MAX_DELAY``); anything else is a ``ValueError`` at once."""
-        from hms_mgmt.messages import check_delay
-
         if value is not None:
             check_delay(value, "Retry delay")
         self._delay = value

@@ -17,8 +17,10 @@ from typing import Any
 
 from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.errors import InvalidStateError
-from hms_mgmt.messages import MAX_PAYLOAD_BYTES, Outcome, StepMessage, dumps
 from hms_mgmt.records import ACTIVE_RUN, StepRun, StepStatus, Workflow, WorkflowStatus
+from hms_mgmt.wire.codec import MAX_PAYLOAD_BYTES, dumps
+from hms_mgmt.wire.outcomes import Outcome
+from hms_mgmt.wire.steps import StepMessage
 
 TIMER_RUN = "run"  # a scheduled run (delayed step, retry backoff) is due
 TIMER_DEADLINE = "deadline"  # a started run has not finished in time

@@ -25,9 +25,10 @@ from hms_mgmt.definitions import RetryPolicy, Step, WorkflowDefinition, split_to
 from hms_mgmt.errors import DefinitionError, HmsError
 from hms_mgmt.logs import get_logger
 from hms_mgmt.loopwatch import LoopMonitor
-from hms_mgmt.messages import Outcome, StepMessage
 from hms_mgmt.records import WorkflowState
 from hms_mgmt.settings import Settings
+from hms_mgmt.wire.outcomes import Outcome
+from hms_mgmt.wire.steps import StepMessage
 
 log = get_logger("management")
 

@@ -13,9 +13,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from hms_mgmt.messages import DEAD_EXCHANGE, Outcome, StepMessage
 from hms_mgmt.records import TERMINAL, StepStatus, WorkflowStatus
 from hms_mgmt.store.base import Batch
+from hms_mgmt.topology import DEAD_EXCHANGE
+from hms_mgmt.wire.outcomes import Outcome
+from hms_mgmt.wire.steps import StepMessage
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from hms_mgmt.messages import check_delay, check_run_at, short
+from hms_mgmt.bounds import check_delay, check_run_at, short
+from hms_mgmt.wire.outcomes import RESULT_KEYS
 
 
 def _timestamp(moment: datetime) -> float:
@@ -79,3 +81,58 @@ class StepResult:
         return isinstance(other, StepResult) and other._result == self._result
 
     __hash__ = None  # type: ignore[assignment]
+
+
+def normalise_result(value: Any, *, payload: Any, describe: Callable[[], str]) -> dict[str, Any]:
+    """A handler's return value as a result dict, or ``ValueError`` naming the handler and value.
+
+    ``None`` passes the step's own payload on; ``nextStep`` is accepted for ``next_step``.
+    """
+    if value is None:
+        return {"data": payload}
+    to_result = getattr(value, "to_result", None)
+    if callable(to_result):
+        value = to_result()
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"{describe()} returned {value!r}; expected a dict such as {{'data': ...}}"
+        )
+    result = dict(value)
+    if "nextStep" in result:
+        if "next_step" in result:
+            raise ValueError(f"{describe()} returned both 'next_step' and 'nextStep'")
+        result["next_step"] = result.pop("nextStep")
+    unknown = set(result) - RESULT_KEYS
+    if unknown or not result:
+        raise ValueError(
+            f"{describe()} returned {_short(value)}; expected keys among "
+            f"{sorted(RESULT_KEYS)} (unknown: {sorted(unknown)})"
+        )
+    next_step = result.get("next_step")
+    if next_step is not None and not isinstance(next_step, str):
+        raise ValueError(f"{describe()} returned next_step {next_step!r}, which is not a step name")
+    run_at = result.get("run_at")
+    if run_at is not None:
+        timestamp = getattr(run_at, "timestamp", None)
+        if callable(timestamp):
+            try:
+                result["run_at"] = run_at = timestamp()
+            except (OverflowError, ValueError, OSError) as exc:
+                raise ValueError(f"{describe()} returned run_at {short(run_at)}: {exc}") from None
+        try:
+            check_run_at(run_at, "run_at")
+        except ValueError as exc:
+            raise ValueError(f"{describe()} returned run_at {short(run_at)}; {exc}") from None
+    for key in ("delay", "timeout"):
+        if result.get(key) is not None:
+            try:
+                check_delay(result[key], key)
+            except ValueError as exc:
+                raise ValueError(
+                    f"{describe()} returned {key} {short(result[key])}; {exc}"
+                ) from None
+    return result
+
+
+def _short(value: Any) -> str:
+    return short(value, 200)

@@ -12,17 +12,18 @@ from functools import partial
 from bus_adapters.base import AccessRefusedError, Bus, BusError, QueueSpec
 from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.logs import get_logger
-from hms_mgmt.messages import (
-    COMMANDS_EXCHANGE,
-    COMMANDS_QUEUE,
-    DEAD_EXCHANGE,
-    DEADLETTERS_QUEUE,
-    DLX_EXCHANGE,
-    ENGINE_RECORD_QUEUE,
-    RESULTS_EXCHANGE,
-    RESULTS_QUEUE,
-    STEPS_EXCHANGE,
-)
+
+STEPS_EXCHANGE = "hms.steps"
+DLX_EXCHANGE = "hms.dlx"  # what the broker dead-letters
+DEAD_EXCHANGE = "hms.dead"  # what the engine gives up on
+COMMANDS_EXCHANGE = "hms.commands"  # clients' requests (direct): its own exchange, so that
+RESULTS_EXCHANGE = "hms.results"  # ... broker permissions can say who may write which
+COMMANDS_QUEUE = "hms.engine.commands"
+RESULTS_QUEUE = "hms.engine.results"
+DEADLETTERS_QUEUE = "hms.engine.deadletters"
+ENGINE_LOCK_QUEUE = "hms.engine.lock"  # exclusive: held by the one engine serving the vhost
+ENGINE_RECORD_QUEUE = "hms.engine.record"  # the serving engine's record: host, pid, store
+
 
 log = get_logger("topology")
 

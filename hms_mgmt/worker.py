@@ -43,16 +43,11 @@ from hms_mgmt.context import Handler, StepContext
 from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.errors import InvalidMessageError, NonRetryableError, PayloadError, Retry, StepTimeout
 from hms_mgmt.logs import get_logger
-from hms_mgmt.messages import (
-    MAX_PAYLOAD_BYTES,
-    Outcome,
-    StepMessage,
-    batches,
-    check_finite,
-    normalise_result,
-    outcomes_message,
-)
+from hms_mgmt.results import normalise_result
 from hms_mgmt.topology import declare_core, declare_step
+from hms_mgmt.wire.codec import MAX_PAYLOAD_BYTES, batches, check_finite
+from hms_mgmt.wire.outcomes import Outcome, outcomes_message
+from hms_mgmt.wire.steps import StepMessage
 
 log = get_logger("worker")
 

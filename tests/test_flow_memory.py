@@ -14,8 +14,8 @@ import pytest
 import hms_mgmt
 from bus_adapters.base import Message
 from bus_adapters.memory import MemoryBus
+from hms_mgmt.bounds import MAX_DELAY
 from hms_mgmt.client import Client
-from hms_mgmt.messages import MAX_DELAY
 from tests.conftest import wait_until
 
 GRANT = ["validateApp", "creditCheck", "scheduleInspection", "finalize"]

@@ -29,17 +29,12 @@ from hms_mgmt.definitions import Step, WorkflowDefinition
 from hms_mgmt.engine.engine import EXIT_STORE_LOST, Engine
 from hms_mgmt.engine.vhost import StartRefused
 from hms_mgmt.errors import StoreError
-from hms_mgmt.messages import (
-    COMMANDS_EXCHANGE,
-    COMMANDS_QUEUE,
-    RESULTS_EXCHANGE,
-    RESULTS_QUEUE,
-    batch_body,
-    dumps,
-)
 from hms_mgmt.records import StepStatus, WorkflowState
 from hms_mgmt.store.base import Batch
 from hms_mgmt.store.sqlite import SQLiteStore, backup
+from hms_mgmt.topology import COMMANDS_EXCHANGE, COMMANDS_QUEUE, RESULTS_EXCHANGE, RESULTS_QUEUE
+from hms_mgmt.wire.codec import batch_body, dumps
+from hms_mgmt.wire.outcomes import Outcome
 from tests.conftest import wait_until
 
 GRANT = ["validateApp", "creditCheck", "scheduleInspection", "finalize"]
@@ -439,7 +434,7 @@ def test_schedule_to_start_fails_a_run_no_service_starts_into_its_retry_policy()
     assert timed_out.error is not None and timed_out.error["type"] == "ScheduleToStartTimeout"
     assert fired.runs[-1].attempt == 2  # the retry policy applies
     # A run a service started is no longer subject to it.
-    started_outcome = hms_mgmt.messages.Outcome(workflow_id="wf", seq=1, kind="started")
+    started_outcome = Outcome(workflow_id="wf", seq=1, kind="started")
     went = machine.apply_outcome(workflow, run, definition, started_outcome, 110.0)
     assert went.workflow is not None and went.workflow.timer_kind is None
 

@@ -9,8 +9,8 @@ import pytest
 from hms_mgmt import machine
 from hms_mgmt.definitions import RetryPolicy, Step, WorkflowDefinition
 from hms_mgmt.errors import InvalidStateError
-from hms_mgmt.messages import Outcome
 from hms_mgmt.records import StepRun, StepStatus, Workflow, WorkflowStatus
+from hms_mgmt.wire.outcomes import Outcome
 
 GRANT = WorkflowDefinition.build(
     "grantApproval", ["validateApp", "creditCheck", "scheduleInspection", "finalize"]

@@ -10,26 +10,20 @@ from typing import Any
 import pytest
 
 from bus_adapters.base import Delivery
+from hms_mgmt.bounds import ID_PATTERN, MAX_DELAY, valid_id
 from hms_mgmt.definitions import check_name
 from hms_mgmt.errors import DefinitionError, InvalidMessageError, PayloadError, Retry
-from hms_mgmt.messages import (
-    ID_PATTERN,
-    MAX_DELAY,
+from hms_mgmt.results import StepResult, normalise_result
+from hms_mgmt.wire.codec import (
     MAX_DEPTH,
     MAX_MESSAGE_BYTES,
-    Command,
-    Outcome,
-    StepMessage,
     batch_body,
     decode_body,
-    decode_outcomes,
-    decode_requests,
     encode_payload,
-    normalise_result,
-    outcomes_message,
-    valid_id,
 )
-from hms_mgmt.results import StepResult
+from hms_mgmt.wire.outcomes import Outcome, decode_outcomes, outcomes_message
+from hms_mgmt.wire.requests import Command, decode_requests
+from hms_mgmt.wire.steps import StepMessage
 
 
 async def _noop(*_: Any) -> None:
@@ -213,7 +207,7 @@ def test_odd_handler_results_name_the_handler_and_value(value: Any) -> None:
 
 
 def test_batches_close_before_an_item_would_take_them_over_the_limit() -> None:
-    from hms_mgmt.messages import BATCH_BYTES, batches
+    from hms_mgmt.wire.codec import BATCH_BYTES, batches
 
     items = [b"a" * 500_000, b"b" * 600_000, b"c" * 10, b"d" * 10]
     grouped = list(batches(items, len))

@@ -128,9 +128,13 @@ async def test_start_follow_show_and_list_a_grant_that_retried(ops: Ops) -> None
     workflow_id = (await ops.ok("workflow", "start", "grantApproval", "--input", payload)).strip()
     followed = await ops.hms("workflow", "show", workflow_id, "--follow")
     assert followed.returncode == 0, followed.stderr
-    # the retry waits about a second: followed live, it shows up as a change line
+    # The retry waits about a second: followed live, it shows up as a change line, unless
+    # the machine was slow enough for it to be in the table the follow began with.
     assert "RuntimeError: creditCheck is unavailable (attempt 1)" in followed.stdout
-    assert "step 3 creditCheck attempt 2: succeeded" in followed.stdout
+    assert (
+        "step 3 creditCheck attempt 2: succeeded" in followed.stdout
+        or "creditCheck         2        succeeded" in followed.stdout
+    ), followed.stdout
     assert followed.stdout.rstrip().endswith("workflow succeeded")
 
     state = await ops.json("workflow", "show", workflow_id, "--history")

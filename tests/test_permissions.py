@@ -18,14 +18,8 @@ import pytest
 import hms_mgmt
 from bus_adapters.base import AccessRefusedError, BusError, Message, QueueSpec
 from bus_adapters.rabbitmq import RabbitMQBus
-from hms_mgmt.messages import (
-    COMMANDS_EXCHANGE,
-    COMMANDS_QUEUE,
-    RESULTS_EXCHANGE,
-    RESULTS_QUEUE,
-    batch_body,
-    dumps,
-)
+from hms_mgmt.topology import COMMANDS_EXCHANGE, COMMANDS_QUEUE, RESULTS_EXCHANGE, RESULTS_QUEUE
+from hms_mgmt.wire.codec import batch_body, dumps
 from tests.conftest import Processes, rabbitmqctl, wait_until
 from tests.services import grant
 

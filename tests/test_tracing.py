@@ -11,7 +11,8 @@ from opentelemetry import trace
 import hms_mgmt
 from hms_mgmt import machine, tracing
 from hms_mgmt.definitions import WorkflowDefinition
-from hms_mgmt.messages import Outcome, StepMessage
+from hms_mgmt.wire.outcomes import Outcome
+from hms_mgmt.wire.steps import StepMessage
 from tests.conftest import wait_until
 
 TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"

@@ -13,7 +13,8 @@ import pytest
 
 import hms_mgmt
 from hms_mgmt import RetryPolicy, Step
-from hms_mgmt.messages import Outcome, StepMessage
+from hms_mgmt.wire.outcomes import Outcome
+from hms_mgmt.wire.steps import StepMessage
 from tests.conftest import wait_until
 
 TWICE = RetryPolicy(max_attempts=2, initial_delay=0.05, jitter=False)

@@ -24,8 +24,8 @@ from aiohttp import web
 
 from bus_adapters.base import JSON_CONTENT_TYPE, BusError, redact_url
 from hms_mgmt import dlq, tracing
+from hms_mgmt.bounds import ID_RULE, MAX_DELAY, NAME_PATTERN, short, valid_id
 from hms_mgmt.client import Client
-from hms_mgmt.definitions import NAME_PATTERN
 from hms_mgmt.engine.engine import Engine
 from hms_mgmt.errors import (
     DefinitionError,
@@ -47,11 +47,11 @@ from hms_mgmt.httpserver import (
 )
 from hms_mgmt.logs import get_logger
 from hms_mgmt.loopwatch import LoopCollector, LoopMonitor
-from hms_mgmt.messages import ID_RULE, MAX_DELAY, MAX_MESSAGE_BYTES, decode_body, short, valid_id
 from hms_mgmt.metrics import EngineMetrics
 from hms_mgmt.records import Workflow, WorkflowState, WorkflowStatus
 from hms_mgmt.settings import Settings
 from hms_mgmt.topology import ENGINE_QUEUES, dlq_name
+from hms_mgmt.wire.codec import MAX_MESSAGE_BYTES, decode_body
 
 log = get_logger("api")
 

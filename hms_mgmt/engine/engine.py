@@ -52,33 +52,27 @@ from hms_mgmt.errors import (
     WorkflowNotFoundError,
 )
 from hms_mgmt.logs import get_logger
-from hms_mgmt.messages import (
-    COMMANDS_QUEUE,
-    DEAD_EXCHANGE,
-    DEADLETTERS_QUEUE,
-    ENGINE_LOCK_QUEUE,
-    MAX_REPLY_BYTES,
-    RESULTS_QUEUE,
-    STEPS_EXCHANGE,
-    Command,
-    Outcome,
-    Refused,
-    StepMessage,
-    batch_body,
-    batches,
-    dead_letter_message,
-    decode_outcomes,
-    decode_requests,
-    dumps,
-    replies_message,
-    reply_item,
-    step_headers,
-)
 from hms_mgmt.records import StepRun, StepStatus, Workflow, WorkflowState
 from hms_mgmt.schedules import Schedule
 from hms_mgmt.store.base import Batch, OutboxRow, Store
 from hms_mgmt.tokens import Signer
-from hms_mgmt.topology import declare_core, declare_step, declare_workflow, dlq_name
+from hms_mgmt.topology import (
+    COMMANDS_QUEUE,
+    DEAD_EXCHANGE,
+    DEADLETTERS_QUEUE,
+    ENGINE_LOCK_QUEUE,
+    RESULTS_QUEUE,
+    STEPS_EXCHANGE,
+    declare_core,
+    declare_step,
+    declare_workflow,
+    dlq_name,
+)
+from hms_mgmt.wire.codec import MAX_REPLY_BYTES, batch_body, batches, dumps
+from hms_mgmt.wire.fields import Refused
+from hms_mgmt.wire.outcomes import Outcome, decode_outcomes
+from hms_mgmt.wire.requests import Command, decode_requests, replies_message, reply_item
+from hms_mgmt.wire.steps import StepMessage, dead_letter_message, step_headers
 
 log = get_logger("engine")
 

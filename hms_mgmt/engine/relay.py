@@ -23,8 +23,9 @@ from typing import NoReturn
 from bus_adapters.base import Bus, BusError, Message, UnroutableError
 from hms_mgmt.engine.crash import CrashPoints
 from hms_mgmt.logs import get_logger
-from hms_mgmt.messages import STEPS_EXCHANGE, batch_body, batches
 from hms_mgmt.store.base import OutboxRow
+from hms_mgmt.topology import STEPS_EXCHANGE
+from hms_mgmt.wire.codec import batch_body, batches
 
 log = get_logger("relay")
 

@@ -26,8 +26,8 @@ from typing import Any
 from bus_adapters.base import Bus, BusError, BusLock, Message, ResourceLockedError, redact_url
 from hms_mgmt.errors import HmsError
 from hms_mgmt.logs import get_logger
-from hms_mgmt.messages import ENGINE_LOCK_QUEUE, ENGINE_RECORD_QUEUE
 from hms_mgmt.store.base import StoreIdentity
+from hms_mgmt.topology import ENGINE_LOCK_QUEUE, ENGINE_RECORD_QUEUE
 
 log = get_logger("engine")
 

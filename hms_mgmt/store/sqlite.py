@@ -22,7 +22,6 @@ import aiosqlite
 
 from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.errors import StoreError
-from hms_mgmt.messages import dumps
 from hms_mgmt.records import StepRun, StepStatus, Workflow, WorkflowStatus
 from hms_mgmt.schedules import Schedule
 from hms_mgmt.store.base import (
@@ -31,6 +30,7 @@ from hms_mgmt.store.base import (
     OutboxRow,
     StoreIdentity,
 )
+from hms_mgmt.wire.codec import dumps
 
 SCHEMA_VERSION = 2
 

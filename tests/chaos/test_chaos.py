@@ -18,7 +18,8 @@ import pytest
 from bus_adapters.base import Message
 from bus_adapters.rabbitmq import RabbitMQBus
 from hms_mgmt.engine.crash import EXIT_CODE
-from hms_mgmt.messages import RESULTS_QUEUE, STEPS_EXCHANGE, Outcome, outcomes_message
+from hms_mgmt.topology import RESULTS_QUEUE, STEPS_EXCHANGE
+from hms_mgmt.wire.outcomes import Outcome, outcomes_message
 from tests.chaos.harness import Case, Report
 from tests.conftest import wait_until
 

@@ -15,22 +15,13 @@ from hypothesis import strategies as st
 import hms_mgmt
 from bus_adapters.base import Delivery, Message
 from bus_adapters.memory import MemoryBus
+from hms_mgmt.bounds import ID_PATTERN, INT_MAX, INT_MIN, MAX_DELAY
 from hms_mgmt.errors import InvalidMessageError
-from hms_mgmt.messages import (
-    ID_PATTERN,
-    INT_MAX,
-    INT_MIN,
-    MAX_DELAY,
-    Command,
-    Outcome,
-    StepMessage,
-    batch_body,
-    decode_body,
-    decode_outcomes,
-    decode_requests,
-    normalise_result,
-    outcomes_message,
-)
+from hms_mgmt.results import normalise_result
+from hms_mgmt.wire.codec import batch_body, decode_body
+from hms_mgmt.wire.outcomes import Outcome, decode_outcomes, outcomes_message
+from hms_mgmt.wire.requests import Command, decode_requests
+from hms_mgmt.wire.steps import StepMessage
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.chaos

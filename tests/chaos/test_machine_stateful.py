@@ -20,9 +20,9 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
 from hms_mgmt import machine
 from hms_mgmt.definitions import RetryPolicy, Step, WorkflowDefinition
 from hms_mgmt.errors import InvalidStateError
-from hms_mgmt.messages import Outcome
 from hms_mgmt.records import StepRun, Workflow
 from hms_mgmt.store.sqlite import _run, _run_row, _workflow, _workflow_row
+from hms_mgmt.wire.outcomes import Outcome
 
 pytestmark = pytest.mark.chaos
 

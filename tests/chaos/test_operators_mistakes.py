@@ -25,14 +25,8 @@ import pytest
 from bus_adapters.base import Message
 from bus_adapters.rabbitmq import RabbitMQBus
 from hms_mgmt.engine.engine import EXIT_REFUSED, EXIT_STORE_LOST
-from hms_mgmt.messages import (
-    COMMANDS_EXCHANGE,
-    COMMANDS_QUEUE,
-    RESULTS_EXCHANGE,
-    RESULTS_QUEUE,
-    batch_body,
-    dumps,
-)
+from hms_mgmt.topology import COMMANDS_EXCHANGE, COMMANDS_QUEUE, RESULTS_EXCHANGE, RESULTS_QUEUE
+from hms_mgmt.wire.codec import batch_body, dumps
 from tests.chaos.harness import Case, Report
 from tests.conftest import free_port, http_get, wait_until
 

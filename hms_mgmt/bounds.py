@@ -1,0 +1,99 @@
+"""Bounds on what the system accepts: ids, keys, delays and timestamps, integers.
+
+Pure checks with no imports of the rest of the package, so that errors, definitions and
+the wire format can all use them. Each takes the error class to raise, and names the bad
+value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from typing import Any
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
+"""Workflow, step, signal and schedule names: a dot, ``*`` or ``#`` would break routing."""
+MAX_DELAY = 10 * 365 * 86400
+INT_MIN, INT_MAX = -(2**63), 2**64 - 1
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,99}$")
+ID_RULE = (
+    "1-100 letters, digits, '_', '.', ':' or '-', starting with a letter, digit or '_' "
+    f"({ID_PATTERN.pattern})"
+)
+MAX_KEY_LENGTH = 200
+
+
+def short(value: Any, limit: int = 100) -> str:
+    """``repr(value)`` for an error message: at most ``limit`` characters, safe for any value."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # an integer of over 4300 digits, a deep structure
+        bits = value.bit_length() if isinstance(value, int) else None
+        text = f"<an integer of {bits} bits>" if bits else f"<a {type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_delay(value: Any, what: str, error: type[Exception] = ValueError) -> float:
+    """``value`` as seconds from 0 to :data:`MAX_DELAY`, or ``error`` naming it."""
+    if not _real(value) or (isinstance(value, float) and not math.isfinite(value)):
+        ok = False
+    else:
+        ok = 0 <= value <= MAX_DELAY
+    if not ok:
+        raise error(f"{what} must be seconds from 0 to {MAX_DELAY} (10 years), not {short(value)}")
+    return float(value)
+
+
+def check_run_at(
+    value: Any, what: str, error: type[Exception] = ValueError, *, now: float | None = None
+) -> float:
+    """``value`` as a Unix timestamp from 0 to now + :data:`MAX_DELAY`, or ``error`` naming it."""
+    latest = (time.time() if now is None else now) + MAX_DELAY
+    if not _real(value) or (isinstance(value, float) and not math.isfinite(value)):
+        ok = False
+    else:
+        ok = 0 <= value <= latest
+    if not ok:
+        raise error(
+            f"{what} must be a Unix timestamp from 0 to 10 years from now ({latest:.0f}), "
+            f"not {short(value)}"
+        )
+    return float(value)
+
+
+def check_schedule_id(value: Any, error: type[Exception] = ValueError) -> str:
+    """A schedule id whose ticks' workflow ids (``<id>-<tick>``) are valid ids."""
+    if not (isinstance(value, str) and valid_id(f"{value}-99999999999")):
+        raise error(
+            f"schedule id {short(value)} cannot name workflows: it must start with a letter, "
+            "digit or '_' and be at most 88 characters, so that '<id>-<tick>' is an id"
+        )
+    return value
+
+
+def valid_id(value: Any) -> bool:
+    return isinstance(value, str) and ID_PATTERN.fullmatch(value) is not None
+
+
+def check_id(value: Any, what: str, error: type[Exception] = ValueError) -> str:
+    """A workflow or request id matching :data:`ID_PATTERN`, or ``error`` naming it."""
+    if not valid_id(value):
+        raise error(f"{what} {short(value)} is not a valid id: ids are {ID_RULE}")
+    return str(value)
+
+
+def check_key(
+    value: Any, what: str = "idempotency key", error: type[Exception] = ValueError
+) -> str:
+    """An idempotency key: 1 to :data:`MAX_KEY_LENGTH` printable characters, or ``error``."""
+    if not (isinstance(value, str) and 1 <= len(value) <= MAX_KEY_LENGTH and value.isprintable()):
+        raise error(
+            f"{what} {short(value)} must be 1-{MAX_KEY_LENGTH} printable characters "
+            "(no control characters)"
+        )
+    return value

@@ -1,0 +1,131 @@
+"""Outcomes: a step service reports on a step run (started, heartbeat, succeeded, failed)."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+from bus_adapters.base import Delivery, Message
+from hms_mgmt.bounds import check_delay, check_run_at
+from hms_mgmt.errors import InvalidMessageError
+from hms_mgmt.topology import RESULTS_EXCHANGE, RESULTS_QUEUE
+from hms_mgmt.wire.codec import batch_body, dumps, new_id
+from hms_mgmt.wire.fields import Refused, decode_items, field, ident, name, positive, token
+
+OUTCOME_KINDS = frozenset({"started", "heartbeat", "succeeded", "failed"})
+RESULT_KEYS = frozenset({"next_step", "data", "complete", "delay", "run_at", "wait_for", "timeout"})
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A worker reports on one step run: started, heartbeat, succeeded or failed.
+
+    Outcomes travel in batches (``{"outcomes": [...]}``): a worker sends
+    whatever has finished since its last publish in one message.
+    """
+
+    workflow_id: str
+    seq: int
+    kind: str
+    step: str = ""
+    attempt: int = 0
+    result: dict[str, Any] | None = None  # normalised, see RESULT_KEYS
+    error: dict[str, Any] | None = None  # type, types, message, traceback, retryable, retry_delay
+    started_at: float | None = None
+    finished_at: float | None = None
+    handler: str | None = None
+    token: str | None = None  # the step message's token, echoed
+
+    @functools.cached_property
+    def encoded(self) -> bytes:
+        """This outcome as one item of an outcomes message (encoded once)."""
+        body: dict[str, Any] = {
+            "workflow_id": self.workflow_id,
+            "seq": self.seq,
+            "kind": self.kind,
+            "step": self.step,
+            "attempt": self.attempt,
+        }
+        for key in ("result", "error", "started_at", "finished_at", "handler", "token"):
+            value = getattr(self, key)
+            if value is not None:
+                body[key] = value
+        return dumps(body)
+
+    @classmethod
+    def from_json(cls, data: Any) -> Outcome:
+        if not isinstance(data, dict):
+            raise InvalidMessageError(f"an outcome is a JSON {type(data).__name__}, not an object")
+        kind = field(data, "kind", str)
+        if kind not in OUTCOME_KINDS:
+            raise InvalidMessageError(
+                f"field 'kind' is {kind[:50]!r}, not one of {sorted(OUTCOME_KINDS)}"
+            )
+        result = field(data, "result", dict, optional=True)
+        error = field(data, "error", dict, optional=True)
+        if kind == "succeeded" and result is None:
+            raise InvalidMessageError("a succeeded outcome has no 'result'")
+        if kind == "failed":
+            if error is None:
+                raise InvalidMessageError("a failed outcome has no 'error'")
+            field(error, "type", str)
+            field(error, "message", str)
+        if result is not None:
+            unknown = set(result) - RESULT_KEYS
+            if unknown:
+                raise InvalidMessageError(f"result has unknown keys {sorted(unknown)}")
+            _check_result(result)
+        if error is not None:
+            _check_error(error)
+        return cls(
+            workflow_id=ident(data, "workflow_id"),
+            seq=positive(data, "seq"),
+            kind=kind,
+            step=field(data, "step", str, optional=True) or "",
+            attempt=field(data, "attempt", int, optional=True) or 0,
+            result=result,
+            error=error,
+            started_at=field(data, "started_at", (int, float), optional=True),
+            finished_at=field(data, "finished_at", (int, float), optional=True),
+            handler=field(data, "handler", str, optional=True),
+            token=token(data),
+        )
+
+
+def _check_result(result: dict[str, Any]) -> None:
+    """The fields of a result the engine acts on have the types it needs."""
+    for key in ("delay", "timeout"):
+        if result.get(key) is not None:
+            check_delay(result[key], f"result field {key!r}", InvalidMessageError)
+    if result.get("run_at") is not None:
+        check_run_at(result["run_at"], "result field 'run_at'", InvalidMessageError)
+    for key in ("next_step", "wait_for"):
+        if result.get(key) is not None:
+            name(result, key)
+    field(result, "complete", bool, optional=True)
+
+
+def _check_error(error: dict[str, Any]) -> None:
+    types = error.get("types")
+    if types is not None and (
+        not isinstance(types, list) or not all(isinstance(t, str) for t in types)
+    ):
+        raise InvalidMessageError("error field 'types' must be a list of strings")
+    field(error, "retryable", bool, optional=True)
+    if error.get("retry_delay") is not None:
+        check_delay(error["retry_delay"], "error field 'retry_delay'", InvalidMessageError)
+
+
+def decode_outcomes(delivery: Delivery) -> tuple[list[Outcome], list[Refused]]:
+    return decode_items(delivery, "outcomes", Outcome.from_json)
+
+
+def outcomes_message(encoded: list[bytes]) -> Message:
+    return Message(
+        body=batch_body("outcomes", encoded),
+        exchange=RESULTS_EXCHANGE,
+        routing_key=RESULTS_QUEUE,
+        message_id=new_id(),
+        headers={"hms-count": len(encoded)},
+    )
