@@ -95,6 +95,16 @@ class Delivery:
         await self._reject(requeue)
 
 
+async def settle(ack_or_reject: Awaitable[None]) -> bool:
+    """Ack or reject; False if it failed. A failure means the channel went away: the broker
+    redelivers the message, and what it carries is applied at most once."""
+    try:
+        await ack_or_reject
+    except Exception:  # aio-pika raises its own channel errors, not only ours
+        return False
+    return True
+
+
 OnDelivery = Callable[[Delivery], None]
 """Called once per delivery, on the event loop; it must not block (start a task)."""
 
@@ -120,6 +130,16 @@ class Bus(Protocol):
 
     url: str
     user: str | None  # the broker user this bus publishes as (None: the broker has no users)
+
+    @property
+    def connected(self) -> bool:
+        """Whether the bus is connected right now (readiness checks)."""
+        ...
+
+    @property
+    def reconnects(self) -> int:
+        """Connections re-established after a drop (metrics)."""
+        ...
 
     async def connect(self) -> None: ...
 
@@ -166,16 +186,3 @@ def redact_url(url: str) -> str:
     scheme, rest = url.split("://", 1)
     credentials, host = rest.rsplit("@", 1)
     return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
-
-
-def open_bus(url: str, *, name: str = "hms") -> Bus:
-    """Pick the adapter for a broker URL: ``amqp://``/``amqps://`` or ``memory://``."""
-    if url.startswith(("amqp://", "amqps://")):
-        from bus_adapters.rabbitmq import RabbitMQBus
-
-        return RabbitMQBus(url, name=name)
-    if url.startswith("memory://"):
-        from bus_adapters.memory import MemoryBus
-
-        return MemoryBus(url)
-    raise ValueError(f"unsupported broker URL {url!r}: use amqp://, amqps:// or memory://")

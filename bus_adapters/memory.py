@@ -269,6 +269,14 @@ class MemoryBus:
         self._locks: list[_MemoryLock] = []
         self._closed = False
 
+    @property
+    def connected(self) -> bool:
+        return not self._closed
+
+    @property
+    def reconnects(self) -> int:
+        return 0  # an in-process broker never drops a connection
+
     async def connect(self) -> None:
         self._closed = False
 

@@ -102,7 +102,7 @@ def engine(args: tuple[str, ...]) -> None:
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def worker(args: tuple[str, ...]) -> None:
     """Serve the step handlers of module:attribute (same flags as python -m hms_mgmt.worker)."""
-    from hms_mgmt.worker import main as worker_main
+    from hms_mgmt.worker.__main__ import main as worker_main
 
     worker_main(list(args))
 

@@ -30,8 +30,9 @@ from hms_mgmt.errors import (
 from hms_mgmt.logs import get_logger
 from hms_mgmt.records import WorkflowState
 from hms_mgmt.schedules import check as check_schedule
+from hms_mgmt.sending import Coalescer
 from hms_mgmt.topology import declare_core
-from hms_mgmt.wire.codec import MAX_REPLY_BYTES, batches, decode_body, encode_payload, new_id
+from hms_mgmt.wire.codec import MAX_REPLY_BYTES, decode_body, encode_payload, new_id
 from hms_mgmt.wire.requests import request_item, requests_message
 
 log = get_logger("client")
@@ -67,50 +68,11 @@ def new_workflow_id() -> str:
     return f"{int(time.time() * 1000):012x}{secrets.token_hex(10)}"
 
 
-class Client:
-    def __init__(
-        self,
-        bus: Bus,
-        *,
-        service_name: str = "client",
-        request_timeout: float = DEFAULT_TIMEOUT,
-        max_in_flight: int = 1000,
-    ) -> None:
-        self.bus = bus
-        self.service_name = service_name
-        self.request_timeout = request_timeout
-        self._window = asyncio.Semaphore(max_in_flight)
-        self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        self._outgoing: list[_Request] = []
-        self._scheduled = False
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._last_error: Exception | None = None
-        self._reply_to: str | None = None
-        self._connect_lock = asyncio.Lock()
+class Calls:
+    """The calls to the engine, written once: :class:`Client` sends them itself, and
+    ``Management`` through the client it connects on first use."""
 
-    async def connect(self) -> None:
-        async with self._connect_lock:
-            if self._reply_to is not None:
-                return
-            await self.bus.connect()
-            await declare_core(self.bus)
-            self._reply_to = await self.bus.reply_queue(self._on_reply)
-
-    def _on_reply(self, delivery: Delivery) -> None:
-        try:
-            body = decode_body(delivery.body, delivery.content_type, limit=MAX_REPLY_BYTES)
-            replies = body["replies"]
-            if not isinstance(replies, list):
-                raise InvalidMessageError("field 'replies' is not a list")
-        except (InvalidMessageError, KeyError) as exc:
-            log.warning("unreadable reply from the engine", error=str(exc))
-            return
-        for reply in replies:
-            if not isinstance(reply, dict):
-                continue
-            future = self._pending.get(str(reply.get("request_id")))
-            if future is not None and not future.done():
-                future.set_result(reply)  # a reply to an abandoned request is dropped
+    request_timeout: float
 
     async def request(
         self,
@@ -123,94 +85,7 @@ class Client:
         bounded: bool = True,
         first_retry: float = FIRST_RETRY_AFTER,
     ) -> Any:
-        """Send a request and return the engine's answer, or raise the error it names.
-
-        Unanswered, it is sent again after ``first_retry`` seconds, then twice as long
-        each time, with the same id, until ``timeout``.
-        """
-        await self.connect()
-        timeout = self.request_timeout if timeout is None else timeout
-        request_id = request_id or new_id()
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        window = self._window if bounded else contextlib.nullcontext()
-        try:
-            async with (
-                window
-            ):  # the deadline runs from here: waiting for a slot is not the engine's fault
-                deadline = time.time() + timeout
-                item = _Request(
-                    request_id,
-                    request_item(kind, fields, request_id=request_id, deadline=deadline),
-                    persistent,
-                    deadline,
-                )
-                self._pending[request_id] = future
-                reply = await self._send_until_answered(kind, item, future, timeout, first_retry)
-        finally:
-            self._pending.pop(request_id, None)
-        if reply.get("ok"):
-            return reply.get("result")
-        error = reply.get("error") or {}
-        raise error_from_reply(str(error.get("type", "HmsError")), str(error.get("message", "")))
-
-    async def _send_until_answered(
-        self,
-        kind: str,
-        item: _Request,
-        future: asyncio.Future[dict[str, Any]],
-        timeout: float,
-        first_retry: float,
-    ) -> dict[str, Any]:
-        interval = first_retry
-        while True:
-            remaining = item.deadline - time.time()
-            if remaining <= 0:
-                reason = f" (last error: {self._last_error})" if self._last_error else ""
-                raise EngineUnavailableError(
-                    f"the engine did not answer {kind!r} within {timeout:g}s{reason}; is "
-                    f"'python -m hms_mgmt.engine' running against {redact_url(self.bus.url)}?"
-                )
-            self._enqueue(item)
-            try:
-                return await asyncio.wait_for(asyncio.shield(future), min(interval, remaining))
-            except TimeoutError:
-                interval *= 2
-
-    def _enqueue(self, item: _Request) -> None:
-        self._outgoing.append(item)
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        """Everything asked since the last flush goes out in one message (or a few)."""
-        self._scheduled = False
-        loop = asyncio.get_running_loop()
-        outgoing, self._outgoing = self._outgoing, []
-        for batch in batches(outgoing, lambda item: len(item.body)):
-            task = loop.create_task(self._send(batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _send(self, batch: list[_Request]) -> None:
-        assert self._reply_to is not None
-        message = requests_message(
-            [item.body for item in batch],
-            reply_to=self._reply_to,
-            persistent=any(item.persistent for item in batch),
-            expiration=max(0.001, max(item.deadline for item in batch) - time.time()),
-        )
-        try:
-            await self.bus.publish(message)
-        except BusError as exc:
-            self._last_error = exc
-            await asyncio.sleep(1.0)
-            for item in batch:  # try again soon, unless answered or given up meanwhile
-                future = self._pending.get(item.request_id)
-                if future is not None and not future.done() and item.deadline > time.time():
-                    self._enqueue(item)
-
-    # -- the calls ------------------------------------------------------------
+        raise NotImplementedError
 
     async def define(self, definition: WorkflowDefinition, *, timeout: float = 3600.0) -> Any:
         """Register a definition with the engine (durable: it waits in the queue for the engine)."""
@@ -345,9 +220,134 @@ class Client:
         )
         return list(result)
 
+
+class Client(Calls):
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        service_name: str = "client",
+        request_timeout: float = DEFAULT_TIMEOUT,
+        max_in_flight: int = 1000,
+    ) -> None:
+        self.bus = bus
+        self.service_name = service_name
+        self.request_timeout = request_timeout
+        self._window = asyncio.Semaphore(max_in_flight)
+        self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._outgoing: Coalescer[_Request] = Coalescer(self._send, lambda item: len(item.body))
+        self._last_error: Exception | None = None
+        self._reply_to: str | None = None
+        self._connect_lock = asyncio.Lock()
+
+    async def connect(self) -> None:
+        async with self._connect_lock:
+            if self._reply_to is not None:
+                return
+            await self.bus.connect()
+            await declare_core(self.bus)
+            self._reply_to = await self.bus.reply_queue(self._on_reply)
+
+    def _on_reply(self, delivery: Delivery) -> None:
+        try:
+            body = decode_body(delivery.body, delivery.content_type, limit=MAX_REPLY_BYTES)
+            replies = body["replies"]
+            if not isinstance(replies, list):
+                raise InvalidMessageError("field 'replies' is not a list")
+        except (InvalidMessageError, KeyError) as exc:
+            log.warning("unreadable reply from the engine", error=str(exc))
+            return
+        for reply in replies:
+            if not isinstance(reply, dict):
+                continue
+            future = self._pending.get(str(reply.get("request_id")))
+            if future is not None and not future.done():
+                future.set_result(reply)  # a reply to an abandoned request is dropped
+
+    async def request(
+        self,
+        kind: str,
+        fields: dict[str, Any],
+        *,
+        timeout: float | None = None,
+        request_id: str | None = None,
+        persistent: bool = True,
+        bounded: bool = True,
+        first_retry: float = FIRST_RETRY_AFTER,
+    ) -> Any:
+        """Send a request and return the engine's answer, or raise the error it names.
+
+        Unanswered, it is sent again after ``first_retry`` seconds, then twice as long
+        each time, with the same id, until ``timeout``.
+        """
+        await self.connect()
+        timeout = self.request_timeout if timeout is None else timeout
+        request_id = request_id or new_id()
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        window = self._window if bounded else contextlib.nullcontext()
+        try:
+            async with (
+                window
+            ):  # the deadline runs from here: waiting for a slot is not the engine's fault
+                deadline = time.time() + timeout
+                item = _Request(
+                    request_id,
+                    request_item(kind, fields, request_id=request_id, deadline=deadline),
+                    persistent,
+                    deadline,
+                )
+                self._pending[request_id] = future
+                reply = await self._send_until_answered(kind, item, future, timeout, first_retry)
+        finally:
+            self._pending.pop(request_id, None)
+        if reply.get("ok"):
+            return reply.get("result")
+        error = reply.get("error") or {}
+        raise error_from_reply(str(error.get("type", "HmsError")), str(error.get("message", "")))
+
+    async def _send_until_answered(
+        self,
+        kind: str,
+        item: _Request,
+        future: asyncio.Future[dict[str, Any]],
+        timeout: float,
+        first_retry: float,
+    ) -> dict[str, Any]:
+        interval = first_retry
+        while True:
+            remaining = item.deadline - time.time()
+            if remaining <= 0:
+                reason = f" (last error: {self._last_error})" if self._last_error else ""
+                raise EngineUnavailableError(
+                    f"the engine did not answer {kind!r} within {timeout:g}s{reason}; is "
+                    f"'python -m hms_mgmt.engine' running against {redact_url(self.bus.url)}?"
+                )
+            self._outgoing.add(item)
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), min(interval, remaining))
+            except TimeoutError:
+                interval *= 2
+
+    async def _send(self, batch: list[_Request]) -> None:
+        assert self._reply_to is not None
+        message = requests_message(
+            [item.body for item in batch],
+            reply_to=self._reply_to,
+            persistent=any(item.persistent for item in batch),
+            expiration=max(0.001, max(item.deadline for item in batch) - time.time()),
+        )
+        try:
+            await self.bus.publish(message)
+        except BusError as exc:
+            self._last_error = exc
+            await asyncio.sleep(1.0)
+            for item in batch:  # try again soon, unless answered or given up meanwhile
+                future = self._pending.get(item.request_id)
+                if future is not None and not future.done() and item.deadline > time.time():
+                    self._outgoing.add(item)
+
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
+        self._outgoing.cancel()
         for future in self._pending.values():
             if not future.done():
                 future.cancel()

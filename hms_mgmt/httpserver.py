@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from aiohttp import web
 
 from hms_mgmt.logs import get_logger
-from hms_mgmt.loopwatch import LoopCollector, LoopMonitor
-from hms_mgmt.management import Management
-from hms_mgmt.metrics import CONTENT_TYPE, WorkerMetrics
-from hms_mgmt.settings import Settings
+from hms_mgmt.loopwatch import LoopMonitor
+from hms_mgmt.metrics import CONTENT_TYPE
 
 log = get_logger("http")
 
@@ -29,11 +26,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def bus_connected(bus: Any) -> bool:
-    """Whether a bus is connected; adapters without the notion (memory) always are."""
-    return bool(getattr(bus, "connected", True))
 
 
 def error_response(status: int, kind: str, message: str) -> web.Response:
@@ -73,45 +65,3 @@ def healthz(monitor: LoopMonitor | None) -> web.Response:
     if blocked is not None:
         return web.json_response(blocked, status=503)
     return web.json_response({"status": "alive"})
-
-
-def probe_app(
-    render: Callable[[], bytes],
-    ready: Callable[[], dict[str, bool]],
-    monitor: LoopMonitor | None = None,
-) -> web.Application:
-    """A step service's server: ``/healthz``, ``/readyz`` and ``/metrics``."""
-
-    async def alive(_request: web.Request) -> web.Response:
-        return healthz(monitor)
-
-    async def readyz(_request: web.Request) -> web.Response:
-        checks = ready()
-        ok = all(checks.values())
-        return web.json_response({"ready": ok, "checks": checks}, status=200 if ok else 503)
-
-    app = web.Application()
-    app.router.add_get("/healthz", alive)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_handler(render))
-    return app
-
-
-async def serve_with_probes(target: Management, settings: Settings) -> None:
-    """Run a step service (``Management.run``) with its HTTP server beside it."""
-    assert settings.http_port is not None
-    metrics = WorkerMetrics(
-        lambda: target.reconnects,
-        lambda: target.abandoned_threads,
-        lambda: target.threads_running_past_timeout,
-    )
-    target.on_outcome = metrics.on_outcome
-    if target.loop_monitor is None:
-        target.loop_monitor = LoopMonitor.from_settings(settings, "step-service")
-    metrics.registry.register(LoopCollector(target.loop_monitor))
-    app = probe_app(metrics.render, target.readiness, target.loop_monitor)
-    runner = await start_server(app, settings.http_host, settings.http_port, name="worker")
-    try:
-        await target.run()
-    finally:
-        await runner.cleanup()

@@ -10,22 +10,21 @@ the engine is the separate ``python -m hms_mgmt.engine`` daemon.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import threading
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
-from bus_adapters.base import Bus, open_bus
-from hms_mgmt.client import Client, StartResult
+from bus_adapters import open_bus
+from bus_adapters.base import Bus
+from hms_mgmt.client import Calls, Client
 from hms_mgmt.context import Handler
 from hms_mgmt.definitions import RetryPolicy, Step, WorkflowDefinition, split_topic
 from hms_mgmt.errors import DefinitionError, HmsError
+from hms_mgmt.faults import Faults
 from hms_mgmt.logs import get_logger
 from hms_mgmt.loopwatch import LoopMonitor
-from hms_mgmt.records import WorkflowState
 from hms_mgmt.settings import Settings
 from hms_mgmt.wire.outcomes import Outcome
 from hms_mgmt.wire.steps import StepMessage
@@ -35,7 +34,7 @@ log = get_logger("management")
 H = TypeVar("H", bound=Handler)
 
 
-class Management:
+class Management(Calls):
     def __init__(
         self,
         service_name: str,
@@ -54,8 +53,10 @@ class Management:
         self.handlers: dict[str, Handler] = {}
         self._bus: Bus | None = None
         self._client: Client | None = None
-        self._engine_task: asyncio.Task[None] | None = None
-        self._engine: Any = None
+        self.faults = (
+            Faults()
+        )  # the chaos suite's: python -m hms_mgmt.worker sets them from HMS_TEST_*
+        self._hosted: Any = None  # a hms_mgmt.hosted.HostedEngine, given a store_url
         self._worker: Any = None  # a hms_mgmt.worker.Worker while serving
         self._threads: Any = None  # its HandlerThreads (kept after it stops, for metrics)
         # Watches the event loop while run() serves; run() makes one from HMS_* if None.
@@ -125,7 +126,11 @@ class Management:
             if self._client is not None:
                 return self._client
             if self.store_url is not None:
-                await self._host_engine()
+                from hms_mgmt.hosted import HostedEngine
+
+                self._hosted = await HostedEngine.start(
+                    self.broker_url, self.store_url, name=self.service_name
+                )
             self._bus = open_bus(self.broker_url, name=self.service_name)
             client = Client(
                 self._bus, service_name=self.service_name, request_timeout=self.request_timeout
@@ -140,24 +145,6 @@ class Management:
             for definition in self.definitions.values():
                 self._send_definition(definition)
             return client
-
-    async def _host_engine(self) -> None:
-        from hms_mgmt.engine.engine import Engine
-        from hms_mgmt.store.base import open_store
-
-        assert self.store_url is not None
-        engine = Engine(
-            open_bus(self.broker_url, name=f"{self.service_name}:engine"),
-            open_store(self.store_url),
-        )
-        self._engine = engine
-        self._engine_task = asyncio.get_running_loop().create_task(engine.run())
-        ready = asyncio.ensure_future(engine.ready.wait())
-        await asyncio.wait({ready, self._engine_task}, return_when=asyncio.FIRST_COMPLETED)
-        if self._engine_task.done():
-            ready.cancel()
-            self._engine_task.result()  # raises what stopped it
-            raise HmsError("the in-process engine stopped during start-up")
 
     def _send_definition(self, definition: WorkflowDefinition) -> None:
         """Send a definition to the engine; the request waits in its queue if it is down."""
@@ -177,78 +164,11 @@ class Management:
         self._define_tasks.add(task)
         task.add_done_callback(self._define_tasks.discard)
 
-    # -- client calls ---------------------------------------------------------
+    # -- client calls (the verbs are Calls') -------------------------------------
 
-    async def start(
-        self,
-        workflow: str,
-        payload: Any = None,
-        *,
-        delay: float | None = None,
-        run_at: datetime | float | None = None,
-        idempotency_key: str | None = None,
-        timeout: float | None = None,
-        traceparent: str | None = None,
-    ) -> StartResult:
-        """Start a workflow; returns once the engine has recorded it."""
-        client = await self._connect()
-        return await client.start(
-            workflow,
-            payload,
-            delay=delay,
-            run_at=run_at,
-            idempotency_key=idempotency_key,
-            timeout=timeout,
-            traceparent=traceparent,
-        )
-
-    async def status(self, workflow_id: str) -> WorkflowState:
-        return await (await self._connect()).status(workflow_id)
-
-    async def wait(self, workflow_id: str, timeout: float | None = None) -> WorkflowState:
-        return await (await self._connect()).wait(workflow_id, timeout=timeout)
-
-    async def cancel(self, workflow_id: str, reason: str | None = None) -> Any:
-        return await (await self._connect()).cancel(workflow_id, reason)
-
-    async def retry(self, workflow_id: str) -> Any:
-        return await (await self._connect()).retry(workflow_id)
-
-    async def signal(self, workflow_id: str, name: str, data: Any = None) -> Any:
-        """Send a signal: a workflow waiting for it resumes; one not yet waiting keeps it."""
-        return await (await self._connect()).signal(workflow_id, name, data)
-
-    async def schedule(
-        self,
-        workflow: str,
-        *,
-        cron: str,
-        payload: Any = None,
-        timezone: str = "UTC",
-        schedule_id: str | None = None,
-        catch_up: str = "latest",
-    ) -> dict[str, Any]:
-        """Start ``workflow`` at each tick of ``cron`` (in ``timezone``), once per tick.
-
-        ``catch_up`` says what happens to ticks missed while the engine was down:
-        ``latest`` (start one for the most recent), ``all`` (one per tick) or ``skip``.
-        Scheduling the same id again with the same settings changes nothing.
-        """
-        client = await self._connect()
-        return await client.schedule(
-            workflow,
-            cron=cron,
-            payload=payload,
-            timezone=timezone,
-            schedule_id=schedule_id,
-            catch_up=catch_up,
-        )
-
-    async def unschedule(self, schedule_id: str) -> Any:
-        return await (await self._connect()).unschedule(schedule_id)
-
-    async def schedules(self) -> list[dict[str, Any]]:
-        return await (await self._connect()).schedules()
+    async def request(self, kind: str, fields: dict[str, Any], **options: Any) -> Any:
+        """Every call (start, status, wait, ...) goes through the client, connected on first use."""
+        return await (await self._connect()).request(kind, fields, **options)
 
     # -- serving --------------------------------------------------------------
 
@@ -287,6 +207,7 @@ class Management:
             self.definitions,
             concurrency=self.concurrency,
             on_outcome=self.on_outcome,
+            faults=self.faults,
         )
         self._threads = self._worker.threads
         await self._worker.start()
@@ -295,13 +216,13 @@ class Management:
         """Whether this step service is serving and connected (for ``/readyz``)."""
         return {
             "serving": self._worker is not None,
-            "broker": self._bus is not None and bool(getattr(self._bus, "connected", True)),
+            "broker": self._bus is not None and self._bus.connected,
         }
 
     @property
     def reconnects(self) -> int:
         """Broker connections re-established after a drop (for metrics)."""
-        return int(getattr(self._bus, "reconnects", 0))
+        return 0 if self._bus is None else self._bus.reconnects
 
     @property
     def abandoned_threads(self) -> int:
@@ -324,12 +245,9 @@ class Management:
         if self._client is not None:
             await self._client.close()
             self._client = None
-        if self._engine_task is not None:
-            self._engine.stop()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._engine_task
-            self._engine_task = None
-            self._engine = None
+        if self._hosted is not None:
+            await self._hosted.stop()
+            self._hosted = None
 
     async def __aenter__(self) -> Management:
         return self

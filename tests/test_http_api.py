@@ -12,14 +12,14 @@ import pytest
 import structlog.testing
 from aiohttp.test_utils import TestClient, TestServer
 
-from bus_adapters.base import open_bus
+from bus_adapters import open_bus
 from hms_mgmt.engine.api import EngineApi
 from hms_mgmt.engine.engine import Engine
 from hms_mgmt.httpserver import is_loopback
 from hms_mgmt.loopwatch import LoopMonitor
 from hms_mgmt.metrics import EngineMetrics
 from hms_mgmt.settings import Settings
-from hms_mgmt.store.base import open_store
+from hms_mgmt.store import open_store
 from tests.conftest import wait_until
 
 

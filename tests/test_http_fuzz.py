@@ -16,12 +16,12 @@ from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bus_adapters.base import open_bus
+from bus_adapters import open_bus
 from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.engine.api import EngineApi
 from hms_mgmt.engine.engine import Engine
 from hms_mgmt.metrics import EngineMetrics
-from hms_mgmt.store.base import open_store
+from hms_mgmt.store import open_store
 
 TOKEN = "s3cret"
 ROUTES = [

@@ -14,9 +14,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from hms_mgmt.httpserver import probe_app
 from hms_mgmt.loopwatch import LoopCollector, LoopMonitor
 from hms_mgmt.settings import Settings
+from hms_mgmt.worker.probes import probe_app
 from tests.conftest import wait_until
 
 

@@ -8,8 +8,9 @@ import signal
 import sys
 from dataclasses import replace
 
-from bus_adapters.base import BusError, open_bus
-from hms_mgmt import loop
+from bus_adapters import open_bus
+from bus_adapters.base import BusError
+from hms_mgmt import faults, loop
 from hms_mgmt.engine.api import start_api
 from hms_mgmt.engine.engine import EXIT_REFUSED, Engine
 from hms_mgmt.engine.vhost import StartRefused
@@ -17,7 +18,7 @@ from hms_mgmt.errors import StoreError
 from hms_mgmt.logs import configure, get_logger
 from hms_mgmt.loopwatch import LoopMonitor, add_loop_flags
 from hms_mgmt.settings import Settings, parse_duration
-from hms_mgmt.store.base import open_store
+from hms_mgmt.store import open_store
 
 
 def parse(argv: list[str] | None) -> tuple[Settings, bool]:
@@ -93,6 +94,7 @@ async def serve(settings: Settings, *, new_store: bool = False) -> int:
         client_users=settings.client_user_set,
         service_users=settings.service_user_set,
         stuck_after=settings.stuck_after,
+        faults=faults.from_env(),
     )
     monitor = LoopMonitor.from_settings(settings, "engine")
     http = await start_api(engine, settings, monitor)  # up first: /healthz answers in start-up

@@ -38,7 +38,6 @@ from hms_mgmt.errors import (
     WorkflowNotFoundError,
 )
 from hms_mgmt.httpserver import (
-    bus_connected,
     error_response,
     healthz,
     is_loopback,
@@ -168,7 +167,7 @@ class EngineApi:
 
     def _need_broker(self) -> None:
         """Fail fast, rather than wait for a reconnect, while the broker is away."""
-        if not bus_connected(self.engine.bus):
+        if not self.engine.bus.connected:
             raise ApiError(
                 503,
                 "BrokerUnavailable",
@@ -447,7 +446,7 @@ async def start_api(
     """The engine's HTTP server when ``settings.http_port`` is set; its metrics hooked in."""
     if settings.http_port is None:
         return None
-    metrics = EngineMetrics(lambda: int(getattr(engine.bus, "reconnects", 0)))
+    metrics = EngineMetrics(lambda: engine.bus.reconnects)
     engine.on_commit = metrics.on_batch
     if loop_monitor is not None:
         metrics.registry.register(LoopCollector(loop_monitor))

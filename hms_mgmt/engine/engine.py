@@ -33,10 +33,10 @@ from bus_adapters.base import (
     Subscription,
     UnroutableError,
     redact_url,
+    settle,
 )
 from hms_mgmt import machine, schedules, tracing
 from hms_mgmt.definitions import WorkflowDefinition
-from hms_mgmt.engine.crash import CrashPoints
 from hms_mgmt.engine.health import StoreHealth
 from hms_mgmt.engine.relay import OutboxRelay
 from hms_mgmt.engine.timers import TimerQueue
@@ -51,6 +51,7 @@ from hms_mgmt.errors import (
     UnknownWorkflowError,
     WorkflowNotFoundError,
 )
+from hms_mgmt.faults import Faults
 from hms_mgmt.logs import get_logger
 from hms_mgmt.records import StepRun, StepStatus, Workflow, WorkflowState
 from hms_mgmt.schedules import Schedule
@@ -162,6 +163,7 @@ class Engine:
         client_users: frozenset[str] | None = None,
         service_users: frozenset[str] | None = None,
         stuck_after: float = 300.0,
+        faults: Faults | None = None,
     ) -> None:
         """An engine over ``bus`` and ``store``; nothing happens until :meth:`run`.
 
@@ -200,8 +202,8 @@ class Engine:
         self.latest: dict[str, WorkflowDefinition] = {}
         self.timers = TimerQueue(timer_horizon)
         self.schedules: dict[str, Schedule] = {}
-        self._crash_point = CrashPoints()
-        self.relay = OutboxRelay(bus, on_unroutable=self._redeclare, crash_point=self._crash_point)
+        self.faults = faults or Faults()
+        self.relay = OutboxRelay(bus, on_unroutable=self._redeclare, faults=self.faults)
         self._inbox: asyncio.Queue[_Received] = asyncio.Queue()
         self._cache: OrderedDict[str, tuple[Workflow, StepRun | None]] = OrderedDict()
         self._cache_size = cache_size
@@ -308,7 +310,7 @@ class Engine:
         """Readiness, check by check: started, connected, holding the vhost, store committing."""
         return {
             "engine": self.ready.is_set() and self.exit_code == 0,
-            "broker": bool(getattr(self.bus, "connected", True)),
+            "broker": self.bus.connected,
             "vhost_lock": self._lock is not None and not self._cut_off,
             "store": self.health.ready,
         }
@@ -571,7 +573,7 @@ class Engine:
                     await delivery.reject(requeue=True)
                 return
         self.stats["dead_lettered"] += 1
-        await _ack(delivery)
+        await settle(delivery.ack())
 
     # -- the loop -------------------------------------------------------------
 
@@ -745,7 +747,7 @@ class Engine:
             self.health.failed(moved)
             return
         self.health.ok()
-        self._crash_point("after_commit")
+        self.faults.reached("after_commit")
         if self.on_commit is not None:
             try:
                 self.on_commit(work.batch)
@@ -778,8 +780,8 @@ class Engine:
             if item.refused:
                 self._refuse_items(item)  # acks once the refused items are dead-lettered
             else:
-                await _ack(item.delivery)
-        self._crash_point("after_ack")
+                await settle(item.delivery.ack())
+        self.faults.reached("after_ack")
         try:
             for command in work.reads:
                 await self._read(command, work, now)
@@ -1308,16 +1310,6 @@ class Engine:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
-
-
-async def _ack(delivery: Delivery) -> None:
-    try:
-        await delivery.ack()
-    except (BusError, OSError, RuntimeError) as exc:
-        # The channel went away: the broker redelivers it, and it is applied at most once.
-        log.debug("ack failed; the message will be redelivered", error=repr(exc))
-    except Exception as exc:  # aio-pika raises its own channel errors
-        log.debug("ack failed; the message will be redelivered", error=repr(exc))
 
 
 def _reply_within_limit(request_id: str, ok: bool, value: Any) -> bytes:

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import NoReturn
 
-from bus_adapters.base import Bus, BusError, Message, UnroutableError
-from hms_mgmt.engine.crash import CrashPoints
+from bus_adapters.base import Bus, Message
+from hms_mgmt.faults import Faults
 from hms_mgmt.logs import get_logger
+from hms_mgmt.sending import publish_until_sent
 from hms_mgmt.store.base import OutboxRow
 from hms_mgmt.topology import STEPS_EXCHANGE
 from hms_mgmt.wire.codec import batch_body, batches
@@ -79,7 +79,7 @@ class OutboxRelay:
         *,
         on_unroutable: Callable[[OutboxRow], Awaitable[None]] | None = None,
         max_in_flight: int = 256,
-        crash_point: CrashPoints | None = None,
+        faults: Faults | None = None,
     ) -> None:
         self._bus = bus
         self._on_unroutable = on_unroutable
@@ -87,7 +87,7 @@ class OutboxRelay:
         self._tasks: set[asyncio.Task[None]] = set()
         self._queued: set[str] = set()
         self._confirmed: list[str] = []
-        self._crash_point = crash_point or CrashPoints("")
+        self._faults = faults or Faults()
 
     def submit(self, rows: list[OutboxRow]) -> None:
         fresh = [row for row in rows if row.message_id not in self._queued]
@@ -122,45 +122,22 @@ class OutboxRelay:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _publish_then_crash(self, message: Message) -> NoReturn:
-        """Test hook: send the message, then die before its confirm is handled."""
-        sending = asyncio.ensure_future(self._bus.publish(message))
-        await asyncio.sleep(0.02)
-        self._crash_point.crash("after_publish")
-        await sending
-
     async def _publish(self, rows: list[OutboxRow], message: Message) -> None:
-        delay = 0.1
         async with self._slots:
-            while True:
-                try:
-                    if self._crash_point.due("after_publish"):
-                        await self._publish_then_crash(message)
-                    await self._bus.publish(message)
-                    break
-                except UnroutableError as exc:
-                    log.error(
-                        "unroutable publish: kept in the outbox, retrying",
-                        routing_key=message.routing_key,
-                        exchange=message.exchange,
-                        message_id=message.message_id,
-                        error=str(exc),
-                    )
-                    if self._on_unroutable is not None:
-                        try:
-                            await self._on_unroutable(rows[0])
-                        except BusError as declare_error:
-                            log.error("re-declaring topology failed", error=str(declare_error))
-                except BusError as exc:
-                    log.warning(
-                        "publish failed: kept in the outbox, retrying",
-                        routing_key=message.routing_key,
-                        error=str(exc),
-                        retry_in=delay,
-                    )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-        self._crash_point("after_confirm")
+            if self._faults.due("after_publish"):  # sent, then dead before the confirm
+                sending = asyncio.ensure_future(self._bus.publish(message))
+                await asyncio.sleep(0.02)
+                self._faults.crash("after_publish")
+                await sending
+
+            async def redeclare() -> None:
+                if self._on_unroutable is not None:
+                    await self._on_unroutable(rows[0])
+
+            await publish_until_sent(
+                self._bus, message, what="an outbox message", on_unroutable=redeclare
+            )
+        self._faults.reached("after_confirm")
         for row in rows:
             self._queued.discard(row.message_id)
             self._confirmed.append(row.message_id)

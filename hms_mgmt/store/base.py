@@ -173,12 +173,3 @@ class Store(Protocol):
     async def forget_requests(self, before: float, limit: int = 1000) -> int:
         """Drop up to ``limit`` answers kept for repeated requests older than ``before``."""
         ...
-
-
-def open_store(url: str) -> Store:
-    """The store for a URL: ``sqlite:///relative.db``, ``sqlite:////abs.db``, ``sqlite:///:memory:``."""
-    if url.startswith("sqlite://"):
-        from hms_mgmt.store.sqlite import SQLiteStore
-
-        return SQLiteStore(url)
-    raise ValueError(f"unsupported store URL {url!r}: use sqlite:///path.db")

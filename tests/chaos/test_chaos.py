@@ -17,7 +17,7 @@ import pytest
 
 from bus_adapters.base import Message
 from bus_adapters.rabbitmq import RabbitMQBus
-from hms_mgmt.engine.crash import EXIT_CODE
+from hms_mgmt.faults import CRASH_EXIT_CODE as EXIT_CODE
 from hms_mgmt.topology import RESULTS_QUEUE, STEPS_EXCHANGE
 from hms_mgmt.wire.outcomes import Outcome, outcomes_message
 from tests.chaos.harness import Case, Report

@@ -10,48 +10,41 @@ it. Run one with ``python -m hms_mgmt.worker module:attribute``.
 A step with a ``timeout`` has a deadline here too: its start plus the timeout,
 pushed out by ``ctx.heartbeat()``. When it passes, an ``async def`` handler is
 cancelled and the attempt fails with ``StepTimeout``, freeing its concurrency
-slot. A plain-function handler runs in a thread (on the worker's own pool, one
-thread per unit of concurrency), and a thread cannot be stopped: at its
-deadline the attempt fails all the same and the slot is freed, but the thread
-runs on, abandoned, until the function returns. Abandoned threads are counted
-(``hms_worker_abandoned_threads_total``, ``hms_worker_threads_running_past_timeout``).
+slot. A plain-function handler runs in a thread (:mod:`hms_mgmt.worker.threads`),
+and a thread cannot be stopped: at its deadline the attempt fails all the same and
+the slot is freed, but the thread runs on, abandoned, until the function returns.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import contextvars
 import functools
-import importlib
 import inspect
-import os
-import sys
-import threading
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from bus_adapters.base import Bus, BusError, Delivery, Subscription
+from bus_adapters.base import Bus, BusError, Delivery, Subscription, settle
 from hms_mgmt import tracing
 from hms_mgmt.context import Handler, StepContext
 from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.errors import InvalidMessageError, NonRetryableError, PayloadError, Retry, StepTimeout
+from hms_mgmt.faults import Faults
 from hms_mgmt.logs import get_logger
 from hms_mgmt.results import normalise_result
 from hms_mgmt.topology import declare_core, declare_step
-from hms_mgmt.wire.codec import MAX_PAYLOAD_BYTES, batches, check_finite
-from hms_mgmt.wire.outcomes import Outcome, outcomes_message
+from hms_mgmt.wire.codec import MAX_PAYLOAD_BYTES, check_finite
+from hms_mgmt.wire.outcomes import Outcome
 from hms_mgmt.wire.steps import StepMessage
+from hms_mgmt.worker.reporter import OutcomeReporter
+from hms_mgmt.worker.threads import Deadline, HandlerThreads, ThreadRun, thread_stack
 
 log = get_logger("worker")
 
-THREAD_PREFIX = "hms-handler"  # the names of the threads that run plain-function handlers
 CANCEL_GRACE = 1.0  # seconds a timed-out handler has to wind up after its cancellation
 
 
@@ -79,66 +72,6 @@ def _error_of(exc: BaseException, *, retryable: bool = True) -> dict[str, Any]:
     return error
 
 
-class HandlerThreads(ThreadPoolExecutor):
-    """The threads that run plain-function handlers: ``size`` of them for handlers in time.
-
-    A thread cannot be stopped. A handler still running in one when its step's deadline
-    passes is abandoned (:meth:`abandon`): it runs on until the function returns, counted
-    in :attr:`running_past_timeout`, and meanwhile the pool may start one more thread in
-    its place, so that handlers in time always have ``size`` threads. (This raises
-    ``ThreadPoolExecutor._max_workers``, which the executor reads at each ``submit``.)
-    """
-
-    def __init__(self, size: int) -> None:
-        super().__init__(max_workers=size, thread_name_prefix=THREAD_PREFIX)
-        self.size = size
-        self.abandoned = 0  # ever
-        self.running_past_timeout = 0  # abandoned and not returned yet
-        self._counts = threading.Lock()
-
-    def abandon(self, future: concurrent.futures.Future[Any]) -> bool:
-        """Give up on a call; False if it has finished (or had not started) after all."""
-        with self._counts:
-            if future.done() or future.cancel():
-                return False
-            self.abandoned += 1
-            self.running_past_timeout += 1
-            self._max_workers += 1
-        future.add_done_callback(self._returned)  # in its thread, or here if it just returned
-        return True
-
-    def _returned(self, _future: concurrent.futures.Future[Any]) -> None:
-        with self._counts:
-            self.running_past_timeout -= 1
-            self._max_workers -= 1
-
-
-class _ThreadRun:
-    """One call of a plain-function handler in a pool thread, and the thread it runs in."""
-
-    def __init__(self, handler: Handler) -> None:
-        self.handler = handler
-        self.thread_id: int | None = None
-        self.future: concurrent.futures.Future[Any] | None = None
-
-    def __call__(self, ctx: StepContext) -> Any:
-        self.thread_id = threading.get_ident()
-        return self.handler(ctx)
-
-
-@dataclass
-class _Deadline:
-    """When a step with a timeout must have finished, on the loop's clock."""
-
-    timeout: float
-    at: float
-    heartbeats: int = 0
-
-    def heartbeat(self, now: float) -> None:
-        self.at = now + self.timeout
-        self.heartbeats += 1
-
-
 class Worker:
     def __init__(
         self,
@@ -150,6 +83,7 @@ class Worker:
         started_report_after: float = 1.0,
         shutdown_timeout: float = 30.0,
         on_outcome: Callable[[StepMessage, Outcome], None] | None = None,
+        faults: Faults | None = None,
     ) -> None:
         self.bus = bus
         self.on_outcome = on_outcome  # called with each finished step's outcome (metrics)
@@ -165,7 +99,7 @@ class Worker:
         self._subscriptions: list[Subscription] = []
         self._stopping = asyncio.Event()
         self.stats = {"succeeded": 0, "failed": 0, "invalid": 0}
-        self._reporter = OutcomeReporter(bus)
+        self._reporter = OutcomeReporter(bus, faults)
         self._probation = True
 
     async def start(self) -> None:
@@ -181,17 +115,6 @@ class Worker:
         for topic in self.handlers:
             self._subscriptions.append(await self.bus.consume(topic, self._on_delivery, prefetch=1))
         log.info("worker serving", topics=sorted(self.handlers), concurrency=self.concurrency)
-
-    async def run(self) -> None:
-        """Serve until :meth:`stop` (or SIGTERM when run by ``Management.run``)."""
-        await self.start()
-        try:
-            await self._stopping.wait()
-        finally:
-            await self.shutdown()
-
-    def stop(self) -> None:
-        self._stopping.set()
 
     async def shutdown(self) -> None:
         """Stop taking work, let running handlers finish (bounded), then let go."""
@@ -235,11 +158,11 @@ class Worker:
                 reason=str(exc),
                 message_id=delivery.message_id,
             )
-            await _settle(delivery.reject(requeue=False))
+            await settle(delivery.reject(requeue=False))
             return
         handler = self.handlers.get(steps[0].topic)
         if handler is None:
-            await _settle(delivery.reject(requeue=True))
+            await settle(delivery.reject(requeue=True))
             return
         try:
             if len(steps) == 1:
@@ -249,11 +172,11 @@ class Worker:
         except asyncio.CancelledError:
             return  # shutting down: unacked, so the broker redelivers the step
         if done:
-            await _settle(delivery.ack())
+            await settle(delivery.ack())
             if self._probation:
                 await self._end_probation()
         else:  # stopping before every run in it started: let another worker have it
-            await _settle(delivery.reject(requeue=True))
+            await settle(delivery.reject(requeue=True))
 
     async def _run_one(self, handler: Handler, message: StepMessage) -> bool:
         """Run one step and have its outcome confirmed; False if stopping before it started."""
@@ -282,7 +205,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         deadline = None
         if message.timeout is not None:
-            deadline = _Deadline(message.timeout, loop.time() + message.timeout)
+            deadline = Deadline(message.timeout, loop.time() + message.timeout)
 
         async def heartbeat() -> None:
             if deadline is not None:
@@ -318,7 +241,7 @@ class Worker:
                 topic,
                 {"hms.workflow_id": message.workflow_id, "hms.attempt": message.attempt},
             ):
-                thread = None if inspect.iscoroutinefunction(handler) else _ThreadRun(handler)
+                thread = None if inspect.iscoroutinefunction(handler) else ThreadRun(handler)
                 if deadline is None:
                     value = await self._call(handler, ctx, thread)
                 else:
@@ -369,7 +292,7 @@ class Worker:
         self.stats["succeeded"] += 1
         return outcome
 
-    async def _call(self, handler: Handler, ctx: StepContext, thread: _ThreadRun | None) -> Any:
+    async def _call(self, handler: Handler, ctx: StepContext, thread: ThreadRun | None) -> Any:
         if thread is None:
             return await handler(ctx)
         # In the worker's pool, not asyncio's default executor (min(32, CPUs + 4) threads,
@@ -382,10 +305,10 @@ class Worker:
 
     async def _call_by(
         self,
-        deadline: _Deadline,
+        deadline: Deadline,
         handler: Handler,
         ctx: StepContext,
-        thread: _ThreadRun | None,
+        thread: ThreadRun | None,
         message: StepMessage,
     ) -> Any:
         """Run a handler in its own task until it finishes or its deadline passes.
@@ -412,8 +335,8 @@ class Worker:
     async def _time_out(
         self,
         task: asyncio.Task[Any],
-        thread: _ThreadRun | None,
-        deadline: _Deadline,
+        thread: ThreadRun | None,
+        deadline: Deadline,
         message: StepMessage,
     ) -> StepTimeout:
         """Stop a handler whose deadline has passed; the error its attempt fails with."""
@@ -429,7 +352,7 @@ class Worker:
             **tracing.log_fields(message.traceparent),
         )
         if thread is not None and thread.future is not None and self.threads.abandon(thread.future):
-            where = _thread_stack(thread.thread_id)
+            where = thread_stack(thread.thread_id)
             task.cancel()  # stops the wait for the thread; the thread itself runs on
             task.add_done_callback(_retrieve)
             error = StepTimeout(f"{text}; its thread cannot be stopped and runs on")
@@ -525,171 +448,3 @@ def _suspended_at(task: asyncio.Task[Any]) -> str:
             frames.append((frame, frame.f_lineno))
         awaiting = getattr(awaiting, "cr_await", None) or getattr(awaiting, "gi_yieldfrom", None)
     return "".join(traceback.StackSummary.extract(frames).format())
-
-
-def _thread_stack(thread_id: int | None) -> str:
-    """Where a handler thread is: its stack from the handler in, innermost last."""
-    frame = sys._current_frames().get(thread_id or -1)
-    if frame is None:
-        return ""
-    stack = traceback.extract_stack(frame)
-    for index, entry in enumerate(stack):
-        if entry.name == "__call__" and entry.filename == __file__:
-            stack = traceback.StackSummary.from_list(stack[index + 1 :])
-            break
-    return "".join(stack.format())
-
-
-async def _settle(ack_or_reject: Awaitable[None]) -> None:
-    try:
-        await ack_or_reject
-    except Exception as exc:  # the channel went away: the step comes again, applied once
-        log.debug("ack or reject failed; the step will be redelivered", error=repr(exc))
-
-
-class OutcomeReporter:
-    """Publishes outcomes, confirmed, many to a message.
-
-    Outcomes reported while a publish is being prepared go out together, so a
-    busy worker sends one message for many steps and a quiet one a message
-    per step. ``report`` returns a future that resolves once the broker has
-    confirmed the message carrying the outcome; a failed publish is retried
-    until it goes through.
-    """
-
-    def __init__(self, bus: Bus) -> None:
-        self._bus = bus
-        # Test hook for the chaos suite: send every outcome message this many times.
-        self._copies = int(os.environ.get("HMS_TEST_DUPLICATE_OUTCOMES", "1"))
-        self._pending: list[tuple[bytes, asyncio.Future[None]]] = []
-        self._scheduled = False
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def report(self, outcome: Outcome) -> asyncio.Future[None]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        self._pending.append((outcome.encoded, future))
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._flush)
-        return future
-
-    def _flush(self) -> None:
-        self._scheduled = False
-        loop = asyncio.get_running_loop()
-        pending, self._pending = self._pending, []
-        for batch in batches(pending, lambda item: len(item[0])):
-            task = loop.create_task(self._send(batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _send(self, batch: list[tuple[bytes, asyncio.Future[None]]]) -> None:
-        message = outcomes_message([encoded for encoded, _ in batch])
-        delay = 0.1
-        while True:
-            try:
-                for _ in range(self._copies):
-                    await self._bus.publish(message)
-                break
-            except BusError as exc:
-                log.warning("could not report outcomes; retrying", error=str(exc), retry_in=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-        for _, future in batch:
-            if not future.done():
-                future.set_result(None)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m hms_mgmt.worker module:attribute``: serve that management object's handlers."""
-    import argparse
-
-    from hms_mgmt.logs import configure
-    from hms_mgmt.loopwatch import LoopMonitor, add_loop_flags
-    from hms_mgmt.settings import Settings
-
-    parser = argparse.ArgumentParser(
-        prog="python -m hms_mgmt.worker",
-        description="Serve the step handlers registered on a management object.",
-    )
-    parser.add_argument("target", help="module:attribute of an hms_mgmt.init(...) object")
-    parser.add_argument("--broker-url", help="overrides HMS_BROKER_URL")
-    parser.add_argument("--concurrency", type=int, default=None, help="handlers run at once")
-    parser.add_argument("--log-format", choices=["console", "json"], default=None)
-    parser.add_argument("--log-level", default=None)
-    parser.add_argument(
-        "--http-port", type=int, help="serve /healthz, /readyz and /metrics (HMS_HTTP_PORT)"
-    )
-    parser.add_argument("--http-host", help="address to listen on (HMS_HTTP_HOST; 127.0.0.1)")
-    add_loop_flags(parser)
-    args = parser.parse_args(argv)
-    try:
-        settings = Settings.from_env(
-            broker_url=args.broker_url,
-            log_format=args.log_format,
-            log_level=args.log_level,
-            http_port=args.http_port,
-            http_host=args.http_host,
-            loop_block_threshold=args.loop_block_threshold,
-            liveness_lag=args.liveness_lag,
-        )
-        configure(settings.log_format, settings.log_level)
-    except ValueError as exc:
-        parser.error(str(exc))
-    module_name, _, attribute = args.target.partition(":")
-    if not attribute:
-        parser.error(f"expected module:attribute, got {args.target!r}")
-    sys.path.insert(0, os.getcwd())
-    try:
-        target = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as exc:
-        parser.error(f"cannot load {args.target!r}: {exc}")
-    if args.broker_url:
-        target.broker_url = args.broker_url
-    if args.concurrency:
-        target.concurrency = args.concurrency
-    target.loop_monitor = LoopMonitor.from_settings(settings, "step-service")
-    run = target.run
-    if settings.http_port is not None:
-        from hms_mgmt.httpserver import serve_with_probes
-
-        run = functools.partial(serve_with_probes, target, settings)
-    try:
-        _run_until_signalled(run)
-    except BusError as exc:
-        log.error("cannot reach the broker", error=str(exc))
-        sys.exit(3)
-    except ValueError as exc:  # a port in use, a service without handlers
-        log.error("cannot serve", error=str(exc))
-        sys.exit(2)
-    stuck = handler_threads_running(grace=1.0)
-    if stuck:
-        # Python waits for every thread at exit, and these may never return.
-        log.warning(
-            "exiting with handler threads still running: threads cannot be stopped",
-            threads=[thread.name for thread in stuck],
-        )
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-
-
-def handler_threads_running(grace: float) -> list[threading.Thread]:
-    """The handler threads still running after up to ``grace`` seconds (idle ones end)."""
-    until = time.monotonic() + grace
-    threads = [t for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX)]
-    for thread in threads:
-        thread.join(max(0.0, until - time.monotonic()))
-    return [thread for thread in threads if thread.is_alive()]
-
-
-def _run_until_signalled(run: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """Run a serve coroutine; ``Management.run`` ends cleanly on SIGTERM or SIGINT."""
-    from hms_mgmt import loop
-
-    with contextlib.suppress(KeyboardInterrupt):
-        loop.run(run())
-
-
-if __name__ == "__main__":
-    main()
