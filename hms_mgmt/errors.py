@@ -104,3 +104,8 @@ _BY_NAME: dict[str, type[HmsError]] = {
 def error_from_reply(kind: str, message: str) -> HmsError:
     """Rebuild an engine-side error on the client side."""
     return _BY_NAME.get(kind, HmsError)(message)
+
+
+def error_json(exc: BaseException) -> dict[str, str]:
+    """An error as a reply carries it: its type's name and its message."""
+    return {"type": type(exc).__name__, "message": str(exc)}

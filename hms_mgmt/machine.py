@@ -575,28 +575,30 @@ def _new_run(
     _publish(t, wf, run, definition, now)
 
 
+def step_message(wf: Workflow, run: StepRun, definition: WorkflowDefinition) -> StepMessage:
+    """The message that asks a step service to run ``run`` (also the copy for its ``.dlq``)."""
+    return StepMessage(
+        workflow_id=wf.id,
+        workflow=wf.name,
+        step=run.step,
+        seq=run.seq,
+        visit=run.visit,
+        attempt=run.attempt,
+        payload=run.input,
+        timeout=definition.timeout_for(run.step),
+        context=run.context,
+        traceparent=wf.traceparent,
+        schedule_to_start=definition.schedule_to_start_for(run.step),
+    )
+
+
 def _publish(
     t: Transition, wf: Workflow, run: StepRun, definition: WorkflowDefinition, now: float
 ) -> None:
-    timeout = definition.timeout_for(run.step)
-    schedule_to_start = definition.schedule_to_start_for(run.step)
-    if schedule_to_start is not None:
-        wf.timer_at, wf.timer_kind = now + schedule_to_start, TIMER_START
-    t.steps.append(
-        StepMessage(
-            workflow_id=wf.id,
-            workflow=wf.name,
-            step=run.step,
-            seq=run.seq,
-            visit=run.visit,
-            attempt=run.attempt,
-            payload=run.input,
-            timeout=timeout,
-            context=run.context,
-            traceparent=wf.traceparent,
-            schedule_to_start=schedule_to_start,
-        )
-    )
+    step = step_message(wf, run, definition)
+    if step.schedule_to_start is not None:
+        wf.timer_at, wf.timer_kind = now + step.schedule_to_start, TIMER_START
+    t.steps.append(step)
     t.note("step_published", seq=run.seq, step=run.step, attempt=run.attempt)
 
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from hms_mgmt import tracing
+
 
 class WorkflowStatus(StrEnum):
     PENDING = "pending"
@@ -28,6 +30,8 @@ class StepStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
+STATUSES = tuple(str(status) for status in WorkflowStatus)
+"""Every workflow status, in the order a workflow may go through them."""
 TERMINAL = frozenset({WorkflowStatus.SUCCEEDED, WorkflowStatus.FAILED, WorkflowStatus.CANCELLED})
 ACTIVE_RUN = frozenset({StepStatus.PENDING, StepStatus.SCHEDULED, StepStatus.RUNNING})
 
@@ -121,6 +125,22 @@ def why_stuck(workflow: Workflow, run: StepRun | None, now: float, after: float)
             "with no timeout to end it (Step(timeout=...) sets one)"
         )
     return None
+
+
+def summary(workflow: Workflow) -> dict[str, Any]:
+    """A workflow in a list (``hms workflow list``, ``client.list``, ``GET /api/workflows``)."""
+    error = workflow.error or {}
+    return {
+        "workflow_id": workflow.id,
+        "name": workflow.name,
+        "status": str(workflow.status),
+        "created_at": workflow.created_at,
+        "updated_at": workflow.updated_at,
+        "error": {k: error.get(k) for k in ("type", "message", "step", "attempts")}
+        if workflow.error
+        else None,
+        "trace_id": tracing.trace_id(workflow.traceparent),
+    }
 
 
 @dataclass

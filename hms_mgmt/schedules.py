@@ -136,3 +136,9 @@ def due(schedule: Schedule, now: float) -> tuple[list[float], Schedule]:
 def workflow_id(schedule_id: str, tick: float) -> str:
     """The id of the workflow a tick starts: the same however often the tick is looked at."""
     return f"{schedule_id}-{int(tick)}"
+
+
+def same(current: Schedule, wanted: Schedule) -> bool:
+    """Whether scheduling ``wanted`` again would change ``current`` (its timing aside)."""
+    settings = ("workflow", "cron", "timezone", "payload", "catch_up")
+    return all(getattr(current, name) == getattr(wanted, name) for name in settings)

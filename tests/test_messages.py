@@ -22,7 +22,7 @@ from hms_mgmt.wire.codec import (
     encode_payload,
 )
 from hms_mgmt.wire.outcomes import Outcome, decode_outcomes, outcomes_message
-from hms_mgmt.wire.requests import Command, decode_requests
+from hms_mgmt.wire.requests import Request, decode_requests, parse_request
 from hms_mgmt.wire.steps import StepMessage
 
 
@@ -240,8 +240,8 @@ NOW = time.time()
 TOO_LATE = NOW + MAX_DELAY + 3600
 
 
-def _command(**fields: Any) -> Command:
-    return Command.from_json(
+def _command(**fields: Any) -> Request:
+    return parse_request(
         {"type": "start", "request_id": "r1", "workflow_id": "wf1", "workflow": "w", **fields}
     )
 
@@ -278,7 +278,7 @@ def test_start_requests_with_times_in_bounds_are_accepted() -> None:
         {"run_at": 0},
         {"run_at": NOW + MAX_DELAY - 60},
     ):
-        assert _command(**fields).body["workflow_id"] == "wf1"
+        assert _command(**fields).workflow_id == "wf1"
     # on the wire too: a float orjson reads is still refused when out of bounds
     body = batch_body(
         "requests",
@@ -397,9 +397,9 @@ def test_requests_outcomes_and_steps_with_bad_workflow_ids_are_refused(bad: Any)
         item = {"type": kind, "request_id": "r1", "workflow_id": bad, "workflow": "w"}
         item["signal"] = "s"
         with pytest.raises(InvalidMessageError, match="workflow_id"):
-            Command.from_json(item)
+            parse_request(item)
     with pytest.raises(InvalidMessageError, match="request_id"):
-        Command.from_json({"type": "status", "request_id": bad, "workflow_id": "w"})
+        parse_request({"type": "status", "request_id": bad, "workflow_id": "w"})
     with pytest.raises(InvalidMessageError, match="workflow_id"):
         Outcome.from_json({"workflow_id": bad, "seq": 1, "kind": "heartbeat"})
     with pytest.raises(InvalidMessageError, match="workflow_id"):
@@ -408,20 +408,20 @@ def test_requests_outcomes_and_steps_with_bad_workflow_ids_are_refused(bad: Any)
         )
     if isinstance(bad, str):
         with pytest.raises(InvalidMessageError, match=re.escape(ID_PATTERN.pattern)):
-            Command.from_json({"type": "status", "request_id": "r", "workflow_id": bad})
+            parse_request({"type": "status", "request_id": "r", "workflow_id": bad})
 
 
 def test_ids_of_the_documented_pattern_are_accepted() -> None:
     for good in ("a", "_x", "A-17:x.y_z", "x" * 100, "0193a2b4c5d6e7f8", "nightly-1764100800"):
         assert valid_id(good)
-        assert Command.from_json({"type": "status", "request_id": good, "workflow_id": good})
+        assert parse_request({"type": "status", "request_id": good, "workflow_id": good})
 
 
 @pytest.mark.parametrize("key", ["", "a\nb", "tab\there", "x" * 201, 5, "\x1b[31m"])
 def test_start_requests_with_bad_idempotency_keys_are_refused(key: Any) -> None:
     with pytest.raises(InvalidMessageError, match="idempotency_key"):
         _command(idempotency_key=key)
-    assert _command(idempotency_key="A-17 é " + "x" * 190).body["idempotency_key"]
+    assert _command(idempotency_key="A-17 é " + "x" * 190).raw["idempotency_key"]
 
 
 def test_names_with_a_final_newline_are_refused() -> None:
@@ -444,7 +444,7 @@ def test_schedules_whose_workflow_ids_would_be_invalid_are_refused(
     fields: dict[str, Any], message: str
 ) -> None:
     with pytest.raises(InvalidMessageError, match=message):
-        Command.from_json({"type": "schedule", "request_id": "r", "cron": "* * * * *", **fields})
-    assert Command.from_json(
+        parse_request({"type": "schedule", "request_id": "r", "cron": "* * * * *", **fields})
+    assert parse_request(
         {"type": "schedule", "request_id": "r", "cron": "* * * * *", "workflow": "w"}
     )

@@ -18,14 +18,15 @@ import hmac
 import json
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
-from bus_adapters.base import JSON_CONTENT_TYPE, BusError, redact_url
+from bus_adapters.base import JSON_CONTENT_TYPE, Bus, BusError, redact_url
 from hms_mgmt import dlq, tracing
 from hms_mgmt.bounds import ID_RULE, MAX_DELAY, NAME_PATTERN, short, valid_id
 from hms_mgmt.client import Client
+from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.engine.engine import Engine
 from hms_mgmt.errors import (
     DefinitionError,
@@ -47,9 +48,9 @@ from hms_mgmt.httpserver import (
 from hms_mgmt.logs import get_logger
 from hms_mgmt.loopwatch import LoopCollector, LoopMonitor
 from hms_mgmt.metrics import EngineMetrics
-from hms_mgmt.records import Workflow, WorkflowState, WorkflowStatus
+from hms_mgmt.records import Workflow, WorkflowState, WorkflowStatus, summary
 from hms_mgmt.settings import Settings
-from hms_mgmt.topology import ENGINE_QUEUES, dlq_name
+from hms_mgmt.store.base import HistoryEntry
 from hms_mgmt.wire.codec import MAX_MESSAGE_BYTES, decode_body
 
 log = get_logger("api")
@@ -69,6 +70,34 @@ _STATUS_OF: list[tuple[type[Exception], int]] = [
 ]
 
 
+class EngineView(Protocol):
+    """All the HTTP API knows of the engine: its checks, reads of its store, and its bus (the
+    API's changes go over it, as requests, like any client's)."""
+
+    bus: Bus
+
+    @property
+    def stuck_after(self) -> float: ...
+
+    def checks(self) -> dict[str, bool]: ...
+
+    def definitions(self) -> list[WorkflowDefinition]: ...
+
+    def dead_letter_queues(self) -> list[str]: ...
+
+    async def state(self, workflow_id: str) -> WorkflowState | None: ...
+
+    async def history(self, workflow_id: str) -> list[HistoryEntry]: ...
+
+    async def workflows(
+        self, *, status: str | None = None, name: str | None = None, limit: int = 50
+    ) -> list[Workflow]: ...
+
+    async def counts(self) -> tuple[dict[str, int], dict[tuple[str, str], int], int]: ...
+
+    async def prune(self, before: float) -> int: ...
+
+
 class ApiError(Exception):
     def __init__(self, status: int, kind: str, message: str) -> None:
         super().__init__(message)
@@ -78,7 +107,7 @@ class ApiError(Exception):
 class EngineApi:
     def __init__(
         self,
-        engine: Engine,
+        engine: EngineView,
         metrics: EngineMetrics,
         *,
         host: str = "127.0.0.1",
@@ -219,16 +248,8 @@ class EngineApi:
             raise ApiError(400, "BadRequest", f"the request {exc}") from exc
 
     async def _refresh_counts(self) -> None:
-        store = self.engine.store
         try:
-            counts, stuck, size = await asyncio.wait_for(
-                asyncio.gather(
-                    store.count_by_status(),
-                    store.stuck_counts(time.time() - self.engine.stuck_after),
-                    store.size(),
-                ),
-                PROBE_TIMEOUT,
-            )
+            counts, stuck, size = await asyncio.wait_for(self.engine.counts(), PROBE_TIMEOUT)
         except Exception as exc:  # a scrape still shows the counters
             log.warning("cannot count workflows for /metrics", error=repr(exc))
             return
@@ -260,21 +281,19 @@ class EngineApi:
                 f"name {short(name)} is not a workflow name (1-100 letters, digits, '_' or '-')",
             )
         limit = _int(request.query.get("limit", "50"), "limit", 1, MAX_LIST)
-        workflows = await self.engine.store.list_workflows(status=status, name=name, limit=limit)
-        return web.json_response([_summary(w) for w in workflows])
+        workflows = await self.engine.workflows(status=status, name=name, limit=limit)
+        return web.json_response([summary(w) for w in workflows])
 
     async def show(self, request: web.Request) -> web.Response:
         workflow_id = _workflow_id(request)
-        found = await self.engine.store.workflow_with_runs(workflow_id)
+        found = await self.engine.state(workflow_id)
         if found is None:
             raise WorkflowNotFoundError(f"no workflow with id {workflow_id!r}")
-        state = WorkflowState.of(
-            *found, now=time.time(), stuck_after=self.engine.stuck_after
-        ).to_json()
+        state = found.to_json()
         state["trace_id"] = tracing.trace_id(state.get("traceparent"))
         state["history"] = [
             {"at": entry.at, "kind": entry.kind, "detail": entry.detail}
-            for entry in await self.engine.store.history(workflow_id)
+            for entry in await self.engine.history(workflow_id)
         ]
         return web.json_response(state)
 
@@ -316,17 +335,14 @@ class EngineApi:
                     "on_error": None if d.on_error is None else d.on_error.name,
                     "definition": d.to_json(),
                 }
-                for d in sorted(self.engine.latest.values(), key=lambda d: d.name)
+                for d in self.engine.definitions()
             ]
         )
 
     # -- dead letters -----------------------------------------------------------
 
     def _known_dlqs(self) -> list[str]:
-        queues = {dlq_name(q) for q in ENGINE_QUEUES}
-        for definition in self.engine.definitions.values():
-            queues.update(dlq_name(f"{definition.name}.{s.name}") for s in definition.all_steps)
-        return sorted(queues)
+        return self.engine.dead_letter_queues()
 
     def _dlq(self, request: web.Request) -> str:
         queue = request.match_info["queue"]
@@ -423,21 +439,6 @@ def _int(raw: str, name: str, low: int, high: int) -> int:
     if not low <= value <= high:
         raise ApiError(400, "BadRequest", f"{name} must be between {low} and {high}")
     return value
-
-
-def _summary(workflow: Workflow) -> dict[str, Any]:
-    error = workflow.error or {}
-    return {
-        "workflow_id": workflow.id,
-        "name": workflow.name,
-        "status": str(workflow.status),
-        "created_at": workflow.created_at,
-        "updated_at": workflow.updated_at,
-        "error": {k: error.get(k) for k in ("type", "message", "step", "attempts")}
-        if workflow.error
-        else None,
-        "trace_id": tracing.trace_id(workflow.traceparent),
-    }
 
 
 async def start_api(

@@ -9,16 +9,19 @@ successful commit; the rest lasts until an operator restores the store.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
 from hms_mgmt.errors import StoreError
 from hms_mgmt.logs import get_logger
+from hms_mgmt.store.base import Store
 
 log = get_logger("engine")
 
 READY_WITHIN = 5.0  # ready only if the store committed (a batch or a probe) this recently
 REMIND_EVERY = 60.0
+WATCH_EVERY = 1.0  # seconds between checks of the store
 
 
 class StoreHealth:
@@ -71,3 +74,33 @@ class StoreHealth:
     def expired(self) -> bool:
         """The trouble has lasted past the grace period: time to exit."""
         return self.since is not None and self.clock() - self.since >= self.grace
+
+
+async def watch_store(store: Store, health: StoreHealth, stopping: asyncio.Event) -> None:
+    """Every second: is the file still there, whole, writable, and can it commit? Upkeep too.
+
+    A deleted store's content (every commit the engine made) is copied beside it at once:
+    it lives on only in the file the engine still has open.
+    """
+    rescued = False
+    while not stopping.is_set():
+        await asyncio.sleep(WATCH_EVERY)
+        probe = time.monotonic() - health.last_ok > WATCH_EVERY
+        problem = await store.watch(probe=probe)
+        if problem is None:
+            if probe:
+                health.ok()
+            continue
+        health.failed(problem)
+        if problem.kind == "deleted" and not rescued:
+            rescued = True
+            try:
+                copy = await store.rescue()
+            except StoreError as exc:
+                log.error("could not copy the deleted store's content", error=str(exc))
+            else:
+                log.error(
+                    "copied what the deleted store held (every commit the engine made) to a "
+                    "new file: move it back to the store's path and restart the engine",
+                    copy=copy,
+                )

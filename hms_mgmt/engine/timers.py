@@ -1,4 +1,5 @@
-"""Durable timers: kept in the store, only those due soon are held in memory.
+"""Durable timers: kept in the store, only those due soon are held in memory; and when
+timers and cron ticks come due, the events they make.
 
 A workflow has at most one timer (a delayed or backed-off run, a deadline, a
 wait's timeout): its ``timer_at`` and ``timer_kind`` columns. The engine scans
@@ -10,6 +11,10 @@ while the engine was down fires at the first scan after start-up.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Mapping
+
+from hms_mgmt.engine.events import Received, TickEvent, TimerEvent
+from hms_mgmt.schedules import Schedule
 
 
 class TimerQueue:
@@ -51,3 +56,17 @@ class TimerQueue:
         if entry not in self._held:
             self._held.add(entry)
             heapq.heappush(self._heap, entry)
+
+
+def due_events(
+    timers: TimerQueue, schedules: Mapping[str, Schedule], now: float
+) -> Received | None:
+    """The timers and schedule ticks due by ``now``, as events (with nothing to ack)."""
+    due = timers.pop_due(now)
+    ticking = [schedule.id for schedule in schedules.values() if schedule.next_at <= now]
+    if not due and not ticking:
+        return None
+    received = Received(None)
+    received.events = [TimerEvent(workflow_id, kind) for workflow_id, kind in due]
+    received.events += [TickEvent(schedule_id) for schedule_id in ticking]
+    return received

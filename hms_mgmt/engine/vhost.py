@@ -20,6 +20,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -143,3 +144,51 @@ async def take_vhost(
         await lock.release()
         raise
     return lock
+
+
+class VhostLock:
+    """The vhost's lock while the engine serves; re-taken after a dropped connection.
+
+    Cut off (the lock's connection gone), the engine takes no new work. When the lock is
+    back, the engine carries on only if no other engine committed to the store meanwhile
+    (its claim on the store is still the engine's); otherwise it must stop.
+    """
+
+    def __init__(self, bus: Bus, lock: BusLock) -> None:
+        self._bus = bus
+        self.lock = lock
+        self.cut_off = False
+
+    async def watch(
+        self,
+        stopping: asyncio.Event,
+        still_ours: Callable[[], Awaitable[bool]],
+        refused: Callable[[str], None],
+    ) -> None:
+        while not stopping.is_set():
+            await self.lock.lost.wait()
+            if stopping.is_set():
+                return
+            self.cut_off = True
+            log.warning("lost the vhost lock with its connection: pausing until it is back")
+            while not stopping.is_set():
+                try:
+                    self.lock = await self._bus.hold(ENGINE_LOCK_QUEUE)
+                except ResourceLockedError:
+                    refused("another engine took this vhost while this one was cut off")
+                    return
+                except BusError:
+                    await asyncio.sleep(1.0)
+                    continue
+                if not await still_ours():
+                    refused(
+                        "another engine committed to this store while this one was cut off; "
+                        "restart this engine to carry on from the store"
+                    )
+                    return
+                self.cut_off = False
+                log.info("holding the vhost lock again")
+                break
+
+    async def release(self) -> None:
+        await self.lock.release()

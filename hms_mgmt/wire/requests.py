@@ -3,94 +3,250 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from dataclasses import field as field_
+from typing import Any, ClassVar
 
 from bus_adapters.base import Delivery, Message
+from hms_mgmt import tracing
 from hms_mgmt.bounds import check_delay, check_key, check_run_at, check_schedule_id
-from hms_mgmt.errors import InvalidMessageError
+from hms_mgmt.definitions import WorkflowDefinition
+from hms_mgmt.errors import DefinitionError, InvalidMessageError
+from hms_mgmt.records import STATUSES
 from hms_mgmt.topology import COMMANDS_EXCHANGE, COMMANDS_QUEUE
 from hms_mgmt.wire.codec import batch_body, dumps, new_id
 from hms_mgmt.wire.fields import Refused, decode_items, field, ident, name
 
-WORKFLOW_STATUSES = frozenset(
-    {"pending", "scheduled", "running", "waiting", "succeeded", "failed", "cancelled"}
-)
-COMMAND_TYPES = frozenset(
-    {"define", "start", "status", "wait", "cancel", "retry", "signal", "list"}
-    | {"schedule", "unschedule", "schedules"}
-)
 
-
-@dataclass(frozen=True)
-class Command:
-    """A client's request to the engine; the reply goes to ``reply_to``.
+@dataclass(frozen=True, kw_only=True)
+class Request:
+    """A client's request to the engine, decoded and checked once, at the edge.
 
     Requests travel in batches (``{"requests": [...]}``) and their replies too
-    (``{"replies": [...]}``, matched by ``request_id``).
+    (``{"replies": [...]}``, matched by ``request_id``); the reply goes to ``reply_to``.
+    ``raw`` is the item as it came, for a dead letter should the engine refuse it.
     """
 
-    type: str
+    kind: ClassVar[str]
     request_id: str
-    body: dict[str, Any]
     reply_to: str | None = None
     deadline: float | None = None
+    raw: dict[str, Any] = field_(default_factory=dict, repr=False, compare=False)
+    workflow_id: str = ""  # the workflow the request is about ("" for none)
 
     @classmethod
-    def from_json(cls, data: Any, reply_to: str | None = None) -> Command:
-        if not isinstance(data, dict):
-            raise InvalidMessageError(f"a request is a JSON {type(data).__name__}, not an object")
-        kind = field(data, "type", str)
-        if kind not in COMMAND_TYPES:
-            raise InvalidMessageError(f"unknown request type {kind[:50]!r}")
-        command = cls(
-            type=kind,
-            request_id=ident(data, "request_id"),
-            body=data,
-            reply_to=reply_to,
-            deadline=field(data, "deadline", (int, float), optional=True),
+    def parse(cls, data: dict[str, Any], **common: Any) -> Request:
+        return cls(**common)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _About(Request):
+    """A request about one workflow (its ``workflow_id`` is required)."""
+
+    @classmethod
+    def parse(cls, data: dict[str, Any], **common: Any) -> Request:
+        return cls(workflow_id=ident(data, "workflow_id"), **common)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DefineRequest(Request):
+    """A definition to store; one that does not parse is answered with a ``DefinitionError``
+    naming what is wrong (``problem``), like any definition the engine refuses."""
+
+    kind = "define"
+    definition: WorkflowDefinition | None
+    problem: str | None = None
+
+    @classmethod
+    def parse(cls, data: dict[str, Any], **common: Any) -> Request:
+        body = field(data, "definition", dict)
+        try:
+            return cls(definition=WorkflowDefinition.from_json(body), **common)
+        except (DefinitionError, TypeError, ValueError, KeyError, AttributeError) as exc:
+            return cls(definition=None, problem=f"malformed definition: {exc}", **common)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StartRequest(_About):
+    kind = "start"
+    workflow: str
+    payload: Any = None
+    delay: float | None = None
+    run_at: float | None = None
+    idempotency_key: str | None = None
+    traceparent: str | None = None
+
+    @classmethod
+    def parse(cls, data: dict[str, Any], **common: Any) -> Request:
+        delay, run_at, key = data.get("delay"), data.get("run_at"), data.get("idempotency_key")
+        return cls(
+            workflow_id=ident(data, "workflow_id"),
+            workflow=name(data, "workflow"),
+            payload=data.get("payload"),
+            delay=None if delay is None else check_delay(delay, "field 'delay'", _INVALID),
+            run_at=None if run_at is None else check_run_at(run_at, "field 'run_at'", _INVALID),
+            idempotency_key=None
+            if key is None
+            else check_key(key, "field 'idempotency_key'", _INVALID),
+            traceparent=tracing.checked(data.get("traceparent")),  # W3C: ignore an invalid one
+            **common,
         )
-        if kind in ("start", "status", "wait", "cancel", "retry", "signal"):
-            ident(data, "workflow_id")
-        if kind == "start":
-            name(data, "workflow")
-            if data.get("delay") is not None:
-                check_delay(data["delay"], "field 'delay'", InvalidMessageError)
-            if data.get("run_at") is not None:
-                check_run_at(data["run_at"], "field 'run_at'", InvalidMessageError)
-            if data.get("idempotency_key") is not None:
-                check_key(data["idempotency_key"], "field 'idempotency_key'", InvalidMessageError)
-        if kind == "wait":
-            field(data, "hold", (int, float), optional=True)
-        if kind == "signal":
-            name(data, "signal")
-        if kind == "define":
-            field(data, "definition", dict)
-        if kind == "schedule":
-            name(data, "workflow")
-            field(data, "cron", str)
-            if data.get("schedule_id") is not None:
-                name(data, "schedule_id")
-            check_schedule_id(data.get("schedule_id") or data["workflow"], InvalidMessageError)
-        if kind == "unschedule":
-            name(data, "schedule_id")
-        if kind == "list":
-            status = data.get("status")
-            if status is not None and (
-                not isinstance(status, str) or status not in WORKFLOW_STATUSES
-            ):
-                raise InvalidMessageError(f"status {str(status)[:50]!r} is not a workflow status")
-            if data.get("name") is not None:
-                name(data, "name")
-            limit = field(data, "limit", int, optional=True)
-            if limit is not None and not 1 <= limit <= 1000:
-                raise InvalidMessageError(f"limit must be 1 to 1000, not {limit}")
-        return command
 
 
-def decode_requests(delivery: Delivery) -> tuple[list[Command], list[Refused]]:
-    return decode_items(
-        delivery, "requests", lambda item: Command.from_json(item, delivery.reply_to)
+@dataclass(frozen=True, kw_only=True)
+class StatusRequest(_About):
+    kind = "status"
+
+
+@dataclass(frozen=True, kw_only=True)
+class WaitRequest(_About):
+    kind = "wait"
+    hold: float | None = None  # seconds the engine may hold the answer for a change
+
+    @classmethod
+    def parse(cls, data: dict[str, Any], **common: Any) -> Request:
+        hold = field(data, "hold", (int, float), optional=True)
+        return cls(workflow_id=ident(data, "workflow_id"), hold=hold, **common)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CancelRequest(_About):
+    kind = "cancel"
+    reason: str | None = None
+
+    @classmethod
+    def parse(cls, data: dict[str, Any], **common: Any) -> Request:
+        reason = data.get("reason")
+        return cls(
+            workflow_id=ident(data, "workflow_id"),
+            reason=None if reason is None else str(reason)[:1000],
+            **common,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryRequest(_About):
+    kind = "retry"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SignalRequest(_About):
+    kind = "signal"
+    signal: str
+    data: Any = None
+
+    @classmethod
+    def parse(cls, data: dict[str, Any], **common: Any) -> Request:
+        return cls(
+            workflow_id=ident(data, "workflow_id"),
+            signal=name(data, "signal"),
+            data=data.get("data"),
+            **common,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ListRequest(Request):
+    kind = "list"
+    status: str | None = None
+    name: str | None = None
+    limit: int = 50
+
+    @classmethod
+    def parse(cls, data: dict[str, Any], **common: Any) -> Request:
+        status = data.get("status")
+        if status is not None and (not isinstance(status, str) or status not in STATUSES):
+            raise InvalidMessageError(f"status {str(status)[:50]!r} is not a workflow status")
+        limit = field(data, "limit", int, optional=True)
+        if limit is not None and not 1 <= limit <= 1000:
+            raise InvalidMessageError(f"limit must be 1 to 1000, not {limit}")
+        return cls(
+            status=status,
+            name=None if data.get("name") is None else name(data, "name"),
+            limit=50 if limit is None else limit,
+            **common,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScheduleRequest(Request):
+    kind = "schedule"
+    schedule_id: str
+    workflow: str
+    cron: str
+    timezone: str = "UTC"
+    payload: Any = None
+    catch_up: str = "latest"
+
+    @classmethod
+    def parse(cls, data: dict[str, Any], **common: Any) -> Request:
+        workflow = name(data, "workflow")
+        schedule_id = workflow if data.get("schedule_id") is None else name(data, "schedule_id")
+        check_schedule_id(schedule_id, _INVALID)
+        return cls(
+            schedule_id=schedule_id,
+            workflow=workflow,
+            cron=field(data, "cron", str),
+            timezone=str(data.get("timezone") or "UTC"),
+            payload=data.get("payload"),
+            catch_up=str(data.get("catch_up") or "latest"),
+            **common,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class UnscheduleRequest(Request):
+    kind = "unschedule"
+    schedule_id: str
+
+    @classmethod
+    def parse(cls, data: dict[str, Any], **common: Any) -> Request:
+        return cls(schedule_id=name(data, "schedule_id"), **common)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SchedulesRequest(Request):
+    kind = "schedules"
+
+
+REQUESTS: dict[str, type[Request]] = {
+    kind.kind: kind
+    for kind in (
+        DefineRequest,
+        StartRequest,
+        StatusRequest,
+        WaitRequest,
+        CancelRequest,
+        RetryRequest,
+        SignalRequest,
+        ListRequest,
+        ScheduleRequest,
+        UnscheduleRequest,
+        SchedulesRequest,
     )
+}
+"""Every request type by its ``type`` on the wire."""
+_INVALID = InvalidMessageError
+
+
+def parse_request(data: Any, reply_to: str | None = None) -> Request:
+    """One request item, checked; :class:`InvalidMessageError` names what is wrong."""
+    if not isinstance(data, dict):
+        raise InvalidMessageError(f"a request is a JSON {type(data).__name__}, not an object")
+    kind = field(data, "type", str)
+    request_type = REQUESTS.get(kind)
+    if request_type is None:
+        raise InvalidMessageError(f"unknown request type {kind[:50]!r}")
+    return request_type.parse(
+        data,
+        request_id=ident(data, "request_id"),
+        reply_to=reply_to,
+        deadline=field(data, "deadline", (int, float), optional=True),
+        raw=data,
+    )
+
+
+def decode_requests(delivery: Delivery) -> tuple[list[Request], list[Refused]]:
+    return decode_items(delivery, "requests", lambda item: parse_request(item, delivery.reply_to))
 
 
 def request_item(

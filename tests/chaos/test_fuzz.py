@@ -20,7 +20,7 @@ from hms_mgmt.errors import InvalidMessageError
 from hms_mgmt.results import normalise_result
 from hms_mgmt.wire.codec import batch_body, decode_body
 from hms_mgmt.wire.outcomes import Outcome, decode_outcomes, outcomes_message
-from hms_mgmt.wire.requests import Command, decode_requests
+from hms_mgmt.wire.requests import decode_requests, parse_request
 from hms_mgmt.wire.steps import StepMessage
 from tests.conftest import wait_until
 
@@ -201,7 +201,7 @@ def test_times_are_accepted_exactly_within_bounds(delay: float, run_at: float) -
     for field, value, high in (("delay", delay, MAX_DELAY), ("run_at", run_at, latest)):
         ok = _in_bounds(value, high)
         try:
-            Command.from_json({**start, field: value})
+            parse_request({**start, field: value})
         except InvalidMessageError as exc:
             assert not ok and field in str(exc)
         else:

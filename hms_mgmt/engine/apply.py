@@ -1,0 +1,399 @@
+"""The apply stage: a batch's events become its pending writes, replies and timers. No I/O.
+
+Everything it needs was loaded before (:mod:`hms_mgmt.engine.loading`) into the
+:class:`~hms_mgmt.engine.work.Work`; it calls the pure state machine for each event and
+folds each transition into the batch: workflows, runs, history, and the outbox rows of the
+steps to publish (signed here) and of the dead letters. Log lines wait in the work until
+the batch has committed. One event that fails is refused alone and never fails its batch.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from collections.abc import Mapping
+from typing import Any
+
+from hms_mgmt import machine, schedules, tracing
+from hms_mgmt.engine.events import (
+    DeadLetterEvent,
+    Event,
+    OutcomeEvent,
+    RequestEvent,
+    TickEvent,
+    TimerEvent,
+)
+from hms_mgmt.engine.registry import Registry
+from hms_mgmt.engine.work import Work
+from hms_mgmt.errors import (
+    HmsError,
+    ScheduleNotFoundError,
+    UnknownWorkflowError,
+    WorkflowNotFoundError,
+    error_json,
+)
+from hms_mgmt.records import StepRun, Workflow
+from hms_mgmt.schedules import Schedule
+from hms_mgmt.store.base import OutboxRow
+from hms_mgmt.tokens import Signer
+from hms_mgmt.topology import STEPS_EXCHANGE
+from hms_mgmt.wire.requests import (
+    CancelRequest,
+    DefineRequest,
+    ListRequest,
+    Request,
+    RetryRequest,
+    ScheduleRequest,
+    SchedulesRequest,
+    SignalRequest,
+    StartRequest,
+    StatusRequest,
+    UnscheduleRequest,
+    WaitRequest,
+)
+from hms_mgmt.wire.steps import dead_letter_message, step_headers
+
+READS = (StatusRequest, WaitRequest, ListRequest)
+"""Requests answered from the store once the batch has committed, not applied."""
+
+
+class Applier:
+    def __init__(
+        self, registry: Registry, schedules: Mapping[str, Schedule], signer: Signer
+    ) -> None:
+        self.registry = registry
+        self.schedules = schedules  # as committed; this batch's changes are in work.schedules
+        self.signer = signer
+
+    def apply(self, event: Event, work: Work, now: float) -> None:
+        try:
+            if isinstance(event, RequestEvent):
+                self._request(event.request, work, now)
+            elif isinstance(event, OutcomeEvent):
+                self._outcome(event, work, now)
+            elif isinstance(event, DeadLetterEvent):
+                self._dead_letter(event, work, now)
+            elif isinstance(event, TimerEvent):
+                self._timer(event, work, now)
+            else:
+                self._tick(event, work, now)
+        except Exception as exc:
+            self._refused(event, exc, work, now)
+
+    def _refused(self, event: Event, exc: Exception, work: Work, now: float) -> None:
+        """One bad event is refused alone: answered, dead-lettered or logged."""
+        if not isinstance(exc, HmsError):
+            work.log(
+                "error",
+                "event refused",
+                kind=type(event).__name__,
+                workflow_id=event.workflow_id,
+                error=repr(exc),
+                traceback="".join(traceback.format_exception(exc))[-4000:],
+            )
+        if isinstance(event, RequestEvent):
+            request = event.request
+            work.reply(request, False, error_json(exc))
+            if isinstance(request, StartRequest):  # a retry of this request gets the same answer
+                work.batch.requests.append((request.request_id, [False, error_json(exc)], now))
+                work.answered[request.request_id] = (False, error_json(exc))
+        elif isinstance(event, OutcomeEvent | DeadLetterEvent):
+            _refuse_item(event, f"{type(exc).__name__}: {exc}")
+        elif isinstance(exc, HmsError):
+            work.log("error", "event refused", workflow_id=event.workflow_id, error=str(exc))
+
+    # -- folding a transition into the batch --------------------------------------------
+
+    def record(self, work: Work, t: machine.Transition, workflow_id: str, now: float) -> None:
+        batch = work.batch
+        for kind, detail in t.history:
+            batch.history.append((workflow_id, now, kind, detail))
+        wf = t.workflow
+        if wf is None:
+            return
+        batch.workflows[wf.id] = wf
+        current = work.state.get(wf.id, (wf, None))[1]
+        for run in t.runs:
+            batch.runs[(run.workflow_id, run.seq)] = run
+            if run.seq == wf.seq:
+                current = run
+        work.state[wf.id] = (wf, current)
+        for step in t.steps:
+            token = self.signer.token(step.workflow_id, step.seq, step.attempt)
+            batch.outbox.append(
+                OutboxRow(
+                    message_id=step.message_id,
+                    exchange=STEPS_EXCHANGE,
+                    routing_key=step.topic,
+                    body=step.encode(token),
+                    headers=step_headers(
+                        step.workflow_id, step.step, step.attempt, step.seq, step.traceparent
+                    ),
+                    created_at=now,
+                )
+            )
+        for dead in t.dead_letters:
+            original = machine.step_message(wf, dead.run, self.registry.of(wf)).to_message()
+            message = dead_letter_message(
+                original, reason=dead.reason, attempts=dead.attempts, last_error=dead.error
+            )
+            batch.outbox.append(
+                OutboxRow(
+                    message_id=message.message_id or "",
+                    exchange=message.exchange,
+                    routing_key=message.routing_key,
+                    body=message.body,
+                    headers=message.headers,
+                    created_at=now,
+                )
+            )
+            work.dead_lettered += 1
+        if wf.timer_at is not None and wf.timer_kind is not None:
+            work.timers.append((wf.id, wf.timer_kind, wf.timer_at))
+        if t.finished:
+            work.finished.append(wf.id)
+            _log_finished(work, wf)
+
+    # -- events ---------------------------------------------------------------------------
+
+    def _outcome(self, event: OutcomeEvent, work: Work, now: float) -> None:
+        outcome = event.outcome
+        if outcome.workflow_id not in work.state:
+            _refuse_item(event, f"outcome for unknown workflow {outcome.workflow_id!r}")
+            return
+        workflow, run = _loaded(work, outcome.workflow_id)
+        if outcome.step and outcome.step != run.step and outcome.seq == run.seq:
+            detail = {"seq": outcome.seq, "reason": "step mismatch"}
+            work.batch.history.append((workflow.id, now, "outcome_ignored", detail))
+            return
+        t = machine.apply_outcome(workflow, run, self.registry.of(workflow), outcome, now)
+        if t.history and t.history[0][0] == "outcome_ignored":
+            work.log(
+                "info",
+                "outcome ignored",
+                workflow_id=workflow.id,
+                step=outcome.step,
+                attempt=outcome.attempt,
+                seq=outcome.seq,
+                kind=outcome.kind,
+                reason=t.history[0][1]["reason"],
+                **tracing.log_fields(workflow.traceparent),
+            )
+        self.record(work, t, workflow.id, now)
+
+    def _dead_letter(self, event: DeadLetterEvent, work: Work, now: float) -> None:
+        step, reason = event.step, event.reason
+        if step.workflow_id not in work.state:
+            _refuse_item(
+                event, f"dead-lettered ({reason}) step of unknown workflow {step.workflow_id!r}"
+            )
+            return
+        workflow, run = _loaded(work, step.workflow_id)
+        work.log(
+            "warning",
+            "step message dead-lettered by the broker",
+            workflow_id=workflow.id,
+            step=step.step,
+            attempt=step.attempt,
+            reason=reason,
+            **tracing.log_fields(workflow.traceparent),
+        )
+        t = machine.dead_lettered(workflow, run, self.registry.of(workflow), step.seq, reason, now)
+        self.record(work, t, workflow.id, now)
+
+    def _timer(self, event: TimerEvent, work: Work, now: float) -> None:
+        if event.workflow_id not in work.state:
+            return
+        workflow, run = _loaded(work, event.workflow_id)
+        t = machine.fire_timer(workflow, run, self.registry.of(workflow), event.kind, now)
+        self.record(work, t, workflow.id, now)
+
+    def _tick(self, event: TickEvent, work: Work, now: float) -> None:
+        """Start the workflows of a schedule's due ticks and move it on, in one transaction."""
+        schedule_id = event.schedule_id
+        schedule = self._schedule(schedule_id, work)
+        if schedule is None:
+            return
+        ticks, moved = work.ticks.get(schedule_id) or schedules.due(schedule, now)
+        work.schedules[schedule_id] = moved
+        work.batch.schedules[schedule_id] = moved
+        definition = self.registry.latest.get(schedule.workflow)
+        for tick in ticks:
+            workflow_id = schedules.workflow_id(schedule_id, tick)
+            if definition is None:
+                work.log(
+                    "error",
+                    "scheduled workflow is not defined",
+                    schedule=schedule_id,
+                    workflow=schedule.workflow,
+                )
+                continue
+            if workflow_id in work.state:
+                continue  # this tick has started its workflow already
+            t = machine.start(definition, workflow_id, schedule.payload, now)
+            t.note("scheduled_start", schedule=schedule_id, tick=tick)
+            self.record(work, t, workflow_id, now)
+            work.started += 1
+
+    def _schedule(self, schedule_id: str, work: Work) -> Schedule | None:
+        """A schedule as this batch leaves it so far."""
+        if schedule_id in work.schedules:
+            return work.schedules[schedule_id]
+        return self.schedules.get(schedule_id)
+
+    # -- requests -------------------------------------------------------------------------
+
+    def _request(self, request: Request, work: Work, now: float) -> None:
+        if isinstance(request, DefineRequest):
+            return  # stored and answered while loading
+        if request.deadline is not None and request.deadline < now:
+            work.log(
+                "info",
+                "request expired before it was served",
+                type=request.kind,
+                request_id=request.request_id,
+            )
+            return
+        if isinstance(request, READS):
+            work.reads.append(request)
+        elif isinstance(request, SchedulesRequest):
+            current = {**self.schedules, **work.schedules}
+            work.reply(request, True, [s.to_json() for s in current.values() if s is not None])
+        elif isinstance(request, ScheduleRequest):
+            self._schedule_request(request, work, now)
+        elif isinstance(request, UnscheduleRequest):
+            if self._schedule(request.schedule_id, work) is None:
+                raise ScheduleNotFoundError(f"no schedule with id {request.schedule_id!r}")
+            work.schedules[request.schedule_id] = None
+            work.batch.schedules[request.schedule_id] = None
+            work.reply(request, True, {"schedule_id": request.schedule_id, "removed": True})
+        elif isinstance(request, StartRequest):
+            self._start(request, work, now)
+        elif isinstance(request, CancelRequest | RetryRequest | SignalRequest):
+            self._change(request, work, now)
+
+    def _change(
+        self, request: CancelRequest | RetryRequest | SignalRequest, work: Work, now: float
+    ) -> None:
+        """Cancel, retry or signal: answered once, and the same answer to a repeat."""
+        if request.request_id in work.answered:
+            ok, value = work.answered[request.request_id]
+            work.reply(request, ok, value)
+            return
+        workflow_id = request.workflow_id
+        try:
+            workflow, run = _loaded(work, workflow_id)
+            if isinstance(request, CancelRequest):
+                t = machine.cancel(workflow, run, request.reason, now)
+            elif isinstance(request, RetryRequest):
+                seq = (workflow.error or {}).get("seq")
+                failed = (
+                    work.failed_runs.get((workflow_id, seq), run) if isinstance(seq, int) else run
+                )
+                t = machine.retry(workflow, failed, self.registry.of(workflow), now)
+            else:
+                t = machine.signal(
+                    workflow, run, self.registry.of(workflow), request.signal, request.data, now
+                )
+        except HmsError as exc:
+            reply: tuple[bool, Any] = (False, error_json(exc))
+        else:
+            self.record(work, t, workflow_id, now)
+            status = str(work.state[workflow_id][0].status)
+            reply = (True, {"workflow_id": workflow_id, "status": status})
+        work.answered[request.request_id] = reply
+        work.batch.requests.append((request.request_id, list(reply), now))
+        work.reply(request, *reply)
+
+    def _start(self, request: StartRequest, work: Work, now: float) -> None:
+        workflow_id = request.workflow_id
+        if request.request_id in work.answered:  # refused before: the same answer again
+            ok, value = work.answered[request.request_id]
+            work.reply(request, ok, value)
+            return
+        if workflow_id in work.state:
+            work.reply(request, True, {"workflow_id": workflow_id, "existing": True})
+            return
+        key = request.idempotency_key
+        if key is not None and key in work.keys:
+            work.reply(request, True, {"workflow_id": work.keys[key], "existing": True})
+            return
+        definition = self.registry.named(request.workflow)
+        run_at = request.run_at if request.delay is None else now + request.delay
+        t = machine.start(
+            definition,
+            workflow_id,
+            request.payload,
+            now,
+            run_at=run_at,
+            idempotency_key=key,
+            traceparent=request.traceparent,
+        )
+        if key is not None:
+            work.keys[key] = workflow_id
+        self.record(work, t, workflow_id, now)
+        work.started += 1
+        work.reply(request, True, {"workflow_id": workflow_id, "existing": False})
+
+    def _schedule_request(self, request: ScheduleRequest, work: Work, now: float) -> None:
+        if request.workflow not in self.registry.latest:
+            raise UnknownWorkflowError(
+                f"cannot schedule {request.workflow!r}: no such workflow is defined"
+            )
+        schedule = schedules.new(
+            request.schedule_id,
+            request.workflow,
+            request.cron,
+            timezone=request.timezone,
+            payload=request.payload,
+            catch_up=request.catch_up,
+            now=now,
+        )
+        current = self._schedule(schedule.id, work)
+        if current is not None and schedules.same(current, schedule):
+            schedule = current  # scheduling again changes nothing (every service start does it)
+        else:
+            work.schedules[schedule.id] = schedule
+            work.batch.schedules[schedule.id] = schedule
+        work.reply(request, True, schedule.to_json())
+
+
+def _loaded(work: Work, workflow_id: str) -> tuple[Workflow, StepRun]:
+    found = work.state.get(workflow_id)
+    if found is None:
+        raise WorkflowNotFoundError(f"no workflow with id {workflow_id!r}")
+    workflow, run = found
+    if run is None:
+        raise WorkflowNotFoundError(f"workflow {workflow_id!r} has no step run")
+    return workflow, run
+
+
+def _refuse_item(event: OutcomeEvent | DeadLetterEvent, reason: str) -> None:
+    """An item naming no workflow we know: dead-lettered with the reason, the store unchanged."""
+    if event.source is None or event.source.delivery is None:
+        return
+    encoded = event.outcome.encoded if isinstance(event, OutcomeEvent) else event.step.encode()
+    event.source.refused.append((json.loads(encoded), reason))
+
+
+def _log_finished(work: Work, workflow: Workflow) -> None:
+    if workflow.status == "failed":
+        error = workflow.error or {}
+        work.log(
+            "warning",
+            "workflow failed",
+            workflow_id=workflow.id,
+            workflow=workflow.name,
+            step=error.get("step"),
+            attempt=error.get("attempts"),
+            error=error.get("message"),
+            **tracing.log_fields(workflow.traceparent),
+        )
+    else:
+        work.log(
+            "debug",
+            "workflow finished",
+            workflow_id=workflow.id,
+            status=str(workflow.status),
+            **tracing.log_fields(workflow.traceparent),
+        )

@@ -1,0 +1,107 @@
+"""The loading stage: before a batch is applied, read everything it needs, in a few queries.
+
+The workflows its events are about (from the in-flight cache, else the store), the
+workflows a start's idempotency key already named, the answers given before to requests
+that may be repeated, the failed run a retry resumes, and each due schedule's ticks.
+Definitions are stored here too, before anything is applied, since storing one declares
+its queues on the broker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from hms_mgmt import schedules
+from hms_mgmt.engine.cache import InFlight
+from hms_mgmt.engine.events import Event, RequestEvent, TickEvent
+from hms_mgmt.engine.registry import Registry
+from hms_mgmt.engine.work import Work
+from hms_mgmt.errors import DefinitionError, HmsError, StoreError, error_json
+from hms_mgmt.schedules import Schedule
+from hms_mgmt.store.base import Store
+from hms_mgmt.wire.requests import (
+    CancelRequest,
+    DefineRequest,
+    RetryRequest,
+    SignalRequest,
+    StartRequest,
+)
+
+ANSWERED_ONCE = (StartRequest, CancelRequest, RetryRequest, SignalRequest)
+"""Requests whose answer is kept, so that a repeated one (a client's retry) gets the same."""
+
+
+class Loader:
+    def __init__(
+        self,
+        store: Store,
+        cache: InFlight,
+        registry: Registry,
+        schedules: Mapping[str, Schedule],
+    ) -> None:
+        self._store = store
+        self._cache = cache
+        self._registry = registry
+        self._schedules = schedules
+
+    async def load(self, events: list[Event], work: Work, now: float) -> None:
+        wanted: set[str] = set()
+        keys: list[str] = []
+        request_ids: list[str] = []
+        for event in events:
+            if isinstance(event, RequestEvent):
+                request = event.request
+                if isinstance(request, DefineRequest):
+                    await self._define(request, work, now)
+                    continue
+                if isinstance(request, ANSWERED_ONCE):
+                    request_ids.append(request.request_id)
+                if isinstance(request, StartRequest) and request.idempotency_key is not None:
+                    keys.append(request.idempotency_key)
+            if isinstance(event, TickEvent):
+                schedule = self._schedules.get(event.schedule_id)
+                if schedule is not None:
+                    ticks, moved = schedules.due(schedule, now)
+                    work.ticks[event.schedule_id] = (ticks, moved)
+                    wanted.update(schedules.workflow_id(schedule.id, tick) for tick in ticks)
+                continue
+            if not event.workflow_id:
+                continue
+            cached = self._cache.get(event.workflow_id)
+            if cached is None:
+                wanted.add(event.workflow_id)
+            else:
+                work.state[event.workflow_id] = cached
+        if wanted:
+            work.state.update(await self._store.load(list(wanted)))
+        if keys:
+            work.keys = await self._store.find_by_idempotency_key(keys)
+        if request_ids:
+            work.answered = await self._store.request_replies(request_ids)
+        for event in events:
+            if isinstance(event, RequestEvent) and isinstance(event.request, RetryRequest):
+                await self._load_failed_run(event.workflow_id, work)
+
+    async def _define(self, request: DefineRequest, work: Work, now: float) -> None:
+        if request.definition is None:
+            work.reply(request, False, error_json(DefinitionError(str(request.problem))))
+            return
+        try:
+            answer = await self._registry.define(request.definition, now)
+        except StoreError:
+            raise  # the store's trouble: the batch is held and tried again
+        except HmsError as exc:
+            work.reply(request, False, error_json(exc))
+            return
+        work.reply(request, True, answer)
+
+    async def _load_failed_run(self, workflow_id: str, work: Work) -> None:
+        """A retry resumes the run that failed, which may be earlier than the current one."""
+        found = work.state.get(workflow_id)
+        if found is None or found[0].error is None:
+            return
+        seq = found[0].error.get("seq")
+        if isinstance(seq, int) and (found[1] is None or seq != found[1].seq):
+            run = await self._store.run(workflow_id, seq)
+            if run is not None:
+                work.failed_runs[(workflow_id, seq)] = run

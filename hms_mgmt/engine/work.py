@@ -1,0 +1,43 @@
+"""One batch in the making: what the loading stage found, and what applying the events made."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hms_mgmt.records import StepRun, Workflow
+from hms_mgmt.schedules import Schedule
+from hms_mgmt.store.base import Batch
+from hms_mgmt.wire.requests import Request
+
+Reply = tuple[str, str, bool, Any]
+"""To whom (``reply_to``), for which request, ok or not, and the value or the error."""
+
+
+@dataclass
+class Work:
+    # Loaded before applying:
+    state: dict[str, tuple[Workflow, StepRun | None]] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)  # idempotency key -> workflow id
+    answered: dict[str, Any] = field(default_factory=dict)  # request id -> [ok, reply]
+    failed_runs: dict[tuple[str, int], StepRun] = field(default_factory=dict)  # for retry
+    ticks: dict[str, tuple[list[float], Schedule]] = field(default_factory=dict)  # due ticks
+    # Made by applying, written in one transaction:
+    batch: Batch = field(default_factory=Batch)
+    # ... and let out once it is committed:
+    replies: list[Reply] = field(default_factory=list)
+    reads: list[Request] = field(default_factory=list)  # status, wait, list: answered after
+    finished: list[str] = field(default_factory=list)
+    timers: list[tuple[str, str, float]] = field(default_factory=list)
+    schedules: dict[str, Schedule | None] = field(default_factory=dict)  # changed; None: gone
+    logs: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)  # level, event
+    started: int = 0
+    dead_lettered: int = 0
+
+    def reply(self, request: Request, ok: bool, value: Any) -> None:
+        if request.reply_to:
+            self.replies.append((request.reply_to, request.request_id, ok, value))
+
+    def log(self, level: str, message: str, **fields: Any) -> None:
+        """A line to log once the batch has committed (a rolled-back batch says nothing)."""
+        self.logs.append((level, message, fields))
