@@ -181,7 +181,6 @@ class RabbitMQBus:
         self._get_channel: AbstractChannel | None = None
         self._specs: dict[str, QueueSpec] = {}
         self._exchanges: dict[tuple[bool, str], AbstractExchange] = {}
-        self._consumer_channels: list[AbstractChannel] = []
         self._lock = asyncio.Lock()
         self.reconnects = 0  # connections re-established after a drop (for metrics)
 
@@ -308,7 +307,6 @@ class RabbitMQBus:
         connection = self._require(self._consume_connection)
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=prefetch)
-        self._consumer_channels.append(channel)
         # Declared (not just looked up) on this channel, so that the robust connection
         # declares it again and restores the consumer after a reconnect.
         spec = self._specs.get(queue)
@@ -332,7 +330,6 @@ class RabbitMQBus:
     async def _reply_queue(self, on_delivery: OnDelivery) -> str:
         connection = self._require(self._consume_connection)
         channel = await connection.channel()
-        self._consumer_channels.append(channel)
         # Our own name rather than a server-named one: a robust connection
         # re-declares it under the same name after a reconnect.
         label = re.sub(r"[^A-Za-z0-9_.:-]", "-", self.name)[:80]
@@ -410,7 +407,6 @@ class RabbitMQBus:
         self._consume_connection = self._publish_connection = None
         self._confirmed = self._unconfirmed = self._declare = self._get_channel = None
         self._exchanges.clear()
-        self._consumer_channels.clear()
 
     @staticmethod
     def _require(thing: Any) -> Any:

@@ -9,6 +9,7 @@ Tables for people, ``-o json`` for scripts. Exit codes: 0 done, 1 refused
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 import time
@@ -19,9 +20,8 @@ import click
 
 from hms_mgmt.cli_api import EXIT_REFUSED, CliError, EngineHttp, Unreachable, quote
 from hms_mgmt.cli_format import changes, printable, show, summary_rows, table
+from hms_mgmt.records import STATUSES, TERMINAL
 
-STATUSES = ["pending", "scheduled", "running", "waiting", "succeeded", "failed", "cancelled"]
-TERMINAL = {"succeeded", "failed", "cancelled"}
 FOLLOW_INTERVAL = 0.5
 
 
@@ -38,7 +38,23 @@ class Context:
         click.echo(json.dumps(value, indent=2, default=str) if self.json else text)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """``hms``: the daemons' own commands (``engine``, ``worker``) are imported only when used,
+    so that ``hms workflow list`` does not load the engine."""
+
+    DAEMONS = {"engine": "hms_mgmt.engine.__main__", "worker": "hms_mgmt.worker.__main__"}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.DAEMONS])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.DAEMONS:
+            command: click.Command = getattr(importlib.import_module(self.DAEMONS[name]), name)
+            return command
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--engine-url",
     envvar="HMS_ENGINE_URL",
@@ -84,27 +100,6 @@ def output_option(command: Any) -> Any:
         callback=chosen,
         help="Tables for people, json for scripts.",
     )(command)
-
-
-PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
-
-
-@main.command("engine", context_settings=PASS_THROUGH, add_help_option=False)
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def engine(args: tuple[str, ...]) -> None:
-    """Run the engine daemon (same flags as python -m hms_mgmt.engine; --help lists them)."""
-    from hms_mgmt.engine.__main__ import main as engine_main
-
-    sys.exit(engine_main(list(args)))
-
-
-@main.command("worker", context_settings=PASS_THROUGH, add_help_option=False)
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def worker(args: tuple[str, ...]) -> None:
-    """Serve the step handlers of module:attribute (same flags as python -m hms_mgmt.worker)."""
-    from hms_mgmt.worker.__main__ import main as worker_main
-
-    worker_main(list(args))
 
 
 # -- workflows --------------------------------------------------------------------
@@ -348,7 +343,8 @@ def store_backup(obj: Context, path: str, store_url: str, force: bool) -> None:
     store's -wal and -shm files, start the engine (see the README).
     """
     from hms_mgmt.errors import StoreError
-    from hms_mgmt.store.sqlite import backup, path_of
+    from hms_mgmt.store.sqlite import backup
+    from hms_mgmt.store.sqlite_schema import path_of
 
     try:
         source = path_of(store_url)

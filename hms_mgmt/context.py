@@ -6,6 +6,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from hms_mgmt.records import idempotency_key
+
 Handler = Callable[["StepContext"], Any]
 
 
@@ -28,7 +30,7 @@ class StepContext:
     @property
     def idempotency_key(self) -> str:
         """The same across redeliveries and retries of this step run; use it for side effects."""
-        return f"{self.workflow_id}:{self.step}:{self.visit}"
+        return idempotency_key(self.workflow_id, self.step, self.visit)
 
     @property
     def trace_id(self) -> str | None:

@@ -234,6 +234,19 @@ class WorkflowDefinition:
         index = names.index(name)
         return names[index + 1] if index + 1 < len(names) else None
 
+    def bad_next_step(self, next_step: object, handler: str) -> str | None:
+        """Why a handler's ``next_step`` cannot follow, naming the handler; None if it can.
+
+        The step service checks it before reporting, and the engine again on receipt (a
+        step service may run with an older definition, or be written in another language).
+        """
+        if next_step is None or (isinstance(next_step, str) and self.step(next_step) is not None):
+            return None
+        return (
+            f"{handler} returned next_step {next_step!r}, which is not a step of workflow "
+            f"{self.name!r} (steps: {', '.join(self.step_names)})"
+        )
+
     def policy_for(self, step: str) -> RetryPolicy:
         found = self.step(step)
         return found.retry if found is not None and found.retry is not None else self.retry

@@ -6,7 +6,12 @@ from hms_mgmt.bounds import check_delay
 
 
 class HmsError(Exception):
-    """Base of every HMS-MGMT error."""
+    """Base of every HMS-MGMT error.
+
+    ``http_status`` is what the engine's HTTP API answers it with: each error says its own.
+    """
+
+    http_status = 400
 
 
 class DefinitionError(HmsError, ValueError):
@@ -20,21 +25,31 @@ class PayloadError(HmsError, ValueError):
 class UnknownWorkflowError(HmsError, LookupError):
     """No workflow of that name is defined."""
 
+    http_status = 404
+
 
 class WorkflowNotFoundError(HmsError, LookupError):
     """No workflow has that id."""
+
+    http_status = 404
 
 
 class ScheduleNotFoundError(HmsError, LookupError):
     """No schedule has that id."""
 
+    http_status = 404
+
 
 class InvalidStateError(HmsError):
     """The workflow is not in a state that allows the request (cancel a finished one, say)."""
 
+    http_status = 409
+
 
 class EngineUnavailableError(HmsError, TimeoutError):
     """The engine did not answer a request before its deadline."""
+
+    http_status = 503
 
 
 class StoreError(HmsError):
@@ -43,6 +58,8 @@ class StoreError(HmsError):
     ``kind`` says what is wrong (deleted, replaced, truncated, corrupt, read_only, full,
     unopenable, taken, io) and ``lasting`` whether waiting can fix it.
     """
+
+    http_status = 503
 
     def __init__(self, message: str, *, kind: str = "io", lasting: bool = False) -> None:
         super().__init__(message)

@@ -25,7 +25,6 @@ the GIL throughout is only reported when it lets go, by the tick.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import os
@@ -251,22 +250,6 @@ class LoopMonitor:
                 "limit": self.liveness_limit,
             }
         return None
-
-
-def add_loop_flags(parser: argparse.ArgumentParser) -> None:
-    """The daemons' flags for the monitor (``python -m hms_mgmt.engine``, ``.worker``)."""
-    parser.add_argument(
-        "--loop-block-threshold",
-        type=float,
-        help="log and count event-loop stalls longer than this, in seconds "
-        "(HMS_LOOP_BLOCK_THRESHOLD; default 1)",
-    )
-    parser.add_argument(
-        "--liveness-lag",
-        type=float,
-        help="/healthz fails during, and for 10 s after, an event-loop stall longer than "
-        "this, in seconds (HMS_LIVENESS_LAG; default 30)",
-    )
 
 
 def describe_stack(frame: FrameType | None, limit: int) -> list[str]:

@@ -32,6 +32,13 @@ class StepStatus(StrEnum):
 
 STATUSES = tuple(str(status) for status in WorkflowStatus)
 """Every workflow status, in the order a workflow may go through them."""
+
+
+def idempotency_key(workflow_id: str, step: str, visit: int) -> str:
+    """The same across redeliveries and retries of one visit of a step; the next visit's differs."""
+    return f"{workflow_id}:{step}:{visit}"
+
+
 TERMINAL = frozenset({WorkflowStatus.SUCCEEDED, WorkflowStatus.FAILED, WorkflowStatus.CANCELLED})
 ACTIVE_RUN = frozenset({StepStatus.PENDING, StepStatus.SCHEDULED, StepStatus.RUNNING})
 
@@ -58,7 +65,7 @@ class StepRun:
 
     @property
     def idempotency_key(self) -> str:
-        return f"{self.workflow_id}:{self.step}:{self.visit}"
+        return idempotency_key(self.workflow_id, self.step, self.visit)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)

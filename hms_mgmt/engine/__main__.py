@@ -1,87 +1,37 @@
-"""``python -m hms_mgmt.engine``: the engine daemon. SIGTERM or SIGINT stops it cleanly."""
+"""``python -m hms_mgmt.engine`` (or ``hms engine``): the engine daemon.
+
+SIGTERM or SIGINT stops it cleanly. Exit codes: 0 stopped, 2 bad configuration or a store
+that cannot be opened, 3 broker unreachable, 4 the store failed for longer than the grace
+period, 5 refused (another engine serves the vhost, or it was served from another store).
+"""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import signal
-import sys
 from dataclasses import replace
+from typing import Any
+
+import click
 
 from bus_adapters import open_bus
 from bus_adapters.base import BusError
 from hms_mgmt import faults, loop
+from hms_mgmt.daemons import common_options, settings_from
 from hms_mgmt.engine.api import start_api
 from hms_mgmt.engine.engine import EXIT_REFUSED, Engine
 from hms_mgmt.engine.vhost import StartRefused
 from hms_mgmt.errors import StoreError
 from hms_mgmt.logs import configure, get_logger
-from hms_mgmt.loopwatch import LoopMonitor, add_loop_flags
+from hms_mgmt.loopwatch import LoopMonitor
 from hms_mgmt.settings import Settings, parse_duration
 from hms_mgmt.store import open_store
 
-
-def parse(argv: list[str] | None) -> tuple[Settings, bool]:
-    parser = argparse.ArgumentParser(
-        prog="python -m hms_mgmt.engine",
-        description="Run the HMS-MGMT engine: it records workflow state and publishes steps.",
-        epilog="Flags override HMS_* environment variables. " + EXIT_CODES,
-    )
-    parser.add_argument(
-        "--broker-url", help="AMQP URL (HMS_BROKER_URL; default the local RabbitMQ)"
-    )
-    parser.add_argument(
-        "--store-url", help="sqlite:///path.db (HMS_STORE_URL; default sqlite:///hms_mgmt.db)"
-    )
-    parser.add_argument("--log-format", choices=["console", "json"], help="HMS_LOG_FORMAT")
-    parser.add_argument("--log-level", help="HMS_LOG_LEVEL (default info)")
-    parser.add_argument(
-        "--http-port",
-        type=int,
-        help="serve /healthz, /readyz, /metrics and the JSON API on this port (HMS_HTTP_PORT; "
-        "default off)",
-    )
-    parser.add_argument(
-        "--http-host",
-        help="address to listen on (HMS_HTTP_HOST; default 127.0.0.1; beyond loopback, "
-        "changes need HMS_HTTP_TOKEN)",
-    )
-    parser.add_argument(
-        "--new-store",
-        action="store_true",
-        help="serve this vhost from this store although it was last served from another one "
-        "(say the old store is lost for good); without it such a start is refused",
-    )
-    parser.add_argument(
-        "--retention",
-        help="keep finished workflows this long, then prune them (HMS_RETENTION: 30d, 12h, "
-        "90m, or off; default 30d)",
-    )
-    parser.add_argument(
-        "--store-grace",
-        type=float,
-        help="seconds the store may fail before the engine exits with code 4 (HMS_STORE_GRACE; "
-        "default 30)",
-    )
-    add_loop_flags(parser)
-    args = parser.parse_args(argv)
-    retention = (
-        None if args.retention is None else parse_duration(args.retention, what="--retention")
-    )
-    settings = Settings.from_env(
-        broker_url=args.broker_url,
-        store_url=args.store_url,
-        log_format=args.log_format,
-        log_level=args.log_level,
-        http_port=args.http_port,
-        http_host=args.http_host,
-        loop_block_threshold=args.loop_block_threshold,
-        liveness_lag=args.liveness_lag,
-        store_grace=args.store_grace,
-    )
-    if args.retention is not None:
-        settings = replace(settings, retention=retention)
-    return settings, args.new_store
+EXIT_CODES = (
+    "Exit codes: 0 stopped, 2 bad configuration or a store that cannot be opened, 3 broker "
+    "unreachable, 4 the store failed for longer than the grace period, 5 refused: another "
+    "engine serves the vhost, or the vhost was served from another store."
+)
 
 
 async def serve(settings: Settings, *, new_store: bool = False) -> int:
@@ -114,18 +64,51 @@ async def serve(settings: Settings, *, new_store: bool = False) -> int:
         await engine.store.close()
 
 
-EXIT_CODES = """exit codes: 0 stopped, 2 bad configuration or a store that cannot be opened,
-3 broker unreachable, 4 the store failed for longer than the grace period,
-5 refused: another engine serves the vhost, or the vhost was served from another store"""
-
-
-def main(argv: list[str] | None = None) -> int:
+@click.command(
+    "engine",
+    help="Run the HMS-MGMT engine: it records workflow state and publishes steps. "
+    "Flags override HMS_* environment variables.",
+    epilog=EXIT_CODES,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+@click.option(
+    "--store-url", help="sqlite:///path.db (HMS_STORE_URL; default sqlite:///hms_mgmt.db)."
+)
+@common_options
+@click.option(
+    "--new-store",
+    is_flag=True,
+    help="Serve this vhost from this store although it was last served from another one (the "
+    "old store is lost for good); without it such a start is refused.",
+)
+@click.option(
+    "--retention",
+    help="Keep finished workflows this long, then prune them (HMS_RETENTION: 30d, 12h, 90m, or "
+    "off; default 30d).",
+)
+@click.option(
+    "--store-grace",
+    type=float,
+    help="Seconds the store may fail before the engine exits with code 4 (HMS_STORE_GRACE; "
+    "default 30).",
+)
+@click.pass_context
+def engine(ctx: click.Context, /, new_store: bool, retention: str | None, **flags: Any) -> None:
+    settings = settings_from(**flags)
+    if retention is not None:
+        try:
+            settings = replace(settings, retention=parse_duration(retention, what="--retention"))
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--retention") from None
     try:
-        settings, new_store = parse(argv)
         configure(settings.log_format, settings.log_level)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise click.UsageError(str(exc)) from None
+    ctx.exit(run(settings, new_store=new_store))
+
+
+def run(settings: Settings, *, new_store: bool = False) -> int:
+    """Serve until stopped; the exit code."""
     log = get_logger("engine")
     try:
         return loop.run(serve(settings, new_store=new_store))
@@ -143,5 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def main(argv: list[str] | None = None) -> None:
+    engine.main(args=argv, prog_name="python -m hms_mgmt.engine")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

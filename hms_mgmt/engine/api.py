@@ -1,6 +1,6 @@
 """The engine's HTTP server: health, readiness, Prometheus metrics and the JSON API the CLI uses.
 
-Handlers only read the store (aiosqlite runs reads and the engine's write
+Handlers only read the store (its one thread runs reads and the engine's write
 transactions one at a time on its one connection). Whatever changes state
 (start, cancel, retry, DLQ replay) goes through the engine's normal request
 path: an in-process :class:`hms_mgmt.client.Client` on the engine's bus sends
@@ -29,13 +29,8 @@ from hms_mgmt.client import Client
 from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.engine.engine import Engine
 from hms_mgmt.errors import (
-    DefinitionError,
-    EngineUnavailableError,
     HmsError,
     InvalidMessageError,
-    InvalidStateError,
-    PayloadError,
-    UnknownWorkflowError,
     WorkflowNotFoundError,
 )
 from hms_mgmt.httpserver import (
@@ -59,15 +54,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 STATUSES = [str(s) for s in WorkflowStatus]
 MAX_LIST = 1000
 PROBE_TIMEOUT = 2.0
-
-_STATUS_OF: list[tuple[type[Exception], int]] = [
-    (WorkflowNotFoundError, 404),
-    (UnknownWorkflowError, 404),
-    (InvalidStateError, 409),
-    (EngineUnavailableError, 503),
-    (PayloadError, 400),
-    (DefinitionError, 400),
-]
 
 
 class EngineView(Protocol):
@@ -156,8 +142,7 @@ class EngineApi:
         except ApiError as exc:
             return error_response(exc.status, exc.kind, str(exc))
         except HmsError as exc:
-            status = next((code for kind, code in _STATUS_OF if isinstance(exc, kind)), 400)
-            return error_response(status, type(exc).__name__, str(exc))
+            return error_response(exc.http_status, type(exc).__name__, str(exc))
         except BusError as exc:
             return error_response(503, "BrokerUnavailable", f"broker trouble: {exc}")
         except web.HTTPException as exc:  # aiohttp's own: no route (404), method (405), size (413)

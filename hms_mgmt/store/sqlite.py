@@ -1,8 +1,11 @@
-"""The SQLite store, through aiosqlite, in WAL mode.
+"""The SQLite store, in WAL mode, on a thread of its own.
 
-One connection, one writer (the engine). A batch of transitions is one
-transaction (group commit): a commit per transition would cost a third of the
-engine's throughput. JSON columns are text, so the file can be read by hand.
+One connection, one writer (the engine). A batch of transitions is one transaction (group
+commit) and one trip to the store's thread: a commit per transition would cost a third of
+the engine's throughput. The thread is the store's own (one ``ThreadPoolExecutor`` worker
+holding one ``sqlite3`` connection), not aiosqlite's: aiosqlite has no public way to run
+several statements in one trip to its thread. JSON columns are text, so the file can be
+read by hand.
 """
 
 from __future__ import annotations
@@ -11,346 +14,40 @@ import asyncio
 import contextlib
 import json
 import os
-import secrets
 import sqlite3
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
-
-import aiosqlite
 
 from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.errors import StoreError
-from hms_mgmt.records import StepRun, StepStatus, Workflow, WorkflowStatus
+from hms_mgmt.records import StepRun, Workflow
 from hms_mgmt.schedules import Schedule
-from hms_mgmt.store.base import (
-    Batch,
-    HistoryEntry,
-    OutboxRow,
-    StoreIdentity,
-)
-from hms_mgmt.wire.codec import dumps
-
-SCHEMA_VERSION = 2
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS definitions (
-    name TEXT NOT NULL, version INTEGER NOT NULL, body TEXT NOT NULL, created_at REAL NOT NULL,
-    PRIMARY KEY (name, version));
-CREATE TABLE IF NOT EXISTS workflows (
-    id TEXT PRIMARY KEY, name TEXT NOT NULL, version INTEGER NOT NULL, status TEXT NOT NULL,
-    input TEXT, output TEXT, error TEXT, seq INTEGER NOT NULL, visits TEXT NOT NULL,
-    timer_at REAL, timer_kind TEXT, wait TEXT, signals TEXT NOT NULL, idempotency_key TEXT UNIQUE,
-    created_at REAL NOT NULL, updated_at REAL NOT NULL, traceparent TEXT);
-CREATE INDEX IF NOT EXISTS workflows_timer ON workflows (timer_at) WHERE timer_at IS NOT NULL;
-CREATE INDEX IF NOT EXISTS workflows_status ON workflows (status, created_at);
-CREATE TABLE IF NOT EXISTS step_runs (
-    workflow_id TEXT NOT NULL, seq INTEGER NOT NULL, step TEXT NOT NULL, visit INTEGER NOT NULL,
-    attempt INTEGER NOT NULL, status TEXT NOT NULL, input TEXT, output TEXT, error TEXT,
-    context TEXT, created_at REAL NOT NULL, due_at REAL, started_at REAL, finished_at REAL,
-    deadline_at REAL, PRIMARY KEY (workflow_id, seq)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS history (
-    id INTEGER PRIMARY KEY, workflow_id TEXT NOT NULL, at REAL NOT NULL, kind TEXT NOT NULL,
-    detail TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS history_workflow ON history (workflow_id, id);
-CREATE TABLE IF NOT EXISTS outbox (
-    message_id TEXT PRIMARY KEY, exchange TEXT NOT NULL, routing_key TEXT NOT NULL,
-    body BLOB NOT NULL, headers TEXT NOT NULL, created_at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS requests (
-    request_id TEXT PRIMARY KEY, reply TEXT NOT NULL, at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS schedules (
-    id TEXT PRIMARY KEY, workflow TEXT NOT NULL, cron TEXT NOT NULL, timezone TEXT NOT NULL,
-    payload TEXT, catch_up TEXT NOT NULL, next_at REAL NOT NULL, created_at REAL NOT NULL,
-    last_tick REAL);
-"""
-
-MIGRATIONS: dict[int, list[str]] = {
-    # version -> what upgrades a file of the version before it (the new-file schema has it all)
-    2: ["ALTER TABLE workflows ADD COLUMN traceparent TEXT"],
-}
-INDEXES = """
-CREATE INDEX IF NOT EXISTS workflows_created ON workflows (created_at);
-CREATE INDEX IF NOT EXISTS workflows_finished ON workflows (updated_at)
-    WHERE status IN ('succeeded', 'failed', 'cancelled');
-CREATE INDEX IF NOT EXISTS requests_at ON requests (at);
-"""
-FINISHED = "status IN ('succeeded', 'failed', 'cancelled')"  # matches the partial index
-MIN_FREE_BYTES = 16 * 1024 * 1024  # less free space than this is a full disk
-VACUUM_STEP = 512  # pages handed back to the file system per upkeep step
-VACUUM_WHEN = 0.2  # ... once this share of the file is free pages
-
-WORKFLOW_COLUMNS = (
-    "id, name, version, status, input, output, error, seq, visits, timer_at, timer_kind, "
-    "wait, signals, idempotency_key, created_at, updated_at, traceparent"
-)
-RUN_COLUMNS = (
-    "workflow_id, seq, step, visit, attempt, status, input, output, error, context, "
-    "created_at, due_at, started_at, finished_at, deadline_at"
+from hms_mgmt.store.base import Batch, HistoryEntry, OutboxRow, StoreIdentity
+from hms_mgmt.store.sqlite_schema import (
+    FINISHED,
+    MIN_FREE_BYTES,
+    RUN_COLUMNS,
+    VACUUM_STEP,
+    VACUUM_WHEN,
+    WORKFLOW_AND_RUN,
+    WORKFLOW_COLUMNS,
+    as_json,
+    make_folder,
+    path_of,
+    placeholders,
+    prepare,
+    run_of,
+    statements,
+    store_error,
+    unjson,
+    workflow_of,
+    write,
 )
 
-
-def _json(value: Any) -> str | None:
-    return None if value is None else dumps(value).decode()
-
-
-def _unjson(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
-
-
-def _placeholders(count: int) -> str:
-    return ",".join("?" * count)
-
-
-def _upsert(table: str, columns: str, key: str) -> str:
-    names = [c.strip() for c in columns.split(",")]
-    keys = {k.strip() for k in key.split(",")}
-    updates = ", ".join(f"{n} = excluded.{n}" for n in names if n not in keys)
-    return (
-        f"INSERT INTO {table} ({columns}) VALUES ({_placeholders(len(names))}) "
-        f"ON CONFLICT ({key}) DO UPDATE SET {updates}"
-    )
-
-
-_WORKFLOW_AND_RUN = ", ".join(
-    [f"w.{c.strip()}" for c in WORKFLOW_COLUMNS.split(",")]
-    + [f"r.{c.strip()}" for c in RUN_COLUMNS.split(",")]
-)
 T = TypeVar("T")
-
-UPSERT_WORKFLOW = _upsert("workflows", WORKFLOW_COLUMNS, "id")
-UPSERT_RUN = _upsert("step_runs", RUN_COLUMNS, "workflow_id, seq")
-
-
-def _workflow_row(w: Workflow) -> tuple[Any, ...]:
-    return (
-        w.id, w.name, w.version, str(w.status), _json(w.input), _json(w.output), _json(w.error),
-        w.seq, _json(w.visits), w.timer_at, w.timer_kind, _json(w.wait), _json(w.signals),
-        w.idempotency_key, w.created_at, w.updated_at, w.traceparent,
-    )  # fmt: skip
-
-
-def _workflow(row: Sequence[Any]) -> Workflow:
-    return Workflow(
-        id=row[0], name=row[1], version=row[2], status=WorkflowStatus(row[3]),
-        input=_unjson(row[4]), output=_unjson(row[5]), error=_unjson(row[6]), seq=row[7],
-        visits=_unjson(row[8]), timer_at=row[9], timer_kind=row[10], wait=_unjson(row[11]),
-        signals=_unjson(row[12]), idempotency_key=row[13], created_at=row[14], updated_at=row[15],
-        traceparent=row[16],
-    )  # fmt: skip
-
-
-def _run_row(r: StepRun) -> tuple[Any, ...]:
-    return (
-        r.workflow_id, r.seq, r.step, r.visit, r.attempt, str(r.status), _json(r.input),
-        _json(r.output), _json(r.error), _json(r.context), r.created_at, r.due_at,
-        r.started_at, r.finished_at, r.deadline_at,
-    )  # fmt: skip
-
-
-def _run(row: Sequence[Any]) -> StepRun:
-    return StepRun(
-        workflow_id=row[0], seq=row[1], step=row[2], visit=row[3], attempt=row[4],
-        status=StepStatus(row[5]), input=_unjson(row[6]), output=_unjson(row[7]),
-        error=_unjson(row[8]), context=_unjson(row[9]), created_at=row[10], due_at=row[11],
-        started_at=row[12], finished_at=row[13], deadline_at=row[14],
-    )  # fmt: skip
-
-
-def path_of(url: str) -> str:
-    """``sqlite:///rel.db`` -> ``rel.db``; ``sqlite:////abs.db`` -> ``/abs.db``."""
-    if not url.startswith("sqlite:///"):
-        raise ValueError(f"invalid SQLite URL {url!r}: expected sqlite:///path.db")
-    return url[len("sqlite:///") :] or ":memory:"
-
-
-def _statements(batch: Batch) -> list[tuple[str, list[tuple[Any, ...]]]]:
-    """The batch as SQL statements with their rows, encoded here, outside the SQLite thread."""
-    statements: list[tuple[str, list[tuple[Any, ...]]]] = []
-    if batch.workflows:
-        statements.append((UPSERT_WORKFLOW, [_workflow_row(w) for w in batch.workflows.values()]))
-    if batch.runs:
-        statements.append((UPSERT_RUN, [_run_row(r) for r in batch.runs.values()]))
-    if batch.history:
-        statements.append(
-            (
-                "INSERT INTO history (workflow_id, at, kind, detail) VALUES (?, ?, ?, ?)",
-                [(w, at, kind, _json(detail)) for w, at, kind, detail in batch.history],
-            )
-        )
-    if batch.outbox:
-        statements.append(
-            (
-                "INSERT OR IGNORE INTO outbox (message_id, exchange, routing_key, body, headers,"
-                " created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        r.message_id,
-                        r.exchange,
-                        r.routing_key,
-                        r.body,
-                        _json(r.headers),
-                        r.created_at,
-                    )
-                    for r in batch.outbox
-                ],
-            )
-        )
-    if batch.sent:
-        statements.append(("DELETE FROM outbox WHERE message_id = ?", [(i,) for i in batch.sent]))
-    if batch.schedules:
-        kept = [x for x in batch.schedules.values() if x is not None]
-        gone = [(key,) for key, x in batch.schedules.items() if x is None]
-        if kept:
-            statements.append(
-                (
-                    "INSERT OR REPLACE INTO schedules (id, workflow, cron, timezone, payload, "
-                    "catch_up, next_at, created_at, last_tick) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        (
-                            x.id,
-                            x.workflow,
-                            x.cron,
-                            x.timezone,
-                            _json(x.payload),
-                            x.catch_up,
-                            x.next_at,
-                            x.created_at,
-                            x.last_tick,
-                        )
-                        for x in kept
-                    ],
-                )
-            )
-        if gone:
-            statements.append(("DELETE FROM schedules WHERE id = ?", gone))
-    if batch.requests:
-        statements.append(
-            (
-                "INSERT OR REPLACE INTO requests (request_id, reply, at) VALUES (?, ?, ?)",
-                [(rid, _json(reply), at) for rid, reply, at in batch.requests],
-            )
-        )
-    return statements
-
-
-def _migrate(db: sqlite3.Connection, version: int) -> None:
-    """Upgrade a file from ``version`` to :data:`SCHEMA_VERSION`, in one transaction."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        for target in range(version + 1, SCHEMA_VERSION + 1):
-            for sql in MIGRATIONS[target]:
-                db.execute(sql)
-        db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-
-
-def _write(
-    db: sqlite3.Connection,
-    statements: list[tuple[str, list[tuple[Any, ...]]]],
-    *,
-    owner: str | None = None,
-) -> None:
-    """One transaction, run on the store's thread; with ``owner``, only while it owns the store."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        if owner is not None:
-            row = db.execute("SELECT value FROM meta WHERE key = 'owner'").fetchone()
-            if row is None or row[0] != owner:
-                raise StoreError(
-                    f"another engine ({row[0] if row else 'unknown'}) has taken over this store "
-                    "while this one was cut off; this engine must stop",
-                    kind="taken",
-                    lasting=True,
-                )
-        for sql, rows in statements:
-            db.executemany(sql, rows)
-        db.execute("COMMIT")
-    except BaseException:
-        # SQLite rolls back by itself on a full disk or an I/O error; a ROLLBACK then would
-        # fail ("no transaction is active") and hide the real cause.
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
-
-
-def _make_folder(path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-
-
-def _prepare(db: sqlite3.Connection) -> StoreIdentity:
-    """Set up a new file or check an existing one; its identity (made once, kept in ``meta``)."""
-    if db.execute("PRAGMA page_count").fetchone()[0] > 0:  # fails on a file that is not SQLite
-        found = db.execute("PRAGMA quick_check").fetchall()
-        if found != [("ok",)]:
-            raise sqlite3.DatabaseError(f"database disk image is malformed: {found[0][0]}")
-    else:
-        db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # only takes before the first table
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")
-    db.execute("PRAGMA busy_timeout=5000")
-    # Checkpoints are the store's own upkeep (``watch``): the file then changes size only
-    # there, so a file that shrinks between them was truncated under us.
-    db.execute("PRAGMA wal_autocheckpoint=0")
-    fresh = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone() is None
-    db.executescript(SCHEMA)
-    row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
-    if row is None:
-        db.execute("INSERT INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-    elif int(row[0]) > SCHEMA_VERSION:
-        raise StoreError(f"it has schema {row[0]}, newer than this version of hms-mgmt knows")
-    elif int(row[0]) < SCHEMA_VERSION:
-        _migrate(db, int(row[0]))
-    db.executescript(INDEXES)
-    made = {
-        "store_id": secrets.token_hex(16),
-        "secret": secrets.token_hex(32),
-        "created_at": repr(time.time()),
-    }
-    db.executemany("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", made.items())
-    values = dict(db.execute("SELECT key, value FROM meta").fetchall())
-    return StoreIdentity(values["store_id"], bytes.fromhex(values["secret"]), fresh)
-
-
-def store_error(path: str, exc: BaseException) -> StoreError:
-    """What an SQLite error says about the store, in words an operator can act on."""
-    text = str(exc)
-    lowered = text.lower()
-    if "readonly" in lowered or "read-only" in lowered:
-        return StoreError(
-            f"the store {path} is read-only: SQLite must write the file and the -wal and "
-            f"-shm files beside it ({text})",
-            kind="read_only",
-        )
-    if "full" in lowered or "no space" in lowered:
-        return StoreError(f"the disk of the store {path} is full ({text})", kind="full")
-    if "malformed" in lowered or "not a database" in lowered or "corrupt" in lowered:
-        return StoreError(
-            f"the store {path} is corrupt ({text}): restore it from a backup "
-            "(see 'Backing up and restoring the store' in the README)",
-            kind="corrupt",
-            lasting=True,
-        )
-    if "disk i/o error" in lowered and not all(
-        os.access(name, os.W_OK) for name in (path, path + "-wal") if os.path.exists(name)
-    ):
-        return StoreError(
-            f"the store {path} cannot be written: a read-only file system, an immutable file "
-            f"or missing permissions ({text})",
-            kind="read_only",
-        )
-    if "unable to open" in lowered:
-        return StoreError(
-            f"cannot open the store {path}: a missing or read-only folder, a folder where the "
-            f"file should be, or no permission ({text})",
-            kind="unopenable",
-            lasting=True,
-        )
-    return StoreError(f"the store {path} failed: {text}", kind="io")
 
 
 class SQLiteStore:
@@ -359,31 +56,23 @@ class SQLiteStore:
     def __init__(self, url: str) -> None:
         self.url = url
         self.path = path_of(url)
-        self._db: aiosqlite.Connection | None = None
+        self._thread: ThreadPoolExecutor | None = None
+        self._connection: sqlite3.Connection | None = None
         self.identity = StoreIdentity("", b"", fresh=False)
         self._file: tuple[int, int] | None = None  # (device, inode) of the file we opened
         self._checkpointed_size = 0  # the file's size after our last complete checkpoint
         self._upkeep = 0
         self._owner: str | None = None  # the engine that claimed the store (fencing)
 
-    @property
-    def db(self) -> aiosqlite.Connection:
-        if self._db is None:
-            raise RuntimeError("the store is not open")
-        return self._db
-
     async def open(self) -> None:
-        if self._db is not None:
+        if self._thread is not None:
             return
         memory = self.path == ":memory:"
         try:
             if not memory:
-                await asyncio.to_thread(_make_folder, self.path)
-            try:
-                self._db = await aiosqlite.connect(self.path, isolation_level=None)
-            except sqlite3.Error as exc:
-                raise store_error(self.path, exc) from None
-            self.identity = await self._in_thread(_prepare)
+                await asyncio.to_thread(make_folder, self.path)
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hms-store")
+            self.identity = await self._in_thread(prepare)
             if not memory:
                 stat = os.stat(self.path)
                 self._file = (stat.st_dev, stat.st_ino)
@@ -484,7 +173,7 @@ class SQLiteStore:
 
     async def claim(self, owner: str) -> None:
         def take(db: sqlite3.Connection) -> None:
-            _write(
+            write(
                 db, [("INSERT OR REPLACE INTO meta (key, value) VALUES ('owner', ?)", [(owner,)])]
             )
 
@@ -495,7 +184,7 @@ class SQLiteStore:
         self, db: sqlite3.Connection, statements: list[tuple[str, list[tuple[Any, ...]]]]
     ) -> None:
         """One transaction, refused if another engine has claimed the store since we did."""
-        _write(db, statements, owner=self._owner)
+        write(db, statements, owner=self._owner)
 
     async def rescue(self) -> str:
         destination = f"{self.path}.rescued-{time.strftime('%Y%m%dT%H%M%S')}"
@@ -530,7 +219,7 @@ class SQLiteStore:
             ]
             if not ids:
                 return 0
-            marks = _placeholders(len(ids))
+            marks = placeholders(len(ids))
             self._write(
                 db,
                 [
@@ -555,10 +244,18 @@ class SQLiteStore:
                 total += os.stat(self.path + suffix).st_size
         return total
 
+    def _connect(self) -> sqlite3.Connection:
+        """On the store's thread: the one connection, used only there."""
+        return sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+
     async def close(self) -> None:
-        if self._db is not None:
-            await self._db.close()
-            self._db = None
+        thread, connection = self._thread, self._connection
+        self._thread = self._connection = None
+        if thread is None:
+            return
+        if connection is not None:
+            await asyncio.get_running_loop().run_in_executor(thread, connection.close)
+        thread.shutdown(wait=True)
 
     async def discard(self) -> None:
         await self.close()
@@ -576,7 +273,7 @@ class SQLiteStore:
         return [WorkflowDefinition.from_json(json.loads(body), version) for body, version in rows]
 
     async def save_definition(self, definition: WorkflowDefinition, now: float) -> None:
-        row = (definition.name, definition.version, _json(definition.to_json()), now)
+        row = (definition.name, definition.version, as_json(definition.to_json()), now)
         sql = "INSERT OR IGNORE INTO definitions (name, version, body, created_at) VALUES (?, ?, ?, ?)"
         await self._in_thread(lambda db: self._write(db, [(sql, [row])]))
 
@@ -587,12 +284,12 @@ class SQLiteStore:
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             for row in await self._all(
-                f"SELECT {_WORKFLOW_AND_RUN} FROM workflows w LEFT JOIN step_runs r "
-                f"ON r.workflow_id = w.id AND r.seq = w.seq WHERE w.id IN ({_placeholders(len(chunk))})",
+                f"SELECT {WORKFLOW_AND_RUN} FROM workflows w LEFT JOIN step_runs r "
+                f"ON r.workflow_id = w.id AND r.seq = w.seq WHERE w.id IN ({placeholders(len(chunk))})",
                 chunk,
             ):
-                run = None if row[width] is None else _run(row[width:])
-                found[row[0]] = (_workflow(row[:width]), run)
+                run = None if row[width] is None else run_of(row[width:])
+                found[row[0]] = (workflow_of(row[:width]), run)
         return found
 
     async def workflow_with_runs(self, workflow_id: str) -> tuple[Workflow, list[StepRun]] | None:
@@ -609,25 +306,32 @@ class SQLiteStore:
         workflow_rows, run_rows = await self._in_thread(read)
         if not workflow_rows:
             return None
-        return _workflow(workflow_rows[0]), [_run(row) for row in run_rows]
+        return workflow_of(workflow_rows[0]), [run_of(row) for row in run_rows]
 
     async def _in_thread(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run several statements in one trip to aiosqlite's thread; SQLite errors as StoreError."""
-        run_in_thread = getattr(self.db, "_execute", None)
+        """Run several statements in one trip to the store's thread; SQLite errors as StoreError.
+
+        The first trip opens the connection, there, and it is used only there.
+        """
+        if self._thread is None:
+            raise StoreError(f"the store {self.path} is not open")
+
+        def run() -> T:
+            if self._connection is None:
+                self._connection = self._connect()
+            return work(self._connection)
+
         try:
-            if run_in_thread is None:  # pragma: no cover - older aiosqlite
-                return work(self.db._conn)
-            result: T = await run_in_thread(work, self.db._conn)
+            return await asyncio.get_running_loop().run_in_executor(self._thread, run)
         except sqlite3.Error as exc:
             raise store_error(self.path, exc) from None
-        return result
 
     async def find_by_idempotency_key(self, keys: Sequence[str]) -> dict[str, str]:
         if not keys:
             return {}
         rows = await self._all(
             f"SELECT idempotency_key, id FROM workflows WHERE idempotency_key IN "
-            f"({_placeholders(len(keys))})",
+            f"({placeholders(len(keys))})",
             keys,
         )
         return {key: workflow_id for key, workflow_id in rows}
@@ -637,14 +341,7 @@ class SQLiteStore:
             f"SELECT {RUN_COLUMNS} FROM step_runs WHERE workflow_id = ? AND seq = ?",
             (workflow_id, seq),
         )
-        return _run(rows[0]) if rows else None
-
-    async def runs(self, workflow_id: str) -> list[StepRun]:
-        rows = await self._all(
-            f"SELECT {RUN_COLUMNS} FROM step_runs WHERE workflow_id = ? ORDER BY seq",
-            (workflow_id,),
-        )
-        return [_run(row) for row in rows]
+        return run_of(rows[0]) if rows else None
 
     async def history(self, workflow_id: str) -> list[HistoryEntry]:
         rows = await self._all(
@@ -657,7 +354,7 @@ class SQLiteStore:
             return {}
         rows = await self._all(
             f"SELECT request_id, reply FROM requests WHERE request_id IN "
-            f"({_placeholders(len(request_ids))})",
+            f"({placeholders(len(request_ids))})",
             request_ids,
         )
         return {request_id: json.loads(reply) for request_id, reply in rows}
@@ -665,9 +362,9 @@ class SQLiteStore:
     async def commit(self, batch: Batch) -> None:
         if not batch:
             return
-        statements = _statements(batch)
-        # One trip to aiosqlite's thread for the whole transaction, not one per statement.
-        await self._in_thread(lambda db: self._write(db, statements))
+        rows = statements(batch)
+        # One trip to the store's thread for the whole transaction, not one per statement.
+        await self._in_thread(lambda db: self._write(db, rows))
 
     async def unsent(self) -> list[OutboxRow]:
         rows = await self._all(
@@ -702,7 +399,7 @@ class SQLiteStore:
             f"SELECT {WORKFLOW_COLUMNS} FROM workflows {clause} ORDER BY created_at DESC LIMIT ?",
             [*params, limit],
         )
-        return [_workflow(row) for row in rows]
+        return [workflow_of(row) for row in rows]
 
     async def forget_requests(self, before: float, limit: int = 1000) -> int:
         """Drop up to ``limit`` answers kept for repeated requests older than ``before``."""
@@ -722,7 +419,7 @@ class SQLiteStore:
             "FROM schedules ORDER BY id"
         )
         return [
-            Schedule(i, w, c, tz, _unjson(p), cu, n, ca, lt)
+            Schedule(i, w, c, tz, unjson(p), cu, n, ca, lt)
             for i, w, c, tz, p, cu, n, ca, lt in rows
         ]
 

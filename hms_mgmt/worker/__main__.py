@@ -1,4 +1,9 @@
-"""``python -m hms_mgmt.worker module:attribute``: serve that management object's handlers."""
+"""``python -m hms_mgmt.worker module:attribute`` (or ``hms worker``): a step service.
+
+It serves the handlers registered on that management object; SIGTERM or SIGINT stops it
+taking work and lets running handlers finish. Exit codes: 0 stopped, 2 bad configuration
+(or nothing to serve), 3 broker unreachable.
+"""
 
 from __future__ import annotations
 
@@ -10,69 +15,57 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import click
+
 from bus_adapters.base import BusError
-from hms_mgmt import faults
-from hms_mgmt.logs import get_logger
+from hms_mgmt import faults, loop
+from hms_mgmt.daemons import common_options, settings_from
+from hms_mgmt.logs import configure, get_logger
+from hms_mgmt.loopwatch import LoopMonitor
 from hms_mgmt.worker.threads import handler_threads_running
 
 log = get_logger("worker")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m hms_mgmt.worker module:attribute``: serve that management object's handlers."""
-    import argparse
-
-    from hms_mgmt.logs import configure
-    from hms_mgmt.loopwatch import LoopMonitor, add_loop_flags
-    from hms_mgmt.settings import Settings
-
-    parser = argparse.ArgumentParser(
-        prog="python -m hms_mgmt.worker",
-        description="Serve the step handlers registered on a management object.",
-    )
-    parser.add_argument("target", help="module:attribute of an hms_mgmt.init(...) object")
-    parser.add_argument("--broker-url", help="overrides HMS_BROKER_URL")
-    parser.add_argument("--concurrency", type=int, default=None, help="handlers run at once")
-    parser.add_argument("--log-format", choices=["console", "json"], default=None)
-    parser.add_argument("--log-level", default=None)
-    parser.add_argument(
-        "--http-port", type=int, help="serve /healthz, /readyz and /metrics (HMS_HTTP_PORT)"
-    )
-    parser.add_argument("--http-host", help="address to listen on (HMS_HTTP_HOST; 127.0.0.1)")
-    add_loop_flags(parser)
-    args = parser.parse_args(argv)
+@click.command(
+    "worker",
+    help="Serve the step handlers registered on TARGET, a module:attribute naming an "
+    "hms_mgmt.init(...) object (the module is imported from the working directory). "
+    "Flags override HMS_* environment variables.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+@click.argument("target")
+@click.option("--concurrency", type=click.IntRange(min=1), help="Handlers run at once.")
+@common_options
+def worker(target: str, concurrency: int | None, **flags: Any) -> None:
+    settings = settings_from(**flags)
     try:
-        settings = Settings.from_env(
-            broker_url=args.broker_url,
-            log_format=args.log_format,
-            log_level=args.log_level,
-            http_port=args.http_port,
-            http_host=args.http_host,
-            loop_block_threshold=args.loop_block_threshold,
-            liveness_lag=args.liveness_lag,
-        )
         configure(settings.log_format, settings.log_level)
     except ValueError as exc:
-        parser.error(str(exc))
-    module_name, _, attribute = args.target.partition(":")
+        raise click.UsageError(str(exc)) from None
+    module_name, _, attribute = target.partition(":")
     if not attribute:
-        parser.error(f"expected module:attribute, got {args.target!r}")
+        raise click.BadParameter(f"expected module:attribute, got {target!r}", param_hint="TARGET")
     sys.path.insert(0, os.getcwd())
     try:
-        target = getattr(importlib.import_module(module_name), attribute)
+        service = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as exc:
-        parser.error(f"cannot load {args.target!r}: {exc}")
-    if args.broker_url:
-        target.broker_url = args.broker_url
-    if args.concurrency:
-        target.concurrency = args.concurrency
-    target.loop_monitor = LoopMonitor.from_settings(settings, "step-service")
-    target.faults = faults.from_env()
-    run = target.run
+        raise click.BadParameter(
+            f"cannot load {target!r}: {exc} (modules are found from the working directory, "
+            f"{os.getcwd()}: run it from the folder that holds {module_name.split('.')[0]!r})",
+            param_hint="TARGET",
+        ) from None
+    if flags.get("broker_url"):
+        service.broker_url = flags["broker_url"]
+    if concurrency:
+        service.concurrency = concurrency
+    service.loop_monitor = LoopMonitor.from_settings(settings, "step-service")
+    service.faults = faults.from_env()
+    run = service.run
     if settings.http_port is not None:
         from hms_mgmt.worker.probes import serve_with_probes
 
-        run = functools.partial(serve_with_probes, target, settings)
+        run = functools.partial(serve_with_probes, service, settings)
     try:
         _run_until_signalled(run)
     except BusError as exc:
@@ -95,10 +88,12 @@ def main(argv: list[str] | None = None) -> None:
 
 def _run_until_signalled(run: Callable[[], Coroutine[Any, Any, None]]) -> None:
     """Run a serve coroutine; ``Management.run`` ends cleanly on SIGTERM or SIGINT."""
-    from hms_mgmt import loop
-
     with contextlib.suppress(KeyboardInterrupt):
         loop.run(run())
+
+
+def main(argv: list[str] | None = None) -> None:
+    worker.main(args=argv, prog_name="python -m hms_mgmt.worker")
 
 
 if __name__ == "__main__":

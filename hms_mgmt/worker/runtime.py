@@ -388,12 +388,13 @@ class Worker:
         self, message: StepMessage, result: dict[str, Any], describe: Callable[[], str]
     ) -> None:
         definition = self.definitions.get(message.workflow)
-        next_step = result.get("next_step")
-        if definition is not None and next_step is not None and definition.step(next_step) is None:
-            raise ValueError(
-                f"{describe()} returned next_step {next_step!r}, which is not a step of workflow "
-                f"{message.workflow!r} (steps: {', '.join(definition.step_names)})"
-            )
+        bad = (
+            None
+            if definition is None
+            else definition.bad_next_step(result.get("next_step"), describe())
+        )
+        if bad is not None:
+            raise ValueError(bad)
 
     def _failed(
         self,

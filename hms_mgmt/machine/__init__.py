@@ -1,0 +1,46 @@
+"""The workflow state machine: pure functions from a state and an event to a transition.
+
+Nothing here does I/O or reads the clock: the engine passes ``now`` in, loads
+the workflow and its current run, applies the returned :class:`Transition`
+to the store in one transaction together with the messages it causes, and
+only then acks what it consumed. The same code runs on every bus and store.
+
+Every function takes the workflow and its current (latest) run and leaves
+them untouched; the transition carries changed copies.
+"""
+
+from hms_mgmt.machine.events import (
+    apply_outcome,
+    cancel,
+    dead_lettered,
+    fire_timer,
+    retry,
+    signal,
+    start,
+)
+from hms_mgmt.machine.moves import step_message
+from hms_mgmt.machine.transition import (
+    TIMER_DEADLINE,
+    TIMER_RUN,
+    TIMER_START,
+    TIMER_WAIT,
+    DeadLetter,
+    Transition,
+)
+
+__all__ = (
+    "TIMER_DEADLINE",
+    "TIMER_RUN",
+    "TIMER_START",
+    "TIMER_WAIT",
+    "DeadLetter",
+    "Transition",
+    "apply_outcome",
+    "cancel",
+    "dead_lettered",
+    "fire_timer",
+    "retry",
+    "signal",
+    "start",
+    "step_message",
+)

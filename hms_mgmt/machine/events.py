@@ -1,0 +1,259 @@
+"""The state machine's events: pure functions from a workflow, its current run and an event
+to a :class:`~hms_mgmt.machine.transition.Transition`."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from hms_mgmt.definitions import WorkflowDefinition
+from hms_mgmt.errors import InvalidStateError
+from hms_mgmt.machine.moves import (
+    clear_timer,
+    copy,
+    enter,
+    fail,
+    finish,
+    give_up,
+    new_run,
+    publish,
+    resume,
+    set_deadline,
+    stale_reason,
+    succeed,
+)
+from hms_mgmt.machine.transition import (
+    TIMER_DEADLINE,
+    TIMER_RUN,
+    TIMER_START,
+    TIMER_WAIT,
+    Transition,
+)
+from hms_mgmt.records import ACTIVE_RUN, StepRun, StepStatus, Workflow, WorkflowStatus
+from hms_mgmt.wire.outcomes import Outcome
+
+
+def start(
+    definition: WorkflowDefinition,
+    workflow_id: str,
+    payload: Any,
+    now: float,
+    *,
+    run_at: float | None = None,
+    idempotency_key: str | None = None,
+    traceparent: str | None = None,
+) -> Transition:
+    """A new workflow, its first step published now or scheduled for ``run_at``."""
+    workflow = Workflow(
+        id=workflow_id,
+        name=definition.name,
+        version=definition.version,
+        status=WorkflowStatus.PENDING,
+        input=payload,
+        created_at=now,
+        updated_at=now,
+        idempotency_key=idempotency_key,
+        traceparent=traceparent,
+    )
+    t = Transition(workflow=workflow)
+    t.note("workflow_started", workflow=definition.name, version=definition.version)
+    enter(t, definition, definition.steps[0].name, payload, now, due_at=run_at)
+    return t
+
+
+def apply_outcome(
+    workflow: Workflow, run: StepRun, definition: WorkflowDefinition, outcome: Outcome, now: float
+) -> Transition:
+    """A worker's report on a run; reports on any run but the current active one are ignored."""
+    t = Transition()
+    stale = stale_reason(workflow, run, outcome.seq)
+    if stale is None and outcome.kind == "started" and run.status != StepStatus.PENDING:
+        stale = "run has already started"
+    if stale is not None:
+        t.note("outcome_ignored", seq=outcome.seq, kind=outcome.kind, reason=stale)
+        return t
+    wf, current = copy(workflow, run, t, now)
+    if wf.status == WorkflowStatus.PENDING:
+        wf.status = WorkflowStatus.RUNNING
+    if outcome.kind == "started":
+        current.status = StepStatus.RUNNING
+        current.started_at = outcome.started_at or now
+        if wf.timer_kind == TIMER_START:
+            clear_timer(wf)
+        set_deadline(wf, current, definition, from_time=current.started_at)
+        t.note("step_started", seq=current.seq, step=current.step, attempt=current.attempt)
+    elif outcome.kind == "heartbeat":
+        set_deadline(wf, current, definition, from_time=now)
+    elif outcome.kind == "succeeded":
+        current.started_at = outcome.started_at or current.started_at or now
+        current.finished_at = outcome.finished_at or now
+        succeed(t, wf, current, definition, outcome.result or {}, outcome.handler, now)
+    else:
+        current.started_at = outcome.started_at or current.started_at or now
+        current.finished_at = outcome.finished_at or now
+        fail(t, wf, current, definition, dict(outcome.error or {}), now)
+    return t
+
+
+def dead_lettered(
+    workflow: Workflow,
+    run: StepRun,
+    definition: WorkflowDefinition,
+    seq: int,
+    reason: str,
+    now: float,
+) -> Transition:
+    """The broker gave a run's message up (delivery limit): a failed attempt."""
+    t = Transition()
+    stale = stale_reason(workflow, run, seq)
+    if stale is not None:
+        t.note("dead_letter_ignored", seq=seq, reason=stale, broker_reason=reason)
+        return t
+    wf, current = copy(workflow, run, t, now)
+    current.finished_at = now
+    error = {
+        "type": "DeliveryLimitExceeded" if reason == "delivery_limit" else "MessageRejected",
+        "message": f"the broker dead-lettered the step message ({reason}): "
+        "its worker crashed or refused it on every delivery",
+        "retryable": True,
+    }
+    fail(t, wf, current, definition, error, now)
+    return t
+
+
+def fire_timer(
+    workflow: Workflow, run: StepRun, definition: WorkflowDefinition, kind: str, now: float
+) -> Transition:
+    """A durable timer came due; a timer the workflow no longer has changes nothing."""
+    t = Transition()
+    if workflow.terminal or workflow.timer_kind != kind or workflow.timer_at is None:
+        return t  # a timer left over from an earlier state
+    if workflow.timer_at > now:
+        return t
+    due = (
+        (kind == TIMER_RUN and run.status == StepStatus.SCHEDULED)
+        or (kind == TIMER_START and run.status == StepStatus.PENDING)
+        or (kind == TIMER_DEADLINE and run.status in (StepStatus.PENDING, StepStatus.RUNNING))
+        or (
+            kind == TIMER_WAIT
+            and workflow.status == WorkflowStatus.WAITING
+            and workflow.wait is not None
+        )
+    )
+    if not due:
+        return t
+    wf, current = copy(workflow, run, t, now)
+    clear_timer(wf)
+    if kind == TIMER_RUN:
+        current.status = StepStatus.PENDING
+        if wf.status == WorkflowStatus.SCHEDULED:
+            wf.status = WorkflowStatus.PENDING
+        publish(t, wf, current, definition, now)
+    elif kind == TIMER_START:
+        waited = definition.schedule_to_start_for(current.step) or 0.0
+        current.finished_at = now
+        error = {
+            "type": "ScheduleToStartTimeout",
+            "message": f"step {current.step!r} attempt {current.attempt} was not started by any "
+            f"step service within {waited:g}s (is one serving {wf.name}.{current.step}, and "
+            "does it have free slots?)",
+            "retryable": True,
+        }
+        fail(t, wf, current, definition, error, now, status=StepStatus.TIMED_OUT)
+    elif kind == TIMER_DEADLINE:
+        timeout = definition.timeout_for(current.step) or 0.0
+        current.finished_at = now
+        error = {
+            "type": "StepTimeout",
+            "message": f"step {current.step!r} attempt {current.attempt} did not finish "
+            f"within {timeout:g}s",
+            "retryable": True,
+        }
+        fail(t, wf, current, definition, error, now, status=StepStatus.TIMED_OUT)
+    else:
+        assert wf.wait is not None
+        event = wf.wait["event"]
+        wf.wait = None
+        failure = {
+            "type": "WaitTimeout",
+            "message": f"signal {event!r} did not arrive in time",
+            "step": current.step,
+            "seq": current.seq,
+            "attempts": current.attempt,
+            "reason": "wait timed out",
+        }
+        t.note("wait_timed_out", event=event)
+        give_up(t, wf, current, definition, failure, now, dead_letter=False)
+    return t
+
+
+def cancel(workflow: Workflow, run: StepRun | None, reason: str | None, now: float) -> Transition:
+    """Cancel a workflow that has not finished; later outcomes of its run are ignored."""
+    if workflow.terminal:
+        raise InvalidStateError(
+            f"workflow {workflow.id} is already {workflow.status}; cannot cancel it"
+        )
+    t = Transition()
+    wf = replace(workflow, updated_at=now)
+    t.workflow = wf
+    if run is not None and run.status in ACTIVE_RUN:
+        current = replace(run, status=StepStatus.CANCELLED, finished_at=now)
+        t.runs.append(current)
+    finish(
+        t,
+        wf,
+        WorkflowStatus.CANCELLED,
+        error={"type": "Cancelled", "message": reason or "cancelled"},
+    )
+    t.note("workflow_cancelled", reason=reason)
+    return t
+
+
+def retry(
+    workflow: Workflow, failed_run: StepRun, definition: WorkflowDefinition, now: float
+) -> Transition:
+    """Resume a failed workflow from its failed step with a fresh series of attempts."""
+    if workflow.status != WorkflowStatus.FAILED:
+        raise InvalidStateError(
+            f"workflow {workflow.id} is {workflow.status}; only a failed workflow can be retried"
+        )
+    t = Transition()
+    wf = replace(workflow, updated_at=now, status=WorkflowStatus.RUNNING, error=None, output=None)
+    t.workflow = wf
+    t.note("workflow_retried", step=failed_run.step, from_seq=failed_run.seq)
+    new_run(
+        t,
+        wf,
+        definition,
+        failed_run.step,
+        failed_run.input,
+        now,
+        visit=failed_run.visit,
+        attempt=1,
+        context=failed_run.context,
+    )
+    return t
+
+
+def signal(
+    workflow: Workflow,
+    run: StepRun,
+    definition: WorkflowDefinition,
+    name: str,
+    data: Any,
+    now: float,
+) -> Transition:
+    """Deliver a signal: resume a workflow waiting for it, or keep it for a wait to come."""
+    if workflow.terminal:
+        raise InvalidStateError(
+            f"workflow {workflow.id} is already {workflow.status}; cannot signal it"
+        )
+    t = Transition()
+    wf = replace(workflow, updated_at=now)
+    t.workflow = wf
+    t.note("signal_received", signal=name)
+    if wf.status == WorkflowStatus.WAITING and wf.wait is not None and wf.wait["event"] == name:
+        resume(t, wf, definition, data, now)
+    else:
+        wf.signals = {**wf.signals, name: data}
+    return t

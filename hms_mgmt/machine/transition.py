@@ -1,0 +1,48 @@
+"""What a transition of the state machine is: the changed workflow and runs, its history,
+and the messages it causes; and the kinds of a workflow's timer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hms_mgmt.records import StepRun, Workflow
+from hms_mgmt.wire.steps import StepMessage
+
+TIMER_RUN = "run"  # a scheduled run (delayed step, retry backoff) is due
+TIMER_DEADLINE = "deadline"  # a started run has not finished in time
+TIMER_WAIT = "wait"  # a wait for a signal has run out
+TIMER_START = "start"  # a published run has not been started by any step service in time
+
+
+@dataclass
+class DeadLetter:
+    """A given-up run whose step message goes into its ``.dlq``."""
+
+    run: StepRun
+    workflow: str
+    reason: str
+    attempts: int
+    error: dict[str, Any] | None
+
+
+@dataclass
+class Transition:
+    """What an event changed: the new workflow, runs created or changed, history, messages."""
+
+    workflow: Workflow | None = None
+    runs: list[StepRun] = field(default_factory=list)
+    history: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    steps: list[StepMessage] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return self.workflow is not None
+
+    @property
+    def finished(self) -> bool:
+        return self.workflow is not None and self.workflow.terminal
+
+    def note(self, event: str, /, **detail: Any) -> None:
+        self.history.append((event, detail))
