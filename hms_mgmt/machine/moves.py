@@ -4,7 +4,6 @@ enters a step, waits, resumes or finishes. Each changes the copies a transition 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import replace
 from typing import Any
 
 from hms_mgmt.definitions import WorkflowDefinition
@@ -16,7 +15,7 @@ from hms_mgmt.machine.transition import (
     DeadLetter,
     Transition,
 )
-from hms_mgmt.records import StepRun, StepStatus, Workflow, WorkflowStatus
+from hms_mgmt.records import StepRun, StepStatus, Workflow, WorkflowStatus, evolve
 from hms_mgmt.wire.codec import MAX_PAYLOAD_BYTES, dumps
 from hms_mgmt.wire.steps import StepMessage
 
@@ -32,8 +31,8 @@ def stale_reason(workflow: Workflow, run: StepRun, seq: int) -> str | None:
 
 
 def copy(workflow: Workflow, run: StepRun, t: Transition, now: float) -> tuple[Workflow, StepRun]:
-    wf = replace(workflow, updated_at=now)
-    current = replace(run)
+    wf = evolve(workflow, updated_at=now)
+    current = evolve(run)
     t.workflow = wf
     t.runs.append(current)
     return wf, current
