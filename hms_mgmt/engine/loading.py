@@ -72,12 +72,10 @@ class Loader:
                 wanted.add(event.workflow_id)
             else:
                 work.state[event.workflow_id] = cached
-        if wanted:
-            work.state.update(await self._store.load(list(wanted)))
-        if keys:
-            work.keys = await self._store.find_by_idempotency_key(keys)
-        if request_ids:
-            work.answered = await self._store.request_replies(request_ids)
+        if wanted or keys or request_ids:  # one trip to the store for all three
+            reads = await self._store.reads_for_batch(list(wanted), keys, request_ids)
+            work.state.update(reads.state)
+            work.keys, work.answered = reads.keys, reads.answered
         for event in events:
             if isinstance(event, RequestEvent) and isinstance(event.request, RetryRequest):
                 await self._load_failed_run(event.workflow_id, work)

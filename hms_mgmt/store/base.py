@@ -63,6 +63,15 @@ class StoreIdentity:
 
 
 @dataclass(frozen=True)
+class BatchReads:
+    """What a batch needs from the store, read in one go."""
+
+    state: dict[str, tuple[Workflow, StepRun | None]]
+    keys: dict[str, str]  # idempotency key -> workflow id
+    answered: dict[str, Any]  # request id -> the reply given
+
+
+@dataclass(frozen=True)
 class HistoryEntry:
     at: float
     kind: str
@@ -128,6 +137,12 @@ class Store(Protocol):
 
     async def load(self, workflow_ids: Sequence[str]) -> dict[str, tuple[Workflow, StepRun | None]]:
         """Workflows with their current run; ids that are not stored are left out."""
+        ...
+
+    async def reads_for_batch(
+        self, workflow_ids: Sequence[str], keys: Sequence[str], request_ids: Sequence[str]
+    ) -> BatchReads:
+        """:meth:`load`, :meth:`find_by_idempotency_key` and :meth:`request_replies` at once."""
         ...
 
     async def find_by_idempotency_key(self, keys: Sequence[str]) -> dict[str, str]:

@@ -14,18 +14,19 @@ import asyncio
 import contextlib
 import json
 import os
+import queue
 import sqlite3
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.errors import StoreError
 from hms_mgmt.records import StepRun, Workflow
 from hms_mgmt.schedules import Schedule
-from hms_mgmt.store.base import Batch, HistoryEntry, OutboxRow, StoreIdentity
+from hms_mgmt.store.base import Batch, BatchReads, HistoryEntry, OutboxRow, StoreIdentity
 from hms_mgmt.store.sqlite_schema import (
     FINISHED,
     MIN_FREE_BYTES,
@@ -50,13 +51,98 @@ from hms_mgmt.store.sqlite_schema import (
 T = TypeVar("T")
 
 
+def _loaded(
+    db: sqlite3.Connection, workflow_ids: Sequence[str]
+) -> dict[str, tuple[Workflow, StepRun | None]]:
+    """Workflows with their current run; ids that are not stored are left out."""
+    found: dict[str, tuple[Workflow, StepRun | None]] = {}
+    ids = list(dict.fromkeys(workflow_ids))
+    width = len(WORKFLOW_COLUMNS.split(","))
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        for row in db.execute(
+            f"SELECT {WORKFLOW_AND_RUN} FROM workflows w LEFT JOIN step_runs r "
+            f"ON r.workflow_id = w.id AND r.seq = w.seq WHERE w.id IN ({placeholders(len(chunk))})",
+            chunk,
+        ):
+            run = None if row[width] is None else run_of(row[width:])
+            found[row[0]] = (workflow_of(row[:width]), run)
+    return found
+
+
+def _keyed(db: sqlite3.Connection, keys: Sequence[str]) -> dict[str, str]:
+    if not keys:
+        return {}
+    rows = db.execute(
+        f"SELECT idempotency_key, id FROM workflows WHERE idempotency_key IN "
+        f"({placeholders(len(keys))})",
+        list(keys),
+    )
+    return {key: workflow_id for key, workflow_id in rows}
+
+
+def _answered(db: sqlite3.Connection, request_ids: Sequence[str]) -> dict[str, Any]:
+    if not request_ids:
+        return {}
+    rows = db.execute(
+        f"SELECT request_id, reply FROM requests WHERE request_id IN "
+        f"({placeholders(len(request_ids))})",
+        list(request_ids),
+    )
+    return {request_id: json.loads(reply) for request_id, reply in rows}
+
+
+class _StoreThread:
+    """One thread that runs the store's work, in order, each piece handed back to the loop.
+
+    A ``SimpleQueue`` and ``call_soon_threadsafe``: the cheapest hop measured here (96 us of
+    CPU a round trip, against 108 for aiosqlite's and 150 for a ThreadPoolExecutor's).
+    """
+
+    def __init__(self) -> None:
+        self._work: queue.SimpleQueue[
+            tuple[asyncio.AbstractEventLoop, asyncio.Future[Any], Callable[[], Any]] | None
+        ] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="hms-store", daemon=True)
+        self._thread.start()
+
+    async def run(self, work: Callable[[], T]) -> T:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._work.put((loop, future, work))
+        return await future
+
+    def _run(self) -> None:
+        while (item := self._work.get()) is not None:
+            loop, future, work = item
+            try:
+                result = work()
+            except BaseException as exc:  # handed back: the caller raises it
+                loop.call_soon_threadsafe(_settle, future, None, exc)
+            else:
+                loop.call_soon_threadsafe(_settle, future, result, None)
+
+    def stop(self) -> None:
+        self._work.put(None)
+        self._thread.join()
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # its caller was cancelled
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
+
+
 class SQLiteStore:
     """A :class:`hms_mgmt.store.base.Store` in one SQLite file."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.path = path_of(url)
-        self._thread: ThreadPoolExecutor | None = None
+        self._thread: _StoreThread | None = None
         self._connection: sqlite3.Connection | None = None
         self.identity = StoreIdentity("", b"", fresh=False)
         self._file: tuple[int, int] | None = None  # (device, inode) of the file we opened
@@ -71,7 +157,7 @@ class SQLiteStore:
         try:
             if not memory:
                 await asyncio.to_thread(make_folder, self.path)
-            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hms-store")
+            self._thread = _StoreThread()
             self.identity = await self._in_thread(prepare)
             if not memory:
                 stat = os.stat(self.path)
@@ -254,8 +340,8 @@ class SQLiteStore:
         if thread is None:
             return
         if connection is not None:
-            await asyncio.get_running_loop().run_in_executor(thread, connection.close)
-        thread.shutdown(wait=True)
+            await thread.run(connection.close)
+        await asyncio.to_thread(thread.stop)
 
     async def discard(self) -> None:
         await self.close()
@@ -278,19 +364,19 @@ class SQLiteStore:
         await self._in_thread(lambda db: self._write(db, [(sql, [row])]))
 
     async def load(self, workflow_ids: Sequence[str]) -> dict[str, tuple[Workflow, StepRun | None]]:
-        found: dict[str, tuple[Workflow, StepRun | None]] = {}
-        ids = list(dict.fromkeys(workflow_ids))
-        width = len(WORKFLOW_COLUMNS.split(","))
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            for row in await self._all(
-                f"SELECT {WORKFLOW_AND_RUN} FROM workflows w LEFT JOIN step_runs r "
-                f"ON r.workflow_id = w.id AND r.seq = w.seq WHERE w.id IN ({placeholders(len(chunk))})",
-                chunk,
-            ):
-                run = None if row[width] is None else run_of(row[width:])
-                found[row[0]] = (workflow_of(row[:width]), run)
-        return found
+        return await self._in_thread(lambda db: _loaded(db, workflow_ids))
+
+    async def reads_for_batch(
+        self, workflow_ids: Sequence[str], keys: Sequence[str], request_ids: Sequence[str]
+    ) -> BatchReads:
+        """Everything a batch needs from the store, in one trip to its thread."""
+
+        def read(db: sqlite3.Connection) -> BatchReads:
+            return BatchReads(
+                _loaded(db, workflow_ids), _keyed(db, keys), _answered(db, request_ids)
+            )
+
+        return await self._in_thread(read)
 
     async def workflow_with_runs(self, workflow_id: str) -> tuple[Workflow, list[StepRun]] | None:
         def read(db: sqlite3.Connection) -> tuple[list[Any], list[Any]]:
@@ -322,19 +408,12 @@ class SQLiteStore:
             return work(self._connection)
 
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._thread, run)
+            return await self._thread.run(run)
         except sqlite3.Error as exc:
             raise store_error(self.path, exc) from None
 
     async def find_by_idempotency_key(self, keys: Sequence[str]) -> dict[str, str]:
-        if not keys:
-            return {}
-        rows = await self._all(
-            f"SELECT idempotency_key, id FROM workflows WHERE idempotency_key IN "
-            f"({placeholders(len(keys))})",
-            keys,
-        )
-        return {key: workflow_id for key, workflow_id in rows}
+        return await self._in_thread(lambda db: _keyed(db, keys))
 
     async def run(self, workflow_id: str, seq: int) -> StepRun | None:
         rows = await self._all(
@@ -350,14 +429,7 @@ class SQLiteStore:
         return [HistoryEntry(at, kind, json.loads(detail)) for at, kind, detail in rows]
 
     async def request_replies(self, request_ids: Sequence[str]) -> dict[str, Any]:
-        if not request_ids:
-            return {}
-        rows = await self._all(
-            f"SELECT request_id, reply FROM requests WHERE request_id IN "
-            f"({placeholders(len(request_ids))})",
-            request_ids,
-        )
-        return {request_id: json.loads(reply) for request_id, reply in rows}
+        return await self._in_thread(lambda db: _answered(db, request_ids))
 
     async def commit(self, batch: Batch) -> None:
         if not batch:
