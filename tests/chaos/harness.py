@@ -154,6 +154,14 @@ class Case:
         with sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10) as db:
             return list(db.execute(sql, tuple(params)))
 
+    def count_succeeded(self) -> int:
+        """Workflows succeeded so far; 0 while the engine has yet to create its store."""
+        try:
+            rows = self.query("SELECT count(*) FROM workflows WHERE status = 'succeeded'")
+        except sqlite3.OperationalError:
+            return 0
+        return int(rows[0][0]) if rows else 0
+
     def statuses(self) -> dict[str, str]:
         return dict(self.query("SELECT id, status FROM workflows"))
 

@@ -81,6 +81,10 @@ async def test_broker_restarts_and_dropped_connections(case: Case) -> None:
     began = time.monotonic()
     async with case.client() as client:
         starting = asyncio.ensure_future(case.start_many(client, 600, sleep=0.1))
+        # The chaos starts once the engine and the step service are up (a workflow finished):
+        # under load they may take longer than the first half second to connect, and a daemon
+        # that finds no broker at start-up exits with code 3 by design.
+        await wait_until(lambda: case.count_succeeded() > 0, timeout=60, what="a first workflow")
         for round_number in range(2):
             await asyncio.sleep(0.5)
             await asyncio.to_thread(case.node.stop_app)
