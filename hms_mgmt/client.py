@@ -25,6 +25,7 @@ from hms_mgmt.errors import (
     EngineUnavailableError,
     InvalidMessageError,
     PayloadError,
+    WorkflowNotFoundError,
     error_from_reply,
 )
 from hms_mgmt.logs import get_logger
@@ -68,6 +69,43 @@ def new_workflow_id() -> str:
     return f"{int(time.time() * 1000):012x}{secrets.token_hex(10)}"
 
 
+def _start_fields(
+    workflow: str,
+    payload: Any,
+    delay: float | None,
+    run_at: datetime | float | None,
+    idempotency_key: str | None,
+    traceparent: str | None,
+) -> dict[str, Any]:
+    """A start request's fields, each checked here, before anything is sent."""
+    check_name("workflow", workflow)
+    encode_payload(payload)
+    if traceparent is not None and not tracing.valid(traceparent):
+        raise PayloadError(f"traceparent {traceparent!r} is not a W3C traceparent")
+    fields: dict[str, Any] = {
+        "workflow_id": new_workflow_id(),
+        "workflow": workflow,
+        "payload": payload,
+        "traceparent": traceparent or tracing.current_traceparent(),
+    }
+    if delay is not None:
+        fields["delay"] = check_delay(delay, "delay", PayloadError)
+    if run_at is not None:
+        if isinstance(run_at, datetime):
+            try:
+                run_at = run_at.timestamp()
+            except (OverflowError, ValueError, OSError) as exc:
+                raise PayloadError(f"run_at {run_at!r} has no timestamp: {exc}") from None
+        fields["run_at"] = check_run_at(run_at, "run_at", PayloadError)
+    if idempotency_key is not None:
+        fields["idempotency_key"] = check_key(str(idempotency_key), error=PayloadError)
+    return fields
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.time())
+
+
 class Calls:
     """The calls to the engine, written once: :class:`Client` sends them itself, and
     ``Management`` through the client it connects on first use."""
@@ -105,31 +143,46 @@ class Calls:
         traceparent: str | None = None,
     ) -> StartResult:
         """Start a workflow; ``traceparent`` defaults to the current trace or a new one."""
-        check_name("workflow", workflow)
-        encode_payload(payload)
-        if traceparent is not None and not tracing.valid(traceparent):
-            raise PayloadError(f"traceparent {traceparent!r} is not a W3C traceparent")
-        fields: dict[str, Any] = {
-            "workflow_id": new_workflow_id(),
-            "workflow": workflow,
-            "payload": payload,
-            "traceparent": traceparent or tracing.current_traceparent(),
-        }
-        if delay is not None:
-            fields["delay"] = check_delay(delay, "delay", PayloadError)
-        if run_at is not None:
-            if isinstance(run_at, datetime):
-                try:
-                    run_at = run_at.timestamp()
-                except (OverflowError, ValueError, OSError) as exc:
-                    raise PayloadError(f"run_at {run_at!r} has no timestamp: {exc}") from None
-            fields["run_at"] = check_run_at(run_at, "run_at", PayloadError)
-        if idempotency_key is not None:
-            fields["idempotency_key"] = check_key(str(idempotency_key), error=PayloadError)
+        fields = _start_fields(workflow, payload, delay, run_at, idempotency_key, traceparent)
         result = await self.request(
             "start", fields, timeout=timeout, request_id=fields["workflow_id"]
         )
         return StartResult(str(result["workflow_id"]), bool(result.get("existing")))
+
+    async def execute(
+        self,
+        workflow: str,
+        payload: Any = None,
+        *,
+        timeout: float | None = None,
+        idempotency_key: str | None = None,
+        traceparent: str | None = None,
+    ) -> WorkflowState:
+        """Start a workflow and return its state once it ends, in one round trip.
+
+        The wait goes out with the start, in the same message, and the engine holds it
+        until the workflow is terminal: a lone workflow saves the start's own round trip.
+        ``TimeoutError`` if it has not ended by ``timeout``.
+        """
+        fields = _start_fields(workflow, payload, None, None, idempotency_key, traceparent)
+        workflow_id = fields["workflow_id"]
+        deadline = None if timeout is None else time.time() + timeout
+        starting = asyncio.ensure_future(
+            self.request("start", fields, timeout=timeout, request_id=workflow_id)
+        )
+        waiting = asyncio.ensure_future(self.wait(workflow_id, timeout))  # sent after the start
+        try:
+            started = str((await starting)["workflow_id"])
+        except BaseException:
+            waiting.cancel()
+            raise
+        if started != workflow_id:  # its idempotency key named an earlier workflow
+            waiting.cancel()
+            return await self.wait(started, _left(deadline))
+        try:
+            return await waiting
+        except WorkflowNotFoundError:  # the wait overtook the start (a full request window)
+            return await self.wait(workflow_id, _left(deadline))
 
     async def status(self, workflow_id: str, *, timeout: float | None = None) -> WorkflowState:
         _check_workflow_id(workflow_id)
