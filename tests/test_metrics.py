@@ -11,6 +11,7 @@ import subprocess
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import hms_mgmt
 from hms_mgmt.metrics import EngineMetrics, WorkerMetrics
 from hms_mgmt.records import StepRun, StepStatus, Workflow, WorkflowStatus
 from hms_mgmt.store.base import Batch
@@ -115,3 +116,74 @@ def test_promtool_accepts_the_metrics() -> None:
         )
         assert checked.returncode == 0, checked.stdout + checked.stderr
         assert checked.stdout.strip() == b"" and checked.stderr.strip() == b"", checked
+
+
+# -- a workflow is counted once per status it reaches -------------------------------------
+
+
+def count(metrics: EngineMetrics, name: str, **labels: str) -> float:
+    return samples(metrics.render()).get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_a_retried_workflow_that_fails_again_is_not_counted_again() -> None:
+    metrics = EngineMetrics()
+
+    def commit(wf: Workflow, *history: str) -> None:
+        metrics.on_batch(
+            Batch(workflows={wf.id: wf}, history=[(wf.id, 1.0, kind, {}) for kind in history])
+        )
+
+    commit(workflow(WorkflowStatus.FAILED), "workflow_failed")
+    for retries in (1, 2):  # the operator retries it twice, and it fails again each time
+        commit(workflow(WorkflowStatus.RUNNING, retries=retries), "workflow_retried")
+        commit(workflow(WorkflowStatus.FAILED, retries=retries), "workflow_failed")
+    commit(workflow(WorkflowStatus.RUNNING, retries=3), "workflow_retried")
+    commit(workflow(WorkflowStatus.SUCCEEDED, retries=3), "workflow_succeeded")
+
+    finished = "hms_workflows_finished_total"
+    assert count(metrics, finished, workflow="w", status="failed") == 1
+    assert count(metrics, finished, workflow="w", status="succeeded") == 1
+    assert count(metrics, "hms_workflows_refailed_total", workflow="w") == 2
+    assert count(metrics, "hms_workflow_retries_total", workflow="w") == 3
+    duration = "hms_workflow_duration_seconds_count"
+    assert count(metrics, duration, workflow="w", status="failed") == 1
+    assert count(metrics, duration, workflow="w", status="succeeded") == 1
+
+
+async def test_retries_through_the_engine_count_one_failed_workflow(
+    memory_url: str, store_url: str
+) -> None:
+    metrics = EngineMetrics()
+    attempts: list[int] = []
+    async with hms_mgmt.init(service_name="t", broker_url=memory_url, store_url=store_url) as m:
+        m.define_workflow("doomed", ["a", "b"], retry=hms_mgmt.RetryPolicy(max_attempts=1))
+
+        @m.on_step("doomed.a")
+        async def a(ctx: hms_mgmt.StepContext) -> None:
+            attempts.append(ctx.attempt)
+            if len(attempts) < 4:
+                raise RuntimeError(f"try {len(attempts)}")
+
+        @m.on_step("doomed.b")
+        async def b(ctx: hms_mgmt.StepContext) -> None:
+            return None
+
+        await m.serve()
+        m._hosted.engine.on_commit = metrics.on_batch
+        started = await m.start("doomed", {})
+        state = await m.wait(started.workflow_id, timeout=10)
+        assert state.status == "failed"
+        for _ in range(2):  # fails again
+            await m.retry(started.workflow_id)
+            state = await m.wait(started.workflow_id, timeout=10)
+            assert state.status == "failed"
+        await m.retry(started.workflow_id)  # and then succeeds
+        state = await m.wait(started.workflow_id, timeout=10)
+        assert state.status == "succeeded" and len(attempts) == 4
+
+    finished = "hms_workflows_finished_total"
+    assert count(metrics, finished, workflow="doomed", status="failed") == 1
+    assert count(metrics, finished, workflow="doomed", status="succeeded") == 1
+    assert count(metrics, "hms_workflows_refailed_total", workflow="doomed") == 2
+    assert count(metrics, "hms_workflow_retries_total", workflow="doomed") == 3
+    assert count(metrics, "hms_workflows_started_total", workflow="doomed") == 1
