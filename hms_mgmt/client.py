@@ -104,7 +104,8 @@ class Calls:
         timeout: float | None = None,
         traceparent: str | None = None,
     ) -> StartResult:
-        """Start a workflow; ``traceparent`` defaults to the current trace or a new one."""
+        """Start a workflow; ``traceparent`` defaults to the context of this call's
+        ``hms.start <workflow>`` span (with OpenTelemetry), else to a new trace."""
         check_name("workflow", workflow)
         encode_payload(payload)
         if traceparent is not None and not tracing.valid(traceparent):
@@ -113,7 +114,6 @@ class Calls:
             "workflow_id": new_workflow_id(),
             "workflow": workflow,
             "payload": payload,
-            "traceparent": traceparent or tracing.current_traceparent(),
         }
         if delay is not None:
             fields["delay"] = check_delay(delay, "delay", PayloadError)
@@ -126,9 +126,11 @@ class Calls:
             fields["run_at"] = check_run_at(run_at, "run_at", PayloadError)
         if idempotency_key is not None:
             fields["idempotency_key"] = check_key(str(idempotency_key), error=PayloadError)
-        result = await self.request(
-            "start", fields, timeout=timeout, request_id=fields["workflow_id"]
-        )
+        with tracing.start_span(workflow, traceparent) as carried:
+            fields["traceparent"] = carried
+            result = await self.request(
+                "start", fields, timeout=timeout, request_id=fields["workflow_id"]
+            )
         return StartResult(str(result["workflow_id"]), bool(result.get("existing")))
 
     async def status(self, workflow_id: str, *, timeout: float | None = None) -> WorkflowState:
