@@ -86,7 +86,6 @@ def _start_fields(
         "workflow_id": new_workflow_id(),
         "workflow": workflow,
         "payload": payload,
-        "traceparent": traceparent or tracing.current_traceparent(),
     }
     if delay is not None:
         fields["delay"] = check_delay(delay, "delay", PayloadError)
@@ -142,11 +141,14 @@ class Calls:
         timeout: float | None = None,
         traceparent: str | None = None,
     ) -> StartResult:
-        """Start a workflow; ``traceparent`` defaults to the current trace or a new one."""
+        """Start a workflow; ``traceparent`` defaults to the context of this call's
+        ``hms.start <workflow>`` span (with OpenTelemetry), else to a new trace."""
         fields = _start_fields(workflow, payload, delay, run_at, idempotency_key, traceparent)
-        result = await self.request(
-            "start", fields, timeout=timeout, request_id=fields["workflow_id"]
-        )
+        with tracing.start_span(workflow, traceparent) as carried:
+            fields["traceparent"] = carried
+            result = await self.request(
+                "start", fields, timeout=timeout, request_id=fields["workflow_id"]
+            )
         return StartResult(str(result["workflow_id"]), bool(result.get("existing")))
 
     async def execute(
@@ -167,15 +169,17 @@ class Calls:
         fields = _start_fields(workflow, payload, None, None, idempotency_key, traceparent)
         workflow_id = fields["workflow_id"]
         deadline = None if timeout is None else time.time() + timeout
-        starting = asyncio.ensure_future(
-            self.request("start", fields, timeout=timeout, request_id=workflow_id)
-        )
-        waiting = asyncio.ensure_future(self.wait(workflow_id, timeout))  # sent after the start
-        try:
-            started = str((await starting)["workflow_id"])
-        except BaseException:
-            waiting.cancel()
-            raise
+        with tracing.start_span(workflow, traceparent) as carried:
+            fields["traceparent"] = carried
+            starting = asyncio.ensure_future(
+                self.request("start", fields, timeout=timeout, request_id=workflow_id)
+            )
+            waiting = asyncio.ensure_future(self.wait(workflow_id, timeout))  # after the start
+            try:
+                started = str((await starting)["workflow_id"])
+            except BaseException:
+                waiting.cancel()
+                raise
         if started != workflow_id:  # its idempotency key named an earlier workflow
             waiting.cancel()
             return await self.wait(started, _left(deadline))

@@ -20,7 +20,18 @@ from hms_mgmt.wire.outcomes import Outcome
 from hms_mgmt.wire.steps import StepMessage
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
+# Steps commonly take 0.1-1 ms of handler time, so the buckets start at 100 us and step
+# 1-2.5-5 per decade up to 60 s (with 300 s for the long ones): 19 buckets and +Inf, 20
+# series per (workflow, step, outcome).
+STEP_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1, 2.5, 5, 10, 30, 60, 300,
+)  # fmt: skip
+# Workflows: a few steps and their messages take a millisecond or more; waits and delays
+# make hours. 18 buckets and +Inf per (workflow, status).
+WORKFLOW_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600,
+)  # fmt: skip
 FINISHED_RUNS = frozenset(
     {StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.TIMED_OUT, StepStatus.CANCELLED}
 )
@@ -44,6 +55,31 @@ class _ReadGauge(_ReadCounter):
         yield GaugeMetricFamily(self._name, self._documentation, value=self._read())
 
 
+class _WithoutCreated(Collector):
+    """A registry's metrics without the ``*_created`` samples.
+
+    prometheus_client adds a ``<name>_created`` gauge, the Unix time of a series' first
+    use, to every counter and histogram: one more series each, which dashboards do not use.
+    ``disable_created_metrics()`` would drop them for the whole process (the step service's
+    own metrics too); this drops them from our registries only.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self._registry.collect():
+            created = family.name + "_created"
+            if any(sample.name == created for sample in family.samples):
+                family.samples = [s for s in family.samples if s.name != created]
+            yield family
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """The Prometheus text of a registry, without ``*_created`` series."""
+    return generate_latest(_WithoutCreated(registry))
+
+
 class EngineMetrics:
     def __init__(self, reconnects: Callable[[], int] = lambda: 0) -> None:
         self.registry = registry = CollectorRegistry()
@@ -52,8 +88,28 @@ class EngineMetrics:
         )
         self.finished = Counter(
             "hms_workflows_finished",
-            "Workflows that reached succeeded, failed or cancelled.",
+            "Workflows that reached succeeded, failed or cancelled, each counted once per "
+            "status: a retried workflow failing again is in hms_workflows_refailed_total.",
             ["workflow", "status"],
+            registry=registry,
+        )
+        self.workflow_duration = Histogram(
+            "hms_workflow_duration_seconds",
+            "Workflows from their start to the end counted in hms_workflows_finished_total.",
+            ["workflow", "status"],
+            buckets=WORKFLOW_BUCKETS,
+            registry=registry,
+        )
+        self.workflow_retries = Counter(
+            "hms_workflow_retries",
+            "Operators' retries of failed workflows (hms workflow retry, a DLQ replay).",
+            ["workflow"],
+            registry=registry,
+        )
+        self.refailed = Counter(
+            "hms_workflows_refailed",
+            "Retried workflows that failed again, once each time.",
+            ["workflow"],
             registry=registry,
         )
         self.in_progress = Gauge(
@@ -101,11 +157,23 @@ class EngineMetrics:
         for workflow in batch.workflows.values():
             # Only a transition puts a workflow in a batch, and none leaves a finished one
             # finished: a terminal workflow here has just finished.
-            if workflow.terminal:
-                self.finished.labels(workflow.name, str(workflow.status)).inc()
+            if not workflow.terminal:
+                continue
+            if workflow.status == WorkflowStatus.FAILED and workflow.retries:
+                # It failed before (only a failed workflow can be retried) and was counted
+                # then: counting it again would count one workflow as two failures.
+                self.refailed.labels(workflow.name).inc()
+                continue
+            status = str(workflow.status)
+            self.finished.labels(workflow.name, status).inc()
+            self.workflow_duration.labels(workflow.name, status).observe(
+                max(0.0, workflow.updated_at - workflow.created_at)
+            )
         for workflow_id, _at, kind, detail in batch.history:
             if kind == "workflow_started":
                 self.started.labels(str(detail.get("workflow"))).inc()
+            elif kind == "workflow_retried" and workflow_id in batch.workflows:
+                self.workflow_retries.labels(batch.workflows[workflow_id].name).inc()
             elif kind == "retry_scheduled" and workflow_id in batch.workflows:
                 self.retries.labels(batch.workflows[workflow_id].name, str(detail["step"])).inc()
         for run in batch.runs.values():
@@ -137,7 +205,7 @@ class EngineMetrics:
             self.store_bytes.set(store_bytes)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return render(self.registry)
 
 
 class WorkerMetrics:
@@ -191,4 +259,4 @@ class WorkerMetrics:
             )
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return render(self.registry)

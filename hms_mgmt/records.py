@@ -109,6 +109,7 @@ class Workflow:
     signals: dict[str, Any] = field(default_factory=dict)  # signals that came before their wait
     idempotency_key: str | None = None
     traceparent: str | None = None  # W3C trace context from start, put in every step message
+    retries: int = 0  # operators' retries of it after it failed (``hms workflow retry``)
 
     @property
     def terminal(self) -> bool:

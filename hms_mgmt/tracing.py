@@ -1,11 +1,15 @@
 """W3C trace context (``traceparent``) carried from ``start`` through every step.
 
-The client makes one (or takes the current OpenTelemetry span's, when the
-optional ``opentelemetry-api`` package is installed: the ``otel`` extra), the
-engine stores it with the workflow and puts it in every step message, and the
-worker hands it to the handler as ``ctx.traceparent``, running the handler in a
-span derived from it when OpenTelemetry is there. Without OpenTelemetry this
-module is a few string functions.
+The client makes one: with OpenTelemetry (the optional ``opentelemetry-api``
+package, the ``otel`` extra) that is the context of its ``hms.start <workflow>``
+span, a child of the current span if there is one; without it, a new trace. The
+engine stores it with the workflow and puts it in every step message, and
+records a span of each committed batch's work on a workflow under it; the worker
+hands it to the handler as ``ctx.traceparent``, running the handler in a span
+derived from it. So every span hms-mgmt records has a parent that is recorded
+too (or the caller's own, given ``traceparent=``). Spans go where an SDK the
+application configures sends them; without OpenTelemetry this module is a few
+string functions.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 try:
@@ -47,15 +51,19 @@ def new_traceparent(trace_id: str | None = None) -> str:
     return f"00-{trace_id or secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
 
 
+def _format(span_context: Any) -> str:
+    return (
+        f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}"
+        f"-{int(span_context.trace_flags):02x}"
+    )
+
+
 def current_traceparent() -> str:
     """The current OpenTelemetry span's context if there is one, else a new trace."""
     if _otel_trace is not None:
         span_context = _otel_trace.get_current_span().get_span_context()
         if span_context.is_valid:
-            return (
-                f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}"
-                f"-{int(span_context.trace_flags):02x}"
-            )
+            return _format(span_context)
     return new_traceparent()
 
 
@@ -100,3 +108,52 @@ def step_span(traceparent: str | None, name: str, attributes: dict[str, Any]) ->
         name, context=parent, kind=_otel_trace.SpanKind.CONSUMER, attributes=attributes
     ):
         yield
+
+
+@contextlib.contextmanager
+def start_span(workflow: str, traceparent: str | None = None) -> Iterator[str]:
+    """The ``traceparent`` a start carries, made inside the client's start span.
+
+    Given one, it is the caller's: used as it is, no span. Otherwise, with
+    OpenTelemetry, a ``hms.start <workflow>`` span (a child of the current span, if
+    any) whose context the workflow carries: the root of the workflow's spans when
+    nothing else is. When no SDK records it, the current span's context or a new
+    trace, as :func:`current_traceparent`.
+    """
+    if traceparent is not None or _otel_trace is None:
+        yield traceparent or new_traceparent()
+        return
+    with _tracer().start_as_current_span(
+        f"hms.start {workflow}",
+        kind=_otel_trace.SpanKind.PRODUCER,
+        attributes={"hms.workflow": workflow},
+    ) as span:
+        span_context = span.get_span_context()
+        yield _format(span_context) if span_context.is_valid else new_traceparent()
+
+
+def recording() -> bool:
+    """Whether spans may go anywhere: a tracer provider (an SDK) has been set."""
+    return _otel_trace is not None and not isinstance(
+        _otel_trace.get_tracer_provider(), _otel_trace.ProxyTracerProvider
+    )
+
+
+def record_span(
+    traceparent: str,
+    name: str,
+    attributes: Mapping[str, Any],
+    start_ns: int,
+    end_ns: int,
+) -> None:
+    """A finished span under ``traceparent``, from ``start_ns`` to ``end_ns`` (Unix ns)."""
+    if _otel_trace is None:
+        return
+    span = _tracer().start_span(
+        name,
+        context=_PROPAGATOR.extract({"traceparent": traceparent}),
+        kind=_otel_trace.SpanKind.INTERNAL,
+        attributes=attributes,
+        start_time=start_ns,
+    )
+    span.end(end_time=end_ns)

@@ -224,11 +224,11 @@ def test_retry_resumes_a_failed_workflow_with_fresh_attempts() -> None:
     r = Run(definition)
     r.outcome()
     r.outcome("failed")
-    assert r.workflow.status == WorkflowStatus.FAILED
+    assert r.workflow.status == WorkflowStatus.FAILED and r.workflow.retries == 0
     with pytest.raises(InvalidStateError):
         machine.retry(Run(definition).workflow, r.current, definition, r.now)
     r._fold(machine.retry(r.workflow, r.current, definition, r.now))
-    assert r.workflow.status == WorkflowStatus.RUNNING
+    assert r.workflow.status == WorkflowStatus.RUNNING and r.workflow.retries == 1
     assert (r.current.step, r.current.attempt, r.current.visit) == ("b", 1, 1)
     r.outcome()
     assert r.workflow.status == WorkflowStatus.SUCCEEDED

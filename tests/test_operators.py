@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import hms_mgmt
 from tests.conftest import Processes, free_port, hms, http_get, wait_until
+from tests.test_metrics import check_with_promtool
 
 pytestmark = pytest.mark.broker
 
@@ -346,6 +347,10 @@ async def test_metrics_change_as_workflows_run_and_fail(
     )
     _, text = await http_get(f"{ops.engine_url}/metrics")
     assert all(g.workflow_id not in text for g in [*grants, doomed])  # never a label
+    for url in (ops.engine_url, ops.worker_url):  # as scraped: no *_created, promtool clean
+        _, body = await http_get(f"{url}/metrics")
+        assert "_created" not in body
+        check_with_promtool(body.encode())
     for scraped in (engine_after, worker_after):  # both watch their event loop
         assert ("hms_event_loop_blocks_total", ()) in scraped
         assert 0 <= scraped[("hms_event_loop_lag_seconds", ())] < 1

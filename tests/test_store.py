@@ -96,16 +96,19 @@ async def test_a_schema_1_file_is_upgraded_in_place(tmp_path: Path) -> None:
     tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     t = machine.start(DEFINITION, "new", None, 10.0, traceparent=tp)
     assert t.workflow is not None
+    t.workflow.retries = 2
     await store.commit(Batch(workflows={"new": t.workflow}))
     assert await store.watch(probe=True) is None
     await store.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("2",)
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)
         indexes = {
             row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
         }
     assert "workflows_created" in indexes
     again = SQLiteStore(f"sqlite:///{path}")
     await again.open()  # a second open finds nothing to upgrade
-    assert (await again.load(["new"]))["new"][0].traceparent == tp
+    new = (await again.load(["new"]))["new"][0]
+    assert new.traceparent == tp and new.retries == 2
+    assert (await again.load(["old"]))["old"][0].retries == 0
     await again.close()

@@ -7,6 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import hms_mgmt
 from hms_mgmt import machine, tracing
@@ -155,3 +158,109 @@ async def test_the_trace_reaches_every_handler_and_survives_an_engine_restart(
     await second.close()
     assert state.status == "succeeded" and state.traceparent == TP
     assert seen == [("a", TP, tracing.trace_id(TP)), ("b", TP, tracing.trace_id(TP))]
+
+
+# -- spans, recorded by the OpenTelemetry SDK -----------------------------------------------
+
+_EXPORTER = InMemorySpanExporter()
+
+
+@pytest.fixture
+def exported() -> Iterator[InMemorySpanExporter]:
+    """The SDK's in-memory exporter, behind the process's tracer provider.
+
+    A provider can be set once per process, so the first test sets it and the others
+    find it; each test starts with no spans.
+    """
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(_EXPORTER))
+        trace.set_tracer_provider(provider)
+    assert tracing.recording()
+    _EXPORTER.clear()
+    yield _EXPORTER
+    _EXPORTER.clear()
+
+
+def traced_service(memory_url: str, store_url: str) -> hms_mgmt.Management:
+    """Engine, step service and client in one process: their spans go to one exporter."""
+    m = hms_mgmt.init("t", broker_url=memory_url, store_url=store_url)
+    m.define_workflow("w", ["a", "b"], retry=hms_mgmt.RetryPolicy(initial_delay=0.05, jitter=False))
+    failed_once: list[str] = []
+
+    @m.on_step("w.a")
+    async def a(ctx: hms_mgmt.StepContext) -> dict[str, object]:
+        return {"data": ctx.payload, "delay": 0.05}  # b runs from a timer
+
+    @m.on_step("w.b")
+    async def b(ctx: hms_mgmt.StepContext) -> dict[str, object]:
+        if not failed_once:  # a retry, after backoff
+            failed_once.append(ctx.workflow_id)
+            raise RuntimeError("once")
+        return {"data": 1}
+
+    return m
+
+
+def parents(spans: tuple[ReadableSpan, ...]) -> dict[str, int | None]:
+    return {
+        f"{span.name} {span.context.span_id:016x}": None
+        if span.parent is None
+        else span.parent.span_id
+        for span in spans
+    }
+
+
+async def test_every_exported_span_has_its_parent_exported(
+    memory_url: str, store_url: str, exported: InMemorySpanExporter
+) -> None:
+    async with traced_service(memory_url, store_url) as m:
+        await m.serve()
+        assert not trace.get_current_span().get_span_context().is_valid  # no ambient span
+        started = await m.start("w", {"x": 1})
+        state = await m.wait(started.workflow_id, timeout=10)
+        assert state.status == "succeeded" and len(state.steps) == 3
+    spans = exported.get_finished_spans()
+    ids = {span.context.span_id for span in spans}
+    orphans = {name: parent for name, parent in parents(spans).items() if parent not in ids}
+    # the one span whose parent is not exported is the start, and it has none
+    assert len(orphans) == 1, orphans
+    [(root, none)] = orphans.items()
+    assert root.startswith("hms.start w ") and none is None, orphans
+    names = sorted(span.name for span in spans)
+    assert names.count("hms.start w") == 1
+    assert names.count("w.a") == 1 and names.count("w.b") == 2  # b failed once
+    assert names.count("hms.engine w") >= 4  # start, a's outcome, b's timer, b's outcomes
+    assert len({span.context.trace_id for span in spans}) == 1
+    [start] = [span for span in spans if span.name == "hms.start w"]
+    assert state.traceparent == (
+        f"00-{start.context.trace_id:032x}-{start.context.span_id:016x}"
+        f"-{int(start.context.trace_flags):02x}"
+    )  # the start span's context is what the workflow carries
+    published = [
+        step
+        for span in spans
+        if span.name == "hms.engine w"
+        for step in (span.attributes or {}).get("hms.steps_published", ())
+    ]
+    assert published == ["a", "b", "b"]
+
+
+async def test_a_start_inside_a_span_nests_under_it_and_a_given_traceparent_is_kept(
+    memory_url: str, store_url: str, exported: InMemorySpanExporter
+) -> None:
+    async with traced_service(memory_url, store_url) as m:
+        await m.serve()
+        with trace.get_tracer("test").start_as_current_span("caller") as caller:
+            inside = await m.start("w", {})
+        given = await m.start("w", {}, traceparent=TP)  # the caller's own parent: no start span
+        for started in (inside, given):
+            assert (await m.wait(started.workflow_id, timeout=10)).status == "succeeded"
+    spans = exported.get_finished_spans()
+    [start] = [span for span in spans if span.name == "hms.start w"]
+    assert start.parent is not None and start.parent.span_id == caller.get_span_context().span_id
+    theirs = [span for span in spans if f"{span.context.trace_id:032x}" == tracing.trace_id(TP)]
+    assert theirs and all(
+        span.parent is not None and f"{span.parent.span_id:016x}" == TP.split("-")[2]
+        for span in theirs
+    )

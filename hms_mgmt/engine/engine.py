@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bus_adapters.base import Bus, BusError, Subscription, redact_url, settle
+from hms_mgmt import tracing
 from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.engine.answers import Answers
 from hms_mgmt.engine.apply import Applier
@@ -401,6 +402,7 @@ class Engine:
         that fails to commit is held and tried again; nothing is acked meanwhile.
         """
         now = self.clock()
+        begun_ns = time.time_ns()  # the spans' clock: wall time, whatever self.clock is
         events = [event for r in received for event in r.events]
         work = Work()
         work.batch.sent = self.relay.take_confirmed()
@@ -431,6 +433,8 @@ class Engine:
         self.health.ok()
         self.faults.reached("after_commit")
         self._committed(events, work, now)
+        if tracing.recording():
+            _record_spans(work.batch, begun_ns, time.time_ns())
         self.relay.submit(work.batch.outbox)
         if work.batch.outbox:
             await asyncio.sleep(0)  # let the next steps go out before the acks and replies
@@ -486,3 +490,31 @@ class Engine:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
+
+
+def _record_spans(batch: Batch, start_ns: int, end_ns: int) -> None:
+    """A span of this batch's work on each traced workflow it changed, under the workflow's
+    trace context (the client's ``hms.start`` span): the outcomes, timers and requests
+    applied and the steps published, from the batch's start to its commit."""
+    events: dict[str, list[str]] = {}
+    published: dict[str, list[str]] = {}
+    for workflow_id, _at, kind, detail in batch.history:
+        events.setdefault(workflow_id, []).append(kind)
+        if kind == "step_published":
+            published.setdefault(workflow_id, []).append(str(detail.get("step")))
+    for workflow in batch.workflows.values():
+        if workflow.traceparent is None:
+            continue
+        tracing.record_span(
+            workflow.traceparent,
+            f"hms.engine {workflow.name}",
+            {
+                "hms.workflow": workflow.name,
+                "hms.workflow_id": workflow.id,
+                "hms.status": str(workflow.status),
+                "hms.events": events.get(workflow.id, []),
+                "hms.steps_published": published.get(workflow.id, []),
+            },
+            start_ns,
+            end_ns,
+        )

@@ -217,7 +217,14 @@ def retry(
             f"workflow {workflow.id} is {workflow.status}; only a failed workflow can be retried"
         )
     t = Transition()
-    wf = evolve(workflow, updated_at=now, status=WorkflowStatus.RUNNING, error=None, output=None)
+    wf = evolve(
+        workflow,
+        updated_at=now,
+        status=WorkflowStatus.RUNNING,
+        error=None,
+        output=None,
+        retries=workflow.retries + 1,
+    )
     t.workflow = wf
     t.note("workflow_retried", step=failed_run.step, from_seq=failed_run.seq)
     new_run(

@@ -19,7 +19,7 @@ from hms_mgmt.records import StepRun, StepStatus, Workflow, WorkflowStatus
 from hms_mgmt.store.base import Batch, StoreIdentity
 from hms_mgmt.wire.codec import dumps
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -30,7 +30,8 @@ CREATE TABLE IF NOT EXISTS workflows (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, version INTEGER NOT NULL, status TEXT NOT NULL,
     input TEXT, output TEXT, error TEXT, seq INTEGER NOT NULL, visits TEXT NOT NULL,
     timer_at REAL, timer_kind TEXT, wait TEXT, signals TEXT NOT NULL, idempotency_key TEXT UNIQUE,
-    created_at REAL NOT NULL, updated_at REAL NOT NULL, traceparent TEXT);
+    created_at REAL NOT NULL, updated_at REAL NOT NULL, traceparent TEXT,
+    retries INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS workflows_timer ON workflows (timer_at) WHERE timer_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS workflows_status ON workflows (status, created_at);
 CREATE TABLE IF NOT EXISTS step_runs (
@@ -56,6 +57,7 @@ CREATE TABLE IF NOT EXISTS schedules (
 MIGRATIONS: dict[int, list[str]] = {
     # version -> what upgrades a file of the version before it (the new-file schema has it all)
     2: ["ALTER TABLE workflows ADD COLUMN traceparent TEXT"],
+    3: ["ALTER TABLE workflows ADD COLUMN retries INTEGER NOT NULL DEFAULT 0"],
 }
 INDEXES = """
 CREATE INDEX IF NOT EXISTS workflows_created ON workflows (created_at);
@@ -70,7 +72,7 @@ VACUUM_WHEN = 0.2  # ... once this share of the file is free pages
 
 WORKFLOW_COLUMNS = (
     "id, name, version, status, input, output, error, seq, visits, timer_at, timer_kind, "
-    "wait, signals, idempotency_key, created_at, updated_at, traceparent"
+    "wait, signals, idempotency_key, created_at, updated_at, traceparent, retries"
 )
 RUN_COLUMNS = (
     "workflow_id, seq, step, visit, attempt, status, input, output, error, context, "
@@ -112,7 +114,7 @@ def workflow_row(w: Workflow) -> tuple[Any, ...]:
     return (
         w.id, w.name, w.version, str(w.status), as_json(w.input), as_json(w.output), as_json(w.error),
         w.seq, as_json(w.visits), w.timer_at, w.timer_kind, as_json(w.wait), as_json(w.signals),
-        w.idempotency_key, w.created_at, w.updated_at, w.traceparent,
+        w.idempotency_key, w.created_at, w.updated_at, w.traceparent, w.retries,
     )  # fmt: skip
 
 
@@ -122,7 +124,7 @@ def workflow_of(row: Sequence[Any]) -> Workflow:
         input=unjson(row[4]), output=unjson(row[5]), error=unjson(row[6]), seq=row[7],
         visits=unjson(row[8]), timer_at=row[9], timer_kind=row[10], wait=unjson(row[11]),
         signals=unjson(row[12]), idempotency_key=row[13], created_at=row[14], updated_at=row[15],
-        traceparent=row[16],
+        traceparent=row[16], retries=row[17],
     )  # fmt: skip
 
 
