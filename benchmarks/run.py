@@ -68,9 +68,11 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             if hms is None or name == "hms"
             else f"{hms['wps_median'] / r['wps_median']:.1f}x faster"
         )
+        lone = f"{r['lone_ms_median']:.1f} / {r['lone_ms_p99']:.1f}"
+        if "execute_ms_median" in r:  # HMS-MGMT: start + wait, then execute (one round trip)
+            lone += f"; execute {r['execute_ms_median']:.1f} / {r['execute_ms_p99']:.1f}"
         lines.append(
-            f"| {name} | {r['wps_median']:.0f} | {r['steps_per_s_median']:.0f} | "
-            f"{r['lone_ms_median']:.1f} / {r['lone_ms_p99']:.1f} | "
+            f"| {name} | {r['wps_median']:.0f} | {r['steps_per_s_median']:.0f} | {lone} | "
             f"{'' if cpu is None else f'{cpu:.2f}'} | {ratio} |"
         )
     return "\n".join(lines)
