@@ -17,7 +17,7 @@ import click
 from bus_adapters import open_bus
 from bus_adapters.base import BusError
 from hms_mgmt import faults, loop
-from hms_mgmt.daemons import common_options, settings_from
+from hms_mgmt.daemons import ENGINE_HTTP_PORT, common_options, settings_from
 from hms_mgmt.engine.api import start_api
 from hms_mgmt.engine.engine import EXIT_REFUSED, Engine
 from hms_mgmt.engine.vhost import StartRefused
@@ -75,6 +75,7 @@ async def serve(settings: Settings, *, new_store: bool = False) -> int:
     "--store-url", help="sqlite:///path.db (HMS_STORE_URL; default sqlite:///hms_mgmt.db)."
 )
 @common_options
+@ENGINE_HTTP_PORT
 @click.option(
     "--new-store",
     is_flag=True,

@@ -19,7 +19,7 @@ import click
 
 from bus_adapters.base import BusError
 from hms_mgmt import faults, loop
-from hms_mgmt.daemons import common_options, settings_from
+from hms_mgmt.daemons import WORKER_HTTP_PORT, common_options, settings_from
 from hms_mgmt.logs import configure, get_logger
 from hms_mgmt.loopwatch import LoopMonitor
 from hms_mgmt.worker.threads import handler_threads_running
@@ -37,6 +37,7 @@ log = get_logger("worker")
 @click.argument("target")
 @click.option("--concurrency", type=click.IntRange(min=1), help="Handlers run at once.")
 @common_options
+@WORKER_HTTP_PORT
 def worker(target: str, concurrency: int | None, **flags: Any) -> None:
     settings = settings_from(**flags)
     try:
@@ -62,7 +63,7 @@ def worker(target: str, concurrency: int | None, **flags: Any) -> None:
     service.loop_monitor = LoopMonitor.from_settings(settings, "step-service")
     service.faults = faults.from_env()
     run = service.run
-    if settings.http_port is not None:
+    if settings.worker_http_port is not None:
         from hms_mgmt.worker.probes import serve_with_probes
 
         run = functools.partial(serve_with_probes, service, settings)
