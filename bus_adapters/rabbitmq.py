@@ -30,6 +30,7 @@ from aio_pika.exceptions import DeliveryError, PublishError
 
 from bus_adapters.base import (
     AccessRefusedError,
+    BrokerConnectError,
     BusError,
     Delivery,
     Message,
@@ -39,6 +40,7 @@ from bus_adapters.base import (
     ResourceLockedError,
     UnroutableError,
     redact_url,
+    vhost_of,
 )
 
 PUBLISH_TIMEOUT = 30.0
@@ -66,6 +68,30 @@ def _refusal(what: str, exc: Exception) -> BusError:
     if isinstance(exc, aiormq.exceptions.ChannelAccessRefused):
         return AccessRefusedError(f"{what}: access refused by the broker: {exc}")
     return BusError(f"{what}: {exc}")
+
+
+def connect_error(url: str, exc: BaseException) -> BrokerConnectError:
+    """A failed connection as one sentence an operator can act on, naming the URL without its
+    password: a refused login and a missing vhost are told apart from a broker that is down."""
+    where = redact_url(url)
+    user = unquote(urlsplit(url).username or "guest")
+    if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
+        return BrokerConnectError(
+            f"the broker at {where} refused the login of user {user!r}: wrong user name or "
+            f"password (ACCESS_REFUSED)",
+            refused=True,
+        )
+    if isinstance(exc, aiormq.exceptions.ProtocolSyntaxError) and "Connection.Close" in str(exc):
+        # RabbitMQ answers Connection.Open with Connection.Close (530 NOT_ALLOWED) when the vhost
+        # is missing or the user has no permissions on it; aiormq reports only "wrong frame".
+        return BrokerConnectError(
+            f"vhost {vhost_of(url)!r} does not exist or access refused for user {user!r} "
+            f"({where}): create it, or grant the user permissions on it "
+            f"(rabbitmqctl add_vhost / set_permissions)",
+            refused=True,
+        )
+    reason = str(exc) or type(exc).__name__
+    return BrokerConnectError(f"cannot connect to {where}: {reason}")
 
 
 class _RabbitLock:
@@ -206,7 +232,7 @@ class RabbitMQBus:
                 )
             except (OSError, aiormq.exceptions.AMQPError) as exc:
                 await self._close_connections()
-                raise BusError(f"cannot connect to {redact_url(self.url)}: {exc}") from exc
+                raise connect_error(self.url, exc) from exc
             for connection in (self._consume_connection, self._publish_connection):
                 connection.reconnect_callbacks.add(self._reconnected)
             self._confirmed = await self._publish_connection.channel(
@@ -383,7 +409,7 @@ class RabbitMQBus:
                 url, client_properties={"connection_name": f"{self.name}:lock"}
             )
         except (OSError, aiormq.exceptions.AMQPError) as exc:
-            raise BusError(f"cannot connect to {redact_url(self.url)}: {exc}") from exc
+            raise connect_error(self.url, exc) from exc
         try:
             channel = await connection.channel()
             await channel.declare_queue(queue, exclusive=True, durable=False)

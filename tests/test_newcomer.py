@@ -4,11 +4,18 @@ not say what to do, and JSON logs interleaved with plain-text tracebacks."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+import hms_mgmt
+from bus_adapters.base import BrokerConnectError, BusError, redact_url
+from bus_adapters.rabbitmq import RabbitMQBus
 from hms_mgmt.settings import Settings
-from tests.conftest import Processes, free_port, hms, http_get, wait_until
+from tests.conftest import ROOT, Processes, free_port, hms, http_get, wait_until
 
 
 def test_the_engine_and_a_step_service_have_a_port_setting_each() -> None:
@@ -55,3 +62,99 @@ async def test_engine_and_worker_both_come_up_with_hms_http_port_exported(
     for child, name in ((engine, "engine"), (plain, "worker"), (probed, "probed")):
         assert child.poll() is None, processes.log(name)
         assert "address already in use" not in processes.log(name)
+
+
+# -- errors that say what to do ------------------------------------------------------
+
+
+def _with_password(url: str, password: str) -> str:
+    return url.replace("guest:guest@", f"guest:{password}@", 1)
+
+
+async def test_the_broker_down_is_a_documented_hms_error() -> None:
+    """Nothing listens: ``hms_mgmt.BrokerUnavailableError``, an ``HmsError`` (and still a
+    ``BusError``, for code that catches that), naming the URL without its password."""
+    url = f"amqp://guest:s3cret@127.0.0.1:{free_port()}/"
+    client = hms_mgmt.init(service_name="newcomer", broker_url=url)
+    with pytest.raises(hms_mgmt.BrokerUnavailableError) as caught:
+        await client.start("grantApproval", {})
+    await client.close()
+    error = caught.value
+    assert isinstance(error, hms_mgmt.HmsError) and isinstance(error, BusError)
+    assert not error.refused and error.http_status == 503
+    assert f"cannot connect to {redact_url(url)}" in str(error) and "s3cret" not in str(error)
+    assert "BrokerUnavailableError" in hms_mgmt.__all__
+
+
+@pytest.mark.broker
+async def test_a_missing_vhost_is_named_and_a_wrong_password_is_called_one(vhost: str) -> None:
+    missing = vhost.replace("/hms-test-", "/no-such-vhost-", 1)
+    bus = RabbitMQBus(_with_password(missing, "guest"))
+    with pytest.raises(BrokerConnectError) as caught:
+        await bus.connect()
+    name = missing.split("/")[3].split("?")[0]
+    assert f"vhost '{name}' does not exist or access refused for user 'guest'" in str(caught.value)
+    assert "Connection.OpenOk" not in str(caught.value) and caught.value.refused
+
+    wrong = _with_password(vhost, "wrong-password")
+    client = hms_mgmt.init(service_name="newcomer", broker_url=wrong)
+    with pytest.raises(hms_mgmt.BrokerUnavailableError) as refused:
+        await client.status("0" * 32)
+    await client.close()
+    assert refused.value.refused
+    assert "refused the login of user 'guest': wrong user name or password" in str(refused.value)
+    assert "wrong-password" not in str(refused.value)
+
+
+@pytest.mark.broker
+def test_the_example_reports_a_refused_login_instead_of_falling_back(vhost: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "examples.grant_approval", "1"],
+        cwd=ROOT,
+        env={**os.environ, "HMS_BROKER_URL": _with_password(vhost, "wrong-password")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "refused the login of user 'guest'" in done.stderr
+    assert "in-memory" not in done.stdout + done.stderr
+    assert "wrong-password" not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["-m", "hms_mgmt", "engine"],
+        ["-m", "hms_mgmt.engine"],
+        ["-m", "hms_mgmt", "store", "backup", "{tmp}/copy.db"],
+    ],
+    ids=["hms engine", "python -m hms_mgmt.engine", "hms store backup"],
+)
+@pytest.mark.parametrize(
+    "store", ["{tmp}/no-such-folder/deeper", "/proc/hms/hms.db", "/proc/version"]
+)
+def test_a_store_that_cannot_be_opened_is_one_line_naming_it(
+    command: list[str], store: str, tmp_path: Path
+) -> None:
+    """Before the broker is even tried: one line, the path and why, exit code 2."""
+    path = store.format(tmp=tmp_path)
+    if "no-such-folder" in path:  # a folder where the file should be, under a missing one
+        os.makedirs(path)
+    done = subprocess.run(
+        [sys.executable, *(part.format(tmp=tmp_path) for part in command)],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "HMS_LOG_FORMAT": "json",
+            "HMS_STORE_URL": f"sqlite:///{path}",
+            "HMS_BROKER_URL": f"amqp://guest:guest@127.0.0.1:{free_port()}/",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert done.returncode == 2, lines
+    assert len(lines) == 1 and path in lines[0], lines
+    assert "Traceback" not in lines[0]

@@ -120,11 +120,17 @@ def run(settings: Settings, *, new_store: bool = False) -> int:
         log.error("refusing to start", cause=str(exc), exit_code=EXIT_REFUSED)
         return EXIT_REFUSED
     except BusError as exc:
-        log.error("cannot reach the broker", error=str(exc), exit_code=3)
+        log.error(_broker_trouble(exc), error=str(exc), exit_code=3)
         return 3
     except ValueError as exc:
         log.error("bad configuration", error=str(exc), exit_code=2)
         return 2
+
+
+def _broker_trouble(exc: BusError) -> str:
+    if getattr(exc, "refused", False):
+        return "the broker refused the connection"
+    return "cannot reach the broker"
 
 
 def main(argv: list[str] | None = None) -> None:

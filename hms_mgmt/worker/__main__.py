@@ -70,7 +70,12 @@ def worker(target: str, concurrency: int | None, **flags: Any) -> None:
     try:
         _run_until_signalled(run)
     except BusError as exc:
-        log.error("cannot reach the broker", error=str(exc))
+        refused = getattr(exc, "refused", False)
+        log.error(
+            "the broker refused the connection" if refused else "cannot reach the broker",
+            error=str(exc),
+            exit_code=3,
+        )
         sys.exit(3)
     except ValueError as exc:  # a port in use, a service without handlers
         log.error("cannot serve", error=str(exc))
