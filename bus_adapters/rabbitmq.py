@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -44,6 +46,9 @@ from bus_adapters.base import (
 )
 
 PUBLISH_TIMEOUT = 30.0
+# Standard-library logging, as a library logs: the daemons render it as their own lines
+# (JSON with HMS_LOG_FORMAT=json), and a program using the SDK keeps its own set-up.
+log = logging.getLogger("bus_adapters.rabbitmq")
 
 
 def queue_arguments(spec: QueueSpec) -> dict[str, Any]:
@@ -92,6 +97,12 @@ def connect_error(url: str, exc: BaseException) -> BrokerConnectError:
         )
     reason = str(exc) or type(exc).__name__
     return BrokerConnectError(f"cannot connect to {where}: {reason}")
+
+
+def _describe(exc: BaseException | None) -> str | None:
+    if exc is None:
+        return None
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 class _RabbitLock:
@@ -209,6 +220,8 @@ class RabbitMQBus:
         self._exchanges: dict[tuple[bool, str], AbstractExchange] = {}
         self._lock = asyncio.Lock()
         self.reconnects = 0  # connections re-established after a drop (for metrics)
+        self._lost_at: dict[str, float] = {}  # connection role -> when it dropped (monotonic)
+        self._closing = False
 
     @property
     def connected(self) -> bool:
@@ -216,8 +229,39 @@ class RabbitMQBus:
         connections = (self._consume_connection, self._publish_connection)
         return all(c is not None and c.connected.is_set() for c in connections)
 
-    def _reconnected(self, *_: Any) -> None:
-        self.reconnects += 1
+    def _watch(self, connection: AbstractRobustConnection, role: str) -> None:
+        """Log a drop of ``connection`` and its recovery as structured events."""
+
+        def lost(_sender: Any, exc: BaseException | None = None, *_: Any) -> None:
+            if self._closing or role in self._lost_at:
+                return  # our own close, or a failed restore within the same outage
+            self._lost_at[role] = time.monotonic()
+            log.warning(
+                "broker.connection_lost",
+                extra={
+                    "component": "bus",
+                    "connection": f"{self.name}:{role}",
+                    "broker": redact_url(self.url),
+                    "error": _describe(exc),
+                },
+            )
+
+        def reconnected(*_: Any) -> None:
+            self.reconnects += 1
+            since = self._lost_at.pop(role, None)
+            log.info(
+                "broker.reconnected",
+                extra={
+                    "component": "bus",
+                    "connection": f"{self.name}:{role}",
+                    "broker": redact_url(self.url),
+                    "downtime": None if since is None else round(time.monotonic() - since, 3),
+                    "reconnects": self.reconnects,  # by this process, over all its connections
+                },
+            )
+
+        connection.close_callbacks.add(lost)
+        connection.reconnect_callbacks.add(reconnected)
 
     async def connect(self) -> None:
         async with self._lock:
@@ -233,8 +277,9 @@ class RabbitMQBus:
             except (OSError, aiormq.exceptions.AMQPError) as exc:
                 await self._close_connections()
                 raise connect_error(self.url, exc) from exc
-            for connection in (self._consume_connection, self._publish_connection):
-                connection.reconnect_callbacks.add(self._reconnected)
+            self._closing = False
+            self._watch(self._consume_connection, "consume")
+            self._watch(self._publish_connection, "publish")
             self._confirmed = await self._publish_connection.channel(
                 publisher_confirms=True, on_return_raises=True
             )
@@ -422,6 +467,7 @@ class RabbitMQBus:
         return _RabbitLock(connection)
 
     async def close(self) -> None:
+        self._closing = True  # no broker.connection_lost for our own close
         async with self._lock:
             await self._close_connections()
 

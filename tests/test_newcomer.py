@@ -15,7 +15,7 @@ import hms_mgmt
 from bus_adapters.base import BrokerConnectError, BusError, redact_url
 from bus_adapters.rabbitmq import RabbitMQBus
 from hms_mgmt.settings import Settings
-from tests.conftest import ROOT, Processes, free_port, hms, http_get, wait_until
+from tests.conftest import ROOT, Processes, free_port, hms, http_get, rabbitmqctl, wait_until
 
 
 def test_the_engine_and_a_step_service_have_a_port_setting_each() -> None:
@@ -158,3 +158,50 @@ def test_a_store_that_cannot_be_opened_is_one_line_naming_it(
     assert done.returncode == 2, lines
     assert len(lines) == 1 and path in lines[0], lines
     assert "Traceback" not in lines[0]
+
+
+# -- logs: every line JSON, and the reconnect said in structured events -------------------
+
+
+def _vhost_name(url: str) -> str:
+    return url.split("/")[3].split("?")[0]
+
+
+@pytest.mark.broker
+async def test_a_dropped_connection_logs_json_lines_only_and_a_reconnected_event(
+    processes: Processes, vhost: str, store_url: str
+) -> None:
+    engine = processes.engine(vhost, store_url)  # HMS_LOG_FORMAT=json, stdout and stderr
+    worker = processes.worker(vhost, "tests.services:grant")
+    await wait_until(lambda: '"engine started"' in processes.log("engine"), timeout=30)
+    await wait_until(lambda: '"worker serving"' in processes.log("worker"), timeout=30)
+    name = _vhost_name(vhost)
+    listed = rabbitmqctl("list_connections", "pid", "vhost", "-q").splitlines()
+    pids = [line.split("\t")[0] for line in listed if line.split("\t")[-1] == name]
+    assert len(pids) >= 4, listed  # the engine's (consume, publish, lock), the worker's
+    for pid in pids:
+        rabbitmqctl("close_connection", pid, "newcomer test")
+
+    def events(log: str, event: str) -> list[dict[str, object]]:
+        return [e for e in map(json.loads, processes.log(log).splitlines()) if e["event"] == event]
+
+    for log in ("engine", "worker"):
+
+        def back(log: str = log) -> bool:
+            return len(events(log, "broker.reconnected")) >= 2
+
+        await wait_until(back, timeout=60, what=f"the {log} to reconnect")
+    for child in (engine, worker):
+        assert processes.stop(child) == 0
+    for log in ("engine", "worker"):
+        lines = processes.log(log).splitlines()
+        for line in lines:
+            json.loads(line)  # every line, the libraries' too
+        assert not any("Traceback" in line for line in lines)
+        lost = events(log, "broker.connection_lost")
+        back = events(log, "broker.reconnected")
+        assert {e["connection"] for e in lost} == {e["connection"] for e in back}, log
+        for event in back:
+            assert isinstance(event["downtime"], float) and event["reconnects"] >= 1
+            assert "guest:guest" not in str(event["broker"])
+        assert all(e["error"] for e in lost)

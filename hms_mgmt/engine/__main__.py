@@ -102,7 +102,7 @@ def engine(ctx: click.Context, /, new_store: bool, retention: str | None, **flag
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--retention") from None
     try:
-        configure(settings.log_format, settings.log_level)
+        configure(settings.log_format, settings.log_level, stdlib=True)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     ctx.exit(run(settings, new_store=new_store))

@@ -41,7 +41,7 @@ log = get_logger("worker")
 def worker(target: str, concurrency: int | None, **flags: Any) -> None:
     settings = settings_from(**flags)
     try:
-        configure(settings.log_format, settings.log_level)
+        configure(settings.log_format, settings.log_level, stdlib=True)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     module_name, _, attribute = target.partition(":")
