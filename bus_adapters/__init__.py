@@ -5,6 +5,7 @@ factory there would import them back.
 """
 
 from bus_adapters.base import (
+    BrokerConnectError,
     Bus,
     BusError,
     Delivery,
@@ -29,6 +30,7 @@ def open_bus(url: str, *, name: str = "hms") -> Bus:
 
 
 __all__ = (
+    "BrokerConnectError",
     "Bus",
     "BusError",
     "Delivery",

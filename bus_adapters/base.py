@@ -18,12 +18,27 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from urllib.parse import unquote, urlsplit
 
 JSON_CONTENT_TYPE = "application/json"
 
 
 class BusError(Exception):
     """Something went wrong between us and the broker."""
+
+
+class BrokerConnectError(BusError):
+    """The broker cannot be reached, or it refused the connection; the message names the URL
+    without its password.
+
+    ``refused`` is True when the broker answered and said no (a wrong user name or password,
+    a vhost that does not exist or that the user may not use): trying again will not help.
+    False when nothing listens there, or the network failed.
+    """
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 class UnroutableError(BusError):
@@ -177,6 +192,12 @@ class Bus(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+def vhost_of(url: str) -> str:
+    """The vhost an AMQP URL names: ``/`` when its path is empty (RabbitMQ's default)."""
+    path = urlsplit(url).path
+    return unquote(path[1:]) if len(path) > 1 else "/"
 
 
 def redact_url(url: str) -> str:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -30,6 +32,7 @@ from aio_pika.exceptions import DeliveryError, PublishError
 
 from bus_adapters.base import (
     AccessRefusedError,
+    BrokerConnectError,
     BusError,
     Delivery,
     Message,
@@ -39,9 +42,13 @@ from bus_adapters.base import (
     ResourceLockedError,
     UnroutableError,
     redact_url,
+    vhost_of,
 )
 
 PUBLISH_TIMEOUT = 30.0
+# Standard-library logging, as a library logs: the daemons render it as their own lines
+# (JSON with HMS_LOG_FORMAT=json), and a program using the SDK keeps its own set-up.
+log = logging.getLogger("bus_adapters.rabbitmq")
 
 
 def queue_arguments(spec: QueueSpec) -> dict[str, Any]:
@@ -66,6 +73,36 @@ def _refusal(what: str, exc: Exception) -> BusError:
     if isinstance(exc, aiormq.exceptions.ChannelAccessRefused):
         return AccessRefusedError(f"{what}: access refused by the broker: {exc}")
     return BusError(f"{what}: {exc}")
+
+
+def connect_error(url: str, exc: BaseException) -> BrokerConnectError:
+    """A failed connection as one sentence an operator can act on, naming the URL without its
+    password: a refused login and a missing vhost are told apart from a broker that is down."""
+    where = redact_url(url)
+    user = unquote(urlsplit(url).username or "guest")
+    if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
+        return BrokerConnectError(
+            f"the broker at {where} refused the login of user {user!r}: wrong user name or "
+            f"password (ACCESS_REFUSED)",
+            refused=True,
+        )
+    if isinstance(exc, aiormq.exceptions.ProtocolSyntaxError) and "Connection.Close" in str(exc):
+        # RabbitMQ answers Connection.Open with Connection.Close (530 NOT_ALLOWED) when the vhost
+        # is missing or the user has no permissions on it; aiormq reports only "wrong frame".
+        return BrokerConnectError(
+            f"vhost {vhost_of(url)!r} does not exist or access refused for user {user!r} "
+            f"({where}): create it, or grant the user permissions on it "
+            f"(rabbitmqctl add_vhost / set_permissions)",
+            refused=True,
+        )
+    reason = str(exc) or type(exc).__name__
+    return BrokerConnectError(f"cannot connect to {where}: {reason}")
+
+
+def _describe(exc: BaseException | None) -> str | None:
+    if exc is None:
+        return None
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 class _RabbitLock:
@@ -183,6 +220,8 @@ class RabbitMQBus:
         self._exchanges: dict[tuple[bool, str], AbstractExchange] = {}
         self._lock = asyncio.Lock()
         self.reconnects = 0  # connections re-established after a drop (for metrics)
+        self._lost_at: dict[str, float] = {}  # connection role -> when it dropped (monotonic)
+        self._closing = False
 
     @property
     def connected(self) -> bool:
@@ -190,8 +229,39 @@ class RabbitMQBus:
         connections = (self._consume_connection, self._publish_connection)
         return all(c is not None and c.connected.is_set() for c in connections)
 
-    def _reconnected(self, *_: Any) -> None:
-        self.reconnects += 1
+    def _watch(self, connection: AbstractRobustConnection, role: str) -> None:
+        """Log a drop of ``connection`` and its recovery as structured events."""
+
+        def lost(_sender: Any, exc: BaseException | None = None, *_: Any) -> None:
+            if self._closing or role in self._lost_at:
+                return  # our own close, or a failed restore within the same outage
+            self._lost_at[role] = time.monotonic()
+            log.warning(
+                "broker.connection_lost",
+                extra={
+                    "component": "bus",
+                    "connection": f"{self.name}:{role}",
+                    "broker": redact_url(self.url),
+                    "error": _describe(exc),
+                },
+            )
+
+        def reconnected(*_: Any) -> None:
+            self.reconnects += 1
+            since = self._lost_at.pop(role, None)
+            log.info(
+                "broker.reconnected",
+                extra={
+                    "component": "bus",
+                    "connection": f"{self.name}:{role}",
+                    "broker": redact_url(self.url),
+                    "downtime": None if since is None else round(time.monotonic() - since, 3),
+                    "reconnects": self.reconnects,  # by this process, over all its connections
+                },
+            )
+
+        connection.close_callbacks.add(lost)
+        connection.reconnect_callbacks.add(reconnected)
 
     async def connect(self) -> None:
         async with self._lock:
@@ -206,9 +276,10 @@ class RabbitMQBus:
                 )
             except (OSError, aiormq.exceptions.AMQPError) as exc:
                 await self._close_connections()
-                raise BusError(f"cannot connect to {redact_url(self.url)}: {exc}") from exc
-            for connection in (self._consume_connection, self._publish_connection):
-                connection.reconnect_callbacks.add(self._reconnected)
+                raise connect_error(self.url, exc) from exc
+            self._closing = False
+            self._watch(self._consume_connection, "consume")
+            self._watch(self._publish_connection, "publish")
             self._confirmed = await self._publish_connection.channel(
                 publisher_confirms=True, on_return_raises=True
             )
@@ -383,7 +454,7 @@ class RabbitMQBus:
                 url, client_properties={"connection_name": f"{self.name}:lock"}
             )
         except (OSError, aiormq.exceptions.AMQPError) as exc:
-            raise BusError(f"cannot connect to {redact_url(self.url)}: {exc}") from exc
+            raise connect_error(self.url, exc) from exc
         try:
             channel = await connection.channel()
             await channel.declare_queue(queue, exclusive=True, durable=False)
@@ -396,6 +467,7 @@ class RabbitMQBus:
         return _RabbitLock(connection)
 
     async def close(self) -> None:
+        self._closing = True  # no broker.connection_lost for our own close
         async with self._lock:
             await self._close_connections()
 

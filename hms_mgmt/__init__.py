@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from hms_mgmt.context import StepContext
 from hms_mgmt.definitions import RetryPolicy, Step, WorkflowDefinition
 from hms_mgmt.errors import (
+    BrokerUnavailableError,
     DefinitionError,
     EngineUnavailableError,
     HmsError,
@@ -50,6 +51,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = (
+    "BrokerUnavailableError",
     "DefinitionError",
     "EngineUnavailableError",
     "HmsError",

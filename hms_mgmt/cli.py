@@ -18,7 +18,14 @@ from typing import Any
 
 import click
 
-from hms_mgmt.cli_api import EXIT_REFUSED, CliError, EngineHttp, Unreachable, quote
+from hms_mgmt.cli_api import (
+    EXIT_REFUSED,
+    CliError,
+    EngineHttp,
+    StoreUnusable,
+    Unreachable,
+    quote,
+)
 from hms_mgmt.cli_format import changes, printable, show, summary_rows, table
 from hms_mgmt.records import STATUSES, TERMINAL
 
@@ -355,7 +362,7 @@ def store_backup(obj: Context, path: str, store_url: str, force: bool) -> None:
     try:
         result = backup(source, path)
     except StoreError as exc:
-        raise CliError(str(exc)) from None
+        raise StoreUnusable(str(exc)) from None
     obj.emit(
         result,
         f"backed up {source} ({result['workflows']} workflows, {result['bytes']} bytes) to "

@@ -40,6 +40,13 @@ class NotConfigured(CliError):
     exit_code = EXIT_USAGE
 
 
+class StoreUnusable(CliError):
+    """The store (or a backup's destination) cannot be opened or written: exit code 2, as the
+    engine's for the same store; the message names the path."""
+
+    exit_code = EXIT_USAGE
+
+
 class EngineHttp:
     def __init__(self, url: str | None, token: str | None, timeout: float) -> None:
         self.url = url

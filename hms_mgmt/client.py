@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from bus_adapters.base import Bus, BusError, Delivery, redact_url
+from bus_adapters.base import BrokerConnectError, Bus, BusError, Delivery, redact_url
 from hms_mgmt import tracing
 from hms_mgmt.bounds import check_delay, check_id, check_key, check_run_at, check_schedule_id
 from hms_mgmt.definitions import WorkflowDefinition, check_name
 from hms_mgmt.errors import (
+    BrokerUnavailableError,
     EngineUnavailableError,
     InvalidMessageError,
     PayloadError,
@@ -301,7 +302,10 @@ class Client(Calls):
         async with self._connect_lock:
             if self._reply_to is not None:
                 return
-            await self.bus.connect()
+            try:
+                await self.bus.connect()
+            except BrokerConnectError as exc:
+                raise BrokerUnavailableError(str(exc), refused=exc.refused) from exc
             await declare_core(self.bus)
             self._reply_to = await self.bus.reply_queue(self._on_reply)
 

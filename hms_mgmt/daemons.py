@@ -1,5 +1,8 @@
 """What the two daemons (``hms engine``, ``hms worker``) share: their common flags, as click
-options, and the settings they make with the ``HMS_*`` environment (flags win)."""
+options, and the settings they make with the ``HMS_*`` environment (flags win).
+
+Each has its own ``--http-port``: the engine's is ``HMS_HTTP_PORT``, a step service's
+``HMS_WORKER_HTTP_PORT``."""
 
 from __future__ import annotations
 
@@ -16,12 +19,6 @@ COMMON = [
     click.option("--broker-url", help="AMQP URL (HMS_BROKER_URL; default the local RabbitMQ)."),
     click.option("--log-format", type=click.Choice(["console", "json"]), help="HMS_LOG_FORMAT."),
     click.option("--log-level", help="HMS_LOG_LEVEL (default info)."),
-    click.option(
-        "--http-port",
-        type=int,
-        help="Serve /healthz, /readyz and /metrics (the engine also its JSON API) on this port "
-        "(HMS_HTTP_PORT; default off).",
-    ),
     click.option(
         "--http-host",
         help="Address to listen on (HMS_HTTP_HOST; default 127.0.0.1; beyond loopback, the API "
@@ -40,6 +37,25 @@ COMMON = [
         "in seconds (HMS_LIVENESS_LAG; default 30).",
     ),
 ]
+
+
+ENGINE_HTTP_PORT = click.option(
+    "--http-port",
+    type=int,
+    help="Serve /healthz, /readyz, /metrics and the JSON API hms uses on this port "
+    "(HMS_HTTP_PORT; default off).",
+)
+
+# A step service's port is a setting of its own: HMS_HTTP_PORT exported for the engine (and
+# for hms, which finds the engine by it) would make a worker on the same machine bind the
+# engine's port and fail with "address already in use".
+WORKER_HTTP_PORT = click.option(
+    "--http-port",
+    "worker_http_port",
+    type=int,
+    help="Serve /healthz, /readyz and /metrics on this port (HMS_WORKER_HTTP_PORT; default off; "
+    "HMS_HTTP_PORT is the engine's).",
+)
 
 
 def common_options(command: F) -> F:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bus_adapters.base import BrokerConnectError
 from hms_mgmt.bounds import check_delay
 
 
@@ -48,6 +49,19 @@ class InvalidStateError(HmsError):
 
 class EngineUnavailableError(HmsError, TimeoutError):
     """The engine did not answer a request before its deadline."""
+
+    http_status = 503
+
+
+class BrokerUnavailableError(HmsError, BrokerConnectError):
+    """The broker cannot be reached, or it refused us; the message names the URL without its
+    password and what to do.
+
+    ``refused`` is True when the broker answered and said no (a wrong user name or password, a
+    vhost that does not exist or that the user may not use): trying again will not help. False
+    when nothing listens there or the network failed. Also a ``bus_adapters.BusError`` (and
+    ``BrokerConnectError``), which code written before it catches.
+    """
 
     http_status = 503
 
@@ -112,6 +126,7 @@ _BY_NAME: dict[str, type[HmsError]] = {
         ScheduleNotFoundError,
         InvalidStateError,
         EngineUnavailableError,
+        BrokerUnavailableError,
         InvalidMessageError,
         StoreError,
     )

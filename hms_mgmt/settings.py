@@ -11,6 +11,7 @@ from typing import Any
 DEFAULT_BROKER_URL = "amqp://guest:guest@localhost:5672/"
 DEFAULT_STORE_URL = "sqlite:///hms_mgmt.db"
 DEFAULT_RETENTION = 30 * 86400.0
+_PORTS = ("http_port", "worker_http_port")
 _SECONDS = frozenset({"loop_block_threshold", "liveness_lag", "store_grace", "stuck_after"})
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)?\s*$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, None: 1}
@@ -41,7 +42,10 @@ class Settings:
     log_format: str | None = None  # console or json; by default console on a terminal
     log_level: str = "info"
     http_host: str = "127.0.0.1"
-    http_port: int | None = None  # the engine's (or a step service's) HTTP server; off if None
+    http_port: int | None = (
+        None  # the engine's HTTP server (and where the CLI finds it); off if None
+    )
+    worker_http_port: int | None = None  # a step service's probes (/healthz, /readyz, /metrics)
     http_token: str | None = None  # needed by mutating HTTP endpoints; required beyond loopback
     engine_url: str | None = None  # where the CLI finds the engine's HTTP server
     # A stall of the event loop longer than this (seconds) is logged and counted.
@@ -56,8 +60,10 @@ class Settings:
     stuck_after: float = 300.0  # a step waiting this long to start shows as stuck
 
     def __post_init__(self) -> None:
-        if self.http_port is not None and not 0 <= self.http_port <= 65535:
-            raise ValueError(f"the HTTP port must be 0-65535, not {self.http_port}")
+        for name in _PORTS:
+            port = getattr(self, name)
+            if port is not None and not 0 <= port <= 65535:
+                raise ValueError(f"HMS_{name.upper()} must be a port, 0-65535, not {port}")
         for name in _SECONDS:
             value = getattr(self, name)
             if not value > 0:
@@ -89,11 +95,13 @@ class Settings:
             raw = env.get(f"HMS_{f.name.upper()}")
             if raw is None or raw == "":
                 continue
-            if f.name == "http_port":
+            if f.name in _PORTS:
                 try:
                     values[f.name] = int(raw)
                 except ValueError:
-                    raise ValueError(f"HMS_HTTP_PORT must be a port number, not {raw!r}") from None
+                    raise ValueError(
+                        f"HMS_{f.name.upper()} must be a port number, not {raw!r}"
+                    ) from None
             elif f.name in _SECONDS:
                 try:
                     values[f.name] = float(raw)

@@ -28,7 +28,7 @@ async def one_slot_worker(
     worker = processes.spawn(
         "worker",
         ["-m", "hms_mgmt", "worker", "tests.services:grant", "--concurrency", "1"],
-        {"HMS_BROKER_URL": vhost, "HMS_HTTP_PORT": str(port), **env},
+        {"HMS_BROKER_URL": vhost, "HMS_WORKER_HTTP_PORT": str(port), **env},
     )
     url = f"http://127.0.0.1:{port}"
 

@@ -24,9 +24,9 @@ def test_compose_file_wires_the_broker_engine_and_step_service() -> None:
 
 def test_compose_file_wires_the_http_ports_and_health_checks() -> None:
     services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
-    for name in ("engine", "grant-service"):
+    for name, variable in (("engine", "HMS_HTTP_PORT"), ("grant-service", "HMS_WORKER_HTTP_PORT")):
         service = services[name]
-        port = service["environment"]["HMS_HTTP_PORT"]
+        port = service["environment"][variable]
         assert port.isdigit(), name
         # published on the host's loopback only, to the port the process listens on
         assert f"127.0.0.1:{port}:{port}" in service["ports"], name

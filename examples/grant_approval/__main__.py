@@ -2,8 +2,9 @@
 
 With a RabbitMQ reachable (``HMS_BROKER_URL``, default the local one) it starts
 the engine daemon and the grant step service as separate processes, submits
-applications through the broker and prints each workflow's record. Without
-one it says so and runs the one-process demo on the in-memory bus.
+applications through the broker and prints each workflow's record. When nothing
+listens there it says so and runs the one-process demo on the in-memory bus; when
+the broker refuses the login or the vhost it says so and exits with code 3.
 """
 
 from __future__ import annotations
@@ -19,20 +20,24 @@ from pathlib import Path
 
 import aio_pika
 
-from bus_adapters.base import redact_url
+from bus_adapters.base import BrokerConnectError, redact_url
+from bus_adapters.rabbitmq import connect_error
 from examples.grant_approval import demo, submit
 from hms_mgmt.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-async def broker_reachable(url: str) -> bool:
+async def broker_problem(url: str) -> BrokerConnectError | None:
+    """None if the broker takes our login, else what went wrong (``refused``: it said no)."""
     try:
         connection = await asyncio.wait_for(aio_pika.connect(url), timeout=5)
-    except (OSError, TimeoutError, aio_pika.exceptions.AMQPError):
-        return False
+    except TimeoutError:
+        return BrokerConnectError(f"no answer from {redact_url(url)} within 5 s")
+    except (OSError, aio_pika.exceptions.AMQPError) as exc:
+        return connect_error(url, exc)
     await connection.close()
-    return True
+    return None
 
 
 def spawn(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -103,11 +108,16 @@ async def engine_state(engine: subprocess.Popen[bytes], log: Path) -> str:
 
 async def main(count: int) -> int:
     url = Settings.from_env().broker_url
-    if await broker_reachable(url):
+    problem = await broker_problem(url)
+    if problem is None:
         return await through_the_broker(url, count)
+    if problem.refused:
+        # A broker listens but refuses us: the in-memory demo would hide a wrong password.
+        print(f"RabbitMQ refused the connection: {problem}", file=sys.stderr)
+        return 3
     print(
-        f"No RabbitMQ reachable at {redact_url(url)} (set HMS_BROKER_URL to use another): "
-        "running the one-process demo on the in-memory bus instead."
+        f"No RabbitMQ reachable at {redact_url(url)} ({problem}; set HMS_BROKER_URL to use "
+        "another): running the one-process demo on the in-memory bus instead."
     )
     return await demo.main(count)
 

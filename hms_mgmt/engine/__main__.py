@@ -17,7 +17,7 @@ import click
 from bus_adapters import open_bus
 from bus_adapters.base import BusError
 from hms_mgmt import faults, loop
-from hms_mgmt.daemons import common_options, settings_from
+from hms_mgmt.daemons import ENGINE_HTTP_PORT, common_options, settings_from
 from hms_mgmt.engine.api import start_api
 from hms_mgmt.engine.engine import EXIT_REFUSED, Engine
 from hms_mgmt.engine.vhost import StartRefused
@@ -75,6 +75,7 @@ async def serve(settings: Settings, *, new_store: bool = False) -> int:
     "--store-url", help="sqlite:///path.db (HMS_STORE_URL; default sqlite:///hms_mgmt.db)."
 )
 @common_options
+@ENGINE_HTTP_PORT
 @click.option(
     "--new-store",
     is_flag=True,
@@ -101,7 +102,7 @@ def engine(ctx: click.Context, /, new_store: bool, retention: str | None, **flag
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--retention") from None
     try:
-        configure(settings.log_format, settings.log_level)
+        configure(settings.log_format, settings.log_level, stdlib=True)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     ctx.exit(run(settings, new_store=new_store))
@@ -119,11 +120,17 @@ def run(settings: Settings, *, new_store: bool = False) -> int:
         log.error("refusing to start", cause=str(exc), exit_code=EXIT_REFUSED)
         return EXIT_REFUSED
     except BusError as exc:
-        log.error("cannot reach the broker", error=str(exc), exit_code=3)
+        log.error(_broker_trouble(exc), error=str(exc), exit_code=3)
         return 3
     except ValueError as exc:
         log.error("bad configuration", error=str(exc), exit_code=2)
         return 2
+
+
+def _broker_trouble(exc: BusError) -> str:
+    if getattr(exc, "refused", False):
+        return "the broker refused the connection"
+    return "cannot reach the broker"
 
 
 def main(argv: list[str] | None = None) -> None:

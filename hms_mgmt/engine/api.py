@@ -144,7 +144,7 @@ class EngineApi:
         except HmsError as exc:
             return error_response(exc.http_status, type(exc).__name__, str(exc))
         except BusError as exc:
-            return error_response(503, "BrokerUnavailable", f"broker trouble: {exc}")
+            return error_response(503, "BrokerUnavailableError", f"broker trouble: {exc}")
         except web.HTTPException as exc:  # aiohttp's own: no route (404), method (405), size (413)
             if exc.status < 400:
                 raise
@@ -184,7 +184,7 @@ class EngineApi:
         if not self.engine.bus.connected:
             raise ApiError(
                 503,
-                "BrokerUnavailable",
+                "BrokerUnavailableError",
                 f"the engine is not connected to {redact_url(self.engine.bus.url)}; "
                 "try again once /readyz says ready",
             )

@@ -517,14 +517,26 @@ def backup(source: str, destination: str) -> dict[str, Any]:
     """
     began = time.monotonic()
     if not os.path.isfile(source):
-        raise StoreError(f"there is no store at {source}", kind="unopenable")
+        raise StoreError(
+            f"there is no store at {source}"
+            + ("" if os.path.isabs(source) else f" ({os.path.abspath(source)})")
+            + ": --store-url or HMS_STORE_URL names it",
+            kind="unopenable",
+        )
     partial = destination + ".partial"
     try:
         reader = sqlite3.connect(
             f"file:{urllib.parse.quote(os.path.abspath(source))}?mode=ro", uri=True
         )
         try:
-            writer = sqlite3.connect(partial)
+            try:
+                writer = sqlite3.connect(partial)
+            except sqlite3.Error as exc:
+                raise StoreError(
+                    f"cannot write the backup {destination}: a missing or read-only folder, "
+                    f"or no permission ({exc})",
+                    kind="unopenable",
+                ) from None
             try:
                 reader.backup(writer)
                 if writer.execute("PRAGMA quick_check").fetchall() != [("ok",)]:

@@ -19,7 +19,7 @@ import click
 
 from bus_adapters.base import BusError
 from hms_mgmt import faults, loop
-from hms_mgmt.daemons import common_options, settings_from
+from hms_mgmt.daemons import WORKER_HTTP_PORT, common_options, settings_from
 from hms_mgmt.logs import configure, get_logger
 from hms_mgmt.loopwatch import LoopMonitor
 from hms_mgmt.worker.threads import handler_threads_running
@@ -37,10 +37,11 @@ log = get_logger("worker")
 @click.argument("target")
 @click.option("--concurrency", type=click.IntRange(min=1), help="Handlers run at once.")
 @common_options
+@WORKER_HTTP_PORT
 def worker(target: str, concurrency: int | None, **flags: Any) -> None:
     settings = settings_from(**flags)
     try:
-        configure(settings.log_format, settings.log_level)
+        configure(settings.log_format, settings.log_level, stdlib=True)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     module_name, _, attribute = target.partition(":")
@@ -62,14 +63,19 @@ def worker(target: str, concurrency: int | None, **flags: Any) -> None:
     service.loop_monitor = LoopMonitor.from_settings(settings, "step-service")
     service.faults = faults.from_env()
     run = service.run
-    if settings.http_port is not None:
+    if settings.worker_http_port is not None:
         from hms_mgmt.worker.probes import serve_with_probes
 
         run = functools.partial(serve_with_probes, service, settings)
     try:
         _run_until_signalled(run)
     except BusError as exc:
-        log.error("cannot reach the broker", error=str(exc))
+        refused = getattr(exc, "refused", False)
+        log.error(
+            "the broker refused the connection" if refused else "cannot reach the broker",
+            error=str(exc),
+            exit_code=3,
+        )
         sys.exit(3)
     except ValueError as exc:  # a port in use, a service without handlers
         log.error("cannot serve", error=str(exc))

@@ -40,7 +40,7 @@ def probe_app(
 
 async def serve_with_probes(target: Management, settings: Settings) -> None:
     """Run a step service (``Management.run``) with its HTTP server beside it."""
-    assert settings.http_port is not None
+    assert settings.worker_http_port is not None
     metrics = WorkerMetrics(
         lambda: target.reconnects,
         lambda: target.abandoned_threads,
@@ -51,7 +51,7 @@ async def serve_with_probes(target: Management, settings: Settings) -> None:
         target.loop_monitor = LoopMonitor.from_settings(settings, "step-service")
     metrics.registry.register(LoopCollector(target.loop_monitor))
     app = probe_app(metrics.render, target.readiness, target.loop_monitor)
-    runner = await start_server(app, settings.http_host, settings.http_port, name="worker")
+    runner = await start_server(app, settings.http_host, settings.worker_http_port, name="worker")
     try:
         await target.run()
     finally:
