@@ -2,7 +2,8 @@
 
 ``python benchmarks/latency.py --count 200 [--json out.json]`` (from the repository root,
 with the project's virtualenv). Runs lone grant workflows one at a time through the engine
-daemon and one step service (``execute``: start and wait in one request), then reads the
+daemon and one step service (``execute``: start and wait in one request; ``--start-wait``
+for two requests), then reads the
 store: a step run's ``created_at`` is the engine's clock when it decided the run (its batch
 then commits and publishes), ``started_at``/``finished_at`` are the worker's clock around
 the handler, and the workflow's ``updated_at`` is the batch that finished it. All clocks
@@ -65,13 +66,17 @@ def hops_of(daemons: Daemons, workflow_id: str, called: float, returned: float) 
     }
 
 
-async def measure(url: str, daemons: Daemons, count: int) -> list[dict[str, Any]]:
+async def measure(url: str, daemons: Daemons, count: int, by_execute: bool) -> list[dict[str, Any]]:
     samples = []
     async with hms_mgmt.init("bench-latency", url, request_timeout=60) as client:
         client.definitions.update(service.definitions)
         for i in range(count + 20):  # the first 20 warm up every connection and queue
             called = time.time()
-            state = await client.execute("grantApproval", payload(i), timeout=30)
+            if by_execute:
+                state = await client.execute("grantApproval", payload(i), timeout=30)
+            else:
+                started = await client.start("grantApproval", payload(i))
+                state = await client.wait(started.workflow_id, timeout=30)
             returned = time.time()
             assert state.status == "succeeded", state.describe()
             if i >= 20:
@@ -100,6 +105,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--start-wait", action="store_true", help="start, then wait (two requests), not execute"
+    )
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the daemons")
     args = parser.parse_args()
     vhost = f"hms-latency-{uuid.uuid4().hex[:8]}"
@@ -110,7 +118,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="hms-latency-") as folder:
             daemons = Daemons(url, Path(folder), dict(item.split("=", 1) for item in args.env))
             try:
-                samples = asyncio.run(measure(url, daemons, args.count))
+                samples = asyncio.run(measure(url, daemons, args.count, not args.start_wait))
             except BaseException:
                 print(daemons.logs.read_text()[-4000:], file=sys.stderr)
                 raise
@@ -119,14 +127,15 @@ def main() -> None:
     finally:
         rabbitmqctl("delete_vhost", vhost)
     table = summarise(samples)
-    print(f"lone 4-step workflow, {args.count} by execute(), ms:")
+    how = "start + wait" if args.start_wait else "execute()"
+    print(f"lone 4-step workflow, {args.count} by {how}, ms:")
     print("| hop | per workflow, median | p99 | per step, median |")
     print("| --- | --- | --- | --- |")
     for hop, row in table.items():
         step = row.get("per_step_median_ms")
         print(f"| {hop} | {row['median_ms']} | {row['p99_ms']} | {'' if step is None else step} |")
     if args.json:
-        args.json.write_text(json.dumps({"count": args.count, "hops": table}, indent=2))
+        args.json.write_text(json.dumps({"count": args.count, "by": how, "hops": table}, indent=2))
 
 
 if __name__ == "__main__":
