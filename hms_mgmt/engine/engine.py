@@ -36,6 +36,7 @@ from hms_mgmt.engine.loading import Loader
 from hms_mgmt.engine.registry import Registry
 from hms_mgmt.engine.relay import OutboxRelay
 from hms_mgmt.engine.retention import DEFAULT_RETENTION, Retention
+from hms_mgmt.engine.spans import record_spans
 from hms_mgmt.engine.timers import TimerQueue, due_events
 from hms_mgmt.engine.vhost import StartRefused, VhostLock, take_vhost
 from hms_mgmt.engine.work import Work
@@ -434,7 +435,7 @@ class Engine:
         self.faults.reached("after_commit")
         self._committed(events, work, now)
         if tracing.recording():
-            _record_spans(work.batch, begun_ns, time.time_ns())
+            record_spans(work.batch, begun_ns, time.time_ns())
         self.relay.submit(work.batch.outbox)
         if work.batch.outbox:
             await asyncio.sleep(0)  # let the next steps go out before the acks and replies
@@ -490,31 +491,3 @@ class Engine:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
-
-
-def _record_spans(batch: Batch, start_ns: int, end_ns: int) -> None:
-    """A span of this batch's work on each traced workflow it changed, under the workflow's
-    trace context (the client's ``hms.start`` span): the outcomes, timers and requests
-    applied and the steps published, from the batch's start to its commit."""
-    events: dict[str, list[str]] = {}
-    published: dict[str, list[str]] = {}
-    for workflow_id, _at, kind, detail in batch.history:
-        events.setdefault(workflow_id, []).append(kind)
-        if kind == "step_published":
-            published.setdefault(workflow_id, []).append(str(detail.get("step")))
-    for workflow in batch.workflows.values():
-        if workflow.traceparent is None:
-            continue
-        tracing.record_span(
-            workflow.traceparent,
-            f"hms.engine {workflow.name}",
-            {
-                "hms.workflow": workflow.name,
-                "hms.workflow_id": workflow.id,
-                "hms.status": str(workflow.status),
-                "hms.events": events.get(workflow.id, []),
-                "hms.steps_published": published.get(workflow.id, []),
-            },
-            start_ns,
-            end_ns,
-        )
