@@ -114,7 +114,7 @@ def output_option(command: Any) -> Any:
 
 @main.group("workflow")
 def workflow_group() -> None:
-    """List, show, start, cancel and retry workflows."""
+    """List, show, start, signal, cancel and retry workflows."""
 
 
 @workflow_group.command("list")
@@ -163,18 +163,20 @@ def workflow_show(obj: Context, workflow_id: str, follow: bool, history: bool) -
         sys.exit(EXIT_REFUSED)
 
 
-def _input(value: str) -> Any:
+def _input(value: str, option: str = "--input") -> Any:
     text = value
     if value.startswith("@"):
         source = value[1:]
         try:
             text = sys.stdin.read() if source == "-" else Path(source).read_text()
         except OSError as exc:
-            raise click.BadParameter(f"cannot read {source!r}: {exc.strerror}") from None
+            raise click.BadParameter(
+                f"cannot read {source!r}: {exc.strerror}", param_hint=option
+            ) from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"not valid JSON: {exc}") from None
+        raise click.BadParameter(f"not valid JSON: {exc}", param_hint=option) from None
 
 
 @workflow_group.command("start")
@@ -224,6 +226,40 @@ def workflow_retry(obj: Context, workflow_id: str) -> None:
     """Resume a failed workflow from its failed step, with fresh attempts."""
     result = obj.api.post(f"/api/workflows/{quote(workflow_id)}/retry")
     obj.emit(result, printable(f"{result['workflow_id']}: {result['status']}"))
+
+
+@workflow_group.command("signal")
+@click.argument("workflow_id")
+@click.argument("name")
+@click.option(
+    "--data",
+    default="null",
+    show_default=True,
+    help="The signal's data (the next step's ctx.signal): JSON, or @file (@- for stdin).",
+)
+@output_option
+@click.pass_obj
+def workflow_signal(obj: Context, workflow_id: str, name: str, data: str) -> None:
+    """Send signal NAME to a workflow: it resumes if it waits for NAME; else the signal is
+    kept until it does."""
+    from hms_mgmt.bounds import NAME_PATTERN
+
+    if not NAME_PATTERN.fullmatch(name):
+        raise click.BadParameter(
+            f"{name!r} is not a signal name (letters, digits, '_' and '-')", param_hint="NAME"
+        )
+    value = _input(data, "--data")
+    result = obj.api.post(
+        f"/api/workflows/{quote(workflow_id)}/signal", {"name": name, "data": value}
+    )
+    if result.get("resumed", True):
+        text = f"{result['workflow_id']}: {result['status']} (resumed by {name!r})"
+    else:
+        text = (
+            f"{result['workflow_id']}: {result['status']}; signal {name!r} kept for a later wait "
+            "(the workflow is not waiting for it now)"
+        )
+    obj.emit(result, printable(text))
 
 
 @main.command("definitions")

@@ -164,6 +164,11 @@ async def test_start_follow_show_and_list_a_grant_that_retried(ops: Ops) -> None
 
 async def test_cancel_retry_and_the_dead_letter_queues(ops: Ops) -> None:
     slow = (await ops.ok("workflow", "start", "slow", "--input", '{"seconds": 3}')).strip()
+    kept = await ops.ok("workflow", "signal", slow, "go", "--data", '{"n": 1}')
+    assert kept.strip().endswith(
+        "signal 'go' kept for a later wait (the workflow is not waiting for it now)"
+    )
+    assert (await ops.json("workflow", "signal", slow, "go"))["resumed"] is False
     assert (await ops.ok("workflow", "cancel", slow, "--reason", "not today")).strip() == (
         f"{slow}: cancelled"
     )
@@ -212,6 +217,10 @@ async def test_bad_input_and_refusals_have_clear_messages_and_exit_codes(
         (["workflow", "show", "no-such-id"], 1, "no workflow with id 'no-such-id'"),
         (["workflow", "cancel", "no-such-id"], 1, "no workflow with id 'no-such-id'"),
         (["workflow", "retry", "no-such-id"], 1, "no workflow with id 'no-such-id'"),
+        (["workflow", "signal", "no-such-id", "go"], 1, "no workflow with id 'no-such-id'"),
+        (["workflow", "signal", "x", "go", "--data", "{oops"], 2, "Invalid value for --data"),
+        (["workflow", "signal", "x", "go", "--data", "{oops"], 2, "not valid JSON"),
+        (["workflow", "signal", "x", "a.b"], 2, "'a.b' is not a signal name"),
         (["workflow", "start", "loanApproval"], 1, "workflow 'loanApproval' is not defined"),
         (["workflow", "start", "grantApproval", "--input", "{oops"], 2, "not valid JSON"),
         (
@@ -238,6 +247,8 @@ async def test_bad_input_and_refusals_have_clear_messages_and_exit_codes(
     assert state["input"] == {"application_id": "A-from-a-file"}
     finished = await ops.hms("workflow", "cancel", from_file)
     assert finished.returncode == 1 and "already succeeded" in finished.stderr
+    too_late = await ops.hms("workflow", "signal", from_file, "go")
+    assert too_late.returncode == 1 and "already succeeded; cannot signal it" in too_late.stderr
     not_failed = await ops.hms("workflow", "retry", from_file)
     assert (
         not_failed.returncode == 1 and "only a failed workflow can be retried" in not_failed.stderr

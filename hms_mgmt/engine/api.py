@@ -2,7 +2,7 @@
 
 Handlers only read the store (its one thread runs reads and the engine's write
 transactions one at a time on its one connection). Whatever changes state
-(start, cancel, retry, DLQ replay) goes through the engine's normal request
+(start, cancel, retry, signal, DLQ replay) goes through the engine's normal request
 path: an in-process :class:`hms_mgmt.client.Client` on the engine's bus sends
 it to ``hms.engine.commands``, where the engine loop, the only writer, applies
 it like any other request.
@@ -125,6 +125,7 @@ class EngineApi:
         get("/api/workflows/{id}", self._reading(self.show))
         post("/api/workflows/{id}/cancel", self._mutating(self.cancel))
         post("/api/workflows/{id}/retry", self._mutating(self.retry))
+        post("/api/workflows/{id}/signal", self._mutating(self.signal))
         get("/api/definitions", self._reading(self.definitions))
         get("/api/dlq", self._reading(self.dlq_queues))
         get("/api/dlq/{queue}", self._reading(self.dlq_messages))
@@ -309,6 +310,23 @@ class EngineApi:
 
     async def retry(self, request: web.Request) -> web.Response:
         return web.json_response(await self.client.retry(_workflow_id(request)))
+
+    async def signal(self, request: web.Request) -> web.Response:
+        """Deliver a signal: it resumes the workflow if it waits for it, else it is kept for a
+        wait to come (``"resumed": false``); a finished workflow is a 409."""
+        workflow_id = _workflow_id(request)
+        body = await self._body(request)
+        name = body.get("name")
+        if not isinstance(name, str):
+            raise ApiError(400, "BadRequest", "give the signal's name as 'name'")
+        if not NAME_PATTERN.fullmatch(name):
+            raise ApiError(
+                400,
+                "BadRequest",
+                f"signal name {short(name)} is not valid (1-100 letters, digits, '_' or '-')",
+            )
+        result = await self.client.signal(workflow_id, name, body.get("data"))
+        return web.json_response({**result, "signal": name})
 
     async def definitions(self, _request: web.Request) -> web.Response:
         return web.json_response(
