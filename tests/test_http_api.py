@@ -184,6 +184,10 @@ async def test_bad_ids_and_query_parameters_are_refused_naming_them(
     wrong = await loopback.delete("/api/workflows")
     assert wrong.status == 405 and "GET" in wrong.headers["Allow"]
     assert (await wrong.json())["error"]["type"] == "MethodNotAllowed"
+    for path in ("/", "/api", "/api/workflows/x/y/z", "/api/workflows/x/signal"):
+        answer = await loopback.get(path)
+        assert answer.status in (404, 405) and answer.content_type == "application/json", path
+        assert set((await answer.json())["error"]) == {"type", "message"}, path
 
 
 async def test_tokens_are_compared_as_bytes(guarded: TestClient[Any, Any]) -> None:

@@ -136,7 +136,9 @@ async def test_start_follow_show_and_list_a_grant_that_retried(ops: Ops) -> None
         "step 3 creditCheck attempt 2: succeeded" in followed.stdout
         or "creditCheck         2        succeeded" in followed.stdout
     ), followed.stdout
-    assert followed.stdout.rstrip().endswith("workflow succeeded")
+    assert followed.stdout.rstrip().endswith("workflow succeeded") or (
+        "status    succeeded" in followed.stdout  # it had ended before the follow began
+    ), followed.stdout
 
     state = await ops.json("workflow", "show", workflow_id, "--history")
     assert state["status"] == "succeeded"
@@ -203,7 +205,8 @@ async def test_cancel_retry_and_the_dead_letter_queues(ops: Ops) -> None:
     await wait_until(lambda: in_dlq(1), timeout=10, what="the replay's own given-up step")
 
     missing = await ops.hms("dlq", "replay", "doomed.explode", "--id", "no-such-message")
-    assert missing.returncode == 1 and "no message 'no-such-message'" in missing.stderr
+    assert (missing.returncode, missing.stdout) == (1, "")  # one error, no empty table
+    assert "no message with id 'no-such-message' in doomed.explode.dlq" in missing.stderr
     assert (await ops.ok("dlq", "purge", "doomed.explode.dlq", "--yes")).strip() == (
         "purged 1 message(s) from doomed.explode.dlq"
     )
@@ -232,13 +235,21 @@ async def test_bad_input_and_refusals_have_clear_messages_and_exit_codes(
         (["workflow", "list", "--status", "sleeping"], 2, "'sleeping' is not one of"),
         (["workflow", "list", "--limit", "0"], 2, "--limit"),
         (["dlq", "replay", "doomed.explode"], 2, "give exactly one of --id ID or --all"),
-        (["dlq", "list", "grantApproval.nowhere"], 1, "is not a dead-letter queue"),
+        (
+            ["dlq", "list", "grantApproval.nowhere"],
+            1,
+            "'grantApproval.nowhere.dlq' is not a dead-letter queue of this engine's workflows "
+            "('hms dlq list' lists them)",
+        ),
+        (["dlq", "replay", "nosuch", "--all"], 1, "'nosuch.dlq' is not a dead-letter queue"),
+        (["dlq", "purge", "nosuch", "--yes"], 1, "('hms dlq list' lists them)"),
         (["dlq", "purge", "doomed.explode"], 1, "Aborted"),  # asks first; no answer is no
         (["nonsense"], 2, "No such command"),
     ]
     for args, code, message in cases:
         done = await ops.hms(*args)
         assert (done.returncode, message in done.stderr) == (code, True), (args, done.stderr)
+        assert "/api/" not in done.stderr, (args, done.stderr)  # worded for hms users
 
     good = tmp_path / "application.json"
     good.write_text('{"application_id": "A-from-a-file"}')
@@ -385,14 +396,12 @@ async def test_beyond_loopback_changes_need_the_token(
         processes, vhost, store_url, HMS_HTTP_HOST="0.0.0.0", HMS_HTTP_TOKEN="s3cret"
     ):
         nobody = await ops.hms("workflow", "start", "grantApproval", HMS_HTTP_TOKEN="")
-        assert nobody.returncode == 1 and "Authorization: Bearer" in nobody.stderr
+        assert nobody.returncode == 1 and "no token given" in nobody.stderr
         wrong = await ops.hms("workflow", "start", "grantApproval", HMS_HTTP_TOKEN="guess")
-        assert (
-            wrong.returncode == 1 and "does not match the engine's HMS_HTTP_TOKEN" in wrong.stderr
-        )
+        assert wrong.returncode == 1 and "token refused" in wrong.stderr
         # Reads carry payloads (applicants' data): beyond loopback they need the token too.
         reader = await ops.hms("workflow", "list", HMS_HTTP_TOKEN="")
-        assert reader.returncode == 1 and "Authorization: Bearer" in reader.stderr, reader
+        assert reader.returncode == 1 and "no token given" in reader.stderr, reader
         assert await ops.json("workflow", "list") == []
         assert (await http_get(f"{ops.engine_url}/readyz"))[0] == 200  # probes stay open
         started = await ops.hms(

@@ -36,6 +36,7 @@ from hms_mgmt.errors import (
 from hms_mgmt.httpserver import (
     error_response,
     healthz,
+    http_error,
     is_loopback,
     metrics_handler,
     start_server,
@@ -149,10 +150,7 @@ class EngineApi:
         except web.HTTPException as exc:  # aiohttp's own: no route (404), method (405), size (413)
             if exc.status < 400:
                 raise
-            response = error_response(exc.status, exc.reason.replace(" ", ""), exc.reason)
-            if "Allow" in exc.headers:
-                response.headers["Allow"] = exc.headers["Allow"]
-            return response
+            return http_error(exc)
         except Exception:  # a bug: logged, and answered in the documented shape
             log.exception("an http request failed", method=request.method, path=request.path)
             return error_response(
