@@ -87,8 +87,6 @@ def load_target(target: str) -> Any:
     ``hms_mgmt.init(...)`` object of that module. The module is imported from the current
     directory, as ``python -m`` does; a module that is not found is named, with where it was
     looked for."""
-    from hms_mgmt.management import Management
-
     module_name, _, attribute = target.partition(":")
     if not module_name or (":" in target and not attribute):
         raise click.BadParameter(
@@ -123,7 +121,7 @@ def load_target(target: str) -> Any:
                 f"cannot load {target!r}: module {module_name!r} has no attribute {attribute!r}",
                 param_hint="TARGET",
             ) from None
-    found = [name for name, value in vars(module).items() if isinstance(value, Management)]
+    found = [name for name, value in vars(module).items() if _serves(value)]
     if len(found) != 1:
         which = f"several hms_mgmt.init(...) objects ({', '.join(sorted(found))})"
         raise click.BadParameter(
@@ -133,6 +131,13 @@ def load_target(target: str) -> Any:
             param_hint="TARGET",
         )
     return getattr(module, found[0])
+
+
+def _serves(value: Any) -> bool:
+    """Whether ``value`` is a management object (this layer does not import its class)."""
+    return not isinstance(value, type) and all(
+        callable(getattr(value, name, None)) for name in ("on_step", "define_workflow", "run")
+    )
 
 
 def _run_until_signalled(run: Callable[[], Coroutine[Any, Any, None]]) -> None:
