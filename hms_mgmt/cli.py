@@ -226,9 +226,12 @@ def workflow_cancel(obj: Context, workflow_id: str, reason: str | None) -> None:
 @output_option
 @click.pass_obj
 def workflow_retry(obj: Context, workflow_id: str) -> None:
-    """Resume a failed workflow from its failed step, with fresh attempts."""
+    """Resume a failed workflow from its failed step, with fresh attempts; the failed step's
+    dead letter leaves its .dlq."""
     result = obj.api.post(f"/api/workflows/{quote(workflow_id)}/retry")
-    obj.emit(result, printable(f"{result['workflow_id']}: {result['status']}"))
+    settled = result.get("dead_letters_settled") or 0
+    note = f" ({settled} dead letter(s) settled)" if settled else ""
+    obj.emit(result, printable(f"{result['workflow_id']}: {result['status']}{note}"))
 
 
 @workflow_group.command("signal")

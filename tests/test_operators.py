@@ -164,7 +164,9 @@ async def test_start_follow_show_and_list_a_grant_that_retried(ops: Ops) -> None
     assert table.splitlines()[0].split() == ["ID", "NAME", "STATUS", "CREATED", "UPDATED", "ERROR"]
 
 
-async def test_cancel_retry_and_the_dead_letter_queues(ops: Ops) -> None:
+async def test_cancel_retry_and_the_dead_letter_queues(
+    ops: Ops, client: hms_mgmt.Management
+) -> None:
     slow = (await ops.ok("workflow", "start", "slow", "--input", '{"seconds": 3}')).strip()
     kept = await ops.ok("workflow", "signal", slow, "go", "--data", '{"n": 1}')
     assert kept.strip().endswith(
@@ -192,16 +194,30 @@ async def test_cancel_retry_and_the_dead_letter_queues(ops: Ops) -> None:
     letters = await ops.json("dlq", "list", "doomed.explode")
     assert [(m["workflow_id"], m["reason"]) for m in letters] == [(doomed, "attempts exhausted")]
 
+    # hms workflow retry settles the failed run's dead letter: it leaves the queue
     retried = await ops.json("workflow", "retry", doomed)
-    assert retried == {"workflow_id": doomed, "status": "running"}
+    assert retried == {"workflow_id": doomed, "status": "running", "dead_letters_settled": 1}
+    after = await ops.json("dlq", "list", "doomed.explode")  # the retry may have failed again
+    assert letters[0]["message_id"] not in [m["message_id"] for m in after]
     assert (await ops.finished(doomed))["status"] == "failed"
-    await wait_until(lambda: in_dlq(2), timeout=10, what="a second given-up step")
+    await wait_until(lambda: in_dlq(1), timeout=10, what="a second given-up step")
+    [second] = await ops.json("dlq", "list", "doomed.explode")
 
+    # a retry by the client leaves it there; a replay then sees it is settled and resumes
+    # nothing for it, and resumes the workflow from the third failure's letter
+    await client.retry(doomed)
+    assert (await ops.finished(doomed))["status"] == "failed"
+    await wait_until(lambda: in_dlq(2), timeout=10, what="a third given-up step")
+    [stale, third] = await ops.json("dlq", "list", "doomed.explode")
+    assert stale == second and third["seq"] > stale["seq"]
     replayed = await ops.json("dlq", "replay", "doomed.explode", "--all")
-    # the first message resumes the workflow; the second finds it running again and just goes
-    assert [r["outcome"] for r in replayed] == ["resumed", "removed"]
+    assert [(r["message_id"], r["outcome"]) for r in replayed] == [
+        (stale["message_id"], "settled"),
+        (third["message_id"], "resumed"),
+    ]
+    assert replayed[0]["detail"].startswith("settled: retried since, failed again at run")
     state = await ops.finished(doomed)
-    assert [s["attempt"] for s in state["steps"]] == [1, 2, 1, 2, 1, 2]
+    assert [s["attempt"] for s in state["steps"]] == [1, 2, 1, 2, 1, 2, 1, 2]
     await wait_until(lambda: in_dlq(1), timeout=10, what="the replay's own given-up step")
 
     missing = await ops.hms("dlq", "replay", "doomed.explode", "--id", "no-such-message")
@@ -211,6 +227,51 @@ async def test_cancel_retry_and_the_dead_letter_queues(ops: Ops) -> None:
         "purged 1 message(s) from doomed.explode.dlq"
     )
     assert await in_dlq(0)
+
+
+async def test_a_retry_that_succeeded_leaves_no_dead_letter_to_replay(
+    ops: Ops, client: hms_mgmt.Management, tmp_path: Path
+) -> None:
+    async def letters() -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = await ops.json("dlq", "list", "gated.gate")
+        return found
+
+    async def failed_into_the_dlq(unlock: Path) -> str:
+        started = await ops.ok(
+            "workflow", "start", "gated", "--input", json.dumps({"unlock": str(unlock)})
+        )
+        workflow_id = started.strip()
+        assert (await ops.finished(workflow_id))["status"] == "failed"
+        await wait_until(letters, timeout=10, what="the given-up gate in its DLQ")
+        return workflow_id
+
+    # hms workflow retry: the dead letter leaves the queue with the retry
+    first = tmp_path / "first"
+    workflow_id = await failed_into_the_dlq(first)
+    first.touch()
+    retried = (await ops.ok("workflow", "retry", workflow_id)).strip()
+    assert retried == f"{workflow_id}: running (1 dead letter(s) settled)"
+    assert await letters() == []
+    assert (await ops.finished(workflow_id))["status"] == "succeeded"
+    assert await ops.json("dlq", "replay", "gated.gate", "--all") == []
+
+    # client.retry: the letter stays, and a replay acks it as settled, resuming nothing
+    second = tmp_path / "second"
+    workflow_id = await failed_into_the_dlq(second)
+    second.touch()
+    await client.retry(workflow_id)
+    assert (await client.wait(workflow_id, timeout=30)).status == "succeeded"
+    [letter] = await letters()
+    replayed = await ops.hms("dlq", "replay", "gated.gate", "--all")
+    assert replayed.returncode == 0, replayed.stderr
+    assert "settled: retried since, now succeeded" in replayed.stdout
+    assert letter["message_id"] in replayed.stdout and await letters() == []
+    state = await ops.json("workflow", "show", workflow_id)
+    assert [(s["step"], s["status"]) for s in state["steps"]] == [
+        ("gate", "failed"),
+        ("gate", "succeeded"),
+        ("after", "succeeded"),
+    ]
 
 
 async def test_bad_input_and_refusals_have_clear_messages_and_exit_codes(

@@ -307,7 +307,34 @@ class EngineApi:
         return web.json_response(result)
 
     async def retry(self, request: web.Request) -> web.Response:
-        return web.json_response(await self.client.retry(_workflow_id(request)))
+        """Retry a failed workflow, and take its failed run's dead letters out of their
+        ``.dlq``: they are settled (a replay would find nothing to do)."""
+        workflow_id = _workflow_id(request)
+        before = await self.engine.state(workflow_id)
+        result = dict(await self.client.retry(workflow_id))
+        result["dead_letters_settled"] = await self._settle(before)
+        return web.json_response(result)
+
+    async def _settle(self, before: WorkflowState | None) -> int:
+        """The retried run's dead letters out of their queue; 0 if there are none, or if the
+        broker will not let us (a replay recognises them as settled later)."""
+        error = (before.error if before is not None else None) or {}
+        seq, step = error.get("seq"), error.get("step")
+        if before is None or not isinstance(seq, int) or not isinstance(step, str):
+            return 0
+        queue = f"{before.name}.{step}.dlq"
+        if queue not in self._known_dlqs():
+            return 0
+        try:
+            return await dlq.settle(self.engine.bus, queue, before.workflow_id, seq)
+        except (BusError, HmsError) as exc:
+            log.warning(
+                "retried, but its dead letters stay in their queue until a replay settles them",
+                workflow_id=before.workflow_id,
+                queue=queue,
+                error=str(exc),
+            )
+            return 0
 
     async def signal(self, request: web.Request) -> web.Response:
         """Deliver a signal: it resumes the workflow if it waits for it, else it is kept for a
