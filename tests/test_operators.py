@@ -167,7 +167,7 @@ async def test_start_follow_show_and_list_a_grant_that_retried(ops: Ops) -> None
 async def test_cancel_retry_and_the_dead_letter_queues(
     ops: Ops, client: hms_mgmt.Management
 ) -> None:
-    slow = (await ops.ok("workflow", "start", "slow", "--input", '{"seconds": 3}')).strip()
+    slow = (await ops.ok("workflow", "start", "slow", "--input", '{"seconds": 10}')).strip()
     kept = await ops.ok("workflow", "signal", slow, "go", "--data", '{"n": 1}')
     assert kept.strip().endswith(
         "signal 'go' kept for a later wait (the workflow is not waiting for it now)"
