@@ -9,10 +9,13 @@ Tables for people, ``-o json`` for scripts. Exit codes: 0 done, 1 refused
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +117,7 @@ def output_option(command: Any) -> Any:
 
 @main.group("workflow")
 def workflow_group() -> None:
-    """List, show, start, cancel and retry workflows."""
+    """List, show, start, signal, cancel and retry workflows."""
 
 
 @workflow_group.command("list")
@@ -163,18 +166,20 @@ def workflow_show(obj: Context, workflow_id: str, follow: bool, history: bool) -
         sys.exit(EXIT_REFUSED)
 
 
-def _input(value: str) -> Any:
+def _input(value: str, option: str = "--input") -> Any:
     text = value
     if value.startswith("@"):
         source = value[1:]
         try:
             text = sys.stdin.read() if source == "-" else Path(source).read_text()
         except OSError as exc:
-            raise click.BadParameter(f"cannot read {source!r}: {exc.strerror}") from None
+            raise click.BadParameter(
+                f"cannot read {source!r}: {exc.strerror}", param_hint=option
+            ) from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"not valid JSON: {exc}") from None
+        raise click.BadParameter(f"not valid JSON: {exc}", param_hint=option) from None
 
 
 @workflow_group.command("start")
@@ -221,9 +226,46 @@ def workflow_cancel(obj: Context, workflow_id: str, reason: str | None) -> None:
 @output_option
 @click.pass_obj
 def workflow_retry(obj: Context, workflow_id: str) -> None:
-    """Resume a failed workflow from its failed step, with fresh attempts."""
+    """Resume a failed workflow from its failed step, with fresh attempts; the failed step's
+    dead letter leaves its .dlq."""
     result = obj.api.post(f"/api/workflows/{quote(workflow_id)}/retry")
-    obj.emit(result, printable(f"{result['workflow_id']}: {result['status']}"))
+    settled = result.get("dead_letters_settled") or 0
+    note = f" ({settled} dead letter(s) settled)" if settled else ""
+    obj.emit(result, printable(f"{result['workflow_id']}: {result['status']}{note}"))
+
+
+@workflow_group.command("signal")
+@click.argument("workflow_id")
+@click.argument("name")
+@click.option(
+    "--data",
+    default="null",
+    show_default=True,
+    help="The signal's data (the next step's ctx.signal): JSON, or @file (@- for stdin).",
+)
+@output_option
+@click.pass_obj
+def workflow_signal(obj: Context, workflow_id: str, name: str, data: str) -> None:
+    """Send signal NAME to a workflow: it resumes if it waits for NAME; else the signal is
+    kept until it does."""
+    from hms_mgmt.bounds import NAME_PATTERN
+
+    if not NAME_PATTERN.fullmatch(name):
+        raise click.BadParameter(
+            f"{name!r} is not a signal name (letters, digits, '_' and '-')", param_hint="NAME"
+        )
+    value = _input(data, "--data")
+    result = obj.api.post(
+        f"/api/workflows/{quote(workflow_id)}/signal", {"name": name, "data": value}
+    )
+    if result.get("resumed", True):
+        text = f"{result['workflow_id']}: {result['status']} (resumed by {name!r})"
+    else:
+        text = (
+            f"{result['workflow_id']}: {result['status']}; signal {name!r} kept for a later wait "
+            "(the workflow is not waiting for it now)"
+        )
+    obj.emit(result, printable(text))
 
 
 @main.command("definitions")
@@ -256,6 +298,24 @@ def _dlq_name(queue: str) -> str:
     return queue if queue.endswith(".dlq") else f"{queue}.dlq"
 
 
+@contextlib.contextmanager
+def _known_dlq(name: str) -> Iterator[None]:
+    """The engine's 'not a dead-letter queue' (worded for HTTP) worded for hms users."""
+    try:
+        yield
+    except CliError as exc:
+        if exc.status == 404 and exc.kind == "NotFound":
+            raise CliError(
+                printable(
+                    f"{name!r} is not a dead-letter queue of this engine's workflows "
+                    "('hms dlq list' lists them)"
+                ),
+                status=exc.status,
+                kind=exc.kind,
+            ) from None
+        raise
+
+
 @dlq_group.command("list")
 @click.argument("queue", required=False)
 @click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
@@ -267,7 +327,9 @@ def dlq_list(obj: Context, queue: str | None, limit: int) -> None:
         queues = obj.api.get("/api/dlq")
         obj.emit(queues, table(queues, ["queue", "messages"]))
         return
-    letters = obj.api.get(f"/api/dlq/{quote(_dlq_name(queue))}", limit=limit)
+    name = _dlq_name(queue)
+    with _known_dlq(name):
+        letters = obj.api.get(f"/api/dlq/{quote(name)}", limit=limit)
     obj.emit(
         letters,
         table(
@@ -291,7 +353,8 @@ def dlq_replay(obj: Context, queue: str, message_id: str | None, replay_all: boo
     body = {"id": message_id} if message_id else {"all": True}
     results: list[dict[str, Any]] = []
     lines = obj.api.stream(f"/api/dlq/{quote(name)}/replay", body)
-    total = int(next(lines, {}).get("total", 0))
+    with _known_dlq(name):
+        total = int(next(lines, {}).get("total", 0))
     with click.progressbar(
         length=max(total, 1), label=f"replaying {name}", file=sys.stderr, hidden=total < 2
     ) as bar:
@@ -302,9 +365,13 @@ def dlq_replay(obj: Context, queue: str, message_id: str | None, replay_all: boo
                 break
             results.append(line)
             bar.update(1)
+    if message_id and not results:  # one error, and no empty table before it
+        raise CliError(
+            printable(
+                f"no message with id {message_id!r} in {name} ('hms dlq list {name}' lists them)"
+            )
+        )
     obj.emit(results, table(results, ["message_id", "workflow_id", "outcome", "detail"]))
-    if message_id and not results:
-        raise CliError(f"no message {message_id!r} in {name}")
     if any(r["outcome"] == "kept" for r in results):
         raise CliError("some messages were kept in the queue (see 'detail')")
 
@@ -319,7 +386,8 @@ def dlq_purge(obj: Context, queue: str, yes: bool) -> None:
     name = _dlq_name(queue)
     if not yes:
         click.confirm(f"Delete every message in {name} for good?", abort=True, err=True)
-    result = obj.api.post(f"/api/dlq/{quote(name)}/purge")
+    with _known_dlq(name):
+        result = obj.api.post(f"/api/dlq/{quote(name)}/purge")
     obj.emit(result, printable(f"purged {result['purged']} message(s) from {result['queue']}"))
 
 
@@ -395,8 +463,17 @@ def store_prune(obj: Context, older_than: str) -> None:
     obj.emit(result, f"pruned {result['pruned']} finished workflow(s)")
 
 
+def prog_name(argv0: str) -> str:
+    """How ``hms`` was invoked, for its usage lines: ``hms`` (or another name for the script),
+    or ``python -m hms_mgmt``."""
+    name = os.path.basename(argv0)
+    if name in ("__main__.py", "-m", "") or name.startswith("python"):
+        return "python -m hms_mgmt"
+    return name
+
+
 def run() -> None:
-    main(prog_name="hms")
+    main(prog_name=prog_name(sys.argv[0] if sys.argv else ""))
 
 
 __all__ = ["main", "run"]

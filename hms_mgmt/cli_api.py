@@ -23,9 +23,14 @@ EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
 
 
 class CliError(click.ClickException):
-    """The engine refused: a message for stderr, exit code 1."""
+    """The engine refused: a message for stderr, exit code 1. ``status`` and ``kind`` are the
+    HTTP status and error type of the engine's answer, when it gave one."""
 
     exit_code = EXIT_REFUSED
+
+    def __init__(self, message: str, *, status: int | None = None, kind: str | None = None):
+        super().__init__(message)
+        self.status, self.kind = status, kind
 
 
 class Unreachable(CliError):
@@ -80,7 +85,12 @@ class EngineHttp:
         try:
             return urllib.request.urlopen(request, timeout=self.timeout)
         except urllib.error.HTTPError as exc:
-            raise _refusal(exc) from None
+            raise _refusal(exc, token_given=self.token is not None) from None
+        except ValueError:  # http.client refuses a header with a newline (and would echo it)
+            raise NotConfigured(
+                "the token (--token or HMS_HTTP_TOKEN) holds a newline or another control "
+                "character: give the token alone"
+            ) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             if isinstance(reason, socket.timeout | TimeoutError):
@@ -113,14 +123,26 @@ def _loads(data: bytes) -> Any:
         raise CliError(f"the engine's answer is not JSON this command can read: {exc}") from None
 
 
-def _refusal(exc: urllib.error.HTTPError) -> CliError:
+def _refusal(exc: urllib.error.HTTPError, *, token_given: bool) -> CliError:
+    kind = None
     try:
         error = json.loads(exc.read()).get("error") or {}
         message = str(error.get("message") or exc.reason)
+        kind = str(error["type"]) if error.get("type") else None
     except (ValueError, AttributeError, OSError):
         message = f"HTTP {exc.code} {exc.reason}"
+    if exc.code == 401:  # worded for hms users: which of the two it is, and what to do
+        message = (
+            "token refused: the token given (--token or HMS_HTTP_TOKEN) is not the engine's "
+            "HMS_HTTP_TOKEN"
+            if token_given
+            else "no token given: the engine needs one for this (set HMS_HTTP_TOKEN, or pass "
+            "--token)"
+        )
     message = printable(message)
-    return Unreachable(message) if exc.code in (502, 503, 504) else CliError(message)
+    if exc.code in (502, 503, 504):
+        return Unreachable(message, status=exc.code, kind=kind)
+    return CliError(message, status=exc.code, kind=kind)
 
 
 def quote(segment: str) -> str:

@@ -8,6 +8,7 @@ that is not a date prints as the number it is.
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -79,6 +80,29 @@ def when(timestamp: float | None, *, date: bool = True) -> str:
     )
 
 
+def relative(timestamp: Any, now: float) -> str:
+    """How far ``timestamp`` is from ``now``: ``in 13d 23h``, ``in 3m 20s``, ``5s ago``;
+    empty for what is no date."""
+    if not _number(timestamp):
+        return ""
+    try:
+        seconds = float(timestamp) - now
+        whole = round(abs(seconds))
+    except (OverflowError, ValueError):
+        return ""
+    if whole > 100 * 365 * 86400:
+        return ""
+    parts: list[str] = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if whole >= size or (unit == "s" and not parts):
+            parts.append(f"{whole // size}{unit}")
+            whole %= size
+        if len(parts) == 2:
+            break
+    span = " ".join(parts)
+    return f"in {span}" if seconds >= 0 else f"{span} ago"
+
+
 def took(start: float | None, end: float | None) -> str:
     if not _number(start) or not _number(end):
         return "-"
@@ -129,7 +153,7 @@ def step_row(step: dict[str, Any]) -> dict[str, Any]:
 STEP_COLUMNS = ["seq", "step", "attempt", "status", "started", "took", "error"]
 
 
-def show(state: dict[str, Any], *, history: bool = False) -> str:
+def show(state: dict[str, Any], *, history: bool = False, now: float | None = None) -> str:
     """One workflow for people: what it is, where it stands, each step run."""
     finished = state["status"] in ("succeeded", "failed", "cancelled")
     fields = [
@@ -147,7 +171,12 @@ def show(state: dict[str, Any], *, history: bool = False) -> str:
     waiting = state.get("waiting_for")
     if waiting:
         event = waiting.get("event") if isinstance(waiting, dict) else waiting
-        fields.append(("waiting", f"for signal {event!r}"))
+        until = waiting.get("until") if isinstance(waiting, dict) else None
+        deadline = ""
+        if until is not None:
+            soon = relative(until, time.time() if now is None else now)
+            deadline = f" until {when(until)}" + (f" ({soon})" if soon else "")
+        fields.append(("waiting", f"for signal {event!r}{deadline}"))
     if state.get("stuck"):
         fields.append(("stuck", state["stuck"]))
     if state.get("trace_id"):
@@ -170,11 +199,21 @@ def show(state: dict[str, Any], *, history: bool = False) -> str:
     lines += ["", table([step_row(s) for s in state["steps"]], STEP_COLUMNS)]
     if history:
         events = [
-            {"at": when(e["at"], date=False), "event": e["kind"], "detail": e["detail"]}
+            {"at": when(e["at"], date=False), "event": e["kind"], "detail": _dated(e["detail"])}
             for e in state.get("history", [])
         ]
         lines += ["", table(events, ["at", "event", "detail"])]
     return "\n".join(lines)
+
+
+def _dated(detail: Any) -> Any:
+    """A history entry's detail with its moments (``until``, ``*_at``) as UTC times."""
+    if not isinstance(detail, dict):
+        return detail
+    return {
+        key: when(value) if (key == "until" or key.endswith("_at")) and _number(value) else value
+        for key, value in detail.items()
+    }
 
 
 def changes(before: dict[str, Any] | None, after: dict[str, Any]) -> list[str]:

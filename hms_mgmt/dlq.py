@@ -4,6 +4,13 @@ Replaying a given-up step message is the same as ``client.retry(workflow_id)``:
 the engine resumes the workflow from its failed step with a fresh series of
 attempts, and the message leaves the DLQ. A message the engine could not even
 decode has no workflow to resume; it stays where it is.
+
+A dead letter is *settled* once its workflow no longer stands failed at that step run
+(``hms-seq``): it was retried since, whatever became of it. ``hms workflow retry`` (the
+HTTP API's retry) takes the failed run's dead letters out of their queue as it retries
+(:func:`settle`); a replay acks whatever settled letters are left (a retry by
+``client.retry``, or one whose dead letter was not yet published) and says so, without
+resuming anything.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ class DeadLetter:
     message_id: str | None
     workflow_id: str | None
     step: str | None
+    seq: int | None  # the given-up step run's
     attempts: int | None
     reason: str | None
     error_type: str | None
@@ -31,11 +39,12 @@ class DeadLetter:
     @classmethod
     def of(cls, delivery: Delivery) -> DeadLetter:
         headers = delivery.headers
-        attempts = headers.get("x-hms-attempts")
+        attempts, seq = headers.get("x-hms-attempts"), headers.get("hms-seq")
         return cls(
             message_id=delivery.message_id,
             workflow_id=_text(headers.get("hms-workflow-id")),
             step=_text(headers.get("hms-step")),
+            seq=seq if isinstance(seq, int) and not isinstance(seq, bool) else None,
             attempts=attempts if isinstance(attempts, int) else None,
             reason=_text(headers.get("x-hms-reason")),
             error_type=_text(headers.get("x-hms-error-type")),
@@ -51,7 +60,7 @@ class DeadLetter:
 class Replayed:
     message_id: str | None
     workflow_id: str | None
-    outcome: str  # resumed, removed (the workflow had moved on) or kept
+    outcome: str  # resumed, settled (the workflow had moved on: nothing to do) or kept
     detail: str
 
     def to_json(self) -> dict[str, Any]:
@@ -127,16 +136,67 @@ async def purge(bus: Bus, queue: str) -> int:
     return removed
 
 
+async def settle(bus: Bus, queue: str, workflow_id: str, seq: int) -> int:
+    """Take ``workflow_id``'s dead letters of step runs up to ``seq`` out of ``queue`` (its
+    workflow was retried from run ``seq``); returns how many went. Others stay, in order."""
+    settled = 0
+    kept: list[Delivery] = []
+    try:
+        for _ in range(await bus.queue_length(queue)):
+            delivery = await bus.get(queue)
+            if delivery is None:
+                break
+            letter = DeadLetter.of(delivery)
+            if _replayable(letter) and letter.workflow_id == workflow_id and _before(letter, seq):
+                await delivery.ack()
+                settled += 1
+            else:
+                kept.append(delivery)
+    finally:
+        for delivery in kept:
+            await delivery.reject(requeue=True)
+    return settled
+
+
+def _replayable(letter: DeadLetter) -> bool:
+    return letter.workflow_id is not None and not (letter.reason or "").startswith(
+        "invalid message"
+    )
+
+
+def _before(letter: DeadLetter, seq: int) -> bool:
+    return letter.seq is not None and letter.seq <= seq
+
+
+async def _settled(client: Client, letter: DeadLetter) -> str | None:
+    """Why the letter is settled (its workflow no longer stands failed at its run), or None."""
+    assert letter.workflow_id is not None
+    state = await client.status(letter.workflow_id)
+    if state.status != "failed":
+        return f"settled: retried since, now {state.status}"
+    failed_at = (state.error or {}).get("seq")
+    if letter.seq is not None and isinstance(failed_at, int) and failed_at != letter.seq:
+        return (
+            f"settled: retried since, failed again at run {failed_at} "
+            f"({(state.error or {}).get('step')}): replay that run's dead letter"
+        )
+    return None
+
+
 async def _replay_one(client: Client, delivery: Delivery) -> Replayed:
     letter = DeadLetter.of(delivery)
-    if letter.workflow_id is None or (letter.reason or "").startswith("invalid message"):
+    if not _replayable(letter):
         return Replayed(
             letter.message_id, letter.workflow_id, "kept", f"not replayable: {letter.reason}"
         )
+    assert letter.workflow_id is not None
     try:
+        settled = await _settled(client, letter)
+        if settled is not None:
+            return Replayed(letter.message_id, letter.workflow_id, "settled", settled)
         await client.retry(letter.workflow_id)
-    except InvalidStateError as exc:
-        return Replayed(letter.message_id, letter.workflow_id, "removed", str(exc))
+    except InvalidStateError as exc:  # moved on between the look and the retry
+        return Replayed(letter.message_id, letter.workflow_id, "settled", f"settled: {exc}")
     except (WorkflowNotFoundError, PayloadError) as exc:  # PayloadError: not a workflow id
         return Replayed(letter.message_id, letter.workflow_id, "kept", str(exc))
     return Replayed(

@@ -32,6 +32,28 @@ def error_response(status: int, kind: str, message: str) -> web.Response:
     return web.json_response({"error": {"type": kind, "message": message}}, status=status)
 
 
+def http_error(exc: web.HTTPException) -> web.Response:
+    """aiohttp's own refusals (no route 404, wrong method 405, body too large 413) in the
+    documented shape, ``{"error": {"type", "message"}}``, rather than plain text."""
+    response = error_response(exc.status, exc.reason.replace(" ", ""), exc.reason)
+    if "Allow" in exc.headers:
+        response.headers["Allow"] = exc.headers["Allow"]
+    return response
+
+
+@web.middleware
+async def json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Answer aiohttp's own 4xx and 5xx errors as JSON (a step service's server)."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return http_error(exc)
+
+
 async def start_server(app: web.Application, host: str, port: int, *, name: str) -> web.AppRunner:
     """Listen on ``host:port`` (``0`` picks a free port); a port in use is a ValueError."""
     runner = web.AppRunner(app, access_log=None)

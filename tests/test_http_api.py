@@ -13,6 +13,7 @@ import structlog.testing
 from aiohttp.test_utils import TestClient, TestServer
 
 from bus_adapters import open_bus
+from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.engine.api import EngineApi
 from hms_mgmt.engine.engine import Engine
 from hms_mgmt.httpserver import is_loopback
@@ -183,6 +184,10 @@ async def test_bad_ids_and_query_parameters_are_refused_naming_them(
     wrong = await loopback.delete("/api/workflows")
     assert wrong.status == 405 and "GET" in wrong.headers["Allow"]
     assert (await wrong.json())["error"]["type"] == "MethodNotAllowed"
+    for path in ("/", "/api", "/api/workflows/x/y/z", "/api/workflows/x/signal"):
+        answer = await loopback.get(path)
+        assert answer.status in (404, 405) and answer.content_type == "application/json", path
+        assert set((await answer.json())["error"]) == {"type", "message"}, path
 
 
 async def test_tokens_are_compared_as_bytes(guarded: TestClient[Any, Any]) -> None:
@@ -246,3 +251,49 @@ async def test_healthz_fails_for_a_while_after_a_long_event_loop_stall(
             assert body["blocked_by"].startswith("test_healthz_fails_for_a_while")
     finally:
         monitor.stop()
+
+
+async def test_signals_over_http(memory_url: str, store_url: str) -> None:
+    """``POST /api/workflows/{id}/signal``: kept while not waiting, refused once finished,
+    and clear errors for an unknown workflow, a bad body or a bad name."""
+    engine = Engine(open_bus(memory_url), open_store(store_url))
+    running = asyncio.ensure_future(engine.run())
+    await asyncio.wait_for(engine.ready.wait(), 10)
+    api = EngineApi(engine, EngineMetrics())
+    try:
+        async with TestClient(TestServer(api.app())) as client:
+            await api.client.connect()
+            await api.client.define(WorkflowDefinition.build("inspected", ["visit"]))
+            started = await client.post("/api/workflows", json={"workflow": "inspected"})
+            workflow_id = (await started.json())["workflow_id"]
+            path = f"/api/workflows/{workflow_id}/signal"
+
+            kept = await client.post(path, json={"name": "report", "data": {"passed": True}})
+            assert kept.status == 200
+            answer = await kept.json()
+            assert answer["resumed"] is False and answer["signal"] == "report"
+            assert answer["workflow_id"] == workflow_id
+
+            cases = [
+                (path, b"{nope", 400, "the request body is not JSON"),
+                (path, b"{}", 400, "give the signal's name as 'name'"),
+                (path, b'{"name": "a.b"}', 400, "signal name 'a.b' is not valid"),
+                (path, b'{"name": "r", "data": 18446744073709551616}', 400, "outside 64 bits"),
+                ("/api/workflows/nope/signal", b'{"name": "r"}', 404, "no workflow with id"),
+                ("/api/workflows/-x/signal", b'{"name": "r"}', 400, "is not valid: ids are"),
+            ]
+            for where, body, status, message in cases:
+                response = await client.post(where, data=body)
+                error = (await response.json())["error"]
+                assert (response.status, message in error["message"]) == (status, True), error
+
+            await client.post(f"/api/workflows/{workflow_id}/cancel", json={})
+            finished = await client.post(path, json={"name": "report"})
+            error = (await finished.json())["error"]
+            assert (
+                finished.status == 409
+                and "already cancelled; cannot signal it" in (error["message"])
+            )
+    finally:
+        engine.stop()
+        await running

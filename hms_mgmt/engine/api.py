@@ -2,7 +2,7 @@
 
 Handlers only read the store (its one thread runs reads and the engine's write
 transactions one at a time on its one connection). Whatever changes state
-(start, cancel, retry, DLQ replay) goes through the engine's normal request
+(start, cancel, retry, signal, DLQ replay) goes through the engine's normal request
 path: an in-process :class:`hms_mgmt.client.Client` on the engine's bus sends
 it to ``hms.engine.commands``, where the engine loop, the only writer, applies
 it like any other request.
@@ -36,6 +36,7 @@ from hms_mgmt.errors import (
 from hms_mgmt.httpserver import (
     error_response,
     healthz,
+    http_error,
     is_loopback,
     metrics_handler,
     start_server,
@@ -125,6 +126,7 @@ class EngineApi:
         get("/api/workflows/{id}", self._reading(self.show))
         post("/api/workflows/{id}/cancel", self._mutating(self.cancel))
         post("/api/workflows/{id}/retry", self._mutating(self.retry))
+        post("/api/workflows/{id}/signal", self._mutating(self.signal))
         get("/api/definitions", self._reading(self.definitions))
         get("/api/dlq", self._reading(self.dlq_queues))
         get("/api/dlq/{queue}", self._reading(self.dlq_messages))
@@ -148,10 +150,7 @@ class EngineApi:
         except web.HTTPException as exc:  # aiohttp's own: no route (404), method (405), size (413)
             if exc.status < 400:
                 raise
-            response = error_response(exc.status, exc.reason.replace(" ", ""), exc.reason)
-            if "Allow" in exc.headers:
-                response.headers["Allow"] = exc.headers["Allow"]
-            return response
+            return http_error(exc)
         except Exception:  # a bug: logged, and answered in the documented shape
             log.exception("an http request failed", method=request.method, path=request.path)
             return error_response(
@@ -308,7 +307,51 @@ class EngineApi:
         return web.json_response(result)
 
     async def retry(self, request: web.Request) -> web.Response:
-        return web.json_response(await self.client.retry(_workflow_id(request)))
+        """Retry a failed workflow, and take its failed run's dead letters out of their
+        ``.dlq``: they are settled (a replay would find nothing to do)."""
+        workflow_id = _workflow_id(request)
+        before = await self.engine.state(workflow_id)
+        result = dict(await self.client.retry(workflow_id))
+        result["dead_letters_settled"] = await self._settle(before)
+        return web.json_response(result)
+
+    async def _settle(self, before: WorkflowState | None) -> int:
+        """The retried run's dead letters out of their queue; 0 if there are none, or if the
+        broker will not let us (a replay recognises them as settled later)."""
+        error = (before.error if before is not None else None) or {}
+        seq, step = error.get("seq"), error.get("step")
+        if before is None or not isinstance(seq, int) or not isinstance(step, str):
+            return 0
+        queue = f"{before.name}.{step}.dlq"
+        if queue not in self._known_dlqs():
+            return 0
+        try:
+            return await dlq.settle(self.engine.bus, queue, before.workflow_id, seq)
+        except (BusError, HmsError) as exc:
+            log.warning(
+                "retried, but its dead letters stay in their queue until a replay settles them",
+                workflow_id=before.workflow_id,
+                queue=queue,
+                error=str(exc),
+            )
+            return 0
+
+    async def signal(self, request: web.Request) -> web.Response:
+        """Deliver a signal: it resumes the workflow if it waits for it, else it is kept for a
+        wait to come (``"resumed": false``); a finished workflow is a 409."""
+        workflow_id = _workflow_id(request)
+        body = await self._body(request)
+        name = body.get("name")
+        if not isinstance(name, str):
+            raise ApiError(400, "BadRequest", "give the signal's name as 'name'")
+        if not NAME_PATTERN.fullmatch(name):
+            raise ApiError(
+                400,
+                "BadRequest",
+                f"signal name {short(name)} is not valid (1-100 letters, digits, '_' or '-')",
+            )
+        result = await self.client.signal(workflow_id, name, body.get("data"))
+        return web.json_response({**result, "signal": name})
 
     async def definitions(self, _request: web.Request) -> web.Response:
         return web.json_response(

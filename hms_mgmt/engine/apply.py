@@ -300,7 +300,10 @@ class Applier:
         else:
             self.record(work, t, workflow_id, now)
             status = str(work.state[workflow_id][0].status)
-            reply = (True, {"workflow_id": workflow_id, "status": status})
+            answer: dict[str, Any] = {"workflow_id": workflow_id, "status": status}
+            if isinstance(request, SignalRequest):  # resumed a wait, or kept for one to come
+                answer["resumed"] = any(kind == "resumed" for kind, _ in t.history)
+            reply = (True, answer)
         work.answered[request.request_id] = reply
         work.batch.requests.append((request.request_id, list(reply), now))
         work.reply(request, *reply)

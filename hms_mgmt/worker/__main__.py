@@ -30,7 +30,8 @@ log = get_logger("worker")
 @click.command(
     "worker",
     help="Serve the step handlers registered on TARGET, a module:attribute naming an "
-    "hms_mgmt.init(...) object (the module is imported from the working directory). "
+    "hms_mgmt.init(...) object, or a module holding just one (imported relative to the current "
+    "directory, as python -m does). "
     "Flags override HMS_* environment variables.",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -44,18 +45,7 @@ def worker(target: str, concurrency: int | None, **flags: Any) -> None:
         configure(settings.log_format, settings.log_level, stdlib=True)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    module_name, _, attribute = target.partition(":")
-    if not attribute:
-        raise click.BadParameter(f"expected module:attribute, got {target!r}", param_hint="TARGET")
-    sys.path.insert(0, os.getcwd())
-    try:
-        service = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as exc:
-        raise click.BadParameter(
-            f"cannot load {target!r}: {exc} (modules are found from the working directory, "
-            f"{os.getcwd()}: run it from the folder that holds {module_name.split('.')[0]!r})",
-            param_hint="TARGET",
-        ) from None
+    service = load_target(target)
     if flags.get("broker_url"):
         service.broker_url = flags["broker_url"]
     if concurrency:
@@ -90,6 +80,64 @@ def worker(target: str, concurrency: int | None, **flags: Any) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+def load_target(target: str) -> Any:
+    """The management object ``module:attribute`` names; with ``module`` alone, the one
+    ``hms_mgmt.init(...)`` object of that module. The module is imported from the current
+    directory, as ``python -m`` does; a module that is not found is named, with where it was
+    looked for."""
+    module_name, _, attribute = target.partition(":")
+    if not module_name or (":" in target and not attribute):
+        raise click.BadParameter(
+            f"expected module:attribute (or module), got {target!r}", param_hint="TARGET"
+        )
+    here = os.getcwd()
+    if here not in sys.path:
+        sys.path.insert(0, here)  # as python -m does
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or module_name
+        if "." not in missing and module_name.startswith(missing):
+            where = (
+                f"no module named {missing!r}: modules are imported relative to the current "
+                f"directory, {here} (and the installed packages); run this from the folder "
+                f"that holds {missing!r}"
+            )
+        elif module_name == missing or module_name.startswith(f"{missing}."):
+            package, _, name = missing.rpartition(".")
+            where = f"no module named {missing!r}: package {package!r} has no {name!r}"
+        else:  # the target's own imports failed
+            where = f"it imports {missing!r}, which is not installed or not found: {exc}"
+        raise click.BadParameter(f"cannot load {target!r}: {where}", param_hint="TARGET") from None
+    except ImportError as exc:
+        raise click.BadParameter(f"cannot load {target!r}: {exc}", param_hint="TARGET") from None
+    if attribute:
+        try:
+            return getattr(module, attribute)
+        except AttributeError:
+            raise click.BadParameter(
+                f"cannot load {target!r}: module {module_name!r} has no attribute {attribute!r}",
+                param_hint="TARGET",
+            ) from None
+    found = [name for name, value in vars(module).items() if _serves(value)]
+    if len(found) != 1:
+        which = f"several hms_mgmt.init(...) objects ({', '.join(sorted(found))})"
+        raise click.BadParameter(
+            f"module {module_name!r} has "
+            + (which if found else "no hms_mgmt.init(...) object")
+            + f"; name the one to serve as {module_name}:NAME",
+            param_hint="TARGET",
+        )
+    return getattr(module, found[0])
+
+
+def _serves(value: Any) -> bool:
+    """Whether ``value`` is a management object (this layer does not import its class)."""
+    return not isinstance(value, type) and all(
+        callable(getattr(value, name, None)) for name in ("on_step", "define_workflow", "run")
+    )
 
 
 def _run_until_signalled(run: Callable[[], Coroutine[Any, Any, None]]) -> None:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from hms_mgmt.httpserver import healthz, metrics_handler, start_server
+from hms_mgmt.httpserver import healthz, json_errors, metrics_handler, start_server
 from hms_mgmt.loopwatch import LoopCollector, LoopMonitor
 from hms_mgmt.metrics import WorkerMetrics
 from hms_mgmt.settings import Settings
@@ -31,7 +31,7 @@ def probe_app(
         ok = all(checks.values())
         return web.json_response({"ready": ok, "checks": checks}, status=200 if ok else 503)
 
-    app = web.Application()
+    app = web.Application(middlewares=[json_errors])
     app.router.add_get("/healthz", alive)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler(render))
