@@ -26,6 +26,7 @@ from hms_mgmt.errors import (
     StepTimeout,
     UnknownWorkflowError,
     WorkflowNotFoundError,
+    WorkflowTimeoutError,
 )
 from hms_mgmt.records import StepRecord, StepStatus, WorkflowState, WorkflowStatus
 from hms_mgmt.results import StepResult
@@ -75,5 +76,6 @@ __all__ = (
     "WorkflowNotFoundError",
     "WorkflowState",
     "WorkflowStatus",
+    "WorkflowTimeoutError",
     "init",
 )

@@ -192,10 +192,30 @@ def _input(value: str, option: str = "--input") -> Any:
     help="The payload: JSON, or @file to read it from a file (@- for stdin).",
 )
 @click.option("--idempotency-key", help="Start at most one workflow for this key.")
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Wait until it ends (start and wait in one request) and show it; exit code 1 if it "
+    "did not succeed or is still running at --wait-timeout.",
+)
+@click.option(
+    "--wait-timeout",
+    type=click.FloatRange(min=0.1, max=3600),
+    default=300.0,
+    show_default=True,
+    help="Seconds --wait waits; the workflow goes on after.",
+)
 @output_option
 @click.pass_obj
-def workflow_start(obj: Context, name: str, payload: str, idempotency_key: str | None) -> None:
-    """Start workflow NAME; prints its id."""
+def workflow_start(
+    obj: Context,
+    name: str,
+    payload: str,
+    idempotency_key: str | None,
+    wait: bool,
+    wait_timeout: float,
+) -> None:
+    """Start workflow NAME; prints its id (with --wait, the workflow once it has ended)."""
     from hms_mgmt.bounds import NAME_PATTERN
 
     if not NAME_PATTERN.fullmatch(name):
@@ -206,8 +226,23 @@ def workflow_start(obj: Context, name: str, payload: str, idempotency_key: str |
     body: dict[str, Any] = {"workflow": name, "input": value}
     if idempotency_key is not None:
         body["idempotency_key"] = idempotency_key
-    started = obj.api.post("/api/workflows", body)
-    obj.emit(started, printable(str(started["workflow_id"])))
+    if not wait:
+        started = obj.api.post("/api/workflows", body)
+        obj.emit(started, printable(str(started["workflow_id"])))
+        return
+    body["wait"] = wait_timeout
+    state = obj.api.post("/api/workflows", body, timeout=wait_timeout + obj.api.timeout)
+    if "status" not in state:  # not even recorded by the deadline
+        state = obj.api.get(f"/api/workflows/{quote(str(state['workflow_id']))}")
+    obj.emit(state, show(state, history=False))
+    if state["status"] not in TERMINAL:
+        click.echo(
+            f"still {state['status']} after {wait_timeout:g}s: 'hms workflow show "
+            f"{printable(str(state['workflow_id']))} --follow' follows it",
+            err=True,
+        )
+    if state["status"] != "succeeded":
+        sys.exit(EXIT_REFUSED)
 
 
 @workflow_group.command("cancel")

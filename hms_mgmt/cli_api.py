@@ -69,7 +69,12 @@ class EngineHttp:
         return self.url.rstrip("/")
 
     def _open(
-        self, method: str, path: str, body: Any = None, query: dict[str, Any] | None = None
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: dict[str, Any] | None = None,
+        timeout: float | None = None,
     ) -> Any:
         url = self._base() + path
         if query:
@@ -83,7 +88,7 @@ class EngineHttp:
             headers["Content-Type"] = "application/json"
         request = urllib.request.Request(url, data=data, headers=headers, method=method)
         try:
-            return urllib.request.urlopen(request, timeout=self.timeout)
+            return urllib.request.urlopen(request, timeout=timeout or self.timeout)
         except urllib.error.HTTPError as exc:
             raise _refusal(exc, token_given=self.token is not None) from None
         except ValueError:  # http.client refuses a header with a newline (and would echo it)
@@ -94,7 +99,7 @@ class EngineHttp:
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             if isinstance(reason, socket.timeout | TimeoutError):
-                reason = f"no answer within {self.timeout:g}s"
+                reason = f"no answer within {timeout or self.timeout:g}s"
             raise Unreachable(
                 f"the engine is unreachable at {self._base()}: {reason} (is 'hms engine "
                 "--http-port PORT' running, and does HMS_ENGINE_URL point at it?)"
@@ -104,8 +109,9 @@ class EngineHttp:
         with self._open("GET", path, query=query) as response:
             return _loads(response.read())
 
-    def post(self, path: str, body: Any = None) -> Any:
-        with self._open("POST", path, body) as response:
+    def post(self, path: str, body: Any = None, *, timeout: float | None = None) -> Any:
+        """POST; ``timeout`` for a request the engine holds longer than usual (a wait)."""
+        with self._open("POST", path, body, timeout=timeout) as response:
             return _loads(response.read())
 
     def stream(self, path: str, body: Any = None) -> Iterator[dict[str, Any]]:

@@ -27,6 +27,7 @@ from hms_mgmt.errors import (
     InvalidMessageError,
     PayloadError,
     WorkflowNotFoundError,
+    WorkflowTimeoutError,
     error_from_reply,
 )
 from hms_mgmt.logs import get_logger
@@ -165,7 +166,9 @@ class Calls:
 
         The wait goes out with the start, in the same message, and the engine holds it
         until the workflow is terminal: a lone workflow saves the start's own round trip.
-        ``TimeoutError`` if it has not ended by ``timeout``.
+        :class:`WorkflowTimeoutError` (a ``TimeoutError``, naming the workflow) if it has
+        not ended by ``timeout``; it goes on running. The start itself has the client's
+        ``request_timeout`` (an engine that does not answer is ``EngineUnavailableError``).
         """
         fields = _start_fields(workflow, payload, None, None, idempotency_key, traceparent)
         workflow_id = fields["workflow_id"]
@@ -173,7 +176,7 @@ class Calls:
         with tracing.start_span(workflow, traceparent) as carried:
             fields["traceparent"] = carried
             starting = asyncio.ensure_future(
-                self.request("start", fields, timeout=timeout, request_id=workflow_id)
+                self.request("start", fields, request_id=workflow_id)
             )
             waiting = asyncio.ensure_future(self.wait(workflow_id, timeout))  # after the start
             try:
@@ -197,7 +200,8 @@ class Calls:
         return WorkflowState.from_json(result)
 
     async def wait(self, workflow_id: str, timeout: float | None = None) -> WorkflowState:
-        """The workflow's state once it is terminal; ``TimeoutError`` if it is not by ``timeout``."""
+        """The workflow's state once it is terminal; :class:`WorkflowTimeoutError` (a
+        ``TimeoutError``) if it is not by ``timeout``."""
         _check_workflow_id(workflow_id)
         deadline = None if timeout is None else time.time() + timeout
         while True:
@@ -217,7 +221,9 @@ class Calls:
                 if state.terminal:
                     return state
             if deadline is not None and time.time() >= deadline:
-                raise TimeoutError(f"workflow {workflow_id} did not finish within {timeout:g}s")
+                raise WorkflowTimeoutError(
+                    f"workflow {workflow_id} did not finish within {timeout:g}s", workflow_id
+                )
 
     async def cancel(self, workflow_id: str, reason: str | None = None) -> Any:
         _check_workflow_id(workflow_id)

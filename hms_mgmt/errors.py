@@ -47,6 +47,17 @@ class InvalidStateError(HmsError):
     http_status = 409
 
 
+class WorkflowTimeoutError(HmsError, TimeoutError):
+    """``wait`` or ``execute`` reached its deadline before the workflow ended; the workflow
+    goes on. ``workflow_id`` names it, to wait again or look at it."""
+
+    http_status = 504
+
+    def __init__(self, message: str, workflow_id: str) -> None:
+        super().__init__(message)
+        self.workflow_id = workflow_id
+
+
 class EngineUnavailableError(HmsError, TimeoutError):
     """The engine did not answer a request before its deadline."""
 

@@ -47,6 +47,12 @@ async def test_execute_refuses_an_unknown_workflow_with_the_start_error(
         await client.execute("noSuchWorkflow", {}, timeout=20)
 
 
-async def test_execute_times_out(client: hms_mgmt.Management, daemons: Processes) -> None:
-    with pytest.raises(TimeoutError):
+async def test_execute_times_out_naming_the_workflow_which_goes_on(
+    client: hms_mgmt.Management, daemons: Processes
+) -> None:
+    with pytest.raises(hms_mgmt.WorkflowTimeoutError) as timed_out:
         await client.execute("slow", {}, timeout=0.5)
+    assert isinstance(timed_out.value, TimeoutError)  # as before
+    workflow_id = timed_out.value.workflow_id
+    assert workflow_id in str(timed_out.value)
+    assert (await client.wait(workflow_id, timeout=30)).status == "succeeded"

@@ -84,6 +84,10 @@ async def test_bad_requests_are_named(loopback: TestClient[Any, Any]) -> None:
         ("POST", "/api/workflows", b"[1]", "the request body is a JSON list, not an object"),
         ("POST", "/api/workflows", b"{}", "give the workflow's name as 'workflow'"),
         ("POST", "/api/workflows", b'{"workflow": "a.b"}', "invalid workflow name"),
+        ("POST", "/api/workflows", b'{"workflow": "w", "wait": 0}', "wait is seconds"),
+        ("POST", "/api/workflows", b'{"workflow": "w", "wait": "1"}', "not '1'"),
+        ("POST", "/api/workflows", b'{"workflow": "w", "wait": true}', "at most 3600"),
+        ("POST", "/api/workflows", b'{"workflow": "w", "wait": 3601}', "not 3601"),
     ]
     for method, path, body, message in cases:
         response = await loopback.request(method, path, data=body)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -510,3 +511,26 @@ async def test_the_trace_goes_from_start_to_the_handler_and_the_logs(
     await wait_until(lambda: logged("engine"), timeout=5)
     assert {line.get("trace_id") for line in logged("worker")} == {trace_id}
     assert {line.get("trace_id") for line in logged("engine")} == {trace_id}
+
+
+async def test_start_wait_shows_the_ended_workflow_or_says_it_goes_on(ops: Ops) -> None:
+    """``hms workflow start --wait``: one request (``POST /api/workflows`` with ``wait``)."""
+    done = await ops.hms("workflow", "start", "grantApproval", "--input", '{"n": 1}', "--wait")
+    assert done.returncode == 0, done.stderr
+    assert "succeeded" in done.stdout and "finalize" in done.stdout, done.stdout
+    state = await ops.json("workflow", "start", "grantApproval", "--wait")
+    assert state["status"] == "succeeded" and len(state["steps"]) == 4, state
+
+    going = await ops.hms(
+        "workflow", "start", "slow", "--input", '{"seconds": 3}', "--wait", "--wait-timeout", "0.5"
+    )
+    assert going.returncode == 1, going.stderr
+    assert re.search(r"still (pending|running) after 0.5s", going.stderr), going.stderr
+    workflow_id = going.stderr.split("'hms workflow show ")[1].split()[0]
+    assert (await ops.finished(workflow_id))["status"] == "succeeded"
+
+    failed = await ops.hms("workflow", "start", "doomed", "--wait")
+    assert failed.returncode == 1 and "failed" in failed.stdout, failed.stdout + failed.stderr
+
+    refused = await ops.hms("workflow", "start", "grantApproval", "--wait", "--wait-timeout", "0")
+    assert refused.returncode == 2, refused.stderr

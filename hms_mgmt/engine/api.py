@@ -32,6 +32,7 @@ from hms_mgmt.errors import (
     HmsError,
     InvalidMessageError,
     WorkflowNotFoundError,
+    WorkflowTimeoutError,
 )
 from hms_mgmt.httpserver import (
     error_response,
@@ -54,6 +55,7 @@ log = get_logger("api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 STATUSES = [str(s) for s in WorkflowStatus]
 MAX_LIST = 1000
+MAX_WAIT = 3600  # seconds a start with "wait" may hold its HTTP request (longer: GET it later)
 PROBE_TIMEOUT = 2.0
 
 
@@ -289,16 +291,39 @@ class EngineApi:
         key = body.get("idempotency_key")
         if key is not None and not isinstance(key, str):
             raise ApiError(400, "BadRequest", f"idempotency_key must be a string, not {short(key)}")
+        traceparent = tracing.checked(request.headers.get("traceparent"))
+        if "wait" in body:
+            return await self._execute(name, body, key, traceparent)
         started = await self.client.start(
-            name,
-            body.get("input"),
-            idempotency_key=key,
-            traceparent=tracing.checked(request.headers.get("traceparent")),
+            name, body.get("input"), idempotency_key=key, traceparent=traceparent
         )
         return web.json_response(
             {"workflow_id": started.workflow_id, "existing": started.existing},
             status=200 if started.existing else 201,
         )
+
+    async def _execute(
+        self, name: str, body: dict[str, Any], key: str | None, traceparent: str | None
+    ) -> web.Response:
+        """Start and wait (``"wait": seconds``) in one request to the engine: the workflow's
+        state, 200 once it has ended, or 202 if it is still going at the deadline."""
+        wait = body["wait"]
+        if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 < wait <= MAX_WAIT:
+            raise ApiError(
+                400,
+                "BadRequest",
+                f"wait is seconds, more than 0 and at most {MAX_WAIT}, not {short(wait)}",
+            )
+        try:
+            state = await self.client.execute(
+                name, body.get("input"), timeout=wait, idempotency_key=key, traceparent=traceparent
+            )
+        except WorkflowTimeoutError as exc:
+            going = await self.engine.state(exc.workflow_id)
+            if going is None:  # not yet recorded: the start is still on its way
+                return web.json_response({"workflow_id": exc.workflow_id}, status=202)
+            return web.json_response(going.to_json(), status=202)
+        return web.json_response(state.to_json())
 
     async def cancel(self, request: web.Request) -> web.Response:
         workflow_id = _workflow_id(request)
