@@ -175,9 +175,7 @@ class Calls:
         deadline = None if timeout is None else time.time() + timeout
         with tracing.start_span(workflow, traceparent) as carried:
             fields["traceparent"] = carried
-            starting = asyncio.ensure_future(
-                self.request("start", fields, request_id=workflow_id)
-            )
+            starting = asyncio.ensure_future(self.request("start", fields, request_id=workflow_id))
             waiting = asyncio.ensure_future(self.wait(workflow_id, timeout))  # after the start
             try:
                 started = str((await starting)["workflow_id"])
