@@ -448,3 +448,18 @@ def test_schedules_whose_workflow_ids_would_be_invalid_are_refused(
     assert parse_request(
         {"type": "schedule", "request_id": "r", "cron": "* * * * *", "workflow": "w"}
     )
+
+
+def test_datetimes_dates_and_times_are_refused_naming_the_path() -> None:
+    from datetime import date
+    from datetime import time as time_of_day
+
+    for value in (datetime.now(UTC), date(2026, 1, 2), time_of_day(9, 30)):
+        with pytest.raises(PayloadError, match=r"payload\['a'\]\[0\] is a .*isoformat\(\)"):
+            encode_payload({"a": [value]})
+    with pytest.raises(PayloadError, match=r"payload\['d'\] is a Decimal"):
+        from decimal import Decimal
+
+        encode_payload({"d": Decimal("1.5")})
+    with pytest.raises(PayloadError, match=r"payload\['s'\] is a set"):
+        encode_payload({"s": {1}})
