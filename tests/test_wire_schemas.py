@@ -213,7 +213,7 @@ def decoded(kind: str, item: Any) -> bool:
 
 def variants(good: dict[str, Any]) -> Iterator[dict[str, Any]]:
     yield good
-    for key in list(good) + ["result", "error", "schedule_id"]:
+    for key in [*list(good), "result", "error", "schedule_id"]:
         dropped = {k: v for k, v in good.items() if k != key}
         if dropped != good:
             yield dropped
@@ -223,7 +223,7 @@ def variants(good: dict[str, Any]) -> Iterator[dict[str, Any]]:
             yield changed
     for key in ("result", "error"):  # inside the nested objects too
         if isinstance(good.get(key), dict):
-            for inner in list(good[key]) + ["bogus"]:
+            for inner in [*list(good[key]), "bogus"]:
                 for value in BAD_VALUES:
                     changed = copy.deepcopy(good)
                     changed[key][inner] = value
