@@ -239,3 +239,47 @@ async def test_cancel_during_a_backoff_wait(
     assert after.error is not None and after.error["message"] == "applicant withdrew"
     with pytest.raises(hms_mgmt.InvalidStateError, match="already cancelled"):
         await client.cancel(first.workflow_id)
+
+
+async def test_a_malformed_but_authentic_outcome_fails_its_attempt(
+    client: hms_mgmt.Management, processes: Processes, vhost: str, store_url: str
+) -> None:
+    """A step service that answers with a malformed outcome (here: succeeded, no result)
+    fails its attempt with MalformedOutcome, not retried; the outcome is dead-lettered too."""
+    from bus_adapters.base import Message
+    from hms_mgmt.topology import RESULTS_EXCHANGE, RESULTS_QUEUE
+    from hms_mgmt.wire.codec import batch_body, dumps
+
+    processes.engine(vhost, store_url)  # and no step service: this test plays it
+    started = await client.start("grantApproval", {"application_id": "A-9"})
+    bus = RabbitMQBus(vhost, name="test-malformed")
+    await bus.connect()
+    try:
+        delivery = await wait_until(
+            lambda: bus.get("grantApproval.validateApp"), timeout=10, what="the step message"
+        )
+        step = json.loads(delivery.body)["steps"][0]
+        malformed = {k: step[k] for k in ("workflow_id", "seq", "attempt", "step", "token")}
+        malformed["kind"] = "succeeded"
+        await bus.publish(
+            Message(
+                body=batch_body("outcomes", [dumps(malformed)]),
+                exchange=RESULTS_EXCHANGE,
+                routing_key=RESULTS_QUEUE,
+            )
+        )
+        await delivery.ack()  # as a step service would, once its outcome is confirmed
+        state = await client.wait(started.workflow_id, timeout=20)
+        assert state.status == "failed", state.describe()
+        [run] = state.steps
+        assert run.error is not None and run.error["type"] == "MalformedOutcome"
+        assert "a succeeded outcome has no 'result'" in run.error["message"]
+        dlq = f"{RESULTS_QUEUE}.dlq"
+        await wait_until(lambda: dlq_length(vhost, dlq), timeout=10, what="the dead letter")
+        letter = await bus.get(dlq)
+        assert letter is not None and json.loads(letter.body) == {"outcomes": [malformed]}
+        assert "failed with MalformedOutcome" in letter.headers["x-hms-reason"]
+        await letter.reject(requeue=True)
+        assert await bus.queue_length(RESULTS_QUEUE) == 0
+    finally:
+        await bus.close()

@@ -329,3 +329,38 @@ async def test_a_handler_asking_for_an_unbounded_delay_fails_its_step_clearly(
         error = state.steps[0].error or {}
         assert error["type"] == "ValueError" and "Retry delay must be seconds" in error["message"]
         assert ran_b == []
+
+
+async def test_datetimes_in_a_start_payload_are_refused_naming_the_field(
+    mgmt: hms_mgmt.Management, memory_url: str
+) -> None:
+    when = datetime(2026, 5, 1, 9, 30)  # naive: orjson would have sent "2026-05-01T09:30:00"
+    for value, kind in ((when, "datetime"), (when.date(), "date"), (when.time(), "time")):
+        with pytest.raises(hms_mgmt.PayloadError) as caught:
+            await mgmt.start("grantApproval", {"applicant": {"dates": [1, value]}})
+        message = str(caught.value)
+        assert f"payload['applicant']['dates'][1] is a {kind}" in message
+        assert ".isoformat()" in message
+    queues = MemoryBus(memory_url).statistics()
+    assert queues.get("hms.engine.commands", {"ready": 0})["ready"] == 0
+
+
+async def test_a_handler_returning_a_datetime_fails_its_step_naming_the_field(
+    memory_url: str, store_url: str
+) -> None:
+    async with hms_mgmt.init(service_name="t", broker_url=memory_url, store_url=store_url) as m:
+        m.define_workflow("book", ["visit"])
+
+        @m.on_step("book.visit")
+        async def visit(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+            return {"data": {"booked_for": datetime(2026, 5, 1, 9, 30)}}
+
+        await m.serve()
+        started = await m.start("book", {})
+        state = await m.wait(started.workflow_id, timeout=10)
+    assert state.status == "failed" and len(state.steps) == 1
+    error = state.steps[0].error or {}
+    assert error["type"] == "PayloadError"
+    assert "result['data']['booked_for'] is a datetime" in error["message"]
+    assert ".isoformat()" in error["message"] and "visit" in error["message"]
+    assert state.error is not None and state.error["reason"] == "not retryable"

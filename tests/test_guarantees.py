@@ -452,3 +452,97 @@ def test_the_engine_refuses_a_bad_store_in_one_line_with_exit_code_2(tmp_path: P
         [line] = done.stderr.strip().splitlines()  # one line, no traceback
         entry = json.loads(line)
         assert says in entry["cause"] and str(store) in entry["cause"], entry
+
+
+# -- malformed but authentic outcomes --------------------------------------------------------
+
+
+async def _step_message(bus: MemoryBus, queue: str) -> dict[str, Any]:
+    """Take the step message waiting in ``queue`` (no step service serves it) and ack it."""
+    delivery = await wait_until(lambda: bus.get(queue), timeout=5, what=f"a step in {queue}")
+    await delivery.ack()
+    step: dict[str, Any] = json.loads(delivery.body)["steps"][0]
+    return step
+
+
+async def _send_outcomes(bus: MemoryBus, items: list[dict[str, Any]]) -> None:
+    await bus.publish(
+        Message(
+            body=batch_body("outcomes", [dumps(i) for i in items]),
+            exchange=RESULTS_EXCHANGE,
+            routing_key=RESULTS_QUEUE,
+        )
+    )
+
+
+async def test_a_malformed_but_authentic_outcome_fails_its_attempt_once(
+    memory_url: str, tmp_path: Path
+) -> None:
+    engine = Engine(MemoryBus(memory_url), SQLiteStore(f"sqlite:///{tmp_path / 'hms.db'}"))
+    running = run_engine(engine)
+    await started(engine, running)
+    bus = MemoryBus(memory_url)
+    mgmt = hms_mgmt.init(service_name="c", broker_url=memory_url, request_timeout=5)
+    mgmt.define_workflow("grantApproval", GRANT)  # retried up to 3 times, but not this
+    mgmt.define_workflow("guarded", ["check"], on_error="notify")
+    async with mgmt:
+        doomed = await mgmt.start("grantApproval", {"n": 1})
+        step = await _step_message(bus, "grantApproval.validateApp")
+        run = {k: step[k] for k in ("workflow_id", "seq", "attempt", "step", "token")}
+        malformed = {**run, "kind": "succeeded", "started_at": 1.5e9, "finished_at": 1.5e9 + 1}
+        await _send_outcomes(bus, [malformed])  # no "result"
+        state = await mgmt.wait(doomed.workflow_id, timeout=10)
+        assert state.status == "failed"
+        [only] = state.steps
+        assert only.status == "failed" and only.attempt == 1
+        assert only.error is not None and only.error["type"] == "MalformedOutcome"
+        assert "a succeeded outcome has no 'result'" in only.error["message"]
+        assert only.error["retryable"] is False
+        assert state.error is not None and state.error["reason"] == "not retryable"
+        # The item as it came is dead-lettered too, saying what became of it...
+        dlq = f"{RESULTS_QUEUE}.dlq"
+        letter = await wait_until(lambda: bus.get(dlq), timeout=5, what="the dead letter")
+        assert json.loads(letter.body) == {"outcomes": [malformed]}
+        reason = letter.headers["x-hms-reason"]
+        assert "malformed outcome: a succeeded outcome has no 'result'" in reason
+        assert "failed with MalformedOutcome, not retried" in reason
+        # ...the failed step's message goes to its .dlq, as for any step given up...
+        given_up = await wait_until(lambda: bus.get("grantApproval.validateApp.dlq"), timeout=5)
+        assert given_up.headers["x-hms-error-type"] == "MalformedOutcome"
+        # ...and the same outcome again (a redelivery, a replay) changes nothing.
+        await _send_outcomes(bus, [malformed])
+        again = await wait_until(lambda: bus.get(dlq), timeout=5, what="the second dead letter")
+        assert "ignored: workflow is failed" in again.headers["x-hms-reason"]
+        assert await mgmt.status(doomed.workflow_id) == state
+        assert engine.bus.statistics()[RESULTS_QUEUE] == {"ready": 0, "unacked": 0}
+
+        # With an error path, the workflow takes it, as for any failure.
+        guarded = await mgmt.start("guarded", {"n": 2})
+        step = await _step_message(bus, "guarded.check")
+        bad_result = {k: step[k] for k in ("workflow_id", "seq", "attempt", "token")}
+        bad_result.update(kind="succeeded", result={"next_step": 7})
+        await _send_outcomes(bus, [bad_result])
+        notify = await _step_message(bus, "guarded.notify")
+        letter = await wait_until(lambda: bus.get(dlq), timeout=5, what="its dead letter")
+        assert "field 'next_step' has the wrong type" in letter.headers["x-hms-reason"]
+        error = notify["context"]["error"]
+        assert error["type"] == "MalformedOutcome" and "'next_step'" in error["message"]
+        state = await mgmt.status(guarded.workflow_id)
+        assert state.status == "running"
+        assert [(s.step, s.status) for s in state.steps] == [
+            ("check", "failed"),
+            ("notify", "pending"),
+        ]
+
+        # A malformed outcome with a wrong token changes nothing at all.
+        waiting = await mgmt.start("grantApproval", {"n": 3})
+        step = await _step_message(bus, "grantApproval.validateApp")
+        forged = {k: step[k] for k in ("workflow_id", "seq", "attempt")}
+        forged.update(kind="exploded", token="0" * 32)
+        await _send_outcomes(bus, [forged])
+        letter = await wait_until(lambda: bus.get(dlq), timeout=5, what="the forgery")
+        assert "its token does not match" in letter.headers["x-hms-reason"]
+        assert "and malformed: field 'kind' is 'exploded'" in letter.headers["x-hms-reason"]
+        assert (await mgmt.status(waiting.workflow_id)).status == "pending"
+    await bus.close()
+    await stopped(engine, running)

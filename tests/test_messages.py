@@ -19,6 +19,7 @@ from hms_mgmt.wire.codec import (
     MAX_MESSAGE_BYTES,
     batch_body,
     decode_body,
+    dumps,
     encode_payload,
 )
 from hms_mgmt.wire.outcomes import Outcome, decode_outcomes, outcomes_message
@@ -448,3 +449,47 @@ def test_schedules_whose_workflow_ids_would_be_invalid_are_refused(
     assert parse_request(
         {"type": "schedule", "request_id": "r", "cron": "* * * * *", "workflow": "w"}
     )
+
+
+def test_datetimes_dates_and_times_are_refused_naming_the_path() -> None:
+    from datetime import date
+    from datetime import time as time_of_day
+
+    for value in (datetime.now(UTC), date(2026, 1, 2), time_of_day(9, 30)):
+        with pytest.raises(PayloadError, match=r"payload\['a'\]\[0\] is a .*isoformat\(\)"):
+            encode_payload({"a": [value]})
+    with pytest.raises(PayloadError, match=r"payload\['d'\] is a Decimal"):
+        from decimal import Decimal
+
+        encode_payload({"d": Decimal("1.5")})
+    with pytest.raises(PayloadError, match=r"payload\['s'\] is a set"):
+        encode_payload({"s": {1}})
+
+
+def test_malformed_outcomes_that_name_their_run_and_carry_a_token_become_failures() -> None:
+    run = {"workflow_id": "wf1", "seq": 3, "attempt": 2, "step": "s", "token": "t" * 32}
+    for bad, problem in (
+        ({"kind": "succeeded"}, "a succeeded outcome has no 'result'"),
+        ({"kind": "succeeded", "result": {"next_step": "a.b"}}, "'next_step' is not a valid"),
+        ({"kind": "failed", "error": {"type": "E"}}, "field 'message' is missing"),
+        ({"kind": "exploded"}, "field 'kind' is 'exploded'"),
+        ({"kind": "heartbeat", "started_at": "now"}, "'started_at' has the wrong type"),
+    ):
+        item = {**run, **bad}
+        [outcome], refused = decode_outcomes(delivery(batch_body("outcomes", [dumps(item)])))
+        assert refused == []
+        assert outcome.kind == "failed" and outcome.malformed is not None
+        assert problem in outcome.malformed
+        assert (outcome.workflow_id, outcome.seq, outcome.attempt) == ("wf1", 3, 2)
+        assert outcome.token == run["token"] and outcome.as_sent == item
+        assert outcome.error is not None and outcome.error["type"] == "MalformedOutcome"
+        assert outcome.error["retryable"] is False and problem in outcome.error["message"]
+    # Without a token, or without a run it could be for, it is refused as before.
+    for item in (
+        {**run, "kind": "succeeded", "token": None},
+        {**run, "kind": "succeeded", "seq": 0},
+        {**run, "kind": "succeeded", "attempt": "2"},
+        {**run, "kind": "succeeded", "workflow_id": "../x"},
+    ):
+        outcomes, refused = decode_outcomes(delivery(batch_body("outcomes", [dumps(item)])))
+        assert outcomes == [] and len(refused) == 1

@@ -37,6 +37,7 @@ from hms_mgmt.schedules import Schedule
 from hms_mgmt.store.base import OutboxRow
 from hms_mgmt.tokens import Signer
 from hms_mgmt.topology import STEPS_EXCHANGE
+from hms_mgmt.wire.outcomes import MALFORMED
 from hms_mgmt.wire.requests import (
     CancelRequest,
     DefineRequest,
@@ -165,9 +166,12 @@ class Applier:
         if outcome.step and outcome.step != run.step and outcome.seq == run.seq:
             detail = {"seq": outcome.seq, "reason": "step mismatch"}
             work.batch.history.append((workflow.id, now, "outcome_ignored", detail))
+            self._malformed(event, work, run, "step mismatch")
             return
         t = machine.apply_outcome(workflow, run, self.registry.of(workflow), outcome, now)
+        ignored = None
         if t.history and t.history[0][0] == "outcome_ignored":
+            ignored = str(t.history[0][1]["reason"])
             work.log(
                 "info",
                 "outcome ignored",
@@ -176,10 +180,35 @@ class Applier:
                 attempt=outcome.attempt,
                 seq=outcome.seq,
                 kind=outcome.kind,
-                reason=t.history[0][1]["reason"],
+                reason=ignored,
                 **tracing.log_fields(workflow.traceparent),
             )
+        self._malformed(event, work, run, ignored)
         self.record(work, t, workflow.id, now)
+
+    @staticmethod
+    def _malformed(event: OutcomeEvent, work: Work, run: StepRun, ignored: str | None) -> None:
+        """A malformed outcome, applied as a failed attempt (or ignored, if not for the
+        current run), goes to the dead-letter queue all the same, as it came, for forensics."""
+        outcome = event.outcome
+        if outcome.malformed is None:
+            return
+        effect = (
+            f"ignored: {ignored}"
+            if ignored is not None
+            else f"run {outcome.seq} ({run.step}, attempt {run.attempt}) failed with "
+            f"{MALFORMED}, not retried"
+        )
+        _refuse_item(event, f"malformed outcome: {outcome.malformed}; {effect}")
+        work.log(
+            "warning",
+            "malformed outcome",
+            workflow_id=outcome.workflow_id,
+            step=run.step,
+            seq=outcome.seq,
+            reason=outcome.malformed[:500],
+            applied=ignored is None,
+        )
 
     def _dead_letter(self, event: DeadLetterEvent, work: Work, now: float) -> None:
         step, reason = event.step, event.reason
@@ -375,8 +404,13 @@ def _refuse_item(event: OutcomeEvent | DeadLetterEvent, reason: str) -> None:
     """An item naming no workflow we know: dead-lettered with the reason, the store unchanged."""
     if event.source is None or event.source.delivery is None:
         return
-    encoded = event.outcome.encoded if isinstance(event, OutcomeEvent) else event.step.encode()
-    event.source.refused.append((json.loads(encoded), reason))
+    item = (
+        event.outcome.as_sent
+        if isinstance(event, OutcomeEvent)
+        else json.loads(event.step.encode())
+    )
+    if (item, reason) not in event.source.refused:  # a batch tried again refuses it once
+        event.source.refused.append((item, reason))
 
 
 def _log_finished(work: Work, workflow: Workflow) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -136,8 +135,10 @@ class Intake:
         for outcome in outcomes:
             if self.signer.valid(outcome.workflow_id, outcome.seq, outcome.attempt, outcome.token):
                 events.append(OutcomeEvent(outcome, received))
+            elif outcome.malformed is not None:
+                refused.append((outcome.as_sent, f"{UNSIGNED}; and malformed: {outcome.malformed}"))
             else:
-                refused.append((json.loads(outcome.encoded), UNSIGNED))
+                refused.append((outcome.as_sent, UNSIGNED))
         received.events = events
         self.inbox.put_nowait(received)
 

@@ -8,7 +8,9 @@ with the message into its dead-letter queue.
 
 from __future__ import annotations
 
+import datetime
 import json
+import math
 import re
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -21,8 +23,12 @@ from hms_mgmt.errors import InvalidMessageError, PayloadError
 try:  # orjson is a dependency; the fallback keeps a platform without its wheels working
     import orjson
 
+    # orjson would write a datetime, date or time as an ISO string, and a naive one without
+    # its zone: refused instead, like the standard json module does (see encode_payload).
+    _OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME
+
     def dumps(value: Any) -> bytes:
-        return orjson.dumps(value)
+        return orjson.dumps(value, option=_OPTIONS)
 
     def _loads(data: bytes) -> Any:
         return orjson.loads(data)
@@ -64,16 +70,61 @@ def encode_payload(payload: Any, *, what: str = "payload") -> bytes:
         if b"null" in body:
             check_finite(payload)
     except (TypeError, ValueError, OverflowError, RecursionError) as exc:
-        wide = _wide_int_in(payload)
-        named = (
-            "" if wide is None else f" ({short(wide, 60)}; integers must be {INT_MIN} to {INT_MAX})"
-        )
-        raise PayloadError(f"{what} is not JSON-serialisable: {exc}{named}") from exc
+        raise PayloadError(
+            f"{what} is not JSON-serialisable: {why_not_json(payload, exc, what)}"
+        ) from exc
     if len(body) > MAX_PAYLOAD_BYTES:
         raise PayloadError(f"{what} is {len(body)} bytes as JSON; the limit is {MAX_PAYLOAD_BYTES}")
     if body.count(b"[") + body.count(b"{") > MAX_DEPTH and _deeper_than(payload, MAX_DEPTH):
         raise PayloadError(f"{what} is nested deeper than {MAX_DEPTH} levels")
     return body
+
+
+def why_not_json(value: Any, exc: BaseException, what: str = "value") -> str:
+    """Why ``value`` could not be encoded, naming the first offending field's path."""
+    wide = _wide_int_in(value)
+    if wide is not None:
+        return f"{exc} ({short(wide, 60)}; integers must be {INT_MIN} to {INT_MAX})"
+    found = _first_not_json(value, what)
+    if found is None:
+        return str(exc)
+    path, item = found
+    kind = type(item).__name__
+    if isinstance(item, datetime.date | datetime.time):
+        return (
+            f"{path} is a {kind}, which JSON cannot carry: send it as a string "
+            "(value.isoformat(), with its time zone) or a number (a timestamp)"
+        )
+    if isinstance(item, dict):
+        return f"{path} has a key that is not a string"
+    return f"{path} is a {kind} ({exc})"
+
+
+_JSON_LEAVES = (str, int, float, bool, type(None))
+
+
+def _first_not_json(value: Any, what: str) -> tuple[str, Any] | None:
+    """The path and value of the first thing in ``value`` JSON cannot carry as it is."""
+    stack: list[tuple[str, Any]] = [(what, value)]
+    seen = 0
+    while stack and seen < 1_000_000:
+        path, item = stack.pop()
+        seen += 1
+        if isinstance(item, datetime.date | datetime.time):
+            return path, item
+        if isinstance(item, float) and not math.isfinite(item):
+            return path, item
+        if isinstance(item, _JSON_LEAVES):
+            continue
+        if isinstance(item, dict):
+            if not all(isinstance(key, str) for key in item):
+                return path, item
+            stack.extend((f"{path}[{key!r}]", child) for key, child in reversed(item.items()))
+        elif isinstance(item, list | tuple):
+            stack.extend((f"{path}[{i}]", child) for i, child in reversed(list(enumerate(item))))
+        else:
+            return path, item
+    return None
 
 
 def decode_body(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
+from dataclasses import field as field_
 from typing import Any
 
 from bus_adapters.base import Delivery, Message
@@ -36,6 +38,11 @@ class Outcome:
     finished_at: float | None = None
     handler: str | None = None
     token: str | None = None  # the step message's token, echoed
+    # Why the outcome as sent did not validate, when it still names its run and carries a
+    # token (see from_wire): it then stands for a failed attempt (MalformedOutcome), and
+    # ``raw`` is the item as it came, for the dead letter kept for forensics.
+    malformed: str | None = field_(default=None, compare=False)
+    raw: Any = field_(default=None, compare=False, repr=False)
 
     @functools.cached_property
     def encoded(self) -> bytes:
@@ -92,6 +99,57 @@ class Outcome:
             token=token(data),
         )
 
+    @classmethod
+    def from_wire(cls, data: Any) -> Outcome:
+        """An item of an outcomes message: :meth:`from_json`, or, for an item that does not
+        validate but names its run (``workflow_id``, ``seq``, ``attempt``) and carries a
+        token, a ``failed`` outcome with the error ``MalformedOutcome`` saying what is wrong.
+
+        The engine applies it only if the token is right: a step service that answers its
+        run with a malformed outcome fails the attempt, not retried (the same code would
+        answer the same way), rather than leaving the workflow running for ever.
+        """
+        try:
+            return cls.from_json(data)
+        except (InvalidMessageError, TypeError, ValueError, KeyError, AttributeError) as exc:
+            problem = str(exc) if isinstance(exc, InvalidMessageError) else f"malformed: {exc!r}"
+            try:
+                workflow_id, seq, attempt = ident(data, "workflow_id"), positive(data, "seq"), 0
+                attempt = field(data, "attempt", int, optional=True) or 0
+                signature = token(data)
+            except (InvalidMessageError, TypeError, AttributeError):
+                raise exc from None
+            if not signature:
+                raise
+        step = data.get("step")
+        kind = data.get("kind")
+        what = f"{kind[:50]!r} outcome" if isinstance(kind, str) else "outcome"
+        return cls(
+            workflow_id=workflow_id,
+            seq=seq,
+            kind="failed",
+            step=step if isinstance(step, str) else "",
+            attempt=attempt,
+            error={
+                "type": MALFORMED,
+                "message": f"the step service sent a malformed {what}: {problem}; not retried: "
+                "the same code would send the same reply",
+                "retryable": False,
+            },
+            token=signature,
+            malformed=problem,
+            raw=data,
+        )
+
+    @property
+    def as_sent(self) -> Any:
+        """The item as it came (a malformed one) or as it would be sent, for a dead letter."""
+        return self.raw if self.malformed is not None else json.loads(self.encoded)
+
+
+MALFORMED = "MalformedOutcome"
+"""The error type of an attempt whose step service answered with a malformed outcome."""
+
 
 def _check_result(result: dict[str, Any]) -> None:
     """The fields of a result the engine acts on have the types it needs."""
@@ -118,7 +176,7 @@ def _check_error(error: dict[str, Any]) -> None:
 
 
 def decode_outcomes(delivery: Delivery) -> tuple[list[Outcome], list[Refused]]:
-    return decode_items(delivery, "outcomes", Outcome.from_json)
+    return decode_items(delivery, "outcomes", Outcome.from_wire)
 
 
 def outcomes_message(encoded: list[bytes]) -> Message:

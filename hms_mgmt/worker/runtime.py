@@ -37,7 +37,7 @@ from hms_mgmt.faults import Faults
 from hms_mgmt.logs import get_logger
 from hms_mgmt.results import normalise_result
 from hms_mgmt.topology import declare_core, declare_step
-from hms_mgmt.wire.codec import MAX_PAYLOAD_BYTES, check_finite
+from hms_mgmt.wire.codec import MAX_PAYLOAD_BYTES, check_finite, why_not_json
 from hms_mgmt.wire.outcomes import Outcome
 from hms_mgmt.wire.steps import StepMessage
 from hms_mgmt.worker.reporter import OutcomeReporter
@@ -282,7 +282,10 @@ class Worker:
             if b"null" in outcome.encoded:
                 check_finite(result)
         except (TypeError, ValueError) as exc:
-            error = PayloadError(f"{describe()} returned data that is not JSON-serialisable: {exc}")
+            error = PayloadError(
+                f"{describe()} returned data that is not JSON-serialisable: "
+                f"{why_not_json(result, exc, 'result')}"
+            )
             return self._failed(message, error, started_at, bound, retryable=False)
         if size > MAX_PAYLOAD_BYTES:
             error = PayloadError(
