@@ -80,8 +80,33 @@ def render(registry: CollectorRegistry) -> bytes:
     return generate_latest(_WithoutCreated(registry))
 
 
+class _OutboxCollector(Collector):
+    """The outbox relay's backlog, read from its own bookkeeping at scrape time."""
+
+    def __init__(self, read: Callable[[], tuple[int, float]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterable[Metric]:
+        rows, oldest_age = self._read()
+        yield GaugeMetricFamily(
+            "hms_outbox_backlog",
+            "Outbox rows committed and not yet confirmed by the broker.",
+            value=rows,
+        )
+        yield GaugeMetricFamily(
+            "hms_outbox_oldest_age_seconds",
+            "Age of the oldest outbox row not yet confirmed by the broker (0 with none).",
+            value=oldest_age,
+        )
+
+
 class EngineMetrics:
-    def __init__(self, reconnects: Callable[[], int] = lambda: 0) -> None:
+    def __init__(
+        self,
+        reconnects: Callable[[], int] = lambda: 0,
+        ready: Callable[[], bool] = lambda: True,
+        outbox: Callable[[], tuple[int, float]] = lambda: (0, 0.0),
+    ) -> None:
         self.registry = registry = CollectorRegistry()
         self.started = Counter(
             "hms_workflows_started", "Workflows started.", ["workflow"], registry=registry
@@ -124,6 +149,13 @@ class EngineMetrics:
             ["workflow", "step"],
             registry=registry,
         )
+        self.overdue = Gauge(
+            "hms_timers_overdue_seconds",
+            "Seconds the most overdue timer (kind: wait, deadline, start, run) of a workflow "
+            "is past due and has not fired.",
+            ["workflow", "kind"],
+            registry=registry,
+        )
         self.store_bytes = Gauge(
             "hms_store_bytes", "Bytes the store takes on disk (with its WAL).", registry=registry
         )
@@ -151,6 +183,14 @@ class EngineMetrics:
                 "hms_bus_reconnects", "Broker connections re-established after a drop.", reconnects
             )
         )
+        registry.register(
+            _ReadGauge(
+                "hms_engine_ready",
+                "1 while the engine is ready (what /readyz answers 200 for), else 0.",
+                lambda: int(ready()),
+            )
+        )
+        registry.register(_OutboxCollector(outbox))
 
     def on_batch(self, batch: Batch) -> None:
         """Count what a committed batch did."""
@@ -194,6 +234,7 @@ class EngineMetrics:
         by_status: dict[str, int],
         stuck: dict[tuple[str, str], int] | None = None,
         store_bytes: int | None = None,
+        overdue: dict[tuple[str, str], float] | None = None,
     ) -> None:
         """The gauges read from the store at scrape time."""
         self.in_progress.set(sum(by_status.get(status, 0) for status in IN_PROGRESS))
@@ -203,6 +244,10 @@ class EngineMetrics:
                 self.stuck.labels(workflow, step).set(count)
         if store_bytes is not None:
             self.store_bytes.set(store_bytes)
+        if overdue is not None:
+            self.overdue.clear()  # a timer that fired must not keep its last value
+            for (workflow, kind), seconds in overdue.items():
+                self.overdue.labels(workflow, kind).set(seconds)
 
     def render(self) -> bytes:
         return render(self.registry)
