@@ -35,7 +35,8 @@ WORKFLOW_BUCKETS = (
 FINISHED_RUNS = frozenset(
     {StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.TIMED_OUT, StepStatus.CANCELLED}
 )
-IN_PROGRESS = [str(s) for s in WorkflowStatus if s not in TERMINAL]
+STATUSES = [str(s) for s in WorkflowStatus]
+IN_PROGRESS = [status for status in STATUSES if WorkflowStatus(status) not in TERMINAL]
 
 
 class _ReadCounter(Collector):
@@ -142,6 +143,12 @@ class EngineMetrics:
             "Workflows not finished yet (pending, scheduled, running or waiting).",
             registry=registry,
         )
+        self.by_status = Gauge(
+            "hms_workflows_by_status",
+            "Workflows in the store by status (finished ones until retention deletes them).",
+            ["status"],
+            registry=registry,
+        )
         self.stuck = Gauge(
             "hms_steps_stuck",
             "Current step runs waiting longer than HMS_STUCK_AFTER for a step service to start "
@@ -238,6 +245,8 @@ class EngineMetrics:
     ) -> None:
         """The gauges read from the store at scrape time."""
         self.in_progress.set(sum(by_status.get(status, 0) for status in IN_PROGRESS))
+        for status in STATUSES:  # every status, 0 when none: no series goes stale
+            self.by_status.labels(status).set(by_status.get(status, 0))
         if stuck is not None:
             self.stuck.clear()  # a step no longer stuck must not keep its last value
             for (workflow, step), count in stuck.items():

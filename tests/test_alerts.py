@@ -5,6 +5,7 @@ engine or a step service really exports (scraped from their /metrics on the memo
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -31,6 +32,7 @@ from tests.conftest import IN_CI, ROOT
 PROMETHEUS = ROOT / "deploy" / "prometheus"
 RULES = PROMETHEUS / "alerts.yml"
 RULE_TESTS = PROMETHEUS / "alerts_test.yml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "hms-mgmt.json"
 FROM_PROMETHEUS = {"up"}  # what Prometheus itself records for every target
 
 
@@ -217,3 +219,51 @@ def test_the_rules_query_only_exported_metrics(exported: set[str]) -> None:
         assert names, rule
         unknown = names - exported - recorded - FROM_PROMETHEUS
         assert not unknown, f"{rule.get('alert') or rule.get('record')} queries {unknown}"
+
+
+# -- the Grafana dashboard -------------------------------------------------------------------
+
+
+def dashboard_targets(dashboard: dict[str, Any]) -> Iterator[tuple[dict[str, Any], str]]:
+    for panel in dashboard["panels"]:
+        for inner in [panel, *panel.get("panels", [])]:
+            for target in inner.get("targets", []):
+                yield inner, target["expr"]
+
+
+def test_the_dashboard_queries_only_exported_metrics(exported: set[str]) -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    targets = list(dashboard_targets(dashboard))
+    assert len(targets) >= 10
+    for panel, expr in targets:
+        names = metric_names(expr)
+        assert names, (panel["title"], expr)
+        unknown = names - exported - FROM_PROMETHEUS
+        assert not unknown, f"panel {panel['title']!r} queries {unknown}"
+
+
+def test_the_dashboard_takes_its_datasource_from_a_variable() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    for panel in dashboard["panels"]:
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+    titles = " ".join(panel["title"].lower() for panel in dashboard["panels"])
+    for topic in ("started", "in progress", "p95", "dead letters", "outbox", "event loop"):
+        assert topic in titles, topic
+
+
+def test_the_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
+    """promtool parses each panel's query, as a recording rule ($__rate_interval made 5m)."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    records = [
+        {"record": f"dashboard:panel_{n}", "expr": expr.replace("$__rate_interval", "5m")}
+        for n, (_panel, expr) in enumerate(dashboard_targets(dashboard))
+    ]
+    rules_file = tmp_path / "dashboard_rules.yml"
+    rules_file.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": records}]}))
+    checked = promtool("check", "rules", rules_file)
+    assert checked.returncode == 0, checked.stdout + checked.stderr

@@ -353,3 +353,16 @@ async def test_overdue_timers_are_read_from_the_store(memory_url: str, store_url
     assert count(metrics, name, workflow="w", kind="wait") == 90.0
     metrics.set_counts({}, overdue={})  # the timers fired: no series left behind
     assert not [key for key in samples(metrics.render()) if key[0] == name]
+
+
+def test_workflows_by_status_has_every_status() -> None:
+    metrics = EngineMetrics()
+    metrics.set_counts({"running": 2, "waiting": 1, "succeeded": 5})
+    name = "hms_workflows_by_status"
+    assert count(metrics, name, status="running") == 2
+    assert count(metrics, name, status="succeeded") == 5
+    assert count(metrics, name, status="pending") == 0  # present, not missing
+    assert count(metrics, "hms_workflows_in_progress") == 3
+    metrics.set_counts({"succeeded": 8})  # they all finished: running drops to 0
+    assert count(metrics, name, status="running") == 0
+    check_with_promtool(metrics.render())
