@@ -267,3 +267,10 @@ def test_the_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     rules_file.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": records}]}))
     checked = promtool("check", "rules", rules_file)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_the_readme_documents_every_exported_metric(exported: set[str]) -> None:
+    readme = (ROOT / "README.md").read_text()
+    for name in exported:
+        base = re.sub(r"_(bucket|sum|count)$", "", name)
+        assert f"`{name}`" in readme or f"`{base}`" in readme, name
