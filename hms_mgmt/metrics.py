@@ -35,7 +35,8 @@ WORKFLOW_BUCKETS = (
 FINISHED_RUNS = frozenset(
     {StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.TIMED_OUT, StepStatus.CANCELLED}
 )
-IN_PROGRESS = [str(s) for s in WorkflowStatus if s not in TERMINAL]
+STATUSES = [str(s) for s in WorkflowStatus]
+IN_PROGRESS = [status for status in STATUSES if WorkflowStatus(status) not in TERMINAL]
 
 
 class _ReadCounter(Collector):
@@ -80,8 +81,33 @@ def render(registry: CollectorRegistry) -> bytes:
     return generate_latest(_WithoutCreated(registry))
 
 
+class _OutboxCollector(Collector):
+    """The outbox relay's backlog, read from its own bookkeeping at scrape time."""
+
+    def __init__(self, read: Callable[[], tuple[int, float]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterable[Metric]:
+        rows, oldest_age = self._read()
+        yield GaugeMetricFamily(
+            "hms_outbox_backlog",
+            "Outbox rows committed and not yet confirmed by the broker.",
+            value=rows,
+        )
+        yield GaugeMetricFamily(
+            "hms_outbox_oldest_age_seconds",
+            "Age of the oldest outbox row not yet confirmed by the broker (0 with none).",
+            value=oldest_age,
+        )
+
+
 class EngineMetrics:
-    def __init__(self, reconnects: Callable[[], int] = lambda: 0) -> None:
+    def __init__(
+        self,
+        reconnects: Callable[[], int] = lambda: 0,
+        ready: Callable[[], bool] = lambda: True,
+        outbox: Callable[[], tuple[int, float]] = lambda: (0, 0.0),
+    ) -> None:
         self.registry = registry = CollectorRegistry()
         self.started = Counter(
             "hms_workflows_started", "Workflows started.", ["workflow"], registry=registry
@@ -117,11 +143,24 @@ class EngineMetrics:
             "Workflows not finished yet (pending, scheduled, running or waiting).",
             registry=registry,
         )
+        self.by_status = Gauge(
+            "hms_workflows_by_status",
+            "Workflows in the store by status (finished ones until retention deletes them).",
+            ["status"],
+            registry=registry,
+        )
         self.stuck = Gauge(
             "hms_steps_stuck",
             "Current step runs waiting longer than HMS_STUCK_AFTER for a step service to start "
             "them.",
             ["workflow", "step"],
+            registry=registry,
+        )
+        self.overdue = Gauge(
+            "hms_timers_overdue_seconds",
+            "Seconds the most overdue timer (kind: wait, deadline, start, run) of a workflow "
+            "is past due and has not fired.",
+            ["workflow", "kind"],
             registry=registry,
         )
         self.store_bytes = Gauge(
@@ -151,6 +190,14 @@ class EngineMetrics:
                 "hms_bus_reconnects", "Broker connections re-established after a drop.", reconnects
             )
         )
+        registry.register(
+            _ReadGauge(
+                "hms_engine_ready",
+                "1 while the engine is ready (what /readyz answers 200 for), else 0.",
+                lambda: int(ready()),
+            )
+        )
+        registry.register(_OutboxCollector(outbox))
 
     def on_batch(self, batch: Batch) -> None:
         """Count what a committed batch did."""
@@ -194,15 +241,22 @@ class EngineMetrics:
         by_status: dict[str, int],
         stuck: dict[tuple[str, str], int] | None = None,
         store_bytes: int | None = None,
+        overdue: dict[tuple[str, str], float] | None = None,
     ) -> None:
         """The gauges read from the store at scrape time."""
         self.in_progress.set(sum(by_status.get(status, 0) for status in IN_PROGRESS))
+        for status in STATUSES:  # every status, 0 when none: no series goes stale
+            self.by_status.labels(status).set(by_status.get(status, 0))
         if stuck is not None:
             self.stuck.clear()  # a step no longer stuck must not keep its last value
             for (workflow, step), count in stuck.items():
                 self.stuck.labels(workflow, step).set(count)
         if store_bytes is not None:
             self.store_bytes.set(store_bytes)
+        if overdue is not None:
+            self.overdue.clear()  # a timer that fired must not keep its last value
+            for (workflow, kind), seconds in overdue.items():
+                self.overdue.labels(workflow, kind).set(seconds)
 
     def render(self) -> bytes:
         return render(self.registry)

@@ -37,3 +37,24 @@ def test_compose_file_wires_the_http_ports_and_health_checks() -> None:
     # beyond the container's loopback: the token must be wired for changes to be possible
     assert engine["HMS_HTTP_HOST"] == "0.0.0.0"
     assert "HMS_HTTP_TOKEN" in engine["HMS_HTTP_TOKEN"]
+
+
+def test_compose_monitoring_profile_mounts_the_rules_and_the_dashboard() -> None:
+    services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+    for name in ("prometheus", "grafana"):
+        assert services[name]["profiles"] == ["monitoring"], name  # not in a plain `up`
+        for volume in services[name]["volumes"]:
+            source = volume.split(":", 1)[0]
+            assert (ROOT / source).exists(), (name, source)
+    assert "./deploy/prometheus:/etc/prometheus:ro" in services["prometheus"]["volumes"]
+    config = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    targets = {
+        job["job_name"]: job["static_configs"][0]["targets"] for job in config["scrape_configs"]
+    }
+    # the example scrapes compose's services on the ports they listen on
+    engine = services["engine"]["environment"]["HMS_HTTP_PORT"]
+    worker = services["grant-service"]["environment"]["HMS_WORKER_HTTP_PORT"]
+    assert targets["hms-engine"] == [f"engine:{engine}"]
+    assert targets["hms-steps"] == [f"grant-service:{worker}"]
+    for path in ("datasources/prometheus.yml", "dashboards/hms-mgmt.yml"):
+        assert yaml.safe_load((ROOT / "deploy/grafana/provisioning" / path).read_text())

@@ -4,19 +4,31 @@ accepts."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
+from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 import hms_mgmt
+from bus_adapters import open_bus
+from bus_adapters.base import BusError, Message
+from hms_mgmt.engine.api import EngineApi, engine_metrics
+from hms_mgmt.engine.engine import Engine
+from hms_mgmt.engine.relay import OutboxRelay
+from hms_mgmt.errors import StoreError
 from hms_mgmt.metrics import EngineMetrics, WorkerMetrics
 from hms_mgmt.records import StepRun, StepStatus, Workflow, WorkflowStatus
-from hms_mgmt.store.base import Batch
+from hms_mgmt.store import open_store
+from hms_mgmt.store.base import Batch, OutboxRow
+from hms_mgmt.topology import STEPS_EXCHANGE
 from hms_mgmt.wire.outcomes import Outcome
 from hms_mgmt.wire.steps import StepMessage
+from tests.conftest import wait_until
 
 
 def samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -194,3 +206,163 @@ async def test_retries_through_the_engine_count_one_failed_workflow(
     assert count(metrics, "hms_workflows_refailed_total", workflow="doomed") == 2
     assert count(metrics, "hms_workflow_retries_total", workflow="doomed") == 3
     assert count(metrics, "hms_workflows_started_total", workflow="doomed") == 1
+
+
+# -- readiness, the outbox and overdue timers, read at scrape time ------------------------
+
+
+class RefusingBus:
+    """A bus whose publishes fail while ``refusing`` (a broker that takes nothing)."""
+
+    def __init__(self, bus: Any) -> None:
+        self._bus = bus
+        self.refusing = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._bus, name)
+
+    async def publish(self, message: Message, **kwargs: Any) -> None:
+        if self.refusing:
+            raise BusError("refused (test)")
+        await self._bus.publish(message, **kwargs)
+
+
+def outbox_row(message_id: str, created_at: float) -> OutboxRow:
+    return OutboxRow(message_id, STEPS_EXCHANGE, "w.a", b"{}", {"hms-attempt": 1}, created_at)
+
+
+async def test_the_relay_counts_rows_until_the_broker_confirms_them() -> None:
+    bus = RefusingBus(object())
+    published: list[Message] = []
+
+    async def publish(message: Message, **_kwargs: Any) -> None:
+        if bus.refusing:
+            raise BusError("refused (test)")
+        published.append(message)
+
+    bus.publish = publish  # type: ignore[method-assign]
+    relay = OutboxRelay(bus)  # type: ignore[arg-type]
+    assert relay.backlog(1000.0) == (0, 0.0)
+    relay.submit([outbox_row("m1", 990.0), outbox_row("m2", 995.0)])
+    assert relay.backlog(1000.0) == (2, 10.0)
+    assert relay.backlog(1030.0) == (2, 40.0)  # grows while the broker takes nothing
+    bus.refusing = False
+    await wait_until(lambda: relay.backlog(1030.0) == (0, 0.0), what="the rows confirmed")
+    assert len(published) == 1 and sorted(relay.take_confirmed()) == ["m1", "m2"]
+
+
+async def test_the_engine_is_ready_in_its_metrics_only_while_readyz_says_so(
+    memory_url: str, store_url: str
+) -> None:
+    engine = Engine(open_bus(memory_url), open_store(store_url))
+    metrics = engine_metrics(engine)
+    assert samples(metrics.render())[("hms_engine_ready", ())] == 0  # not started
+    running = asyncio.ensure_future(engine.run())
+    await asyncio.wait_for(engine.ready.wait(), 10)
+    assert samples(metrics.render())[("hms_engine_ready", ())] == 1
+    engine.health.problem = StoreError("disk full (test)", kind="full")
+    assert samples(metrics.render())[("hms_engine_ready", ())] == 0
+    assert engine.checks()["store"] is False
+    engine.health.problem = None
+    engine.stop()
+    await running
+
+
+async def test_outbox_age_grows_while_the_broker_takes_nothing(
+    memory_url: str, store_url: str
+) -> None:
+    async with hms_mgmt.init(service_name="t", broker_url=memory_url, store_url=store_url) as m:
+        m.define_workflow("w", ["a"])
+
+        @m.on_step("w.a")
+        async def a(ctx: hms_mgmt.StepContext) -> None:
+            return None
+
+        await m.serve()
+        engine = m._hosted.engine
+        metrics = engine_metrics(engine)
+        async with TestClient(TestServer(EngineApi(engine, metrics).app())) as http:
+
+            async def scrape() -> dict[str, float]:
+                response = await http.get("/metrics")
+                text = await response.read()
+                found = samples(text)
+                return {name: value for (name, labels), value in found.items() if not labels}
+
+            before = await scrape()
+            assert before["hms_engine_ready"] == 1
+            assert before["hms_outbox_backlog"] == 0 == before["hms_outbox_oldest_age_seconds"]
+
+            refusing = RefusingBus(engine.relay._bus)
+            engine.relay._bus = refusing
+            started = await m.start("w", {})
+            stalled = await wait_until(
+                lambda: _stalled(scrape), what="an outbox row older than 0.3 s"
+            )
+            assert stalled["hms_outbox_backlog"] == 1
+            later = await wait_until(
+                lambda: _older(scrape, stalled["hms_outbox_oldest_age_seconds"]),
+                what="the age to grow",
+            )
+            assert later["hms_outbox_backlog"] == 1
+
+            refusing.refusing = False
+            state = await m.wait(started.workflow_id, timeout=10)
+            assert state.status == "succeeded"
+            after = await scrape()
+            assert after["hms_outbox_backlog"] == 0 == after["hms_outbox_oldest_age_seconds"]
+            check_with_promtool(await (await http.get("/metrics")).read())
+
+
+async def _stalled(scrape: Any) -> dict[str, float] | None:
+    found: dict[str, float] = await scrape()
+    return found if found["hms_outbox_oldest_age_seconds"] > 0.3 else None
+
+
+async def _older(scrape: Any, than: float) -> dict[str, float] | None:
+    found: dict[str, float] = await scrape()
+    return found if found["hms_outbox_oldest_age_seconds"] > than else None
+
+
+async def test_overdue_timers_are_read_from_the_store(memory_url: str, store_url: str) -> None:
+    now = 10_000.0
+    store = open_store(store_url)
+    await store.open()
+    try:
+        batch = Batch()
+        for wf_id, kind, at in (
+            ("late-wait", "wait", now - 90),
+            ("later-wait", "wait", now - 30),
+            ("late-deadline", "deadline", now - 5),
+            ("future", "wait", now + 100),
+        ):
+            batch.workflows[wf_id] = workflow(
+                WorkflowStatus.WAITING, id=wf_id, timer_at=at, timer_kind=kind
+            )
+        batch.workflows["done"] = workflow(WorkflowStatus.SUCCEEDED, id="done")
+        await store.commit(batch)
+        engine = Engine(open_bus(memory_url), store, clock=lambda: now)
+        overdue = await engine.overdue_timers()
+        assert overdue == {("w", "wait"): 90.0, ("w", "deadline"): 5.0}
+    finally:
+        await store.close()
+
+    metrics = EngineMetrics()
+    metrics.set_counts({}, overdue=overdue)
+    name = "hms_timers_overdue_seconds"
+    assert count(metrics, name, workflow="w", kind="wait") == 90.0
+    metrics.set_counts({}, overdue={})  # the timers fired: no series left behind
+    assert not [key for key in samples(metrics.render()) if key[0] == name]
+
+
+def test_workflows_by_status_has_every_status() -> None:
+    metrics = EngineMetrics()
+    metrics.set_counts({"running": 2, "waiting": 1, "succeeded": 5})
+    name = "hms_workflows_by_status"
+    assert count(metrics, name, status="running") == 2
+    assert count(metrics, name, status="succeeded") == 5
+    assert count(metrics, name, status="pending") == 0  # present, not missing
+    assert count(metrics, "hms_workflows_in_progress") == 3
+    metrics.set_counts({"succeeded": 8})  # they all finished: running drops to 0
+    assert count(metrics, name, status="running") == 0
+    check_with_promtool(metrics.render())

@@ -84,6 +84,8 @@ class EngineView(Protocol):
 
     async def counts(self) -> tuple[dict[str, int], dict[tuple[str, str], int], int]: ...
 
+    async def overdue_timers(self) -> dict[tuple[str, str], float]: ...
+
     async def prune(self, before: float) -> int: ...
 
 
@@ -235,11 +237,13 @@ class EngineApi:
 
     async def _refresh_counts(self) -> None:
         try:
-            counts, stuck, size = await asyncio.wait_for(self.engine.counts(), PROBE_TIMEOUT)
+            (counts, stuck, size), overdue = await asyncio.wait_for(
+                asyncio.gather(self.engine.counts(), self.engine.overdue_timers()), PROBE_TIMEOUT
+            )
         except Exception as exc:  # a scrape still shows the counters
             log.warning("cannot count workflows for /metrics", error=repr(exc))
             return
-        self.metrics.set_counts(counts, stuck, size)
+        self.metrics.set_counts(counts, stuck, size, overdue)
 
     # -- probes -----------------------------------------------------------------
 
@@ -494,16 +498,24 @@ def _int(raw: str, name: str, low: int, high: int) -> int:
     return value
 
 
+def engine_metrics(engine: Engine, loop_monitor: LoopMonitor | None = None) -> EngineMetrics:
+    """The engine's metrics, hooked into it: its commits, its bus, readiness, the outbox."""
+    metrics = EngineMetrics(
+        lambda: engine.bus.reconnects, lambda: engine.is_ready, engine.outbox_backlog
+    )
+    engine.on_commit = metrics.on_batch
+    if loop_monitor is not None:
+        metrics.registry.register(LoopCollector(loop_monitor))
+    return metrics
+
+
 async def start_api(
     engine: Engine, settings: Settings, loop_monitor: LoopMonitor | None = None
 ) -> web.AppRunner | None:
     """The engine's HTTP server when ``settings.http_port`` is set; its metrics hooked in."""
     if settings.http_port is None:
         return None
-    metrics = EngineMetrics(lambda: engine.bus.reconnects)
-    engine.on_commit = metrics.on_batch
-    if loop_monitor is not None:
-        metrics.registry.register(LoopCollector(loop_monitor))
+    metrics = engine_metrics(engine, loop_monitor)
     api = EngineApi(
         engine,
         metrics,

@@ -290,6 +290,23 @@ class Engine:
         )
         return counts, stuck, size
 
+    async def overdue_timers(self) -> dict[tuple[str, str], float]:
+        """(workflow, timer kind) -> seconds its most overdue timer is past due, for the
+        timers due and not fired: a wait's timeout, a deadline, a delayed or backed-off run."""
+        now = self.clock()
+        due = await self.store.overdue_timers(now)
+        return {key: max(0.0, now - at) for key, at in due.items()}
+
+    def outbox_backlog(self) -> tuple[int, float]:
+        """Outbox rows committed and not yet confirmed by the broker, and the oldest's age
+        in seconds: the relay's own bookkeeping, no store read."""
+        return self.relay.backlog(self.clock())
+
+    @property
+    def is_ready(self) -> bool:
+        """What ``/readyz`` answers: every check passes."""
+        return all(self.checks().values())
+
     async def prune(self, before: float) -> int:
         """Delete the workflows that finished before ``before``, between batches; how many."""
         return await self.retention.prune(before)

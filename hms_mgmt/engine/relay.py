@@ -85,13 +85,14 @@ class OutboxRelay:
         self._on_unroutable = on_unroutable
         self._slots = asyncio.Semaphore(max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._queued: set[str] = set()
+        # Rows handed over and not yet confirmed by the broker: message id -> created_at.
+        self._queued: dict[str, float] = {}
         self._confirmed: list[str] = []
         self._faults = faults or Faults()
 
     def submit(self, rows: list[OutboxRow]) -> None:
         fresh = [row for row in rows if row.message_id not in self._queued]
-        self._queued.update(row.message_id for row in fresh)
+        self._queued.update((row.message_id, row.created_at) for row in fresh)
         loop = asyncio.get_running_loop()
         for batch, message in group(fresh):
             task = loop.create_task(self._publish(batch, message))
@@ -109,6 +110,15 @@ class OutboxRelay:
     @property
     def has_confirmed(self) -> bool:
         return bool(self._confirmed)
+
+    def backlog(self, now: float) -> tuple[int, float]:
+        """Rows handed over and not yet confirmed, and the age of the oldest (0 with none).
+
+        Read at scrape time, never on the hot path: the minimum is taken then.
+        """
+        if not self._queued:
+            return 0, 0.0
+        return len(self._queued), max(0.0, now - min(self._queued.values()))
 
     async def drain(self, timeout: float) -> bool:
         """Wait for publishes in flight; True if all went out in time."""
@@ -139,5 +149,5 @@ class OutboxRelay:
             )
         self._faults.reached("after_confirm")
         for row in rows:
-            self._queued.discard(row.message_id)
+            self._queued.pop(row.message_id, None)
             self._confirmed.append(row.message_id)

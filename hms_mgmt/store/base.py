@@ -181,6 +181,11 @@ class Store(Protocol):
         """(workflow, step) -> current runs still waiting to start since before ``before``."""
         ...
 
+    async def overdue_timers(self, now: float) -> dict[tuple[str, str], float]:
+        """(workflow, timer kind) -> the earliest due time of the timers due by ``now``
+        that have not fired (a wait's timeout, a deadline, a delayed or backed-off run)."""
+        ...
+
     async def schedules(self) -> list[Schedule]: ...
 
     async def forget_requests(self, before: float, limit: int = 1000) -> int:

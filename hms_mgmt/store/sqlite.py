@@ -460,6 +460,14 @@ class SQLiteStore:
         )
         return {(name, step): count for name, step, count in rows}
 
+    async def overdue_timers(self, now: float) -> dict[tuple[str, str], float]:
+        rows = await self._all(  # the partial index on timer_at: only the due rows are read
+            "SELECT name, timer_kind, min(timer_at) FROM workflows "
+            "WHERE timer_at IS NOT NULL AND timer_at <= ? GROUP BY name, timer_kind",
+            (now,),
+        )
+        return {(name, kind): due for name, kind, due in rows}
+
     async def count_by_status(self) -> dict[str, int]:
         rows = await self._all("SELECT status, count(*) FROM workflows GROUP BY status")
         return {status: count for status, count in rows}

@@ -38,9 +38,8 @@ def probe_app(
     return app
 
 
-async def serve_with_probes(target: Management, settings: Settings) -> None:
-    """Run a step service (``Management.run``) with its HTTP server beside it."""
-    assert settings.worker_http_port is not None
+def worker_metrics(target: Management, settings: Settings) -> WorkerMetrics:
+    """A step service's metrics, hooked into it: its outcomes, its bus, its threads, its loop."""
     metrics = WorkerMetrics(
         lambda: target.reconnects,
         lambda: target.abandoned_threads,
@@ -50,6 +49,13 @@ async def serve_with_probes(target: Management, settings: Settings) -> None:
     if target.loop_monitor is None:
         target.loop_monitor = LoopMonitor.from_settings(settings, "step-service")
     metrics.registry.register(LoopCollector(target.loop_monitor))
+    return metrics
+
+
+async def serve_with_probes(target: Management, settings: Settings) -> None:
+    """Run a step service (``Management.run``) with its HTTP server beside it."""
+    assert settings.worker_http_port is not None
+    metrics = worker_metrics(target, settings)
     app = probe_app(metrics.render, target.readiness, target.loop_monitor)
     runner = await start_server(app, settings.http_host, settings.worker_http_port, name="worker")
     try:
