@@ -357,3 +357,11 @@ def test_store_urls_choose_the_backend() -> None:
     assert isinstance(open_store("postgres://u:p@h:5432/db"), PostgresStore)
     with pytest.raises(ValueError, match="unsupported store URL"):
         open_store("mysql://h/db")
+
+
+async def test_store_backup_sends_postgres_to_pg_dump(tmp_path: Path) -> None:
+    from tests.conftest import hms
+
+    url = "postgresql://hms:s3cret@127.0.0.1:1/hms"
+    done = await hms("store", "backup", str(tmp_path / "copy.db"), "--store-url", url)
+    assert done.returncode == 2 and "pg_dump" in done.stderr, done.stderr
