@@ -365,3 +365,33 @@ async def test_store_backup_sends_postgres_to_pg_dump(tmp_path: Path) -> None:
     url = "postgresql://hms:s3cret@127.0.0.1:1/hms"
     done = await hms("store", "backup", str(tmp_path / "copy.db"), "--store-url", url)
     assert done.returncode == 2 and "pg_dump" in done.stderr, done.stderr
+
+
+async def test_a_postgres_store_of_schema_1_is_migrated_in_order(postgres_url: str) -> None:
+    import asyncpg
+
+    from hms_mgmt.store import postgres
+
+    db = await asyncpg.connect(postgres_url)
+    try:  # a store as the first release left it: migration 1 only
+        async with db.transaction():
+            await db.execute(
+                "CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, "
+                "applied_at DOUBLE PRECISION NOT NULL)"
+            )
+            for sql in postgres.MIGRATIONS[1]:
+                await db.execute(sql)
+            await db.execute("INSERT INTO schema_migrations VALUES (1, 1.0)")
+            await db.execute("INSERT INTO meta VALUES ('store_id', 'old'), ('secret', '00')")
+    finally:
+        await db.close()
+    store = open_store(postgres_url)
+    await store.open()
+    try:
+        assert store.identity.store_id == "old" and not store.identity.fresh
+        await store.claim("engine-a")
+        await store.commit(started("wf1"))
+        assert set(await store.load(["wf1"])) == {"wf1"}
+    finally:
+        await store.close()
+    assert await migrations(postgres_url) == list(range(1, postgres.SCHEMA_VERSION + 1))
