@@ -395,3 +395,36 @@ async def test_a_postgres_store_of_schema_1_is_migrated_in_order(postgres_url: s
     finally:
         await store.close()
     assert await migrations(postgres_url) == list(range(1, postgres.SCHEMA_VERSION + 1))
+
+
+async def test_a_postgres_store_comes_back_after_its_connections_are_cut(
+    postgres_url: str,
+) -> None:
+    import asyncpg
+
+    store = open_store(postgres_url)
+    await store.open()
+    try:
+        await store.claim("engine-a")
+        await store.commit(started("wf1"))
+        admin = await asyncpg.connect(postgres_url)
+        try:  # what a server restart or a network cut does to the pool's connections
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        finally:
+            await admin.close()
+        failures = 0
+        for _ in range(5):  # the engine holds a failed batch and tries it again
+            try:
+                await store.commit(started("wf2"))
+                break
+            except StoreError as exc:
+                assert exc.kind == "io" and not exc.lasting, exc
+                failures += 1
+        assert failures <= 1
+        assert set(await store.load(["wf1", "wf2"])) == {"wf1", "wf2"}
+        assert await store.watch(probe=True) is None
+    finally:
+        await store.close()
