@@ -259,7 +259,14 @@ class PostgresStore:
                 "(pip install 'hms-mgmt[postgres]')",
                 kind="unopenable",
             ) from None
-        self._errors = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+        # InternalClientError: a connection the server cut while the driver was using it.
+        self._errors = (
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+            asyncpg.InternalClientError,
+            OSError,
+            TimeoutError,
+        )
         try:
             self._pool = await asyncpg.create_pool(
                 self.url,
