@@ -1,4 +1,8 @@
-"""The engine daemon on a PostgreSQL store, with a step service, on the real RabbitMQ."""
+"""The engine daemon on a PostgreSQL store, with a step service, on the real RabbitMQ.
+
+``postgres_url`` comes first in each test's fixtures, so the processes stop before their
+database is dropped.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ pytestmark = pytest.mark.broker
 
 
 async def test_grants_run_on_postgres_and_an_engine_restart_resumes_from_it(
-    client: hms_mgmt.Management, processes: Processes, vhost: str, postgres_url: str
+    postgres_url: str, client: hms_mgmt.Management, processes: Processes, vhost: str
 ) -> None:
     engine = processes.engine(vhost, postgres_url)
     processes.worker(vhost, "tests.services:grant")
@@ -44,7 +48,7 @@ async def test_grants_run_on_postgres_and_an_engine_restart_resumes_from_it(
 
 
 async def test_an_engine_killed_mid_run_on_postgres_is_resumed_by_the_next(
-    client: hms_mgmt.Management, processes: Processes, vhost: str, postgres_url: str
+    postgres_url: str, client: hms_mgmt.Management, processes: Processes, vhost: str
 ) -> None:
     engine = processes.engine(vhost, postgres_url)
     processes.worker(vhost, "tests.services:grant")
@@ -84,3 +88,34 @@ def test_an_unreachable_postgres_store_is_one_line_and_exit_code_2() -> None:
     assert errors[0]["event"] == "cannot start: the store cannot be used"
     assert "cannot open the store postgresql://hms:***@127.0.0.1:1/hms" in errors[0]["cause"]
     assert "s3cret" not in done.stderr and "Traceback" not in done.stderr
+
+
+async def test_the_engine_rides_out_its_postgres_connections_being_cut(
+    postgres_url: str, client: hms_mgmt.Management, processes: Processes, vhost: str
+) -> None:
+    import asyncpg
+
+    engine = processes.engine(vhost, postgres_url)
+    processes.worker(vhost, "tests.services:grant")
+    await run_grants(client, 2)
+    began = await asyncio.gather(
+        *(client.start("grantApproval", {"application_id": f"C-{n}"}) for n in range(200))
+    )
+    admin = await asyncpg.connect(postgres_url)
+    try:  # what a server restart or a network cut does to the engine's pool, twice
+        engines = (
+            "FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name = 'hms-mgmt'"
+        )
+        for _ in range(2):
+            await wait_until(
+                lambda: admin.fetchval(f"SELECT count(*) {engines}"),
+                timeout=20,
+                what="the engine connected to its store",
+            )
+            assert await admin.fetchval(f"SELECT count(pg_terminate_backend(pid)) {engines}") >= 1
+    finally:
+        await admin.close()
+    done = await asyncio.gather(*(client.wait(s.workflow_id, timeout=60) for s in began))
+    assert all(state.status == "succeeded" for state in done)
+    assert engine.poll() is None  # still serving
