@@ -294,6 +294,21 @@ async def test_discard_removes_a_store_just_made(url: str) -> None:
     made = await reopened(url)
     first_id = made.identity.store_id
     await made.discard()
+    if url.startswith("postgres"):  # nothing of it is left in the database
+        import asyncpg
+
+        db = await asyncpg.connect(url)
+        try:
+            left = await db.fetchval(
+                "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = 'public'"
+            )
+            functions = await db.fetchval(
+                "SELECT count(*) FROM pg_proc WHERE proname = 'hms_commit'"
+            )
+        finally:
+            await db.close()
+        assert left == 0 and functions == 0
     again = await reopened(url)
     assert again.identity.fresh and again.identity.store_id != first_id
     await again.close()

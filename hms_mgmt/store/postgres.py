@@ -307,6 +307,7 @@ class PostgresStore:
             with contextlib.suppress(StoreError):
                 async with self._connection() as db:
                     await db.execute(f"DROP TABLE IF EXISTS {', '.join(TABLES)}")
+                    await db.execute("DROP FUNCTION IF EXISTS hms_commit")
         await self.close()
 
     @contextlib.asynccontextmanager
