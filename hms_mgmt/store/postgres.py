@@ -11,8 +11,8 @@ A batch is one transaction and one round trip: ``hms_commit``, a function the sc
 defines, takes one array per column of each table (rows go in with ``unnest``), checks the
 owner and writes every table in one statement, prepared once per connection by asyncpg's
 statement cache. With a round trip per statement instead (begin, fence, one per table,
-commit) one engine on PostgreSQL ran 70% of SQLite's workflows/s here; with hms_commit, 88%
-(one run each of ``benchmarks/hms.py --n 2000 --runs 3`` on a busy two-core machine).
+commit) one engine on PostgreSQL ran 70% of SQLite's workflows/s here; with hms_commit, 88
+to 95% (three pairs of ``benchmarks/hms.py --n 2000 --runs 3`` on a busy two-core machine).
 
 Schema changes are :data:`MIGRATIONS`, applied in order at open under an advisory lock, each
 recorded as a row of ``schema_migrations`` in the same transaction as its DDL.
@@ -297,6 +297,8 @@ class PostgresStore:
             return
         try:
             await pool.close()  # waits for connections in use (bounded by COMMAND_TIMEOUT)
+        except Exception:  # a connection already lost: nothing left to close cleanly
+            pool.terminate()
         except BaseException:
             pool.terminate()
             raise
