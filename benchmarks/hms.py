@@ -3,7 +3,10 @@
 ``python benchmarks/hms.py --n 2000 --runs 3 --lone 200 [--json out.json]`` (from the
 repository root, with the project's virtualenv). Each run starts N workflows at once
 through the client and stops the clock when the engine has recorded the last one as
-succeeded (read from its SQLite file, so watching costs the engine nothing). Lone
+succeeded (read from its store, so watching costs the engine nothing). The store is a
+SQLite file in a temporary folder; ``--postgres postgresql://postgres@127.0.0.1:5432``
+puts it in a fresh PostgreSQL database on that server instead (dropped afterwards), and
+``--env HMS_STORE_URL=postgresql://...`` in a database of your own. Lone
 latency is ``start`` then ``wait`` for one workflow at a time: the time until the
 engine has recorded it succeeded and told the client.
 """
@@ -70,6 +73,8 @@ def percentile(values: list[float], q: float) -> float:
 class Daemons:
     def __init__(self, url: str, folder: Path, extra_env: dict[str, str]) -> None:
         self.db = folder / "bench.db"
+        self.store_url = extra_env.get("HMS_STORE_URL", f"sqlite:///{self.db}")
+        self._postgres: Any = None  # a connection that counts, when the store is PostgreSQL
         env = {
             **os.environ,
             "HMS_BROKER_URL": url,
@@ -101,6 +106,37 @@ class Daemons:
                 ]
             )
 
+    @property
+    def on_postgres(self) -> bool:
+        return self.store_url.startswith(("postgresql://", "postgres://"))
+
+    async def count_succeeded(self) -> int:
+        """Workflows the engine has recorded as succeeded, from whichever store it uses."""
+        if not self.on_postgres:
+            return await asyncio.to_thread(self.succeeded)
+        if self._postgres is None:
+            import asyncpg
+
+            self._postgres = await asyncpg.connect(self.store_url)
+        sql = "SELECT count(*) FROM workflows WHERE status = 'succeeded'"
+        return int(await self._postgres.fetchval(sql))
+
+    async def store_pids(self) -> list[int]:
+        """The PostgreSQL server processes serving the engine (its pool's connections)."""
+        if not self.on_postgres:
+            return []
+        await self.count_succeeded()  # connected
+        rows = await self._postgres.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'hms-mgmt' "
+            "AND datname = current_database()"
+        )
+        return [int(row[0]) for row in rows]
+
+    async def close(self) -> None:
+        if self._postgres is not None:
+            await self._postgres.close()
+            self._postgres = None
+
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
         with sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=5) as db:
             return list(db.execute(sql, params))
@@ -121,14 +157,18 @@ async def one_run(
 ) -> dict[str, Any]:
     pids = {"engine": daemons.engine.pid, "worker": daemons.worker.pid, "broker": broker_pid()}
     cpu_before = {k: cpu_seconds(p) for k, p in pids.items()}
-    target = daemons.succeeded() + n
+    store_before = {p: cpu_seconds(p) for p in await daemons.store_pids()}
+    target = await daemons.count_succeeded() + n
     began = time.perf_counter()
     await asyncio.gather(*(client.start("grantApproval", payload(offset + i)) for i in range(n)))
     start_s = time.perf_counter() - began
-    while await asyncio.to_thread(daemons.succeeded) < target:  # noqa: ASYNC110 - polls a file
+    while await daemons.count_succeeded() < target:  # noqa: ASYNC110 - polls the store
         await asyncio.sleep(0.01)
     wall = time.perf_counter() - began
     cpu = {k: (cpu_seconds(p) - cpu_before[k]) * 1000 / n for k, p in pids.items()}
+    if daemons.on_postgres:  # the store's own CPU, which SQLite spends inside the engine
+        used = [cpu_seconds(p) - store_before.get(p, 0.0) for p in await daemons.store_pids()]
+        cpu["postgres"] = sum(used) * 1000 / n
     return {
         "n": n,
         "wall_s": round(wall, 3),
@@ -154,6 +194,13 @@ async def lone(client: hms_mgmt.Management, count: int, *, execute: bool = False
 
 
 async def measure(args: argparse.Namespace, url: str, daemons: Daemons) -> dict[str, Any]:
+    try:
+        return await _measure(args, url, daemons)
+    finally:
+        await daemons.close()
+
+
+async def _measure(args: argparse.Namespace, url: str, daemons: Daemons) -> dict[str, Any]:
     async with hms_mgmt.init(
         service_name="bench-client", broker_url=url, request_timeout=600
     ) as client:
@@ -174,7 +221,10 @@ async def measure(args: argparse.Namespace, url: str, daemons: Daemons) -> dict[
     wps = [r["wps"] for r in runs]
     return {
         "system": "hms-mgmt",
-        "settings": "engine daemon + 1 step-service process; SQLite WAL; quorum step queues; confirms",
+        "settings": "engine daemon + 1 step-service process; "
+        + ("PostgreSQL" if daemons.on_postgres else "SQLite WAL")
+        + "; quorum step queues; confirms",
+        "store": "postgresql" if daemons.on_postgres else "sqlite",
         "n": args.n,
         "runs": runs,
         "runs_wps": wps,
@@ -192,6 +242,16 @@ async def measure(args: argparse.Namespace, url: str, daemons: Daemons) -> dict[
     }
 
 
+async def postgres_admin(server: str, sql: str) -> None:
+    import asyncpg
+
+    db = await asyncpg.connect(f"{server.rstrip('/')}/postgres")
+    try:
+        await db.execute(sql)
+    finally:
+        await db.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=2000)
@@ -199,12 +259,22 @@ def main() -> None:
     parser.add_argument("--lone", type=int, default=200)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the daemons")
+    parser.add_argument(
+        "--postgres",
+        metavar="SERVER_URL",
+        help="store in a fresh database on this PostgreSQL server (postgresql://user@host:port)",
+    )
     args = parser.parse_args()
     vhost = f"hms-bench-{uuid.uuid4().hex[:8]}"
     rabbitmqctl("add_vhost", vhost)
     rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
     url = f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
     extra_env = dict(item.split("=", 1) for item in args.env)
+    database = None
+    if args.postgres:
+        database = f"hms_bench_{uuid.uuid4().hex[:8]}"
+        asyncio.run(postgres_admin(args.postgres, f"CREATE DATABASE {database}"))
+        extra_env["HMS_STORE_URL"] = f"{args.postgres.rstrip('/')}/{database}"
     try:
         with tempfile.TemporaryDirectory(prefix="hms-bench-") as folder:
             daemons = Daemons(url, Path(folder), extra_env)
@@ -217,9 +287,12 @@ def main() -> None:
                 daemons.stop()
     finally:
         rabbitmqctl("delete_vhost", vhost)
+        if database is not None:
+            asyncio.run(postgres_admin(args.postgres, f"DROP DATABASE {database} WITH (FORCE)"))
     print(
-        f"hms: {result['wps_median']:.0f} workflows/s median; lone {result['lone_ms_median']} ms "
-        f"median, {result['lone_ms_p99']} ms p99; execute {result['execute_ms_median']} ms median, "
+        f"hms ({result['store']}): {result['wps_median']:.0f} workflows/s median; "
+        f"lone {result['lone_ms_median']} ms median, {result['lone_ms_p99']} ms p99; "
+        f"execute {result['execute_ms_median']} ms median, "
         f"{result['execute_ms_p99']} ms p99; engine peak RSS {result['engine_peak_rss_mb']} MB"
     )
     if args.json:

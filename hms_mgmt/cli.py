@@ -456,6 +456,10 @@ def store_backup(obj: Context, path: str, store_url: str, force: bool) -> None:
     from hms_mgmt.store.sqlite import backup
     from hms_mgmt.store.sqlite_schema import path_of
 
+    if store_url.startswith(("postgresql://", "postgres://")):
+        raise click.UsageError(
+            "hms store backup copies a SQLite store: back up a PostgreSQL store with pg_dump"
+        )
     try:
         source = path_of(store_url)
     except ValueError as exc:

@@ -70,6 +70,44 @@ def store_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'hms.db'}"
 
 
+POSTGRES = os.environ.get("HMS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test (dropped after it); yields its URL.
+
+    The server is ``HMS_TEST_POSTGRES`` (default ``postgresql://postgres@127.0.0.1:5432``,
+    trust auth). Fails (not skips) in CI when the server or asyncpg is missing.
+    """
+    try:
+        import asyncpg
+    except ImportError:
+        if IN_CI:
+            pytest.fail("asyncpg is not installed (the dev extra brings it)")
+        pytest.skip("asyncpg is not installed")
+
+    async def admin(sql: str) -> None:
+        db = await asyncpg.connect(f"{POSTGRES}/postgres", timeout=5)
+        try:
+            await db.execute(sql)
+        finally:
+            await db.close()
+
+    name = f"hms_test_{uuid.uuid4().hex[:12]}"
+    try:  # a loop of its own: sync fixtures run outside the test's loop
+        asyncio.run(admin(f"CREATE DATABASE {name}"))
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        message = f"PostgreSQL is not usable at {POSTGRES}: {exc}"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    try:
+        yield f"{POSTGRES}/{name}"
+    finally:
+        asyncio.run(admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
 async def wait_until(
     predicate: Callable[[], Any], *, timeout: float = 10.0, interval: float = 0.05, what: str = ""
 ) -> Any:

@@ -101,7 +101,9 @@ async def test_a_schema_1_file_is_upgraded_in_place(tmp_path: Path) -> None:
     assert await store.watch(probe=True) is None
     await store.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("4",)
+        applied = db.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()
+        assert applied == [(2,), (3,), (4,)]  # each migration, recorded as it was applied
         indexes = {
             row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
         }

@@ -72,7 +72,9 @@ async def serve(settings: Settings, *, new_store: bool = False) -> int:
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 @click.option(
-    "--store-url", help="sqlite:///path.db (HMS_STORE_URL; default sqlite:///hms_mgmt.db)."
+    "--store-url",
+    help="sqlite:///path.db or postgresql://user:password@host:5432/db (HMS_STORE_URL; default "
+    "sqlite:///hms_mgmt.db).",
 )
 @common_options
 @ENGINE_HTTP_PORT

@@ -1,10 +1,11 @@
 """One engine per vhost: a lock the broker holds for the engine's life, and the vhost's record.
 
 Two engines on one vhost split its commands and outcomes between them and each trusts its
-own state, so workflows stall or are refused as unknown. While the store is SQLite, an
-engine therefore holds the exclusive queue ``hms.engine.lock`` on a connection of its own:
-the broker frees it the moment that connection drops (a crash, a kill -9), and a second
-engine that finds it held refuses to start, naming the first.
+own state, so workflows stall or are refused as unknown. Whatever the store (SQLite, or
+PostgreSQL until engines can share one), an engine therefore holds the exclusive queue
+``hms.engine.lock`` on a connection of its own: the broker frees it the moment that
+connection drops (a crash, a kill -9), and a second engine that finds it held refuses to
+start, naming the first.
 
 The vhost also remembers which store it was run with (``hms.engine.record``, one message):
 an engine that comes up on a different store, such as a new empty file because the old
@@ -103,8 +104,9 @@ async def take_vhost(
                 holder = await read_record(bus)
                 who = holder.describe() if holder else "one whose record cannot be read"
                 raise StartRefused(
-                    f"another engine already serves {where}: {who}. One engine per vhost while "
-                    "the store is SQLite: stop that one first, or give this one another vhost"
+                    f"another engine already serves {where}: {who}. One engine per vhost (on "
+                    "SQLite, and on PostgreSQL until engines can share a store): stop that one "
+                    "first, or give this one another vhost"
                 ) from None
             await asyncio.sleep(0.25)
     try:

@@ -25,24 +25,26 @@ from hms_mgmt.errors import StoreError
 from hms_mgmt.records import StepRun, Workflow
 from hms_mgmt.schedules import Schedule
 from hms_mgmt.store.base import Batch, BatchReads, HistoryEntry, OutboxRow, StoreIdentity
-from hms_mgmt.store.sqlite_schema import (
+from hms_mgmt.store.rows import (
     FINISHED,
-    MIN_FREE_BYTES,
     RUN_COLUMNS,
-    VACUUM_STEP,
-    VACUUM_WHEN,
     WORKFLOW_AND_RUN,
     WORKFLOW_COLUMNS,
     as_json,
+    run_of,
+    unjson,
+    workflow_of,
+)
+from hms_mgmt.store.sqlite_schema import (
+    MIN_FREE_BYTES,
+    VACUUM_STEP,
+    VACUUM_WHEN,
     make_folder,
     path_of,
     placeholders,
     prepare,
-    run_of,
     statements,
     store_error,
-    unjson,
-    workflow_of,
     write,
 )
 from hms_mgmt.store.thread import StoreThread

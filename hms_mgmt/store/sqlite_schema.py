@@ -6,23 +6,26 @@ Everything here runs on the store's own thread (see :mod:`hms_mgmt.store.sqlite`
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from hms_mgmt.errors import StoreError
-from hms_mgmt.records import StepRun, StepStatus, Workflow, WorkflowStatus
 from hms_mgmt.store.base import Batch, StoreIdentity
-from hms_mgmt.wire.codec import dumps
+from hms_mgmt.store.rows import RUN_COLUMNS, WORKFLOW_COLUMNS, as_json, run_row, workflow_row
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+
+# How the schema changes: a new file gets SCHEMA (which always has everything); a file of an
+# older version gets MIGRATIONS[v] for each v after its own, in order, in one transaction at
+# open. The version is meta's 'schema'; each version applied is a row of schema_migrations
+# (version, applied_at), and so is the version a new file is created at.
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS definitions (
     name TEXT NOT NULL, version INTEGER NOT NULL, body TEXT NOT NULL, created_at REAL NOT NULL,
     PRIMARY KEY (name, version));
@@ -58,6 +61,7 @@ MIGRATIONS: dict[int, list[str]] = {
     # version -> what upgrades a file of the version before it (the new-file schema has it all)
     2: ["ALTER TABLE workflows ADD COLUMN traceparent TEXT"],
     3: ["ALTER TABLE workflows ADD COLUMN retries INTEGER NOT NULL DEFAULT 0"],
+    4: [],  # schema_migrations, created by SCHEMA before any migration runs
 }
 INDEXES = """
 CREATE INDEX IF NOT EXISTS workflows_created ON workflows (created_at);
@@ -65,27 +69,9 @@ CREATE INDEX IF NOT EXISTS workflows_finished ON workflows (updated_at)
     WHERE status IN ('succeeded', 'failed', 'cancelled');
 CREATE INDEX IF NOT EXISTS requests_at ON requests (at);
 """
-FINISHED = "status IN ('succeeded', 'failed', 'cancelled')"  # matches the partial index
 MIN_FREE_BYTES = 16 * 1024 * 1024  # less free space than this is a full disk
 VACUUM_STEP = 512  # pages handed back to the file system per upkeep step
 VACUUM_WHEN = 0.2  # ... once this share of the file is free pages
-
-WORKFLOW_COLUMNS = (
-    "id, name, version, status, input, output, error, seq, visits, timer_at, timer_kind, "
-    "wait, signals, idempotency_key, created_at, updated_at, traceparent, retries"
-)
-RUN_COLUMNS = (
-    "workflow_id, seq, step, visit, attempt, status, input, output, error, context, "
-    "created_at, due_at, started_at, finished_at, deadline_at"
-)
-
-
-def as_json(value: Any) -> str | None:
-    return None if value is None else dumps(value).decode()
-
-
-def unjson(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
 
 
 def placeholders(count: int) -> str:
@@ -102,47 +88,8 @@ def _upsert(table: str, columns: str, key: str) -> str:
     )
 
 
-WORKFLOW_AND_RUN = ", ".join(
-    [f"w.{c.strip()}" for c in WORKFLOW_COLUMNS.split(",")]
-    + [f"r.{c.strip()}" for c in RUN_COLUMNS.split(",")]
-)
 UPSERT_WORKFLOW = _upsert("workflows", WORKFLOW_COLUMNS, "id")
 UPSERT_RUN = _upsert("step_runs", RUN_COLUMNS, "workflow_id, seq")
-
-
-def workflow_row(w: Workflow) -> tuple[Any, ...]:
-    return (
-        w.id, w.name, w.version, str(w.status), as_json(w.input), as_json(w.output), as_json(w.error),
-        w.seq, as_json(w.visits), w.timer_at, w.timer_kind, as_json(w.wait), as_json(w.signals),
-        w.idempotency_key, w.created_at, w.updated_at, w.traceparent, w.retries,
-    )  # fmt: skip
-
-
-def workflow_of(row: Sequence[Any]) -> Workflow:
-    return Workflow(
-        id=row[0], name=row[1], version=row[2], status=WorkflowStatus(row[3]),
-        input=unjson(row[4]), output=unjson(row[5]), error=unjson(row[6]), seq=row[7],
-        visits=unjson(row[8]), timer_at=row[9], timer_kind=row[10], wait=unjson(row[11]),
-        signals=unjson(row[12]), idempotency_key=row[13], created_at=row[14], updated_at=row[15],
-        traceparent=row[16], retries=row[17],
-    )  # fmt: skip
-
-
-def run_row(r: StepRun) -> tuple[Any, ...]:
-    return (
-        r.workflow_id, r.seq, r.step, r.visit, r.attempt, str(r.status), as_json(r.input),
-        as_json(r.output), as_json(r.error), as_json(r.context), r.created_at, r.due_at,
-        r.started_at, r.finished_at, r.deadline_at,
-    )  # fmt: skip
-
-
-def run_of(row: Sequence[Any]) -> StepRun:
-    return StepRun(
-        workflow_id=row[0], seq=row[1], step=row[2], visit=row[3], attempt=row[4],
-        status=StepStatus(row[5]), input=unjson(row[6]), output=unjson(row[7]),
-        error=unjson(row[8]), context=unjson(row[9]), created_at=row[10], due_at=row[11],
-        started_at=row[12], finished_at=row[13], deadline_at=row[14],
-    )  # fmt: skip
 
 
 def path_of(url: str) -> str:
@@ -229,6 +176,10 @@ def migrate(db: sqlite3.Connection, version: int) -> None:
         for target in range(version + 1, SCHEMA_VERSION + 1):
             for sql in MIGRATIONS[target]:
                 db.execute(sql)
+            db.execute(
+                "INSERT OR REPLACE INTO schema_migrations (version, applied_at) VALUES (?, ?)",
+                (target, time.time()),
+            )
         db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
         db.execute("COMMIT")
     except BaseException:
@@ -288,6 +239,10 @@ def prepare(db: sqlite3.Connection) -> StoreIdentity:
     row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
     if row is None:
         db.execute("INSERT INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        db.execute(
+            "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
+            (SCHEMA_VERSION, time.time()),
+        )
     elif int(row[0]) > SCHEMA_VERSION:
         raise StoreError(f"it has schema {row[0]}, newer than this version of hms-mgmt knows")
     elif int(row[0]) < SCHEMA_VERSION:

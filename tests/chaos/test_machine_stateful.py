@@ -21,10 +21,10 @@ from hms_mgmt import machine
 from hms_mgmt.definitions import RetryPolicy, Step, WorkflowDefinition
 from hms_mgmt.errors import InvalidStateError
 from hms_mgmt.records import StepRun, Workflow
-from hms_mgmt.store.sqlite_schema import run_of as _run
-from hms_mgmt.store.sqlite_schema import run_row as _run_row
-from hms_mgmt.store.sqlite_schema import workflow_of as _workflow
-from hms_mgmt.store.sqlite_schema import workflow_row as _workflow_row
+from hms_mgmt.store.rows import run_of as _run
+from hms_mgmt.store.rows import run_row as _run_row
+from hms_mgmt.store.rows import workflow_of as _workflow
+from hms_mgmt.store.rows import workflow_row as _workflow_row
 from hms_mgmt.wire.outcomes import Outcome
 
 pytestmark = pytest.mark.chaos

@@ -1,0 +1,72 @@
+"""Records as rows and rows as records, the same for every store backend.
+
+JSON values are stored as text (so a row can be read by hand), timestamps as seconds
+since the epoch (floats), ids and names as text.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from hms_mgmt.records import StepRun, StepStatus, Workflow, WorkflowStatus
+from hms_mgmt.wire.codec import dumps
+
+WORKFLOW_COLUMNS = (
+    "id, name, version, status, input, output, error, seq, visits, timer_at, timer_kind, "
+    "wait, signals, idempotency_key, created_at, updated_at, traceparent, retries"
+)
+RUN_COLUMNS = (
+    "workflow_id, seq, step, visit, attempt, status, input, output, error, context, "
+    "created_at, due_at, started_at, finished_at, deadline_at"
+)
+WORKFLOW_AND_RUN = ", ".join(
+    [f"w.{c.strip()}" for c in WORKFLOW_COLUMNS.split(",")]
+    + [f"r.{c.strip()}" for c in RUN_COLUMNS.split(",")]
+)
+WORKFLOW_WIDTH = len(WORKFLOW_COLUMNS.split(","))
+FINISHED = "status IN ('succeeded', 'failed', 'cancelled')"  # matches the partial index
+
+
+def as_json(value: Any) -> str | None:
+    return None if value is None else dumps(value).decode()
+
+
+def unjson(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def workflow_row(w: Workflow) -> tuple[Any, ...]:
+    return (
+        w.id, w.name, w.version, str(w.status), as_json(w.input), as_json(w.output), as_json(w.error),
+        w.seq, as_json(w.visits), w.timer_at, w.timer_kind, as_json(w.wait), as_json(w.signals),
+        w.idempotency_key, w.created_at, w.updated_at, w.traceparent, w.retries,
+    )  # fmt: skip
+
+
+def workflow_of(row: Sequence[Any]) -> Workflow:
+    return Workflow(
+        id=row[0], name=row[1], version=row[2], status=WorkflowStatus(row[3]),
+        input=unjson(row[4]), output=unjson(row[5]), error=unjson(row[6]), seq=row[7],
+        visits=unjson(row[8]), timer_at=row[9], timer_kind=row[10], wait=unjson(row[11]),
+        signals=unjson(row[12]), idempotency_key=row[13], created_at=row[14], updated_at=row[15],
+        traceparent=row[16], retries=row[17],
+    )  # fmt: skip
+
+
+def run_row(r: StepRun) -> tuple[Any, ...]:
+    return (
+        r.workflow_id, r.seq, r.step, r.visit, r.attempt, str(r.status), as_json(r.input),
+        as_json(r.output), as_json(r.error), as_json(r.context), r.created_at, r.due_at,
+        r.started_at, r.finished_at, r.deadline_at,
+    )  # fmt: skip
+
+
+def run_of(row: Sequence[Any]) -> StepRun:
+    return StepRun(
+        workflow_id=row[0], seq=row[1], step=row[2], visit=row[3], attempt=row[4],
+        status=StepStatus(row[5]), input=unjson(row[6]), output=unjson(row[7]),
+        error=unjson(row[8]), context=unjson(row[9]), created_at=row[10], due_at=row[11],
+        started_at=row[12], finished_at=row[13], deadline_at=row[14],
+    )  # fmt: skip
