@@ -118,6 +118,8 @@ async def test_a_batch_commits_and_reads_back(store: Store, url: str) -> None:
     assert await store.unsent() == batch.outbox  # bytes, headers and times as written
     assert await store.due_timers(15.0, 10) == []
     assert await store.due_timers(25.0, 10) == [("wf1", "run", 20.0)]
+    assert await store.overdue_timers(15.0) == {}
+    assert await store.overdue_timers(25.0) == {(batch.workflows["wf1"].name, "run"): 20.0}
     assert await store.count_by_status() == {"scheduled": 1}
     await store.close()
     again = await reopened(url)  # durable

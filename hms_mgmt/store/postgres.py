@@ -557,6 +557,14 @@ class PostgresStore:
         )
         return {(name, step): count for name, step, count in rows}
 
+    async def overdue_timers(self, now: float) -> dict[tuple[str, str], float]:
+        rows = await self._all(  # the partial index on timer_at: only the due rows are read
+            "SELECT name, timer_kind, min(timer_at) FROM workflows "
+            "WHERE timer_at IS NOT NULL AND timer_at <= $1 GROUP BY name, timer_kind",
+            now,
+        )
+        return {(name, kind): due for name, kind, due in rows}
+
     async def schedules(self) -> list[Schedule]:
         rows = await self._all(
             "SELECT id, workflow, cron, timezone, payload, catch_up, next_at, created_at, last_tick "
