@@ -15,12 +15,14 @@ string functions.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import secrets
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 try:
+    from opentelemetry import context as _otel_context
     from opentelemetry import trace as _otel_trace
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 except ImportError:  # pragma: no cover - depends on the environment
@@ -82,6 +84,7 @@ def log_fields(traceparent: str | None) -> dict[str, str]:
 
 
 _PROPAGATOR = None if _otel_trace is None else TraceContextTextMapPropagator()
+_EMPTY_CONTEXT = None if _otel_trace is None else _otel_context.Context()
 _TRACER: Any = None
 
 
@@ -97,11 +100,40 @@ def _tracer() -> Any:
     return _TRACER
 
 
+@functools.lru_cache(maxsize=4096)  # a workflow's steps share it: made once, not per step
+def _remote_context(traceparent: str) -> Any:
+    """An OpenTelemetry context whose current span is the (remote) one ``traceparent`` names."""
+    match = _TRACEPARENT.match(traceparent)
+    if match is None:  # not one we carry (checked at the edge): no trace
+        return _EMPTY_CONTEXT
+    remote = _otel_trace.NonRecordingSpan(
+        _otel_trace.SpanContext(
+            trace_id=int(match[1], 16),
+            span_id=int(match[2], 16),
+            is_remote=True,
+            trace_flags=_otel_trace.TraceFlags(int(match[3], 16)),
+        )
+    )
+    return _otel_trace.set_span_in_context(remote, _EMPTY_CONTEXT)
+
+
 @contextlib.contextmanager
 def step_span(traceparent: str | None, name: str, attributes: dict[str, Any]) -> Iterator[None]:
-    """Run a handler in a span that continues the workflow's trace (with OpenTelemetry)."""
+    """Run a handler in a span that continues the workflow's trace (with OpenTelemetry).
+
+    With no SDK to record spans, the handler runs in the workflow's trace context all the
+    same (so what it calls can carry the trace on), without making a span nobody records:
+    that cost a fifth of a step service's CPU.
+    """
     if _otel_trace is None or traceparent is None:
         yield
+        return
+    if not recording():
+        token = _otel_context.attach(_remote_context(traceparent))
+        try:
+            yield
+        finally:
+            _otel_context.detach(token)
         return
     parent = _PROPAGATOR.extract({"traceparent": traceparent})
     with _tracer().start_as_current_span(
@@ -122,6 +154,9 @@ def start_span(workflow: str, traceparent: str | None = None) -> Iterator[str]:
     """
     if traceparent is not None or _otel_trace is None:
         yield traceparent or new_traceparent()
+        return
+    if not recording():  # what a span nobody records would give, without making it
+        yield current_traceparent()
         return
     with _tracer().start_as_current_span(
         f"hms.start {workflow}",
@@ -147,7 +182,7 @@ def record_span(
     end_ns: int,
 ) -> None:
     """A finished span under ``traceparent``, from ``start_ns`` to ``end_ns`` (Unix ns)."""
-    if _otel_trace is None:
+    if not recording():
         return
     span = _tracer().start_span(
         name,

@@ -10,6 +10,8 @@ def record_spans(batch: Batch, start_ns: int, end_ns: int) -> None:
     """A span of this batch's work on each traced workflow it changed, under the workflow's
     trace context (the client's ``hms.start`` span): the outcomes, timers and requests
     applied and the steps published, from the batch's start to its commit."""
+    if not tracing.recording():  # no SDK: nothing would record them
+        return
     events: dict[str, list[str]] = {}
     published: dict[str, list[str]] = {}
     for workflow_id, _at, kind, detail in batch.history:
