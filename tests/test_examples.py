@@ -58,3 +58,23 @@ def test_the_quick_start_uses_an_engine_that_already_serves_the_vhost(
     assert done.returncode == 0, done.stdout + done.stderr
     assert "An engine already serves" in done.stdout
     assert "3/3 grant workflows succeeded in" in done.stdout
+
+
+@pytest.mark.broker
+def test_the_quick_start_runs_again_from_another_clone(vhost: str, tmp_path: Path) -> None:
+    """Without HMS_STORE_URL the example keeps one store per user, so a second clone (another
+    working directory) is not refused as a new store for the vhost."""
+    env = {"HMS_BROKER_URL": vhost, "HMS_STORE_URL": "", "XDG_DATA_HOME": str(tmp_path / "data")}
+    for folder in ("clone-1", "clone-2"):
+        (tmp_path / folder).mkdir()
+        done = subprocess.run(
+            [sys.executable, "-m", "examples.grant_approval", "1"],
+            cwd=tmp_path / folder,
+            env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "1/1 grant workflows succeeded in" in done.stdout
+    assert (tmp_path / "data" / "hms-mgmt" / "grant-example.db").exists()

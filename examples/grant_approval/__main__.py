@@ -45,10 +45,23 @@ def spawn(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[b
         return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=out, stderr=out)
 
 
+def example_store_url() -> str:
+    """``HMS_STORE_URL`` if set, else one file per user, whatever the folder.
+
+    The vhost remembers the store it was served from and refuses another, so every run of
+    the example, from any clone, must use the same one (a relative ``hms_mgmt.db`` would be
+    a new store in each folder).
+    """
+    if os.environ.get("HMS_STORE_URL"):
+        return Settings.from_env().store_url
+    data = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    folder = data / "hms-mgmt"
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'grant-example.db'}"
+
+
 async def through_the_broker(url: str, count: int) -> int:
-    # The engine keeps its state where `hms engine` would (HMS_STORE_URL, by default
-    # hms_mgmt.db here): the vhost remembers its store, so each run must use the same one.
-    store_url = Settings.from_env().store_url
+    store_url = example_store_url()
     with tempfile.TemporaryDirectory(prefix="hms-grant-") as folder:
         env = {
             **os.environ,

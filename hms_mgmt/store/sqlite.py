@@ -97,8 +97,11 @@ class SQLiteStore:
     """A :class:`hms_mgmt.store.base.Store` in one SQLite file."""
 
     def __init__(self, url: str) -> None:
-        self.url = url
         self.path = path_of(url)
+        # Named by its absolute path wherever it is logged or recorded (the vhost's record
+        # above all): ``sqlite:///hms_mgmt.db`` means a different file in each folder.
+        relative = self.path != ":memory:" and not os.path.isabs(self.path)
+        self.url = f"sqlite:///{os.path.abspath(self.path)}" if relative else url
         self._thread: StoreThread | None = None
         self._connection: sqlite3.Connection | None = None
         self.identity = StoreIdentity("", b"", fresh=False)
