@@ -97,3 +97,37 @@ def check_key(
             "(no control characters)"
         )
     return value
+
+
+ATTRIBUTE_KEY_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
+"""A business key's name (``application_id``): usable as ``attr.<key>`` in a query string."""
+MAX_ATTRIBUTE_VALUE = 200
+MAX_ATTRIBUTES = 20
+ATTRIBUTE_RULE = (
+    f"keys are 1-64 letters, digits, '_' or '-' starting with a letter or '_' "
+    f"({ATTRIBUTE_KEY_PATTERN.pattern}); values are strings of 1-{MAX_ATTRIBUTE_VALUE} "
+    f"printable characters; at most {MAX_ATTRIBUTES} at once"
+)
+
+
+def check_attributes(
+    value: Any, what: str = "attributes", error: type[Exception] = ValueError
+) -> dict[str, str]:
+    """Business keys: a dict of at most :data:`MAX_ATTRIBUTES` string keys (matching
+    :data:`ATTRIBUTE_KEY_PATTERN`) to strings of 1-:data:`MAX_ATTRIBUTE_VALUE` printable
+    characters, or ``error`` naming the bad key or value."""
+    if not isinstance(value, dict):
+        raise error(f"{what} must be a dict of strings to strings, not {short(value)}")
+    if len(value) > MAX_ATTRIBUTES:
+        raise error(f"{what} has {len(value)} keys; at most {MAX_ATTRIBUTES} are allowed")
+    for key, item in value.items():
+        if not (isinstance(key, str) and ATTRIBUTE_KEY_PATTERN.fullmatch(key)):
+            raise error(f"{what} key {short(key)} is not a valid key: {ATTRIBUTE_RULE}")
+        if not (
+            isinstance(item, str) and 1 <= len(item) <= MAX_ATTRIBUTE_VALUE and item.isprintable()
+        ):
+            raise error(
+                f"{what} value {short(item)} of key {key!r} must be a string of "
+                f"1-{MAX_ATTRIBUTE_VALUE} printable characters"
+            )
+    return dict(value)

@@ -124,15 +124,46 @@ def workflow_group() -> None:
 @click.option("--status", type=click.Choice(STATUSES), help="Only workflows in this status.")
 @click.option("--name", help="Only workflows of this definition.")
 @click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@click.option(
+    "--attr",
+    "attrs",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Only workflows with this business key (repeatable: all must match).",
+)
 @output_option
 @click.pass_obj
-def workflow_list(obj: Context, status: str | None, name: str | None, limit: int) -> None:
+def workflow_list(
+    obj: Context, status: str | None, name: str | None, limit: int, attrs: tuple[str, ...]
+) -> None:
     """The latest workflows, newest first."""
-    workflows = obj.api.get("/api/workflows", status=status, name=name, limit=limit)
+    query = {f"attr.{key}": value for key, value in _attributes(attrs).items()}
+    workflows = obj.api.get("/api/workflows", status=status, name=name, limit=limit, **query)
     obj.emit(
         workflows,
-        table(summary_rows(workflows), ["id", "name", "status", "created", "updated", "error"]),
+        table(
+            summary_rows(workflows),
+            ["id", "name", "status", "created", "updated", "attributes", "error"],
+        ),
     )
+
+
+def _attributes(attrs: tuple[str, ...]) -> dict[str, str]:
+    """``--attr KEY=VALUE`` options as business keys, checked here."""
+    from hms_mgmt.bounds import check_attributes
+
+    found: dict[str, str] = {}
+    for item in attrs:
+        key, equals, value = item.partition("=")
+        if not equals:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--attr")
+        if key in found:
+            raise click.BadParameter(f"key {key!r} is given more than once", param_hint="--attr")
+        found[key] = value
+    try:
+        return check_attributes(found, "--attr")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--attr") from None
 
 
 @workflow_group.command("show")
@@ -193,6 +224,13 @@ def _input(value: str, option: str = "--input") -> Any:
 )
 @click.option("--idempotency-key", help="Start at most one workflow for this key.")
 @click.option(
+    "--attr",
+    "attrs",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A business key to record with it, searchable with 'list --attr' (repeatable).",
+)
+@click.option(
     "--wait",
     is_flag=True,
     help="Wait until it ends (start and wait in one request) and show it; exit code 1 if it "
@@ -212,6 +250,7 @@ def workflow_start(
     name: str,
     payload: str,
     idempotency_key: str | None,
+    attrs: tuple[str, ...],
     wait: bool,
     wait_timeout: float,
 ) -> None:
@@ -226,6 +265,8 @@ def workflow_start(
     body: dict[str, Any] = {"workflow": name, "input": value}
     if idempotency_key is not None:
         body["idempotency_key"] = idempotency_key
+    if attrs:
+        body["attributes"] = _attributes(attrs)
     if not wait:
         started = obj.api.post("/api/workflows", body)
         obj.emit(started, printable(str(started["workflow_id"])))

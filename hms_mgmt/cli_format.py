@@ -132,10 +132,18 @@ def summary_rows(workflows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "status": w["status"],
             "created": when(w["created_at"]),
             "updated": when(w["updated_at"]),
+            "attributes": attributes_text(w.get("attributes")),
             "error": error_text(w.get("error")),
         }
         for w in workflows
     ]
+
+
+def attributes_text(attributes: Any) -> str:
+    """Business keys as ``key=value`` pairs, sorted by key."""
+    if not isinstance(attributes, dict) or not attributes:
+        return "-"
+    return " ".join(f"{k}={v}" for k, v in sorted(attributes.items()))
 
 
 def step_row(step: dict[str, Any]) -> dict[str, Any]:
@@ -181,6 +189,8 @@ def show(state: dict[str, Any], *, history: bool = False, now: float | None = No
         fields.append(("stuck", state["stuck"]))
     if state.get("trace_id"):
         fields.append(("trace_id", state["trace_id"]))
+    if state.get("attributes"):
+        fields.append(("attrs", attributes_text(state["attributes"])))
     fields.append(("input", cell(state.get("input"), 100)))
     if state.get("output") is not None:
         fields.append(("output", cell(state["output"], 100)))

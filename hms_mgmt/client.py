@@ -19,7 +19,14 @@ from typing import Any
 
 from bus_adapters.base import BrokerConnectError, Bus, BusError, Delivery, redact_url
 from hms_mgmt import tracing
-from hms_mgmt.bounds import check_delay, check_id, check_key, check_run_at, check_schedule_id
+from hms_mgmt.bounds import (
+    check_attributes,
+    check_delay,
+    check_id,
+    check_key,
+    check_run_at,
+    check_schedule_id,
+)
 from hms_mgmt.definitions import WorkflowDefinition, check_name
 from hms_mgmt.errors import (
     BrokerUnavailableError,
@@ -78,6 +85,7 @@ def _start_fields(
     run_at: datetime | float | None,
     idempotency_key: str | None,
     traceparent: str | None,
+    attributes: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """A start request's fields, each checked here, before anything is sent."""
     check_name("workflow", workflow)
@@ -100,6 +108,8 @@ def _start_fields(
         fields["run_at"] = check_run_at(run_at, "run_at", PayloadError)
     if idempotency_key is not None:
         fields["idempotency_key"] = check_key(str(idempotency_key), error=PayloadError)
+    if attributes:
+        fields["attributes"] = check_attributes(attributes, error=PayloadError)
     return fields
 
 
@@ -142,10 +152,16 @@ class Calls:
         idempotency_key: str | None = None,
         timeout: float | None = None,
         traceparent: str | None = None,
+        attributes: dict[str, str] | None = None,
     ) -> StartResult:
         """Start a workflow; ``traceparent`` defaults to the context of this call's
-        ``hms.start <workflow>`` span (with OpenTelemetry), else to a new trace."""
-        fields = _start_fields(workflow, payload, delay, run_at, idempotency_key, traceparent)
+        ``hms.start <workflow>`` span (with OpenTelemetry), else to a new trace.
+
+        ``attributes`` are business keys (``{"application_id": "A-17"}``), recorded with
+        the start, so ``list(attributes=...)`` finds the workflow as soon as this returns."""
+        fields = _start_fields(
+            workflow, payload, delay, run_at, idempotency_key, traceparent, attributes
+        )
         with tracing.start_span(workflow, traceparent) as carried:
             fields["traceparent"] = carried
             result = await self.request(
@@ -161,6 +177,7 @@ class Calls:
         timeout: float | None = None,
         idempotency_key: str | None = None,
         traceparent: str | None = None,
+        attributes: dict[str, str] | None = None,
     ) -> WorkflowState:
         """Start a workflow and return its state once it ends, in one round trip.
 
@@ -170,7 +187,9 @@ class Calls:
         not ended by ``timeout``; it goes on running. The start itself has the client's
         ``request_timeout`` (an engine that does not answer is ``EngineUnavailableError``).
         """
-        fields = _start_fields(workflow, payload, None, None, idempotency_key, traceparent)
+        fields = _start_fields(
+            workflow, payload, None, None, idempotency_key, traceparent, attributes
+        )
         workflow_id = fields["workflow_id"]
         deadline = None if timeout is None else time.time() + timeout
         with tracing.start_span(workflow, traceparent) as carried:
@@ -275,11 +294,19 @@ class Calls:
         return list(await self.request("schedules", {}, persistent=False))
 
     async def list(
-        self, *, status: str | None = None, name: str | None = None, limit: int = 50
+        self,
+        *,
+        status: str | None = None,
+        name: str | None = None,
+        limit: int = 50,
+        attributes: dict[str, str] | None = None,
     ) -> list[dict[str, Any]]:
-        result = await self.request(
-            "list", {"status": status, "name": name, "limit": limit}, persistent=False
-        )
+        """The newest workflows first; with ``attributes``, only those having every one of
+        these business keys (``{"application_id": "A-17"}``)."""
+        fields: dict[str, Any] = {"status": status, "name": name, "limit": limit}
+        if attributes:
+            fields["attributes"] = check_attributes(attributes, error=PayloadError)
+        result = await self.request("list", fields, persistent=False)
         return list(result)
 
 

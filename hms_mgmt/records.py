@@ -146,8 +146,9 @@ def why_stuck(workflow: Workflow, run: StepRun | None, now: float, after: float)
     return None
 
 
-def summary(workflow: Workflow) -> dict[str, Any]:
-    """A workflow in a list (``hms workflow list``, ``client.list``, ``GET /api/workflows``)."""
+def summary(workflow: Workflow, attributes: dict[str, str] | None = None) -> dict[str, Any]:
+    """A workflow in a list (``hms workflow list``, ``client.list``, ``GET /api/workflows``),
+    with its business keys."""
     error = workflow.error or {}
     return {
         "workflow_id": workflow.id,
@@ -159,6 +160,7 @@ def summary(workflow: Workflow) -> dict[str, Any]:
         if workflow.error
         else None,
         "trace_id": tracing.trace_id(workflow.traceparent),
+        "attributes": attributes or {},
     }
 
 
@@ -204,6 +206,7 @@ class WorkflowState:
     waiting_for: dict[str, Any] | None = None
     traceparent: str | None = None
     stuck: str | None = None  # why the workflow seems stuck, when it does
+    attributes: dict[str, str] = field(default_factory=dict)  # business keys
 
     @property
     def terminal(self) -> bool:
@@ -217,6 +220,7 @@ class WorkflowState:
         *,
         now: float | None = None,
         stuck_after: float | None = None,
+        attributes: dict[str, str] | None = None,
     ) -> WorkflowState:
         current = runs[-1] if runs else None
         stuck = (
@@ -255,6 +259,7 @@ class WorkflowState:
             waiting_for=workflow.wait,
             traceparent=workflow.traceparent,
             stuck=stuck,
+            attributes=dict(attributes or {}),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -284,6 +289,9 @@ class WorkflowState:
             lines.append(line)
         if self.error:
             lines.append(f"  error: {self.error.get('type')}: {self.error.get('message')}")
+        if self.attributes:
+            keys = ", ".join(f"{k}={v}" for k, v in sorted(self.attributes.items()))
+            lines.append(f"  attributes: {keys}")
         if self.waiting_for:
             lines.append(f"  waiting for {self.waiting_for.get('event')!r}")
         if self.stuck:

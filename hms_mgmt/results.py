@@ -6,7 +6,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from hms_mgmt.bounds import check_delay, check_run_at, short
+from hms_mgmt.bounds import check_attributes, check_delay, check_run_at, short
 from hms_mgmt.wire.outcomes import RESULT_KEYS
 
 
@@ -22,7 +22,8 @@ class StepResult:
 
     ``StepResult(data)`` goes on in order; ``StepResult(data, next_step="x")``
     jumps; ``StepResult.complete(data)`` ends the workflow with ``data`` as its
-    output; ``delay`` or ``run_at`` defer the next step.
+    output; ``delay`` or ``run_at`` defer the next step; ``attributes`` adds business keys
+    to the workflow (searchable, see ``client.list(attributes=...)``), with this transition.
     """
 
     __slots__ = ("_result",)
@@ -34,8 +35,11 @@ class StepResult:
         next_step: str | None = None,
         delay: float | None = None,
         run_at: datetime | float | None = None,
+        attributes: dict[str, str] | None = None,
     ) -> None:
         result: dict[str, Any] = {"data": data}
+        if attributes:
+            result["attributes"] = check_attributes(attributes, "StepResult attributes")
         if next_step is not None:
             result["next_step"] = next_step
         if delay is not None:
@@ -48,9 +52,9 @@ class StepResult:
         self._result = result
 
     @classmethod
-    def complete(cls, data: Any = None) -> StepResult:
+    def complete(cls, data: Any = None, *, attributes: dict[str, str] | None = None) -> StepResult:
         """End the workflow now, successfully, with ``data`` as its output."""
-        result = cls(data)
+        result = cls(data, attributes=attributes)
         result._result["complete"] = True
         return result
 
@@ -62,9 +66,10 @@ class StepResult:
         next_step: str | None = None,
         data: Any = None,
         timeout: float | None = None,
+        attributes: dict[str, str] | None = None,
     ) -> StepResult:
         """Park the workflow until ``signal`` arrives (or ``timeout`` seconds pass)."""
-        result = cls(data, next_step=next_step)
+        result = cls(data, next_step=next_step, attributes=attributes)
         result._result["wait_for"] = signal
         if timeout is not None:
             check_delay(timeout, "StepResult.wait_for timeout")
@@ -131,6 +136,12 @@ def normalise_result(value: Any, *, payload: Any, describe: Callable[[], str]) -
                 raise ValueError(
                     f"{describe()} returned {key} {short(result[key])}; {exc}"
                 ) from None
+    attributes = result.get("attributes")
+    if attributes is not None:
+        try:
+            result["attributes"] = check_attributes(attributes)
+        except ValueError as exc:
+            raise ValueError(f"{describe()} returned bad attributes: {exc}") from None
     return result
 
 

@@ -24,7 +24,10 @@ def _step(name: str) -> Any:
             ctx.payload.get("fail_once") == name and ctx.attempt == 1
         ):
             raise RuntimeError(f"{name} is unavailable (attempt {ctx.attempt})")
-        return {"data": {**ctx.payload, name: ctx.attempt}}
+        result: dict[str, Any] = {"data": {**ctx.payload, name: ctx.attempt}}
+        if ctx.payload.get("tag") == name:  # {"tag": "creditCheck"}: that step adds a key
+            result["attributes"] = {"checked_by": name}
+        return result
 
     handler.__qualname__ = name
     return handler

@@ -364,3 +364,97 @@ async def test_a_handler_returning_a_datetime_fails_its_step_naming_the_field(
     assert "result['data']['booked_for'] is a datetime" in error["message"]
     assert ".isoformat()" in error["message"] and "visit" in error["message"]
     assert state.error is not None and state.error["reason"] == "not retryable"
+
+
+# -- business keys (attributes) ------------------------------------------------------------
+
+
+async def test_business_keys_from_the_start_and_a_handler_are_searchable(
+    memory_url: str, store_url: str
+) -> None:
+    async with hms_mgmt.init(service_name="t", broker_url=memory_url, store_url=store_url) as m:
+        m.define_workflow("grantApproval", ["validateApp", "finalize"])
+
+        @m.on_step("grantApproval.validateApp")
+        async def validate(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+            return {"data": ctx.payload, "attributes": {"region": ctx.payload["region"]}}
+
+        @m.on_step("grantApproval.finalize")
+        async def finalize(ctx: hms_mgmt.StepContext) -> hms_mgmt.StepResult:
+            return hms_mgmt.StepResult.complete(ctx.payload, attributes={"outcome": "approved"})
+
+        # before any step runs: a search right after the start finds the workflow
+        first = await m.start(
+            "grantApproval", {"region": "north"}, attributes={"application_id": "A-17"}
+        )
+        found = await m.list(attributes={"application_id": "A-17"})
+        assert [w["workflow_id"] for w in found] == [first.workflow_id]
+        assert found[0]["attributes"] == {"application_id": "A-17"}
+        await m.serve()
+        others = [
+            await m.start("grantApproval", {"region": r}, attributes={"application_id": a})
+            for a, r in (("A-18", "north"), ("A-19", "south"))
+        ]
+        for started in (first, *others):
+            assert (await m.wait(started.workflow_id, timeout=10)).status == "succeeded"
+        state = await m.status(first.workflow_id)
+        assert state.attributes == {
+            "application_id": "A-17",
+            "region": "north",
+            "outcome": "approved",
+        }
+        found = await m.list(attributes={"application_id": "A-17"})
+        assert [w["workflow_id"] for w in found] == [first.workflow_id]  # exactly one
+        north = await m.list(attributes={"region": "north"})
+        assert {w["workflow_id"] for w in north} == {first.workflow_id, others[0].workflow_id}
+        both = await m.list(attributes={"region": "north", "application_id": "A-18"})
+        assert [w["workflow_id"] for w in both] == [others[0].workflow_id]
+        assert await m.list(attributes={"application_id": "A-99"}) == []
+        assert await m.list(attributes={"region": "north"}, status="failed") == []
+        executed = await m.execute(
+            "grantApproval", {"region": "east"}, attributes={"application_id": "A-20"}, timeout=10
+        )
+        assert executed.attributes["application_id"] == "A-20"
+
+
+async def test_a_handler_returning_bad_attributes_fails_its_step_naming_the_key(
+    memory_url: str, store_url: str
+) -> None:
+    async with hms_mgmt.init(service_name="t", broker_url=memory_url, store_url=store_url) as m:
+        m.define_workflow("w", ["a"])
+
+        @m.on_step("w.a")
+        async def a(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+            return {"data": 1, "attributes": {"bad.key": "x"}}
+
+        await m.serve()
+        started = await m.start("w", {})
+        state = await m.wait(started.workflow_id, timeout=10)
+    assert state.status == "failed" and state.attributes == {}
+    error = state.steps[0].error or {}
+    assert "'bad.key' is not a valid key" in error["message"] and "returned" in error["message"]
+    assert len(state.steps) == 1  # not retried: the same code would return the same
+
+
+async def test_bad_attributes_are_refused_by_the_client_and_the_engine(
+    mgmt: hms_mgmt.Management, memory_url: str
+) -> None:
+    for attributes, message in (
+        ({"bad key": "x"}, "key 'bad key' is not a valid key"),
+        ({"k": "x" * 201}, "of key 'k' must be a string of 1-200 printable"),
+        ({"k": 17}, "value 17 of key 'k'"),
+        ({"k": ""}, "of key 'k' must be a string"),
+        ({f"k{i}": "v" for i in range(21)}, "has 21 keys; at most 20"),
+        (["k"], "must be a dict of strings to strings"),
+    ):
+        with pytest.raises(hms_mgmt.PayloadError, match=message):
+            await mgmt.start("grantApproval", {}, attributes=attributes)  # type: ignore[arg-type]
+        with pytest.raises(hms_mgmt.PayloadError, match=message):
+            await mgmt.list(attributes=attributes)  # type: ignore[arg-type]
+    client = await mgmt._connect()  # past the client's checks: the engine refuses it too
+    start = {"workflow_id": "wf-raw", "workflow": "grantApproval", "attributes": {"a.b": "x"}}
+    with pytest.raises(hms_mgmt.InvalidMessageError, match=r"'attributes' key 'a\.b'"):
+        await client.request("start", start, timeout=5)
+    with pytest.raises(hms_mgmt.InvalidMessageError, match=r"'attributes' key 'a\.b'"):
+        await client.request("list", {"attributes": {"a.b": "x"}}, timeout=5)
+    assert await client.list() == []

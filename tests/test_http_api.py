@@ -301,3 +301,63 @@ async def test_signals_over_http(memory_url: str, store_url: str) -> None:
     finally:
         engine.stop()
         await running
+
+
+async def test_business_keys_over_http(memory_url: str, store_url: str) -> None:
+    """``POST /api/workflows`` with ``attributes``, ``GET /api/workflows?attr.<key>=<value>``
+    (several ANDed) and the workflow's state with its attributes; bad ones are a 400."""
+    engine = Engine(open_bus(memory_url), open_store(store_url))
+    running = asyncio.ensure_future(engine.run())
+    await asyncio.wait_for(engine.ready.wait(), 10)
+    api = EngineApi(engine, EngineMetrics())
+    try:
+        async with TestClient(TestServer(api.app())) as client:
+            await api.client.connect()
+            await api.client.define(WorkflowDefinition.build("grant", ["check"]))
+            ids = {}
+            for app, region in (("A-17", "north"), ("A-18", "north"), ("A-19", "south")):
+                started = await client.post(
+                    "/api/workflows",
+                    json={
+                        "workflow": "grant",
+                        "attributes": {"application_id": app, "region": region},
+                    },
+                )
+                assert started.status == 201
+                ids[app] = (await started.json())["workflow_id"]
+
+            async def listed(query: str) -> list[str]:
+                response = await client.get(f"/api/workflows?{query}")
+                assert response.status == 200, await response.text()
+                return [w["workflow_id"] for w in await response.json()]
+
+            assert await listed("attr.application_id=A-17") == [ids["A-17"]]
+            assert await listed("attr.region=north") == [ids["A-18"], ids["A-17"]]
+            assert await listed("attr.region=north&attr.application_id=A-18") == [ids["A-18"]]
+            assert await listed("attr.region=south&attr.application_id=A-18") == []
+            assert await listed("attr.region=north&status=succeeded") == []
+            assert await listed("attr.region=north&limit=1") == [ids["A-18"]]
+            [entry] = await (await client.get("/api/workflows?attr.application_id=A-19")).json()
+            assert entry["attributes"] == {"application_id": "A-19", "region": "south"}
+            shown = await (await client.get(f"/api/workflows/{ids['A-17']}")).json()
+            assert shown["attributes"] == {"application_id": "A-17", "region": "north"}
+
+            cases = [
+                ("/api/workflows?attr.a.b=x", "attr key 'a.b' is not a valid key"),
+                ("/api/workflows?attr.k=", "value '' of key 'k'"),
+                ("/api/workflows?attr.k=x&attr.k=y", "'attr.k' is given more than once"),
+                (f"/api/workflows?attr.k={'x' * 201}", "must be a string of 1-200"),
+            ]
+            for path, message in cases:
+                response = await client.get(path)
+                error = (await response.json())["error"]
+                assert (response.status, message in error["message"]) == (400, True), error
+            bad = await client.post(
+                "/api/workflows", json={"workflow": "grant", "attributes": {"a b": "x"}}
+            )
+            error = (await bad.json())["error"]
+            assert bad.status == 400 and "key 'a b' is not a valid key" in error["message"]
+            assert len(await listed("limit=1000")) == 3  # nothing more was started
+    finally:
+        engine.stop()
+        await running

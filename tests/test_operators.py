@@ -162,7 +162,53 @@ async def test_start_follow_show_and_list_a_grant_that_retried(ops: Ops) -> None
     assert workflow_id in [w["workflow_id"] for w in listed]
     assert await ops.json("workflow", "list", "--status", "failed", "--name", "grantApproval") == []
     table = await ops.ok("workflow", "list", "--limit", "5")
-    assert table.splitlines()[0].split() == ["ID", "NAME", "STATUS", "CREATED", "UPDATED", "ERROR"]
+    assert table.splitlines()[0].split() == [
+        "ID",
+        "NAME",
+        "STATUS",
+        "CREATED",
+        "UPDATED",
+        "ATTRIBUTES",
+        "ERROR",
+    ]
+
+
+async def test_list_by_business_key_finds_exactly_one_workflow(ops: Ops) -> None:
+    ids = {}
+    for app, region in (("A-16", "north"), ("A-17", "north"), ("A-18", "south")):
+        started = await ops.ok(
+            "workflow", "start", "grantApproval", "--input", '{"tag": "creditCheck"}',
+            "--attr", f"application_id={app}", "--attr", f"region={region}",
+        )  # fmt: skip
+        ids[app] = started.strip()
+    listed = await ops.json("workflow", "list", "--attr", "application_id=A-17")
+    assert [w["workflow_id"] for w in listed] == [ids["A-17"]]  # right after the start
+    table = await ops.ok("workflow", "list", "--attr", "application_id=A-17")
+    assert len(table.splitlines()) == 2 and ids["A-17"] in table
+    assert "application_id=A-17 " in table and "region=north" in table  # (checked_by, if done)
+    both = await ops.json(
+        "workflow", "list", "--attr", "region=north", "--attr", "application_id=A-16"
+    )
+    assert [w["workflow_id"] for w in both] == [ids["A-16"]]
+    north = await ops.json("workflow", "list", "--attr", "region=north")
+    assert {w["workflow_id"] for w in north} == {ids["A-16"], ids["A-17"]}
+    for workflow_id in ids.values():
+        assert (await ops.finished(workflow_id))["status"] == "succeeded"
+    # the handler of creditCheck added a key: its workflows are found by it
+    checked = await ops.json("workflow", "list", "--attr", "checked_by=creditCheck")
+    assert {w["workflow_id"] for w in checked} == set(ids.values())
+    state = await ops.json("workflow", "show", ids["A-17"])
+    assert state["attributes"] == {
+        "application_id": "A-17",
+        "region": "north",
+        "checked_by": "creditCheck",
+    }
+    shown = await ops.ok("workflow", "show", ids["A-17"])
+    assert "attrs     application_id=A-17 checked_by=creditCheck region=north" in shown
+    refused = await ops.hms("workflow", "list", "--attr", "no-equals-sign")
+    assert refused.returncode != 0 and "'no-equals-sign' is not KEY=VALUE" in refused.stderr
+    refused = await ops.hms("workflow", "list", "--attr", "a.b=x")
+    assert refused.returncode != 0 and "key 'a.b' is not a valid key" in refused.stderr
 
 
 async def test_cancel_retry_and_the_dead_letter_queues(

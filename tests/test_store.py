@@ -97,17 +97,22 @@ async def test_a_schema_1_file_is_upgraded_in_place(tmp_path: Path) -> None:
     t = machine.start(DEFINITION, "new", None, 10.0, traceparent=tp)
     assert t.workflow is not None
     t.workflow.retries = 2
-    await store.commit(Batch(workflows={"new": t.workflow}))
+    await store.commit(
+        Batch(workflows={"new": t.workflow}, attributes={("new", "application_id"): "A-17"})
+    )
     assert await store.watch(probe=True) is None
+    found = await store.list_workflows(attributes={"application_id": "A-17"})
+    assert [w.id for w in found] == ["new"]
     await store.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("4",)
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("5",)
         applied = db.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()
-        assert applied == [(2,), (3,), (4,)]  # each migration, recorded as it was applied
+        assert applied == [(2,), (3,), (4,), (5,)]  # each migration, recorded as applied
         indexes = {
             row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
         }
     assert "workflows_created" in indexes
+    assert "workflow_attributes_value" in indexes
     again = SQLiteStore(f"sqlite:///{path}")
     await again.open()  # a second open finds nothing to upgrade
     new = (await again.load(["new"]))["new"][0]

@@ -56,6 +56,7 @@ def started(workflow_id: str, now: float = 10.0, **kwargs: Any) -> Batch:
     assert t.workflow is not None
     return Batch(
         workflows={workflow_id: t.workflow},
+        attributes={(workflow_id, key): value for key, value in t.attributes.items()},
         runs={(r.workflow_id, r.seq): r for r in t.runs},
         history=[(workflow_id, now, kind, detail) for kind, detail in t.history],
         outbox=[OutboxRow(f"m-{workflow_id}", "hms.steps", "w.a", b"\x00{}", {"h": 1}, now)],
@@ -245,6 +246,57 @@ async def test_prune_deletes_finished_workflows_with_their_rows(store: Store) ->
     assert len(await store.history("wf3")) == 2
 
 
+async def test_business_keys_are_written_with_the_batch_and_searched(
+    store: Store, url: str
+) -> None:
+    await store.commit(started("wf1", now=10.0, attributes={"application_id": "A-17"}))
+    await store.commit(started("wf2", now=11.0, attributes={"application_id": "A-18"}))
+    await store.commit(started("wf3", now=12.0))
+    assert [w.id for w in await store.list_workflows(attributes={"application_id": "A-17"})] == [
+        "wf1"
+    ]
+    # a later batch adds a key and replaces a value, as a handler's result does
+    await store.commit(
+        Batch(attributes={("wf1", "region"): "north", ("wf2", "application_id"): "A-17"})
+    )
+    found = await store.list_workflows(attributes={"application_id": "A-17"})
+    assert [w.id for w in found] == ["wf2", "wf1"]  # newest first
+    both = {"application_id": "A-17", "region": "north"}  # every key must match
+    assert [w.id for w in await store.list_workflows(attributes=both)] == ["wf1"]
+    assert [w.id for w in await store.list_workflows(attributes=both, status="succeeded")] == []
+    assert await store.list_workflows(attributes={"application_id": "A-99"}) == []
+    assert await store.attributes(["wf1", "wf2", "wf3", "missing"]) == {
+        "wf1": both,
+        "wf2": {"application_id": "A-17"},
+    }
+    assert await store.attributes([]) == {}
+    await store.close()
+    again = await reopened(url)  # durable
+    try:
+        assert (await again.attributes(["wf1"]))["wf1"] == both
+    finally:
+        await again.close()
+
+
+async def test_a_failed_batch_writes_no_business_keys(store: Store) -> None:
+    await store.commit(started("wf1", idempotency_key="k"))
+    clash = started("wf2", idempotency_key="k", attributes={"application_id": "A-17"})
+    with pytest.raises(StoreError):
+        await store.commit(clash)
+    assert await store.list_workflows(attributes={"application_id": "A-17"}) == []
+    assert await store.attributes(["wf2"]) == {}
+
+
+async def test_prune_deletes_business_keys_with_their_workflow(store: Store) -> None:
+    for i in range(2):
+        await store.commit(started(f"wf{i}", attributes={"application_id": f"A-{i}"}))
+    loaded = await store.load(["wf0"])
+    await store.commit(Batch(workflows={"wf0": finished(loaded["wf0"][0], 20.0)}))
+    assert await store.prune(25.0, limit=10) == 1
+    assert await store.attributes(["wf0", "wf1"]) == {"wf1": {"application_id": "A-1"}}
+    assert await store.list_workflows(attributes={"application_id": "A-0"}) == []
+
+
 async def test_a_claim_fences_off_the_previous_owner(store: Store, url: str) -> None:
     assert await store.owner() is None
     await store.claim("engine-a")
@@ -384,21 +436,25 @@ async def test_store_backup_sends_postgres_to_pg_dump(tmp_path: Path) -> None:
     assert done.returncode == 2 and "pg_dump" in done.stderr, done.stderr
 
 
-async def test_a_postgres_store_of_schema_1_is_migrated_in_order(postgres_url: str) -> None:
+@pytest.mark.parametrize("version", [1, 2])
+async def test_a_postgres_store_of_an_older_schema_is_migrated_in_order(
+    postgres_url: str, version: int
+) -> None:
     import asyncpg
 
     from hms_mgmt.store import postgres
 
     db = await asyncpg.connect(postgres_url)
-    try:  # a store as the first release left it: migration 1 only
+    try:  # a store as an earlier release left it: migrations up to ``version`` only
         async with db.transaction():
             await db.execute(
                 "CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, "
                 "applied_at DOUBLE PRECISION NOT NULL)"
             )
-            for sql in postgres.MIGRATIONS[1]:
-                await db.execute(sql)
-            await db.execute("INSERT INTO schema_migrations VALUES (1, 1.0)")
+            for applied in range(1, version + 1):
+                for sql in postgres.MIGRATIONS[applied]:
+                    await db.execute(sql)
+                await db.execute("INSERT INTO schema_migrations VALUES ($1, 1.0)", applied)
             await db.execute("INSERT INTO meta VALUES ('store_id', 'old'), ('secret', '00')")
     finally:
         await db.close()
@@ -407,8 +463,10 @@ async def test_a_postgres_store_of_schema_1_is_migrated_in_order(postgres_url: s
     try:
         assert store.identity.store_id == "old" and not store.identity.fresh
         await store.claim("engine-a")
-        await store.commit(started("wf1"))
+        await store.commit(started("wf1", attributes={"application_id": "A-17"}))
         assert set(await store.load(["wf1"])) == {"wf1"}
+        found = await store.list_workflows(attributes={"application_id": "A-17"})
+        assert [w.id for w in found] == ["wf1"]
     finally:
         await store.close()
     assert await migrations(postgres_url) == list(range(1, postgres.SCHEMA_VERSION + 1))

@@ -71,7 +71,12 @@ async def test_every_message_of_a_flow_is_valid_under_its_schema(
 
         @m.on_step("grant.check")
         async def check(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
-            return {"next_step": "inspect", "data": {**ctx.payload, "score": 750}, "delay": 0}
+            return {
+                "next_step": "inspect",
+                "data": {**ctx.payload, "score": 750},
+                "delay": 0,
+                "attributes": {"region": "north"},
+            }
 
         @m.on_step("grant.inspect")
         async def inspect(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
@@ -91,7 +96,12 @@ async def test_every_message_of_a_flow_is_valid_under_its_schema(
             raise hms_mgmt.Retry("not yet", delay=0.01)
 
         await m.serve()
-        started = await m.start("grant", {"application_id": "A-1"}, idempotency_key="A-1")
+        started = await m.start(
+            "grant",
+            {"application_id": "A-1"},
+            idempotency_key="A-1",
+            attributes={"application_id": "A-1"},
+        )
 
         async def waiting() -> bool:
             return (await m.status(started.workflow_id)).status == "waiting"
@@ -103,6 +113,8 @@ async def test_every_message_of_a_flow_is_valid_under_its_schema(
         assert (await m.wait(doomed.workflow_id, timeout=10)).status == "failed"
         await m.cancel((await m.start("flaky", {}, delay=3600)).workflow_id, reason="no")
         await m.list()
+        found = await m.list(attributes={"application_id": "A-1", "region": "north"})
+        assert [w["workflow_id"] for w in found] == [started.workflow_id]
         await m.schedule("flaky", cron="0 9 * * *", schedule_id="nightly")
         await m.schedules()
         await m.unschedule("nightly")
@@ -154,7 +166,8 @@ GOOD_OUTCOMES: list[dict[str, Any]] = [
     {"workflow_id": "wf-1", "seq": 2, "attempt": 1, "kind": "succeeded", "token": "t",
      "step": "creditCheck", "started_at": 1.7e9, "finished_at": 1.7e9 + 0.2, "handler": "h",
      "result": {"next_step": "finalize", "data": {"score": 750}, "complete": False,
-                "delay": 10, "run_at": 1.7e9, "wait_for": "report", "timeout": 60}},
+                "delay": 10, "run_at": 1.7e9, "wait_for": "report", "timeout": 60,
+                "attributes": {"region": "north"}}},
     {"workflow_id": "wf-1", "seq": 2, "attempt": 3, "kind": "failed", "token": "t",
      "error": {"type": "RuntimeError", "types": ["builtins.RuntimeError"], "message": "down",
                "traceback": "Traceback...", "retryable": True, "retry_delay": 2.5}},
@@ -163,14 +176,16 @@ GOOD_REQUESTS: list[dict[str, Any]] = [
     {"type": "define", "request_id": "r1", "definition": {"name": "g", "steps": []}},
     {"type": "start", "request_id": "r2", "workflow_id": "wf-1", "workflow": "grantApproval",
      "payload": {"a": 1}, "delay": 5, "run_at": 1.7e9, "idempotency_key": "A-17 key",
-     "traceparent": "garbage is ignored", "deadline": 1.7e9},
+     "traceparent": "garbage is ignored", "deadline": 1.7e9,
+     "attributes": {"application_id": "A-17", "_x-1": "y" * 200}},
     {"type": "status", "request_id": "r3", "workflow_id": "wf-1"},
     {"type": "wait", "request_id": "r4", "workflow_id": "wf-1", "hold": 20},
     {"type": "cancel", "request_id": "r5", "workflow_id": "wf-1", "reason": 7},
     {"type": "retry", "request_id": "r6", "workflow_id": "wf-1"},
     {"type": "signal", "request_id": "r7", "workflow_id": "wf-1", "signal": "report",
      "data": [1]},
-    {"type": "list", "request_id": "r8", "status": "failed", "name": "g", "limit": 1000},
+    {"type": "list", "request_id": "r8", "status": "failed", "name": "g", "limit": 1000,
+     "attributes": {"application_id": "A-17"}},
     {"type": "schedule", "request_id": "r9", "workflow": "nightly", "cron": "0 9 * * *",
      "timezone": "UTC", "payload": None, "catch_up": "all"},
     {"type": "schedule", "request_id": "r10", "workflow": "-dash", "schedule_id": "ok",
@@ -221,7 +236,7 @@ def variants(good: dict[str, Any]) -> Iterator[dict[str, Any]]:
             changed = copy.deepcopy(good)
             changed[key] = value
             yield changed
-    for key in ("result", "error"):  # inside the nested objects too
+    for key in ("result", "error", "attributes"):  # inside the nested objects too
         if isinstance(good.get(key), dict):
             for inner in [*list(good[key]), "bogus"]:
                 for value in BAD_VALUES:
@@ -275,3 +290,33 @@ def test_a_schema_error_names_the_field(
     good = {"step": GOOD_STEP, "outcome": GOOD_OUTCOMES[1], "request": GOOD_REQUESTS[2]}[kind]
     errors = list(checker.iter_errors(mutate(good)))
     assert errors and not decoded(kind, mutate(good))
+
+
+@pytest.mark.parametrize(
+    "attributes",
+    [
+        {"application_id": "A-17"},
+        {"_": "x", "a-b_C9": "y" * 200},
+        {"x" * 64: "v"},
+        {f"k{i}": "v" for i in range(20)},
+        {"x" * 65: "v"},
+        {"a.b": "v"},
+        {"-lead": "v"},
+        {"1st": "v"},
+        {"": "v"},
+        {"a b": "v"},
+        {"k": "y" * 201},
+        {"k": "tab\there"},
+        {"k": 7},
+        {f"k{i}": "v" for i in range(21)},
+        ["application_id"],
+        "A-17",
+    ],
+)
+def test_the_decoder_and_the_schema_agree_on_attributes(attributes: Any) -> None:
+    start = {**next(r for r in GOOD_REQUESTS if r["type"] == "start"), "attributes": attributes}
+    outcome = copy.deepcopy(GOOD_OUTCOMES[2])
+    outcome["result"]["attributes"] = attributes
+    assert REQUEST.is_valid(start) == decoded("request", start)
+    assert OUTCOME.is_valid(outcome) == decoded("outcome", outcome)
+    assert decoded("outcome", outcome) == decoded("request", start)

@@ -9,7 +9,7 @@ client that misses one asks again.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,14 +62,36 @@ class Answers:
         found = await self._store.workflow_with_runs(workflow_id)
         if found is None:
             return None
-        return WorkflowState.of(*found, now=self._clock(), stuck_after=self.stuck_after)
+        attributes = (await self._store.attributes([workflow_id])).get(workflow_id)
+        return WorkflowState.of(
+            *found, now=self._clock(), stuck_after=self.stuck_after, attributes=attributes
+        )
+
+    async def summaries(
+        self,
+        *,
+        status: str | None = None,
+        name: str | None = None,
+        limit: int = 50,
+        attributes: Mapping[str, str] | None = None,
+    ) -> list[dict[str, Any]]:
+        """The newest workflows matching, as list entries with their business keys: the one
+        search behind ``client.list``, ``GET /api/workflows`` and ``hms workflow list``."""
+        workflows = await self._store.list_workflows(
+            status=status, name=name, limit=limit, attributes=attributes
+        )
+        keys = await self._store.attributes([w.id for w in workflows]) if workflows else {}
+        return [summary(w, keys.get(w.id)) for w in workflows]
 
     async def read(self, request: Request, work: Work, now: float) -> None:
         if isinstance(request, ListRequest):
-            workflows = await self._store.list_workflows(
-                status=request.status, name=request.name, limit=request.limit
+            found = await self.summaries(
+                status=request.status,
+                name=request.name,
+                limit=request.limit,
+                attributes=request.attributes,
             )
-            work.reply(request, True, [summary(w) for w in workflows])
+            work.reply(request, True, found)
             return
         workflow_id = request.workflow_id
         in_flight = workflow_id in self._cache  # cached workflows are not finished

@@ -17,14 +17,14 @@ import asyncio
 import hmac
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from aiohttp import web
 
 from bus_adapters.base import JSON_CONTENT_TYPE, Bus, BusError, redact_url
 from hms_mgmt import dlq, tracing
-from hms_mgmt.bounds import ID_RULE, MAX_DELAY, NAME_PATTERN, short, valid_id
+from hms_mgmt.bounds import ID_RULE, MAX_DELAY, NAME_PATTERN, check_attributes, short, valid_id
 from hms_mgmt.client import Client
 from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.engine.engine import Engine
@@ -45,7 +45,7 @@ from hms_mgmt.httpserver import (
 from hms_mgmt.logs import get_logger
 from hms_mgmt.loopwatch import LoopCollector, LoopMonitor
 from hms_mgmt.metrics import EngineMetrics
-from hms_mgmt.records import Workflow, WorkflowState, WorkflowStatus, summary
+from hms_mgmt.records import WorkflowState, WorkflowStatus
 from hms_mgmt.settings import Settings
 from hms_mgmt.store.base import HistoryEntry
 from hms_mgmt.wire.codec import MAX_MESSAGE_BYTES, decode_body
@@ -79,8 +79,13 @@ class EngineView(Protocol):
     async def history(self, workflow_id: str) -> list[HistoryEntry]: ...
 
     async def workflows(
-        self, *, status: str | None = None, name: str | None = None, limit: int = 50
-    ) -> list[Workflow]: ...
+        self,
+        *,
+        status: str | None = None,
+        name: str | None = None,
+        limit: int = 50,
+        attributes: Mapping[str, str] | None = None,
+    ) -> list[dict[str, Any]]: ...
 
     async def counts(self) -> tuple[dict[str, int], dict[tuple[str, str], int], int]: ...
 
@@ -271,8 +276,20 @@ class EngineApi:
                 f"name {short(name)} is not a workflow name (1-100 letters, digits, '_' or '-')",
             )
         limit = _int(request.query.get("limit", "50"), "limit", 1, MAX_LIST)
-        workflows = await self.engine.workflows(status=status, name=name, limit=limit)
-        return web.json_response([summary(w) for w in workflows])
+        attributes: dict[str, str] = {}
+        for key, value in request.query.items():  # attr.<key>=<value>, all ANDed
+            if key.startswith("attr."):
+                if key[5:] in attributes:
+                    raise ApiError(400, "BadRequest", f"{short(key)} is given more than once")
+                attributes[key[5:]] = value
+        try:
+            check_attributes(attributes, "attr")
+        except ValueError as exc:
+            raise ApiError(400, "BadRequest", str(exc)) from None
+        found = await self.engine.workflows(
+            status=status, name=name, limit=limit, attributes=attributes
+        )
+        return web.json_response(found)
 
     async def show(self, request: web.Request) -> web.Response:
         workflow_id = _workflow_id(request)
@@ -299,7 +316,11 @@ class EngineApi:
         if "wait" in body:
             return await self._execute(name, body, key, traceparent)
         started = await self.client.start(
-            name, body.get("input"), idempotency_key=key, traceparent=traceparent
+            name,
+            body.get("input"),
+            idempotency_key=key,
+            traceparent=traceparent,
+            attributes=body.get("attributes"),
         )
         return web.json_response(
             {"workflow_id": started.workflow_id, "existing": started.existing},
@@ -320,7 +341,12 @@ class EngineApi:
             )
         try:
             state = await self.client.execute(
-                name, body.get("input"), timeout=wait, idempotency_key=key, traceparent=traceparent
+                name,
+                body.get("input"),
+                timeout=wait,
+                idempotency_key=key,
+                traceparent=traceparent,
+                attributes=body.get("attributes"),
             )
         except WorkflowTimeoutError as exc:
             going = await self.engine.state(exc.workflow_id)

@@ -113,6 +113,8 @@ class Applier:
         if wf is None:
             return
         batch.workflows[wf.id] = wf
+        for key, value in t.attributes.items():
+            batch.attributes[(wf.id, key)] = value
         current = work.state.get(wf.id, (wf, None))[1]
         for run in t.runs:
             batch.runs[(run.workflow_id, run.seq)] = run
@@ -360,6 +362,7 @@ class Applier:
             run_at=run_at,
             idempotency_key=key,
             traceparent=request.traceparent,
+            attributes=request.attributes,
         )
         if key is not None:
             work.keys[key] = workflow_id

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from bus_adapters.base import Bus, BusError, Subscription, redact_url, settle
@@ -43,7 +43,7 @@ from hms_mgmt.engine.work import Work
 from hms_mgmt.errors import StoreError
 from hms_mgmt.faults import Faults
 from hms_mgmt.logs import get_logger
-from hms_mgmt.records import Workflow, WorkflowState
+from hms_mgmt.records import WorkflowState
 from hms_mgmt.schedules import Schedule
 from hms_mgmt.store.base import Batch, HistoryEntry, OutboxRow, Store
 from hms_mgmt.tokens import Signer
@@ -277,9 +277,17 @@ class Engine:
         return await self.store.history(workflow_id)
 
     async def workflows(
-        self, *, status: str | None = None, name: str | None = None, limit: int = 50
-    ) -> list[Workflow]:
-        return await self.store.list_workflows(status=status, name=name, limit=limit)
+        self,
+        *,
+        status: str | None = None,
+        name: str | None = None,
+        limit: int = 50,
+        attributes: Mapping[str, str] | None = None,
+    ) -> list[dict[str, Any]]:
+        """The newest workflows matching, as list entries (with their business keys)."""
+        return await self.answers.summaries(
+            status=status, name=name, limit=limit, attributes=attributes
+        )
 
     async def counts(self) -> tuple[dict[str, int], dict[tuple[str, str], int], int]:
         """Workflows by status, stuck steps by workflow and step, and the store's bytes."""

@@ -41,8 +41,10 @@ def start(
     run_at: float | None = None,
     idempotency_key: str | None = None,
     traceparent: str | None = None,
+    attributes: dict[str, str] | None = None,
 ) -> Transition:
-    """A new workflow, its first step published now or scheduled for ``run_at``."""
+    """A new workflow, its first step published now or scheduled for ``run_at``, with its
+    business keys (``attributes``)."""
     workflow = Workflow(
         id=workflow_id,
         name=definition.name,
@@ -54,7 +56,7 @@ def start(
         idempotency_key=idempotency_key,
         traceparent=traceparent,
     )
-    t = Transition(workflow=workflow)
+    t = Transition(workflow=workflow, attributes=dict(attributes or {}))
     t.note("workflow_started", workflow=definition.name, version=definition.version)
     enter(t, definition, definition.steps[0].name, payload, now, due_at=run_at)
     return t

@@ -64,6 +64,8 @@ def succeed(
     run.output = data
     clear_timer(wf)
     t.note("step_succeeded", seq=run.seq, step=run.step, attempt=run.attempt)
+    if result.get("attributes"):  # business keys the handler adds, written with this transition
+        t.attributes.update(result["attributes"])
     error_step = definition.on_error is not None and run.step == definition.on_error.name
     if result.get("complete"):
         finish(t, wf, WorkflowStatus.SUCCEEDED, output=data)

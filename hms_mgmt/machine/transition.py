@@ -28,13 +28,15 @@ class DeadLetter:
 
 @dataclass
 class Transition:
-    """What an event changed: the new workflow, runs created or changed, history, messages."""
+    """What an event changed: the new workflow, runs created or changed, history, messages,
+    and business keys set."""
 
     workflow: Workflow | None = None
     runs: list[StepRun] = field(default_factory=list)
     history: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     steps: list[StepMessage] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
+    attributes: dict[str, str] = field(default_factory=dict)  # business keys to set
 
     @property
     def changed(self) -> bool:

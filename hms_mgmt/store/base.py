@@ -7,7 +7,7 @@ confirmed) is written by :meth:`Store.commit` in one transaction.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -40,6 +40,7 @@ class Batch:
     sent: list[str] = field(default_factory=list)
     requests: list[tuple[str, Any, float]] = field(default_factory=list)  # request id, reply, at
     schedules: dict[str, Schedule | None] = field(default_factory=dict)  # None: delete it
+    attributes: dict[tuple[str, str], str] = field(default_factory=dict)  # (workflow id, key)
 
     def __bool__(self) -> bool:
         return bool(
@@ -50,6 +51,7 @@ class Batch:
             or self.sent
             or self.requests
             or self.schedules
+            or self.attributes
         )
 
 
@@ -153,6 +155,10 @@ class Store(Protocol):
         """A workflow and all its runs, in order (for ``status``)."""
         ...
 
+    async def attributes(self, workflow_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+        """The business keys of these workflows (those with none are left out)."""
+        ...
+
     async def run(self, workflow_id: str, seq: int) -> StepRun | None: ...
 
     async def history(self, workflow_id: str) -> list[HistoryEntry]: ...
@@ -172,8 +178,16 @@ class Store(Protocol):
         ...
 
     async def list_workflows(
-        self, *, status: str | None = None, name: str | None = None, limit: int = 50
-    ) -> list[Workflow]: ...
+        self,
+        *,
+        status: str | None = None,
+        name: str | None = None,
+        limit: int = 50,
+        attributes: Mapping[str, str] | None = None,
+    ) -> list[Workflow]:
+        """The newest workflows first; with ``attributes``, only those with every one of
+        these business keys (the index on (key, value) finds them)."""
+        ...
 
     async def count_by_status(self) -> dict[str, int]: ...
 

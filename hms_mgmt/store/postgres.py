@@ -24,7 +24,7 @@ import contextlib
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from bus_adapters.base import redact_url
@@ -92,6 +92,7 @@ TABLES = (
     "outbox",
     "requests",
     "schedules",
+    "workflow_attributes",
     "schema_migrations",
 )
 MIGRATION_LOCK = 0x686D735F6D677274  # pg_advisory_xact_lock key: "hms_mgrt"
@@ -139,6 +140,9 @@ UPSERT_SCHEDULES = _upsert(
     "id",
 )
 UPSERT_REQUESTS = _upsert("requests", "request_id, reply, at", "text text float8", "request_id")
+UPSERT_ATTRIBUTES = _upsert(
+    "workflow_attributes", "workflow_id, key, value", "text text text", "workflow_id, key"
+)
 FENCE = "SELECT value FROM meta WHERE key = 'owner' FOR SHARE"
 
 
@@ -149,7 +153,7 @@ def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
 
 DELETE_SENT = "DELETE FROM outbox WHERE message_id = ANY($1::text[])"
 DELETE_SCHEDULES = "DELETE FROM schedules WHERE id = ANY($1::text[])"
-PARTS = (  # what a batch writes, in this order: (statement, the types of its arrays)
+PARTS_2 = (  # what a batch wrote at schema 2, in this order: (statement, its arrays' types)
     (UPSERT_WORKFLOWS, WORKFLOW_TYPES),
     (UPSERT_RUNS, RUN_TYPES),
     (INSERT_HISTORY, "text float8 text text"),
@@ -159,6 +163,7 @@ PARTS = (  # what a batch writes, in this order: (statement, the types of its ar
     (DELETE_SCHEDULES, "text"),
     (UPSERT_REQUESTS, "text text float8"),
 )
+PARTS = (*PARTS_2, (UPSERT_ATTRIBUTES, "text text text"))  # schema 3: business keys
 TAKEN = "HM001"  # the SQLSTATE hms_commit raises when another engine owns the store
 
 
@@ -167,7 +172,12 @@ def _shifted(sql: str, offset: int) -> str:
     return re.sub(r"\$(\d+)", lambda m: f"${int(m.group(1)) + offset}", sql)
 
 
-def _commit_function() -> str:
+def _signature(parts: Sequence[tuple[str, str]]) -> list[str]:
+    """hms_commit's parameter types for ``parts``: the owner, then one array per column."""
+    return ["text"] + [f"{t}[]" for _, part_types in parts for t in part_types.split()]
+
+
+def _commit_function(parts: Sequence[tuple[str, str]]) -> str:
     """``hms_commit(owner, arrays...)``: a whole batch in one statement, so one round trip.
 
     It checks the owner (``FOR SHARE``, held to the commit) and runs each part whose arrays
@@ -175,7 +185,7 @@ def _commit_function() -> str:
     """
     types = ["text"]
     body = []
-    for sql, part_types in PARTS:
+    for sql, part_types in parts:
         offset = len(types)
         renumbered = _shifted(sql, offset)
         body.append(f"IF cardinality(${offset + 1}) > 0 THEN {renumbered}; END IF;")
@@ -191,8 +201,17 @@ def _commit_function() -> str:
     )
 
 
-# 2: a batch in one round trip. A change to PARTS needs a new migration that replaces it.
-MIGRATIONS[2] = [_commit_function()]
+# 2: a batch in one round trip. A change to PARTS needs a new migration that replaces it
+# (dropping the old signature: more parameters make another function, not a replacement).
+MIGRATIONS[2] = [_commit_function(PARTS_2)]
+# 3: business keys, written with the batch (hms_commit gains their arrays).
+MIGRATIONS[3] = [
+    "CREATE TABLE workflow_attributes (workflow_id TEXT NOT NULL, key TEXT NOT NULL, "
+    "value TEXT NOT NULL, PRIMARY KEY (workflow_id, key))",
+    "CREATE INDEX workflow_attributes_value ON workflow_attributes (key, value)",
+    f"DROP FUNCTION hms_commit({', '.join(_signature(PARTS_2))})",
+    _commit_function(PARTS),
+]
 SCHEMA_VERSION = max(MIGRATIONS)
 ARGUMENTS = 1 + sum(len(types.split()) for _, types in PARTS)  # the owner, then the arrays
 COMMIT = f"SELECT hms_commit({', '.join(f'${i}' for i in range(1, ARGUMENTS + 1))})"
@@ -226,6 +245,7 @@ def commit_arguments(batch: Batch, owner: str | None) -> list[Any]:
         *_columns(kept, 9),
         gone,
         *_columns(replies, 3),
+        *_columns([(w, key, value) for (w, key), value in batch.attributes.items()], 3),
     ]
 
 
@@ -432,6 +452,9 @@ class PostgresStore:
             if ids:
                 await db.execute("DELETE FROM step_runs WHERE workflow_id = ANY($1::text[])", ids)
                 await db.execute("DELETE FROM history WHERE workflow_id = ANY($1::text[])", ids)
+                await db.execute(
+                    "DELETE FROM workflow_attributes WHERE workflow_id = ANY($1::text[])", ids
+                )
                 await db.execute("DELETE FROM workflows WHERE id = ANY($1::text[])", ids)
         return len(ids)
 
@@ -525,8 +548,26 @@ class PostgresStore:
         )
         return [(row[0], row[1], row[2]) for row in rows]
 
+    async def attributes(self, workflow_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+        if not workflow_ids:
+            return {}
+        rows = await self._all(
+            "SELECT workflow_id, key, value FROM workflow_attributes "
+            "WHERE workflow_id = ANY($1::text[]) ORDER BY workflow_id, key",
+            list(dict.fromkeys(workflow_ids)),
+        )
+        found: dict[str, dict[str, str]] = {}
+        for workflow_id, key, value in rows:
+            found.setdefault(workflow_id, {})[key] = value
+        return found
+
     async def list_workflows(
-        self, *, status: str | None = None, name: str | None = None, limit: int = 50
+        self,
+        *,
+        status: str | None = None,
+        name: str | None = None,
+        limit: int = 50,
+        attributes: Mapping[str, str] | None = None,
     ) -> list[Workflow]:
         where: list[str] = []
         params: list[Any] = []
@@ -534,6 +575,12 @@ class PostgresStore:
             if value is not None:
                 params.append(value)
                 where.append(f"{column} = ${len(params)}")
+        for key, value in (attributes or {}).items():
+            params.extend((key, value))
+            where.append(
+                "id IN (SELECT workflow_id FROM workflow_attributes "
+                f"WHERE key = ${len(params) - 1} AND value = ${len(params)})"
+            )
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         params.append(limit)
         rows = await self._all(

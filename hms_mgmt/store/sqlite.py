@@ -17,7 +17,7 @@ import os
 import sqlite3
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from hms_mgmt.definitions import WorkflowDefinition
@@ -273,6 +273,7 @@ class SQLiteStore:
                     for table, column in (
                         ("step_runs", "workflow_id"),
                         ("history", "workflow_id"),
+                        ("workflow_attributes", "workflow_id"),
                         ("workflows", "id"),
                     )
                 ],
@@ -416,16 +417,41 @@ class SQLiteStore:
         )
         return [(row[0], row[1], row[2]) for row in rows]
 
+    async def attributes(self, workflow_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+        found: dict[str, dict[str, str]] = {}
+        ids = list(dict.fromkeys(workflow_ids))
+        for start in range(0, len(ids), 500):  # under SQLite's limit on parameters
+            chunk = ids[start : start + 500]
+            rows = await self._all(
+                "SELECT workflow_id, key, value FROM workflow_attributes "
+                f"WHERE workflow_id IN ({placeholders(len(chunk))}) ORDER BY workflow_id, key",
+                chunk,
+            )
+            for workflow_id, key, value in rows:
+                found.setdefault(workflow_id, {})[key] = value
+        return found
+
     async def list_workflows(
-        self, *, status: str | None = None, name: str | None = None, limit: int = 50
+        self,
+        *,
+        status: str | None = None,
+        name: str | None = None,
+        limit: int = 50,
+        attributes: Mapping[str, str] | None = None,
     ) -> list[Workflow]:
-        where, params = [], []
+        where: list[str] = []
+        params: list[Any] = []
         if status is not None:
             where.append("status = ?")
             params.append(status)
         if name is not None:
             where.append("name = ?")
             params.append(name)
+        for key, value in (attributes or {}).items():
+            where.append(
+                "id IN (SELECT workflow_id FROM workflow_attributes WHERE key = ? AND value = ?)"
+            )
+            params.extend((key, value))
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         rows = await self._all(
             f"SELECT {WORKFLOW_COLUMNS} FROM workflows {clause} ORDER BY created_at DESC LIMIT ?",

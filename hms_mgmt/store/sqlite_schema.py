@@ -16,7 +16,7 @@ from hms_mgmt.errors import StoreError
 from hms_mgmt.store.base import Batch, StoreIdentity
 from hms_mgmt.store.rows import RUN_COLUMNS, WORKFLOW_COLUMNS, as_json, run_row, workflow_row
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # How the schema changes: a new file gets SCHEMA (which always has everything); a file of an
 # older version gets MIGRATIONS[v] for each v after its own, in order, in one transaction at
@@ -55,6 +55,10 @@ CREATE TABLE IF NOT EXISTS schedules (
     id TEXT PRIMARY KEY, workflow TEXT NOT NULL, cron TEXT NOT NULL, timezone TEXT NOT NULL,
     payload TEXT, catch_up TEXT NOT NULL, next_at REAL NOT NULL, created_at REAL NOT NULL,
     last_tick REAL);
+CREATE TABLE IF NOT EXISTS workflow_attributes (
+    workflow_id TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
+    PRIMARY KEY (workflow_id, key)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS workflow_attributes_value ON workflow_attributes (key, value);
 """
 
 MIGRATIONS: dict[int, list[str]] = {
@@ -62,6 +66,7 @@ MIGRATIONS: dict[int, list[str]] = {
     2: ["ALTER TABLE workflows ADD COLUMN traceparent TEXT"],
     3: ["ALTER TABLE workflows ADD COLUMN retries INTEGER NOT NULL DEFAULT 0"],
     4: [],  # schema_migrations, created by SCHEMA before any migration runs
+    5: [],  # workflow_attributes (business keys) and its index, created by SCHEMA
 }
 INDEXES = """
 CREATE INDEX IF NOT EXISTS workflows_created ON workflows (created_at);
@@ -159,6 +164,14 @@ def statements(batch: Batch) -> list[tuple[str, list[tuple[Any, ...]]]]:
             )
         if gone:
             statements.append(("DELETE FROM schedules WHERE id = ?", gone))
+    if batch.attributes:
+        statements.append(
+            (
+                "INSERT OR REPLACE INTO workflow_attributes (workflow_id, key, value) "
+                "VALUES (?, ?, ?)",
+                [(w, key, value) for (w, key), value in batch.attributes.items()],
+            )
+        )
     if batch.requests:
         statements.append(
             (

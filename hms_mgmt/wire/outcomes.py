@@ -9,14 +9,16 @@ from dataclasses import field as field_
 from typing import Any
 
 from bus_adapters.base import Delivery, Message
-from hms_mgmt.bounds import check_delay, check_run_at
+from hms_mgmt.bounds import check_attributes, check_delay, check_run_at
 from hms_mgmt.errors import InvalidMessageError
 from hms_mgmt.topology import RESULTS_EXCHANGE, RESULTS_QUEUE
 from hms_mgmt.wire.codec import batch_body, dumps, new_id
 from hms_mgmt.wire.fields import Refused, decode_items, field, ident, name, positive, token
 
 OUTCOME_KINDS = frozenset({"started", "heartbeat", "succeeded", "failed"})
-RESULT_KEYS = frozenset({"next_step", "data", "complete", "delay", "run_at", "wait_for", "timeout"})
+RESULT_KEYS = frozenset(
+    {"next_step", "data", "complete", "delay", "run_at", "wait_for", "timeout", "attributes"}
+)
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,8 @@ def _check_result(result: dict[str, Any]) -> None:
         if result.get(key) is not None:
             name(result, key)
     field(result, "complete", bool, optional=True)
+    if result.get("attributes") is not None:
+        check_attributes(result["attributes"], "result field 'attributes'", InvalidMessageError)
 
 
 def _check_error(error: dict[str, Any]) -> None:

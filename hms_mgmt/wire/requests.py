@@ -8,7 +8,13 @@ from typing import Any, ClassVar
 
 from bus_adapters.base import Delivery, Message
 from hms_mgmt import tracing
-from hms_mgmt.bounds import check_delay, check_key, check_run_at, check_schedule_id
+from hms_mgmt.bounds import (
+    check_attributes,
+    check_delay,
+    check_key,
+    check_run_at,
+    check_schedule_id,
+)
 from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.errors import DefinitionError, InvalidMessageError
 from hms_mgmt.records import STATUSES
@@ -74,10 +80,12 @@ class StartRequest(_About):
     run_at: float | None = None
     idempotency_key: str | None = None
     traceparent: str | None = None
+    attributes: dict[str, str] = field_(default_factory=dict)  # business keys
 
     @classmethod
     def parse(cls, data: dict[str, Any], **common: Any) -> Request:
         delay, run_at, key = data.get("delay"), data.get("run_at"), data.get("idempotency_key")
+        attributes = data.get("attributes")
         return cls(
             workflow_id=ident(data, "workflow_id"),
             workflow=name(data, "workflow"),
@@ -88,6 +96,9 @@ class StartRequest(_About):
             if key is None
             else check_key(key, "field 'idempotency_key'", _INVALID),
             traceparent=tracing.checked(data.get("traceparent")),  # W3C: ignore an invalid one
+            attributes={}
+            if attributes is None
+            else check_attributes(attributes, "field 'attributes'", _INVALID),
             **common,
         )
 
@@ -150,6 +161,7 @@ class ListRequest(Request):
     status: str | None = None
     name: str | None = None
     limit: int = 50
+    attributes: dict[str, str] = field_(default_factory=dict)  # all must match
 
     @classmethod
     def parse(cls, data: dict[str, Any], **common: Any) -> Request:
@@ -159,10 +171,14 @@ class ListRequest(Request):
         limit = field(data, "limit", int, optional=True)
         if limit is not None and not 1 <= limit <= 1000:
             raise InvalidMessageError(f"limit must be 1 to 1000, not {limit}")
+        attributes = data.get("attributes")
         return cls(
             status=status,
             name=None if data.get("name") is None else name(data, "name"),
             limit=50 if limit is None else limit,
+            attributes={}
+            if attributes is None
+            else check_attributes(attributes, "field 'attributes'", _INVALID),
             **common,
         )
 
