@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,10 @@ def test_the_quick_start_uses_an_engine_that_already_serves_the_vhost(
     vhost: str, tmp_path: Path, processes: Processes
 ) -> None:
     processes.engine(vhost, f"sqlite:///{tmp_path / 'running.db'}")
+    deadline = time.monotonic() + 60  # serving before the example's own engine tries
+    while '"engine started"' not in processes.log("engine"):
+        assert time.monotonic() < deadline, processes.log("engine")
+        time.sleep(0.1)
     env = {"HMS_BROKER_URL": vhost, "HMS_STORE_URL": f"sqlite:///{tmp_path / 'grant.db'}"}
     done = run_example("examples.grant_approval", env)
     assert done.returncode == 0, done.stdout + done.stderr

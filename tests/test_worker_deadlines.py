@@ -72,11 +72,12 @@ async def test_a_hung_async_handler_is_cancelled_at_its_deadline(
 
 
 async def test_a_heartbeat_pushes_the_deadline_out(mgmt: hms_mgmt.Management) -> None:
-    mgmt.define_workflow("beating", [Step("work", timeout=0.5, retry=TWICE)])
+    # A heartbeat travels worker -> broker -> engine: 0.7 s of slack for it on a loaded machine
+    mgmt.define_workflow("beating", [Step("work", timeout=1.0, retry=TWICE)])
 
     @mgmt.on_step("beating.work")
     async def work(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
-        for _ in range(5):  # 1.5 s in all, never 0.5 s without a heartbeat
+        for _ in range(5):  # 1.5 s in all, never 1.0 s without a heartbeat
             await asyncio.sleep(0.3)
             await ctx.heartbeat()
         return {"data": {"attempt": ctx.attempt}}
