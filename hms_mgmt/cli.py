@@ -494,7 +494,7 @@ def store_backup(obj: Context, path: str, store_url: str, force: bool) -> None:
     store's -wal and -shm files, start the engine (see the README).
     """
     from hms_mgmt.errors import StoreError
-    from hms_mgmt.store.sqlite import backup
+    from hms_mgmt.store.sqlite_backup import backup
     from hms_mgmt.store.sqlite_schema import path_of
 
     if store_url.startswith(("postgresql://", "postgres://")):

@@ -31,7 +31,8 @@ from hms_mgmt.engine.vhost import StartRefused
 from hms_mgmt.errors import StoreError
 from hms_mgmt.records import StepStatus, WorkflowState
 from hms_mgmt.store.base import Batch
-from hms_mgmt.store.sqlite import SQLiteStore, backup
+from hms_mgmt.store.sqlite import SQLiteStore
+from hms_mgmt.store.sqlite_backup import backup
 from hms_mgmt.topology import COMMANDS_EXCHANGE, COMMANDS_QUEUE, RESULTS_EXCHANGE, RESULTS_QUEUE
 from hms_mgmt.wire.codec import batch_body, dumps
 from hms_mgmt.wire.outcomes import Outcome

@@ -16,7 +16,6 @@ import json
 import os
 import sqlite3
 import time
-import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -502,57 +501,3 @@ class SQLiteStore:
     async def count_by_status(self) -> dict[str, int]:
         rows = await self._all("SELECT status, count(*) FROM workflows GROUP BY status")
         return {status: count for status, count in rows}
-
-
-def backup(source: str, destination: str) -> dict[str, Any]:
-    """An online, consistent copy of the store at ``source`` (SQLite's backup API), checked.
-
-    Safe beside a running engine: it reads a snapshot and never writes the store.
-    """
-    began = time.monotonic()
-    if not os.path.isfile(source):
-        raise StoreError(
-            f"there is no store at {source}"
-            + ("" if os.path.isabs(source) else f" ({os.path.abspath(source)})")
-            + ": --store-url or HMS_STORE_URL names it",
-            kind="unopenable",
-        )
-    partial = destination + ".partial"
-    try:
-        reader = sqlite3.connect(
-            f"file:{urllib.parse.quote(os.path.abspath(source))}?mode=ro", uri=True
-        )
-        try:
-            try:
-                writer = sqlite3.connect(partial)
-            except sqlite3.Error as exc:
-                raise StoreError(
-                    f"cannot write the backup {destination}: a missing or read-only folder, "
-                    f"or no permission ({exc})",
-                    kind="unopenable",
-                ) from None
-            try:
-                reader.backup(writer)
-                if writer.execute("PRAGMA quick_check").fetchall() != [("ok",)]:
-                    raise StoreError(f"the copy of {source} does not check out", kind="corrupt")
-                workflows = writer.execute("SELECT count(*) FROM workflows").fetchone()[0]
-            finally:
-                writer.close()
-        finally:
-            reader.close()
-        os.replace(partial, destination)
-    except sqlite3.Error as exc:
-        with contextlib.suppress(OSError):
-            os.remove(partial)
-        raise store_error(source, exc) from None
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.remove(partial)
-        raise StoreError(f"cannot write the backup {destination}: {exc.strerror or exc}") from None
-    return {
-        "source": source,
-        "path": destination,
-        "workflows": workflows,
-        "bytes": os.path.getsize(destination),
-        "seconds": round(time.monotonic() - began, 3),
-    }
