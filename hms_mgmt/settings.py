@@ -62,7 +62,7 @@ class Settings:
     stuck_after: float = 300.0  # a step waiting this long to start shows as stuck
     # The heartbeat of an engine's broker connections on a shared store (PostgreSQL): a dead
     # or frozen active engine's lock is freed after about two, and a standby takes over.
-    engine_heartbeat: float = 5.0
+    engine_heartbeat: float = 3.0
 
     def __post_init__(self) -> None:
         for name in _PORTS:

@@ -419,6 +419,10 @@ class Engine:
         inbox = self.intake.inbox
         try:
             while not self._stopping.is_set():
+                problem = self.health.problem
+                if problem is not None and problem.kind == "taken":  # a probe was fenced
+                    self._deposed(str(problem))
+                    break
                 if self._troubled:
                     await self._sit_out_trouble()
                     continue
