@@ -138,6 +138,9 @@ class Engine:
         self._vhost: VhostLock | None = None
         self._reached_broker = False
         self._held: list[Received] | None = None  # a batch whose commit failed, to try again
+        # A commit failed with its connection: it may have committed all the same (PostgreSQL
+        # lost the answer), outbox rows included, so the outbox is read back once it commits.
+        self._outbox_unsure = False
         self._subscriptions: list[Subscription] = []
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
@@ -542,6 +545,7 @@ class Engine:
                     return
                 self.health.failed(exc)
                 self._held = received  # tried again once the store takes commits
+                self._outbox_unsure = True
                 return
             log.exception("a batch failed; its messages will be redelivered")
             for item in received:
@@ -554,6 +558,10 @@ class Engine:
             self.health.failed(moved)
             return
         self.health.ok()
+        if self._outbox_unsure:
+            with contextlib.suppress(StoreError):  # still unsure: read it after the next commit
+                self.relay.resubmit(await self.store.unsent())
+                self._outbox_unsure = False
         self.faults.reached("after_commit")
         self._committed(events, work, now)
         if tracing.recording():
