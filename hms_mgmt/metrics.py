@@ -110,6 +110,7 @@ class EngineMetrics:
         *,
         active: Callable[[], bool] = lambda: True,
         takeovers: Callable[[], int] = lambda: 0,
+        standby: Callable[[], bool] = lambda: False,
     ) -> None:
         self.registry = registry = CollectorRegistry()
         self.started = Counter(
@@ -206,6 +207,13 @@ class EngineMetrics:
                 "1 while this engine serves the vhost (holds its lock and the store's claim); "
                 "0 while it stands by or starts.",
                 lambda: int(active()),
+            )
+        )
+        registry.register(
+            _ReadGauge(
+                "hms_engine_standby",
+                "1 while this engine stands by (another serves the vhost), else 0.",
+                lambda: int(standby()),
             )
         )
         registry.register(

@@ -519,6 +519,7 @@ def engine_metrics(engine: Engine, loop_monitor: LoopMonitor | None = None) -> E
         engine.outbox_backlog,
         active=lambda: engine.active,
         takeovers=lambda: engine.takeovers,
+        standby=lambda: engine.role == "standby",
     )
     engine.on_commit = metrics.on_batch
     if loop_monitor is not None:

@@ -1,11 +1,11 @@
 """One engine per vhost: a lock the broker holds for the engine's life, and the vhost's record.
 
 Two engines on one vhost split its commands and outcomes between them and each trusts its
-own state, so workflows stall or are refused as unknown. Whatever the store (SQLite, or
-PostgreSQL until engines can share one), an engine therefore holds the exclusive queue
-``hms.engine.lock`` on a connection of its own: the broker frees it the moment that
-connection drops (a crash, a kill -9), and a second engine that finds it held refuses to
-start, naming the first.
+own state, so workflows stall or are refused as unknown. Whatever the store, the serving
+engine therefore holds the exclusive queue ``hms.engine.lock`` on a connection of its own:
+the broker frees it the moment that connection drops (a crash, a kill -9, or missed
+heartbeats), and a second engine that finds it held refuses to start, naming the first
+(SQLite), or stands by and takes over once it is freed (PostgreSQL: :class:`Standby`).
 
 The vhost also remembers which store it was run with (``hms.engine.record``, one message):
 an engine that comes up on a different store, such as a new empty file because the old
