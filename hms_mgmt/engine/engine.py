@@ -275,10 +275,13 @@ class Engine:
         which stands by: nothing of this engine's memory (cache, timers, schedules) is kept.
         """
         self.active = False
-        if self.standby is not None:
-            self.deposed = True
-            message += "; stopping, to stand by afresh"
-        self._fail(EXIT_REFUSED, message)
+        if self.standby is None:
+            self._fail(EXIT_REFUSED, message)
+            return
+        if self.exit_code == 0:  # not an exit: the daemon starts a fresh engine, standing by
+            self.exit_code, self.deposed = EXIT_REFUSED, True
+            log.warning(f"{message}; this engine stops, to stand by afresh")
+        self._stopping.set()
 
     def _fail(self, code: int, message: str, **fields: Any) -> None:
         """Stop the engine with an exit code, saying why in one line."""
