@@ -548,7 +548,8 @@ class Engine:
                     return
                 self.health.failed(exc)
                 self._held = received  # tried again once the store takes commits
-                self._outbox_unsure = True
+                # Over a network (PostgreSQL) a failed commit may have committed; SQLite knows.
+                self._outbox_unsure = self.standby is not None
                 return
             log.exception("a batch failed; its messages will be redelivered")
             for item in received:
