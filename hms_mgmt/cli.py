@@ -362,6 +362,27 @@ def definitions(obj: Context) -> None:
     obj.emit(found, table(rows, ["name", "version", "steps", "on_error"]))
 
 
+@main.command("engines")
+@output_option
+@click.pass_obj
+def engines(obj: Context) -> None:
+    """The engines of the vhost: the active one (from the vhost's record; host, pid, since,
+    store) and the engine asked, if it stands by."""
+    found = obj.api.get("/api/engines")
+    rows = [
+        {
+            "role": e["role"],
+            "host": e["host"],
+            "pid": e["pid"],
+            "since": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(e["since"])),
+            "store": e["store"],
+            "asked": "yes" if e.get("this") else "",
+        }
+        for e in found
+    ]
+    obj.emit(found, table(rows, ["role", "host", "pid", "since", "store", "asked"]))
+
+
 # -- dead letters -------------------------------------------------------------------
 
 

@@ -107,6 +107,10 @@ class EngineMetrics:
         reconnects: Callable[[], int] = lambda: 0,
         ready: Callable[[], bool] = lambda: True,
         outbox: Callable[[], tuple[int, float]] = lambda: (0, 0.0),
+        *,
+        active: Callable[[], bool] = lambda: True,
+        takeovers: Callable[[], int] = lambda: 0,
+        standby: Callable[[], bool] = lambda: False,
     ) -> None:
         self.registry = registry = CollectorRegistry()
         self.started = Counter(
@@ -195,6 +199,29 @@ class EngineMetrics:
                 "hms_engine_ready",
                 "1 while the engine is ready (what /readyz answers 200 for), else 0.",
                 lambda: int(ready()),
+            )
+        )
+        registry.register(
+            _ReadGauge(
+                "hms_engine_active",
+                "1 while this engine serves the vhost (holds its lock and the store's claim); "
+                "0 while it stands by or starts.",
+                lambda: int(active()),
+            )
+        )
+        registry.register(
+            _ReadGauge(
+                "hms_engine_standby",
+                "1 while this engine stands by (another serves the vhost), else 0.",
+                lambda: int(standby()),
+            )
+        )
+        registry.register(
+            _ReadCounter(
+                "hms_engine_takeovers",
+                "Times this engine took over the vhost and the store from another (after "
+                "standing by).",
+                takeovers,
             )
         )
         registry.register(_OutboxCollector(outbox))

@@ -12,7 +12,9 @@ DEFAULT_BROKER_URL = "amqp://guest:guest@localhost:5672/"
 DEFAULT_STORE_URL = "sqlite:///hms_mgmt.db"
 DEFAULT_RETENTION = 30 * 86400.0
 _PORTS = ("http_port", "worker_http_port")
-_SECONDS = frozenset({"loop_block_threshold", "liveness_lag", "store_grace", "stuck_after"})
+_SECONDS = frozenset(
+    {"loop_block_threshold", "liveness_lag", "store_grace", "stuck_after", "engine_heartbeat"}
+)
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)?\s*$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, None: 1}
 
@@ -58,6 +60,9 @@ class Settings:
     service_users: str | None = None  # ... whose outcomes and definitions it obeys
     http_open_reads: bool = False  # beyond loopback, let reads of the API in without the token
     stuck_after: float = 300.0  # a step waiting this long to start shows as stuck
+    # The heartbeat of an engine's broker connections on a shared store (PostgreSQL): a dead
+    # or frozen active engine's lock is freed after about two, and a standby takes over.
+    engine_heartbeat: float = 3.0
 
     def __post_init__(self) -> None:
         for name in _PORTS:

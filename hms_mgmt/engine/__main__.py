@@ -25,7 +25,7 @@ from hms_mgmt.errors import StoreError
 from hms_mgmt.logs import configure, get_logger
 from hms_mgmt.loopwatch import LoopMonitor
 from hms_mgmt.settings import Settings, parse_duration
-from hms_mgmt.store import open_store
+from hms_mgmt.store import open_store, shared
 
 EXIT_CODES = (
     "Exit codes: 0 stopped, 2 bad configuration or a store that cannot be opened, 3 broker "
@@ -35,8 +35,30 @@ EXIT_CODES = (
 
 
 async def serve(settings: Settings, *, new_store: bool = False) -> int:
-    engine = Engine(
-        open_bus(settings.broker_url, name="hms-engine"),
+    """Serve until stopped. On a shared store (PostgreSQL), an engine another one took over
+    from (it froze, or lost its broker connection) is replaced by a fresh one, which stands
+    by: the process lives on as a standby, with nothing of the deposed engine's memory."""
+    takeovers = 0
+    while True:
+        engine = _engine(settings, new_store=new_store)
+        engine.takeovers = takeovers
+        code = await _serve_once(engine, settings)
+        if not engine.deposed:
+            return code
+        takeovers = engine.takeovers
+        get_logger("engine").warning("another engine serves now: this process stands by again")
+
+
+def _engine(settings: Settings, *, new_store: bool) -> Engine:
+    broker_url = settings.broker_url
+    standby = shared(settings.store_url)
+    if standby and broker_url.startswith("amqp") and "heartbeat=" not in broker_url:
+        # Short heartbeats: a frozen engine's lock (and its unacked deliveries) are freed
+        # after about two, so a standby takes over within about 2 * HMS_ENGINE_HEARTBEAT + 1 s.
+        beat = max(1, round(settings.engine_heartbeat))
+        broker_url = f"{broker_url}{'&' if '?' in broker_url else '?'}heartbeat={beat}"
+    return Engine(
+        open_bus(broker_url, name="hms-engine"),
         open_store(settings.store_url),
         store_grace=settings.store_grace,
         retention=settings.retention,
@@ -45,7 +67,11 @@ async def serve(settings: Settings, *, new_store: bool = False) -> int:
         service_users=settings.service_user_set,
         stuck_after=settings.stuck_after,
         faults=faults.from_env(),
+        standby=standby,
     )
+
+
+async def _serve_once(engine: Engine, settings: Settings) -> int:
     monitor = LoopMonitor.from_settings(settings, "engine")
     http = await start_api(engine, settings, monitor)  # up first: /healthz answers in start-up
     monitor.start()

@@ -70,6 +70,11 @@ class EngineView(Protocol):
 
     def checks(self) -> dict[str, bool]: ...
 
+    @property
+    def role(self) -> str: ...
+
+    async def engines(self) -> list[dict[str, Any]]: ...
+
     def definitions(self) -> list[WorkflowDefinition]: ...
 
     def dead_letter_queues(self) -> list[str]: ...
@@ -137,6 +142,7 @@ class EngineApi:
         post("/api/workflows/{id}/retry", self._mutating(self.retry))
         post("/api/workflows/{id}/signal", self._mutating(self.signal))
         get("/api/definitions", self._reading(self.definitions))
+        get("/api/engines", self._reading(self.engines))
         get("/api/dlq", self._reading(self.dlq_queues))
         get("/api/dlq/{queue}", self._reading(self.dlq_messages))
         post("/api/dlq/{queue}/replay", self._mutating(self.dlq_replay))
@@ -258,7 +264,14 @@ class EngineApi:
     async def readyz(self, _request: web.Request) -> web.Response:
         checks = self.engine.checks()
         ok = all(checks.values())
-        return web.json_response({"ready": ok, "checks": checks}, status=200 if ok else 503)
+        body: dict[str, Any] = {"ready": ok, "checks": checks}
+        if "active" in checks:  # engines that can stand by say which they are
+            body["role"] = self.engine.role
+        return web.json_response(body, status=200 if ok else 503)
+
+    async def engines(self, _request: web.Request) -> web.Response:
+        """The engines known: the active one (from the vhost's record) and this one."""
+        return web.json_response(await self.engine.engines())
 
     # -- workflows --------------------------------------------------------------
 
@@ -527,7 +540,12 @@ def _int(raw: str, name: str, low: int, high: int) -> int:
 def engine_metrics(engine: Engine, loop_monitor: LoopMonitor | None = None) -> EngineMetrics:
     """The engine's metrics, hooked into it: its commits, its bus, readiness, the outbox."""
     metrics = EngineMetrics(
-        lambda: engine.bus.reconnects, lambda: engine.is_ready, engine.outbox_backlog
+        lambda: engine.bus.reconnects,
+        lambda: engine.is_ready,
+        engine.outbox_backlog,
+        active=lambda: engine.active,
+        takeovers=lambda: engine.takeovers,
+        standby=lambda: engine.role == "standby",
     )
     engine.on_commit = metrics.on_batch
     if loop_monitor is not None:

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
+import socket
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -38,7 +40,14 @@ from hms_mgmt.engine.relay import OutboxRelay
 from hms_mgmt.engine.retention import DEFAULT_RETENTION, Retention
 from hms_mgmt.engine.spans import record_spans
 from hms_mgmt.engine.timers import TimerQueue, due_events
-from hms_mgmt.engine.vhost import StartRefused, VhostLock, take_vhost
+from hms_mgmt.engine.vhost import (
+    EngineRecord,
+    Standby,
+    StartRefused,
+    VhostLock,
+    read_record,
+    take_vhost,
+)
 from hms_mgmt.engine.work import Work
 from hms_mgmt.errors import StoreError
 from hms_mgmt.faults import Faults
@@ -79,6 +88,7 @@ class Engine:
         service_users: frozenset[str] | None = None,
         stuck_after: float = 300.0,
         faults: Faults | None = None,
+        standby: bool = False,
     ) -> None:
         """An engine over ``bus`` and ``store``; nothing happens until :meth:`run`.
 
@@ -93,6 +103,10 @@ class Engine:
         and whose outcomes and definitions, are obeyed; both None obeys every user.
         ``stuck_after``: seconds after which a step not started shows as stuck.
         ``faults``: the chaos suite's fault injection (none by default).
+        ``standby``: the store can be shared (PostgreSQL): while another engine serves the
+        vhost, stand by and take over when it goes, rather than refuse to start; and when
+        another engine takes over from this one, stop with :attr:`deposed` set (the daemon
+        then starts a fresh engine, which stands by).
         """
         self.bus = bus
         self.store = store
@@ -124,9 +138,17 @@ class Engine:
         self._vhost: VhostLock | None = None
         self._reached_broker = False
         self._held: list[Received] | None = None  # a batch whose commit failed, to try again
+        # A commit failed with its connection: it may have committed all the same (PostgreSQL
+        # lost the answer), outbox rows included, so the outbox is read back once it commits.
+        self._outbox_unsure = False
         self._subscriptions: list[Subscription] = []
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
+        self.standby = Standby(self._stopping) if standby else None
+        self.deposed = False  # another engine took over the vhost and the store from this one
+        self.active = False  # holding the vhost and the store's claim, serving
+        self.active_since: float | None = None
+        self.takeovers = 0  # times this engine took over from another (after standing by)
 
     @property
     def stuck_after(self) -> float:
@@ -189,13 +211,29 @@ class Engine:
                 self.engine_id,
                 new_store=self.new_store,
                 wait=self.lock_wait,
+                standby=self.standby,
             )
         except StartRefused:
             if self.store.identity.fresh:  # made by this start: leave nothing behind
                 await self.store.discard()
             raise
+        if lock is None:  # stopped while standing by
+            return
         self._vhost = VhostLock(self.bus, lock)
+        # The fencing token: from this commit on, every commit of a previous owner fails in
+        # its own transaction (it checks the owner FOR SHARE; this waits for one in flight).
         await self.store.claim(self.engine_id)
+        took_over = self.standby is not None and self.standby.since is not None
+        if took_over:
+            assert self.standby is not None and self.standby.since is not None
+            self.takeovers += 1
+            before = self.standby.active
+            log.warning(
+                "taking over: the active engine's lock was freed, and this engine has claimed "
+                "the store",
+                previous=before.describe() if before else None,
+                stood_by_seconds=round(time.time() - self.standby.since, 1),
+            )
         self._spawn(self._vhost.watch(self._stopping, self._still_ours, self._refused))
         self._spawn(watch_store(self.store, self.health, self._stopping))
         await self.registry.load()
@@ -217,14 +255,33 @@ class Engine:
             store_id=self.store.identity.store_id,
             engine_id=self.engine_id,
             definitions=sorted(self.registry.latest),
+            took_over=took_over,
         )
+        self.active = True
+        self.active_since = time.time()
         self.ready.set()
 
     async def _still_ours(self) -> bool:
         return await self.store.owner() == self.engine_id
 
     def _refused(self, message: str) -> None:
-        self._fail(EXIT_REFUSED, message)
+        self._deposed(message)
+
+    def _deposed(self, message: str) -> None:
+        """Another engine took the vhost or claimed the store: this one must stop serving.
+
+        Nothing more is acked (what was consumed and not committed goes back to the queues
+        when the connections close), and on a shared store the daemon starts a fresh engine,
+        which stands by: nothing of this engine's memory (cache, timers, schedules) is kept.
+        """
+        self.active = False
+        if self.standby is None:
+            self._fail(EXIT_REFUSED, message)
+            return
+        if self.exit_code == 0:  # not an exit: the daemon starts a fresh engine, standing by
+            self.exit_code, self.deposed = EXIT_REFUSED, True
+            log.warning(f"{message}; this engine stops, to stand by afresh")
+        self._stopping.set()
 
     def _fail(self, code: int, message: str, **fields: Any) -> None:
         """Stop the engine with an exit code, saying why in one line."""
@@ -234,6 +291,7 @@ class Engine:
         self._stopping.set()
 
     def stop(self) -> None:
+        self.deposed = False  # an operator's stop: the daemon exits, even if deposed meanwhile
         self._stopping.set()
 
     async def _shutdown(self) -> None:
@@ -255,13 +313,62 @@ class Engine:
     # -- what the HTTP API reads (and nothing else of the engine) --------------------------
 
     def checks(self) -> dict[str, bool]:
-        """Readiness, check by check: started, connected, holding the vhost, store committing."""
-        return {
+        """Readiness, check by check: started, connected, holding the vhost, store committing.
+
+        A standby has ``active`` false (and is not ready: it serves nothing until it takes over).
+        """
+        checks = {
             "engine": self.ready.is_set() and self.exit_code == 0,
             "broker": self.bus.connected,
             "vhost_lock": self._vhost is not None and not self._vhost.cut_off,
             "store": self.health.ready,
         }
+        if self.standby is not None:
+            checks["active"] = self.active
+        return checks
+
+    @property
+    def role(self) -> str:
+        """``active``, ``standby``, ``starting`` or ``stopped``."""
+        if self.active:
+            return "active"
+        if self.standby is not None and self.standby.waiting:
+            return "standby"
+        return "stopped" if self.exit_code or self._stopping.is_set() else "starting"
+
+    async def engines(self) -> list[dict[str, Any]]:
+        """The engines known: the active one from the vhost's record, and this one if it is
+        standing by (other standbys are not recorded anywhere: each answers for itself)."""
+        found: list[dict[str, Any]] = []
+        record: EngineRecord | None = None
+        if self.bus.connected:
+            with contextlib.suppress(BusError):
+                record = await read_record(self.bus)
+        if record is not None:
+            found.append(
+                {
+                    "role": "active",
+                    "engine_id": record.engine_id,
+                    "host": record.host,
+                    "pid": record.pid,
+                    "since": record.started_at,
+                    "store": record.store,
+                    "this": record.engine_id == self.engine_id,
+                }
+            )
+        if self.role != "active" and self.standby is not None and self.standby.since is not None:
+            found.append(
+                {
+                    "role": self.role,
+                    "engine_id": self.engine_id,
+                    "host": socket.gethostname(),
+                    "pid": os.getpid(),
+                    "since": self.standby.since,
+                    "store": redact_url(self.store.url),
+                    "this": True,
+                }
+            )
+        return found
 
     def definitions(self) -> list[WorkflowDefinition]:
         """The latest version of each definition, by name."""
@@ -326,6 +433,10 @@ class Engine:
         inbox = self.intake.inbox
         try:
             while not self._stopping.is_set():
+                problem = self.health.problem
+                if problem is not None and problem.kind == "taken":  # a probe was fenced
+                    self._deposed(str(problem))
+                    break
                 if self._troubled:
                     await self._sit_out_trouble()
                     continue
@@ -441,10 +552,12 @@ class Engine:
             self._rolled_back(events, work)
             if isinstance(exc, StoreError):
                 if exc.kind == "taken":
-                    self._fail(EXIT_REFUSED, str(exc))
+                    self._deposed(str(exc))
                     return
                 self.health.failed(exc)
                 self._held = received  # tried again once the store takes commits
+                # Over a network (PostgreSQL) a failed commit may have committed; SQLite knows.
+                self._outbox_unsure = self.standby is not None
                 return
             log.exception("a batch failed; its messages will be redelivered")
             for item in received:
@@ -457,6 +570,10 @@ class Engine:
             self.health.failed(moved)
             return
         self.health.ok()
+        if self._outbox_unsure:
+            with contextlib.suppress(StoreError):  # still unsure: read it after the next commit
+                self.relay.resubmit(await self.store.unsent())
+                self._outbox_unsure = False
         self.faults.reached("after_commit")
         self._committed(events, work, now)
         if tracing.recording():

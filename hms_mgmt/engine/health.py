@@ -46,6 +46,9 @@ class StoreHealth:
     def failed(self, error: StoreError) -> None:
         """A commit, a probe or a file check failed: say so once, clearly, without a traceback."""
         now = self.clock()
+        if error.kind == "taken":  # not trouble to wait out: the engine stops, saying why
+            self.problem, self.since = error, self.since or now
+            return
         if self.problem is None or (error.lasting and not self.problem.lasting):
             self.problem = error
             self.since = self.since or now

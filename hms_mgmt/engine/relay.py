@@ -99,6 +99,12 @@ class OutboxRelay:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
+    def resubmit(self, rows: list[OutboxRow]) -> None:
+        """Rows read back from the outbox (a commit whose outcome was unknown may have made
+        them), less those confirmed and not yet deleted; any already queued are skipped too."""
+        confirmed = set(self._confirmed)
+        self.submit([row for row in rows if row.message_id not in confirmed])
+
     def take_confirmed(self) -> list[str]:
         confirmed, self._confirmed = self._confirmed, []
         return confirmed

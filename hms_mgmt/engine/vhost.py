@@ -1,11 +1,11 @@
 """One engine per vhost: a lock the broker holds for the engine's life, and the vhost's record.
 
 Two engines on one vhost split its commands and outcomes between them and each trusts its
-own state, so workflows stall or are refused as unknown. Whatever the store (SQLite, or
-PostgreSQL until engines can share one), an engine therefore holds the exclusive queue
-``hms.engine.lock`` on a connection of its own: the broker frees it the moment that
-connection drops (a crash, a kill -9), and a second engine that finds it held refuses to
-start, naming the first.
+own state, so workflows stall or are refused as unknown. Whatever the store, the serving
+engine therefore holds the exclusive queue ``hms.engine.lock`` on a connection of its own:
+the broker frees it the moment that connection drops (a crash, a kill -9, or missed
+heartbeats), and a second engine that finds it held refuses to start, naming the first
+(SQLite), or stands by and takes over once it is freed (PostgreSQL: :class:`Standby`).
 
 The vhost also remembers which store it was run with (``hms.engine.record``, one message):
 an engine that comes up on a different store, such as a new empty file because the old
@@ -87,11 +87,15 @@ async def take_vhost(
     *,
     new_store: bool = False,
     wait: float = 5.0,
-) -> BusLock:
+    standby: Standby | None = None,
+) -> BusLock | None:
     """Hold the vhost's lock and record this engine in it; :class:`StartRefused` says why not.
 
     A lock still held is tried again for ``wait`` seconds: the broker frees a dead engine's
     lock as soon as it sees its connection close, which can take a moment after a restart.
+    With ``standby`` (a shared store: PostgreSQL), a lock still held after that is waited
+    for as a standby, tried every :data:`STANDBY_POLL` seconds, until it is free (then this
+    engine takes over) or ``standby.stopping`` is set (then None).
     """
     deadline = time.monotonic() + wait
     where = redact_url(bus.url)
@@ -103,10 +107,17 @@ async def take_vhost(
             if time.monotonic() >= deadline:
                 holder = await read_record(bus)
                 who = holder.describe() if holder else "one whose record cannot be read"
+                if standby is not None:
+                    standby.begin(where, holder, who)
+                    held = await standby.wait(bus)
+                    if held is None:
+                        return None
+                    lock = held
+                    break
                 raise StartRefused(
-                    f"another engine already serves {where}: {who}. One engine per vhost (on "
-                    "SQLite, and on PostgreSQL until engines can share a store): stop that one "
-                    "first, or give this one another vhost"
+                    f"another engine already serves {where}: {who}. One engine per vhost on "
+                    "SQLite: stop that one first, or give this one another vhost (on "
+                    "PostgreSQL, a second engine stands by instead)"
                 ) from None
             await asyncio.sleep(0.25)
     try:
@@ -146,6 +157,49 @@ async def take_vhost(
         await lock.release()
         raise
     return lock
+
+
+STANDBY_POLL = 1.0  # seconds between a standby's tries of the vhost's lock
+
+
+class Standby:
+    """A standby's wait for the vhost's lock: who is active, since when, and the tries."""
+
+    def __init__(self, stopping: asyncio.Event) -> None:
+        self.stopping = stopping
+        self.waiting = False  # standing by now
+        self.since: float | None = None  # when this engine began to stand by (wall clock)
+        self.active: EngineRecord | None = None  # the active engine's record, as read
+
+    def begin(self, where: str, holder: EngineRecord | None, who: str) -> None:
+        self.waiting = True
+        self.since = time.time()
+        self.active = holder
+        log.warning(
+            f"standing by: another engine serves {where}: {who}. This one takes over when "
+            "that one's lock is freed (it died, or lost its broker connection)",
+            active_pid=holder.pid if holder else None,
+            active_host=holder.host if holder else None,
+        )
+
+    async def wait(self, bus: Bus) -> BusLock | None:
+        """The lock once it is free, tried every :data:`STANDBY_POLL` s; None when stopping."""
+        while not self.stopping.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), STANDBY_POLL)
+            if self.stopping.is_set():
+                break
+            try:
+                lock = await bus.hold(ENGINE_LOCK_QUEUE)
+            except ResourceLockedError:
+                continue
+            except BusError as exc:  # the broker away: keep standing by
+                log.warning("standing by: cannot reach the broker to try the lock", error=str(exc))
+                continue
+            self.waiting = False
+            return lock
+        self.waiting = False
+        return None
 
 
 class VhostLock:

@@ -6,6 +6,12 @@ The factory is here.
 from hms_mgmt.store.base import Batch, OutboxRow, Store
 
 
+def shared(url: str) -> bool:
+    """Whether several engines may point at this store (one active, the others standing by):
+    PostgreSQL, yes; SQLite is single-engine by construction."""
+    return url.startswith(("postgresql://", "postgres://"))
+
+
 def open_store(url: str) -> Store:
     """The store for a URL: ``sqlite:///relative.db``, ``sqlite:////abs.db``, ``sqlite:///:memory:``,
     ``postgresql://user:password@host:port/db`` (or ``postgres://``)."""
@@ -22,4 +28,4 @@ def open_store(url: str) -> Store:
     )
 
 
-__all__ = ("Batch", "OutboxRow", "Store", "open_store")
+__all__ = ("Batch", "OutboxRow", "Store", "open_store", "shared")

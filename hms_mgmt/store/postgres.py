@@ -98,6 +98,7 @@ TABLES = (
 MIGRATION_LOCK = 0x686D735F6D677274  # pg_advisory_xact_lock key: "hms_mgrt"
 POOL_SIZE = 4  # the batch loop, the relay's confirmations, API reads, upkeep
 CONNECT_TIMEOUT = 10.0
+IDLE_IN_TRANSACTION = "5s"  # the server ends a session idle this long inside a transaction
 COMMAND_TIMEOUT = 15.0  # a statement longer than this fails (the batch is held, tried again)
 
 WORKFLOW_TYPES = (
@@ -294,7 +295,13 @@ class PostgresStore:
                 max_size=POOL_SIZE,
                 timeout=CONNECT_TIMEOUT,
                 command_timeout=COMMAND_TIMEOUT,
-                server_settings={"application_name": "hms-mgmt"},
+                server_settings={
+                    "application_name": "hms-mgmt",
+                    # A session frozen inside a transaction (SIGSTOP between its statements)
+                    # would hold its FOR SHARE on the owner row, and a standby's claim would
+                    # wait for it for ever: the server ends such a session after this.
+                    "idle_in_transaction_session_timeout": IDLE_IN_TRANSACTION,
+                },
             )
         except (*self._errors, ValueError) as exc:
             raise StoreError(
