@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,7 +15,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from bus_adapters import open_bus
 from hms_mgmt.definitions import WorkflowDefinition
-from hms_mgmt.engine.api import EngineApi
+from hms_mgmt.engine.api import STATUSES, EngineApi
+from hms_mgmt.engine.changes import Changes
 from hms_mgmt.engine.engine import Engine
 from hms_mgmt.httpserver import is_loopback
 from hms_mgmt.loopwatch import LoopMonitor
@@ -188,7 +190,7 @@ async def test_bad_ids_and_query_parameters_are_refused_naming_them(
     wrong = await loopback.delete("/api/workflows")
     assert wrong.status == 405 and "GET" in wrong.headers["Allow"]
     assert (await wrong.json())["error"]["type"] == "MethodNotAllowed"
-    for path in ("/", "/api", "/api/workflows/x/y/z", "/api/workflows/x/signal"):
+    for path in ("/nowhere", "/api", "/api/workflows/x/y/z", "/api/workflows/x/signal"):
         answer = await loopback.get(path)
         assert answer.status in (404, 405) and answer.content_type == "application/json", path
         assert set((await answer.json())["error"]) == {"type", "message"}, path
@@ -358,6 +360,63 @@ async def test_business_keys_over_http(memory_url: str, store_url: str) -> None:
             error = (await bad.json())["error"]
             assert bad.status == 400 and "key 'a b' is not a valid key" in error["message"]
             assert len(await listed("limit=1000")) == 3  # nothing more was started
+    finally:
+        engine.stop()
+        await running
+
+
+async def test_the_dashboard_pages_counts_and_the_event_stream(
+    memory_url: str, store_url: str
+) -> None:
+    """The dashboard's URLs serve its page, with a CSP that allows no inline script;
+    ``/api/counts`` has every status; ``/api/events`` sends a ``changed`` notice naming a
+    started workflow, and the stream ends when the server stops."""
+    engine = Engine(open_bus(memory_url), open_store(store_url))
+    running = asyncio.ensure_future(engine.run())
+    await asyncio.wait_for(engine.ready.wait(), 10)
+    changes = Changes(rate=20)
+    engine.on_commit = changes.on_batch
+    api = EngineApi(engine, EngineMetrics(), changes=changes)
+    try:
+        async with TestClient(TestServer(api.app())) as client:
+            for path in ("/", "/workflows", "/workflows/abc", "/dlq", "/workflows?status=failed"):
+                page = await client.get(path)
+                assert page.status == 200 and page.content_type == "text/html", path
+                assert "script-src 'self';" in page.headers["Content-Security-Policy"]
+                assert '<script src="/dashboard/app.js"' in await page.text()
+            script = await client.get("/dashboard/app.js")
+            assert script.status == 200 and script.content_type == "text/javascript"
+            assert "innerHTML" not in await script.text()
+            assert (await client.get("/dashboard/../api.py")).status == 404
+            assert (await client.get("/dashboard/nothing.js")).status == 404
+            counts = await (await client.get("/api/counts")).json()
+            assert counts == dict.fromkeys(STATUSES, 0)
+
+            await api.client.connect()
+            await api.client.define(WorkflowDefinition.build("grant", ["check"]))
+            stream = await client.get("/api/events")
+            assert stream.headers["Content-Type"] == "text/event-stream"
+            assert (
+                await stream.content.readuntil(b"\n\n")
+                == b"retry: 2000\nevent: hello\ndata: {}\n\n"
+            )
+            assert changes.listeners == 1
+            started = await client.post("/api/workflows", json={"workflow": "grant"})
+            workflow_id = (await started.json())["workflow_id"]
+
+            async def named() -> dict[str, Any] | None:
+                message = await stream.content.readuntil(b"\n\n")
+                event, data = message.decode().strip().splitlines()
+                assert event == "event: changed"
+                notice: dict[str, Any] = json.loads(data.removeprefix("data: "))
+                return notice if workflow_id in notice["workflows"] else None
+
+            notice = await asyncio.wait_for(wait_until(named, timeout=2), 2)
+            assert notice["workflows"][workflow_id] == "pending" and notice["more"] is False
+            assert (await (await client.get("/api/counts")).json())["pending"] == 1
+            changes.close()  # as at shutdown: the stream ends
+            assert await asyncio.wait_for(stream.content.read(), 2) == b""
+            await wait_until(lambda: changes.listeners == 0, timeout=2)
     finally:
         engine.stop()
         await running

@@ -18,6 +18,7 @@ import hmac
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -27,6 +28,7 @@ from hms_mgmt import dlq, tracing
 from hms_mgmt.bounds import ID_RULE, MAX_DELAY, NAME_PATTERN, check_attributes, short, valid_id
 from hms_mgmt.client import Client
 from hms_mgmt.definitions import WorkflowDefinition
+from hms_mgmt.engine.changes import Changes
 from hms_mgmt.engine.engine import Engine
 from hms_mgmt.errors import (
     HmsError,
@@ -47,7 +49,7 @@ from hms_mgmt.loopwatch import LoopCollector, LoopMonitor
 from hms_mgmt.metrics import EngineMetrics
 from hms_mgmt.records import WorkflowState, WorkflowStatus
 from hms_mgmt.settings import Settings
-from hms_mgmt.store.base import HistoryEntry
+from hms_mgmt.store.base import Batch, HistoryEntry
 from hms_mgmt.wire.codec import MAX_MESSAGE_BYTES, decode_body
 
 log = get_logger("api")
@@ -57,6 +59,25 @@ STATUSES = [str(s) for s in WorkflowStatus]
 MAX_LIST = 1000
 MAX_WAIT = 3600  # seconds a start with "wait" may hold its HTTP request (longer: GET it later)
 PROBE_TIMEOUT = 2.0
+KEEPALIVE = 15.0  # seconds between comments on an idle event stream
+DASHBOARD = Path(__file__).parent / "dashboard"
+ASSETS = {
+    "app.js": "text/javascript",
+    "style.css": "text/css",
+    "index.html": "text/html",
+}
+# No inline script or style, nothing from elsewhere: even a payload that reached the DOM as
+# HTML could not run. The page is not framed (clickjacking), and sends no referrer.
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
 
 
 class EngineView(Protocol):
@@ -111,8 +132,12 @@ class EngineApi:
         request_timeout: float = 10.0,
         loop_monitor: LoopMonitor | None = None,
         open_reads: bool = False,
+        changes: Changes | None = None,
     ) -> None:
         self.engine = engine
+        self.changes = changes or Changes()
+        # The dashboard's few small files, read once.
+        self.assets = {name: (DASHBOARD / name).read_bytes() for name in ASSETS}
         self.open_reads = open_reads
         self.loop_monitor = loop_monitor
         self.metrics = metrics
@@ -130,6 +155,12 @@ class EngineApi:
         get("/healthz", self.healthz)
         get("/readyz", self.readyz)
         get("/metrics", metrics_handler(self.metrics.render, self._refresh_counts))
+        # The dashboard: one page for its linkable URLs; its script reads the JSON API.
+        for path in ("/", "/workflows", "/workflows/{id}", "/dlq"):
+            get(path, self.page)
+        get("/dashboard/{file}", self.asset)
+        get("/api/events", self._reading(self.events))
+        get("/api/counts", self._reading(self.counts))
         get("/api/workflows", self._reading(self.list_workflows))
         post("/api/workflows", self._mutating(self.start))
         get("/api/workflows/{id}", self._reading(self.show))
@@ -142,7 +173,11 @@ class EngineApi:
         post("/api/dlq/{queue}/replay", self._mutating(self.dlq_replay))
         post("/api/dlq/{queue}/purge", self._mutating(self.dlq_purge))
         post("/api/store/prune", self._mutating(self.prune, broker=False))
+        app.on_shutdown.append(self._close_streams)
         return app
+
+    async def _close_streams(self, _app: web.Application) -> None:
+        self.changes.close()
 
     # -- plumbing ---------------------------------------------------------------
 
@@ -259,6 +294,62 @@ class EngineApi:
         checks = self.engine.checks()
         ok = all(checks.values())
         return web.json_response({"ready": ok, "checks": checks}, status=200 if ok else 503)
+
+    # -- the dashboard ----------------------------------------------------------
+
+    async def page(self, _request: web.Request) -> web.Response:
+        """The dashboard's one page (no data in it: its script reads the API, with the token
+        the user gives it, so the page itself is served to anyone who can reach the port)."""
+        return web.Response(
+            body=self.assets["index.html"],
+            content_type="text/html",
+            charset="utf-8",
+            headers=PAGE_HEADERS,
+        )
+
+    async def asset(self, request: web.Request) -> web.Response:
+        name = request.match_info["file"]
+        if name not in ASSETS:
+            raise ApiError(404, "NotFound", f"no dashboard file {short(name)}")
+        return web.Response(
+            body=self.assets[name],
+            content_type=ASSETS[name],
+            charset="utf-8",
+            headers=PAGE_HEADERS,
+        )
+
+    async def counts(self, _request: web.Request) -> web.Response:
+        """Workflows by status (every status, 0 when none), as ``hms_workflows_by_status``."""
+        counts, _stuck, _size = await self.engine.counts()
+        return web.json_response({status: counts.get(status, 0) for status in STATUSES})
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        """Server-Sent Events: ``changed`` notices (workflow ids and their new statuses, at
+        most a few a second) for the dashboard to read again; a comment every 15 s."""
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+            }
+        )
+        await response.prepare(request)
+        queue = self.changes.listen()
+        try:
+            await response.write(b"retry: 2000\nevent: hello\ndata: {}\n\n")
+            while True:
+                try:
+                    message = await asyncio.wait_for(queue.get(), KEEPALIVE)
+                except TimeoutError:
+                    message = b": keepalive\n\n"
+                if message is None:  # the server is stopping
+                    break
+                await response.write(message)
+        except (ConnectionResetError, ConnectionError):
+            pass  # the page went away
+        finally:
+            self.changes.leave(queue)
+        return response
 
     # -- workflows --------------------------------------------------------------
 
@@ -542,6 +633,13 @@ async def start_api(
     if settings.http_port is None:
         return None
     metrics = engine_metrics(engine, loop_monitor)
+    changes = Changes()
+
+    def on_commit(batch: Batch) -> None:
+        metrics.on_batch(batch)
+        changes.on_batch(batch)
+
+    engine.on_commit = on_commit
     api = EngineApi(
         engine,
         metrics,
@@ -549,6 +647,7 @@ async def start_api(
         token=settings.http_token,
         loop_monitor=loop_monitor,
         open_reads=settings.http_open_reads,
+        changes=changes,
     )
     if not api.loopback and settings.http_token is None:
         log.warning(
