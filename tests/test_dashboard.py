@@ -196,6 +196,9 @@ async def test_retry_button_and_a_dead_letter_replayed_from_its_page(
     # A dead letter, replayed from the dead letters' page: its workflow runs again.
     doomed = await client.start("doomed", {"application_id": "D-1"})
     assert (await client.wait(doomed.workflow_id, timeout=30)).status == "failed"
+    await page.click("header >> text=Overview")
+    depth = page.locator('#dlq-depth tr[data-queue="doomed.explode.dlq"]')
+    await expect(depth).to_contain_text("1", timeout=10_000)
     await page.click("header >> text=Dead letters")
     letter = page.locator('[data-letters="doomed.explode.dlq"] tbody tr')
     await expect(letter).to_have_count(1, timeout=10_000)

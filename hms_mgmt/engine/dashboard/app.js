@@ -144,7 +144,12 @@ function overviewPage() {
           dlq))));
   return {
     async refresh() {
-      const [counts, latest] = await Promise.all([api("/api/counts"), api("/api/workflows?limit=10")]);
+      // All read first, then shown at once: the page never shows half an update.
+      const [counts, latest, queues] = await Promise.all([
+        api("/api/counts"),
+        api("/api/workflows?limit=10"),
+        api("/api/dlq").catch((error) => error),
+      ]);
       fill(tiles, ["total", ...STATUSES].map((status) => {
         const n = status === "total" ? Object.values(counts).reduce((a, b) => a + b, 0) : counts[status] || 0;
         const href = status === "total" ? "/workflows" : `/workflows?status=${status}`;
@@ -154,13 +159,14 @@ function overviewPage() {
       fill(recent, latest.map((w) => h("tr", {},
         h("td", { className: "mono" }, link(`/workflows/${encodeURIComponent(w.workflow_id)}`, w.workflow_id)),
         h("td", {}, w.name), h("td", {}, statusBadge(w.status)), h("td", {}, age(w.updated_at)))));
-      try {
-        const queues = await api("/api/dlq");
-        fill(dlq, queues.map((q) => h("tr", {},
+      if (queues instanceof Error) {
+        fill(dlq, h("tr", {}, h("td", { colspan: 2, className: "error" }, queues.message)));
+      } else {
+        const full = queues.filter((q) => q.messages);
+        fill(dlq, full.map((q) => h("tr", { "data-queue": q.queue },
           h("td", { className: "mono" }, link(`/dlq#${encodeURIComponent(q.queue)}`, q.queue)),
-          h("td", { className: q.messages ? "error" : "" }, q.messages))));
-      } catch (error) {
-        fill(dlq, h("tr", {}, h("td", { colspan: 2, className: "error" }, error.message)));
+          h("td", { className: "error" }, q.messages))));
+        if (!full.length) fill(dlq, h("tr", {}, h("td", { colspan: 2, className: "muted" }, `none in ${queues.length} queues`)));
       }
     },
   };
