@@ -126,6 +126,18 @@ async def test_overview_live_table_search_steps_and_script_payloads(
     await expect(page.locator("#workflows tbody tr")).to_have_count(4)
     await shot(page, "workflows")
 
+    # Pages by keyset: two and two, each once.
+    await page.goto(f"{ops.engine_url}/workflows?limit=2")
+    rows = page.locator("#workflows tbody tr")
+    await expect(rows).to_have_count(2)
+    first = [await r.get_attribute("data-id") for r in await rows.all()]
+    await page.click("#older")
+    await expect(page.locator("#newest")).to_be_visible()
+    await expect(rows).to_have_count(2)
+    second = [await r.get_attribute("data-id") for r in await rows.all()]
+    ids = {started.workflow_id, evil.workflow_id, *(o.workflow_id for o in others)}
+    assert set(first + second) == ids and len(first + second) == 4
+
     # Search by business key: exactly one, and the URL says so (linkable).
     await page.fill('#filters input[name="attr"]', "application_id=A-17")
     await page.click('#filters button[type="submit"]')

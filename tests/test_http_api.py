@@ -414,6 +414,26 @@ async def test_the_dashboard_pages_counts_and_the_event_stream(
             notice = await asyncio.wait_for(wait_until(named, timeout=2), 2)
             assert notice["workflows"][workflow_id] == "pending" and notice["more"] is False
             assert (await (await client.get("/api/counts")).json())["pending"] == 1
+            # The table's pages, by keyset: after the last one's (created_at, id).
+            for _ in range(2):
+                assert (
+                    await client.post("/api/workflows", json={"workflow": "grant"})
+                ).status == 201
+            first = await (await client.get("/api/workflows?limit=2")).json()
+            last = first[-1]
+            cursor = f"{last['created_at']!r},{last['workflow_id']}"
+            second = await (
+                await client.get("/api/workflows", params={"limit": 2, "before": cursor})
+            ).json()
+            everything = await (await client.get("/api/workflows")).json()
+            assert [w["workflow_id"] for w in first + second] == [
+                w["workflow_id"] for w in everything
+            ]
+            assert len(everything) == 3 and everything[-1]["workflow_id"] == workflow_id
+            for bad in ("x", "1.5", "nan,abc", "1.5,a b", "inf,abc"):
+                refused = await client.get("/api/workflows", params={"before": bad})
+                assert refused.status == 400
+                assert "is not a cursor" in (await refused.json())["error"]["message"]
             changes.close()  # as at shutdown: the stream ends
             assert await asyncio.wait_for(stream.content.read(), 2) == b""
             await wait_until(lambda: changes.listeners == 0, timeout=2)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -106,6 +107,7 @@ class EngineView(Protocol):
         name: str | None = None,
         limit: int = 50,
         attributes: Mapping[str, str] | None = None,
+        before: tuple[float, str] | None = None,
     ) -> list[dict[str, Any]]: ...
 
     async def counts(self) -> tuple[dict[str, int], dict[tuple[str, str], int], int]: ...
@@ -377,8 +379,9 @@ class EngineApi:
             check_attributes(attributes, "attr")
         except ValueError as exc:
             raise ApiError(400, "BadRequest", str(exc)) from None
+        before = _cursor(request.query.get("before") or None)
         found = await self.engine.workflows(
-            status=status, name=name, limit=limit, attributes=attributes
+            status=status, name=name, limit=limit, attributes=attributes, before=before
         )
         return web.json_response(found)
 
@@ -599,6 +602,25 @@ def _workflow_id(request: web.Request) -> str:
             400, "BadRequest", f"workflow id {short(workflow_id)} is not valid: ids are {ID_RULE}"
         )
     return workflow_id
+
+
+def _cursor(raw: str | None) -> tuple[float, str] | None:
+    """``before=<created_at>,<id>``, the last workflow of a page: the next page's start."""
+    if raw is None:
+        return None
+    at, _, workflow_id = raw.partition(",")
+    try:
+        created_at = float(at) if len(at) <= 40 else math.nan
+    except ValueError:
+        created_at = math.nan
+    if not math.isfinite(created_at) or not valid_id(workflow_id):
+        raise ApiError(
+            400,
+            "BadRequest",
+            f"before {short(raw)} is not a cursor: give '<created_at>,<workflow_id>' of the "
+            "last workflow of a page",
+        )
+    return created_at, workflow_id
 
 
 def _int(raw: str, name: str, low: int, high: int) -> int:

@@ -209,18 +209,25 @@ function workflowsPage() {
   }).catch(() => {});
   const body = h("tbody");
   const shown = h("span", { className: "muted" });
-  const more = h("button", { type: "button", onclick: () => {
+  // Pages by keyset: the next one starts after this one's last (created_at, id).
+  let cursor = null;
+  const newest = h("button", { type: "button", id: "newest", hidden: !query.get("before"), onclick: () => {
     const next = new URLSearchParams(location.search);
-    next.set("limit", String(Math.min(1000, limit + 50)));
+    next.delete("before");
+    navigate(`/workflows${next.toString() ? "?" + next : ""}`);
+  } }, "← Newest");
+  const more = h("button", { type: "button", id: "older", onclick: () => {
+    const next = new URLSearchParams(location.search);
+    next.set("before", cursor);
     navigate(`/workflows?${next}`);
-  } }, "Show 50 more");
+  } }, "Older →");
   fill(main,
     h("h1", {}, "Workflows"),
     form, search,
     h("table", { id: "workflows" },
       h("thead", {}, h("tr", {}, ["workflow", "name", "status", "created", "updated", "business keys", "error"].map((c) => h("th", {}, c)))),
       body),
-    h("div", { className: "pager" }, shown, more));
+    h("div", { className: "pager" }, newest, shown, more));
   const apiQuery = new URLSearchParams(query);
   apiQuery.set("limit", String(limit));
   return {
@@ -235,8 +242,10 @@ function workflowsPage() {
         h("td", { className: "mono" }, Object.entries(w.attributes || {}).map(([k, v]) => `${k}=${v}`).join(", ")),
         h("td", { className: "error" }, w.error ? `${w.error.type}: ${w.error.message}` : ""))));
       if (!found.length) fill(body, h("tr", {}, h("td", { colspan: 7, className: "muted" }, "no workflow matches")));
-      fill(shown, `${found.length} shown, newest first`);
-      more.hidden = found.length < limit || limit >= 1000;
+      fill(shown, `${found.length} shown, newest first${query.get("before") ? ", older page" : ""}`);
+      const last = found[found.length - 1];
+      cursor = last ? `${last.created_at},${last.workflow_id}` : null;
+      more.hidden = found.length < limit;
     },
   };
 }
