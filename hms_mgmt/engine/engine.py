@@ -291,6 +291,10 @@ class Engine:
             status=status, name=name, limit=limit, attributes=attributes, before=before
         )
 
+    async def status_counts(self) -> dict[str, int]:
+        """Workflows by status (the statuses that have some)."""
+        return await self.store.count_by_status()
+
     async def counts(self) -> tuple[dict[str, int], dict[tuple[str, str], int], int]:
         """Workflows by status, stuck steps by workflow and step, and the store's bytes."""
         counts, stuck, size = await asyncio.gather(

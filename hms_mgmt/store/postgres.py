@@ -574,10 +574,8 @@ class PostgresStore:
         params: list[Any] = []
         if before is not None:
             params.extend(before)
-            where.append(
-                f"(created_at < ${len(params) - 1} "
-                f"OR (created_at = ${len(params) - 1} AND id < ${len(params)}))"
-            )
+            at, workflow_id = f"${len(params) - 1}", f"${len(params)}"
+            where.append(f"created_at <= {at} AND (created_at < {at} OR id < {workflow_id})")
         for column, value in (("status", status), ("name", name)):
             if value is not None:
                 params.append(value)

@@ -443,7 +443,8 @@ class SQLiteStore:
         where: list[str] = []
         params: list[Any] = []
         if before is not None:
-            where.append("(created_at < ? OR (created_at = ? AND id < ?))")
+            # "<=" first: the index on created_at seeks to the page, not walks to it
+            where.append("created_at <= ? AND (created_at < ? OR id < ?)")
             params.extend((before[0], before[0], before[1]))
         if status is not None:
             where.append("status = ?")
