@@ -186,6 +186,12 @@ async def test_overview_live_table_search_steps_and_script_payloads(
     # The overview counts it all.
     await page.click("header >> text=Overview")
     await expect(page.locator('.tile[data-status="succeeded"] .n')).to_have_text("4")
+    await expect(page.locator('#rates [data-kind="started"]')).to_contain_text(
+        "started: 4 in the hour"
+    )
+    await expect(
+        page.locator('#slowest tr[data-step="grantApproval.creditCheck"]')
+    ).to_contain_text("grantApproval")
     await shot(page, "overview")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,11 +19,13 @@ from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.engine.api import STATUSES, EngineApi
 from hms_mgmt.engine.changes import Changes
 from hms_mgmt.engine.engine import Engine
+from hms_mgmt.engine.stats import _quantile
 from hms_mgmt.httpserver import is_loopback
 from hms_mgmt.loopwatch import LoopMonitor
 from hms_mgmt.metrics import EngineMetrics
 from hms_mgmt.settings import Settings
 from hms_mgmt.store import open_store
+from hms_mgmt.store.base import Batch
 from tests.conftest import wait_until
 
 
@@ -374,9 +377,14 @@ async def test_the_dashboard_pages_counts_and_the_event_stream(
     engine = Engine(open_bus(memory_url), open_store(store_url))
     running = asyncio.ensure_future(engine.run())
     await asyncio.wait_for(engine.ready.wait(), 10)
-    changes = Changes(rate=20)
-    engine.on_commit = changes.on_batch
-    api = EngineApi(engine, EngineMetrics(), changes=changes)
+    changes, metrics = Changes(rate=20), EngineMetrics()
+
+    def on_commit(batch: Batch) -> None:
+        metrics.on_batch(batch)
+        changes.on_batch(batch)
+
+    engine.on_commit = on_commit
+    api = EngineApi(engine, metrics, changes=changes)
     try:
         async with TestClient(TestServer(api.app())) as client:
             for path in ("/", "/workflows", "/workflows/abc", "/dlq", "/workflows?status=failed"):
@@ -438,9 +446,26 @@ async def test_the_dashboard_pages_counts_and_the_event_stream(
                 refused = await client.get("/api/workflows", params={"before": bad})
                 assert refused.status == 400
                 assert "is not a cursor" in (await refused.json())["error"]["message"]
+            stats = await (await client.get("/api/stats")).json()
+            assert stats["minutes"][-1]["started"] == 3 and stats["steps"] == []
+            assert set(stats["minutes"][-1]) == {
+                "at",
+                "started",
+                "succeeded",
+                "failed",
+                "cancelled",
+            }
             changes.close()  # as at shutdown: the stream ends
             assert await asyncio.wait_for(stream.content.read(), 2) == b""
             await wait_until(lambda: changes.listeners == 0, timeout=2)
     finally:
         engine.stop()
         await running
+
+
+def test_step_quantiles_are_read_from_the_histogram_as_prometheus_does() -> None:
+    buckets = [(0.001, 0.0), (0.01, 50.0), (0.1, 90.0), (1.0, 100.0), (math.inf, 100.0)]
+    assert _quantile(0.5, buckets) == pytest.approx(0.01)
+    assert _quantile(0.95, buckets) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert _quantile(0.25, buckets) == pytest.approx(0.001 + 0.009 * 0.5)
+    assert _quantile(0.99, [(0.1, 1.0), (math.inf, 10.0)]) == 0.1  # beyond: the last bound

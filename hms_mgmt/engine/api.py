@@ -31,6 +31,7 @@ from hms_mgmt.client import Client
 from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.engine.changes import Changes
 from hms_mgmt.engine.engine import Engine
+from hms_mgmt.engine.stats import Stats
 from hms_mgmt.errors import (
     HmsError,
     InvalidMessageError,
@@ -142,6 +143,8 @@ class EngineApi:
         self.engine = engine
         self.changes = changes or Changes()
         self._counted: tuple[float, dict[str, int]] | None = None
+        self.stats = Stats(metrics)
+        self._sampler: asyncio.Task[None] | None = None
         # The dashboard's few small files, read once.
         self.assets = {name: (DASHBOARD / name).read_bytes() for name in ASSETS}
         self.open_reads = open_reads
@@ -167,6 +170,7 @@ class EngineApi:
         get("/dashboard/{file}", self.asset)
         get("/api/events", self._reading(self.events))
         get("/api/counts", self._reading(self.counts))
+        get("/api/stats", self._reading(self.overview_stats))
         get("/api/workflows", self._reading(self.list_workflows))
         post("/api/workflows", self._mutating(self.start))
         get("/api/workflows/{id}", self._reading(self.show))
@@ -180,7 +184,21 @@ class EngineApi:
         post("/api/dlq/{queue}/purge", self._mutating(self.dlq_purge))
         post("/api/store/prune", self._mutating(self.prune, broker=False))
         app.on_shutdown.append(self._close_streams)
+        app.on_startup.append(self._start_sampling)
+        app.on_cleanup.append(self._stop_sampling)
         return app
+
+    async def _start_sampling(self, _app: web.Application) -> None:
+        async def sample() -> None:
+            while True:
+                self.stats.tick(time.time())
+                await asyncio.sleep(5)
+
+        self._sampler = asyncio.ensure_future(sample())
+
+    async def _stop_sampling(self, _app: web.Application) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
 
     async def _close_streams(self, _app: web.Application) -> None:
         self.changes.close()
@@ -335,6 +353,13 @@ class EngineApi:
             counts = await self.engine.status_counts()
             self._counted = (time.monotonic(), {s: counts.get(s, 0) for s in STATUSES})
         return web.json_response(self._counted[1])
+
+    async def overview_stats(self, _request: web.Request) -> web.Response:
+        """Starts and ends per minute over the last hour, and each step's p50/p95 duration
+        since the engine started (from its metrics, see :mod:`hms_mgmt.engine.stats`)."""
+        return web.json_response(
+            {"minutes": self.stats.per_minute(time.time()), "steps": self.stats.steps()}
+        )
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """Server-Sent Events: ``changed`` notices (workflow ids and their new statuses, at

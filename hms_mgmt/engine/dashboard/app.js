@@ -124,13 +124,58 @@ async function act(what, call) {
 
 // -- pages -----------------------------------------------------------------------------------
 
+// A line chart of the per-minute figures, as SVG built node by node.
+const SVG = "http://www.w3.org/2000/svg";
+const SERIES = { started: "#2457c5", succeeded: "#1b7f3b", failed: "#b42318", cancelled: "#98a2b3" };
+
+function svg(tag, attrs, ...children) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, String(v));
+  append(node, children);
+  return node;
+}
+
+function chart(minutes) {
+  const width = 640, height = 180, left = 36, bottom = 20, top = 8;
+  const max = Math.max(1, ...minutes.flatMap((m) => Object.keys(SERIES).map((k) => m[k])));
+  const slots = 60;
+  const x = (i) => left + ((width - left - 8) * (i + slots - minutes.length)) / (slots - 1);
+  const y = (v) => top + (height - top - bottom) * (1 - v / max);
+  const lines = Object.entries(SERIES).map(([kind, color]) =>
+    svg("polyline", { points: minutes.map((m, i) => `${x(i)},${y(m[kind])}`).join(" "), fill: "none", stroke: color, "stroke-width": 2, "data-series": kind }));
+  const axis = [
+    svg("line", { x1: left, y1: y(0), x2: width - 8, y2: y(0), stroke: "#c5cbd6" }),
+    svg("text", { x: left - 4, y: y(max) + 4, "text-anchor": "end", "font-size": 11, fill: "#667085" }, max),
+    svg("text", { x: left - 4, y: y(0) + 4, "text-anchor": "end", "font-size": 11, fill: "#667085" }, 0),
+    svg("text", { x: left, y: height - 4, "font-size": 11, fill: "#667085" }, "60 min ago"),
+    svg("text", { x: width - 8, y: height - 4, "text-anchor": "end", "font-size": 11, fill: "#667085" }, "now"),
+  ];
+  const legend = h("div", { className: "legend" }, Object.entries(SERIES).map(([kind, color]) => {
+    const swatch = h("span", { className: "swatch" });
+    swatch.style.background = color;
+    const last = minutes.length ? minutes[minutes.length - 1][kind] : 0;
+    const total = minutes.reduce((sum, m) => sum + m[kind], 0);
+    return h("span", { "data-kind": kind }, swatch, ` ${kind}: ${total} in the hour, ${last} this minute`);
+  }));
+  return [svg("svg", { viewBox: `0 0 ${width} ${height}`, width: "100%", role: "img", "aria-label": "workflows per minute" }, axis, lines), legend];
+}
+
 function overviewPage() {
   const tiles = h("div", { className: "tiles", id: "counts" });
   const dlq = h("tbody");
   const recent = h("tbody");
+  const rates = h("div", { id: "rates", className: "panel" });
+  const slowest = h("tbody");
   fill(main,
     h("h1", {}, "Overview"),
     tiles,
+    h("div", { className: "cols" },
+      h("section", {}, h("h2", {}, "Workflows per minute, last hour"), rates),
+      h("section", {},
+        h("h2", {}, "Slowest steps (since the engine started)"),
+        h("table", { id: "slowest" },
+          h("thead", {}, h("tr", {}, ["workflow", "step", "runs", "p50", "p95"].map((c) => h("th", {}, c)))),
+          slowest))),
     h("div", { className: "cols" },
       h("section", {},
         h("h2", {}, "Latest workflows"),
@@ -145,11 +190,16 @@ function overviewPage() {
   return {
     async refresh() {
       // All read first, then shown at once: the page never shows half an update.
-      const [counts, latest, queues] = await Promise.all([
+      const [counts, latest, queues, stats] = await Promise.all([
         api("/api/counts"),
         api("/api/workflows?limit=10"),
         api("/api/dlq").catch((error) => error),
+        api("/api/stats"),
       ]);
+      fill(rates, chart(stats.minutes));
+      fill(slowest, stats.steps.slice(0, 10).map((s) => h("tr", { "data-step": `${s.workflow}.${s.step}` },
+        h("td", {}, s.workflow), h("td", {}, s.step), h("td", {}, s.runs), h("td", {}, took(s.p50)), h("td", {}, took(s.p95)))));
+      if (!stats.steps.length) fill(slowest, h("tr", {}, h("td", { colspan: 5, className: "muted" }, "no step has run yet")));
       fill(tiles, ["total", ...STATUSES].map((status) => {
         const n = status === "total" ? Object.values(counts).reduce((a, b) => a + b, 0) : counts[status] || 0;
         const href = status === "total" ? "/workflows" : `/workflows?status=${status}`;
