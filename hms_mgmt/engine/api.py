@@ -19,7 +19,6 @@ import json
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -31,7 +30,7 @@ from hms_mgmt.client import Client
 from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.engine.changes import Changes
 from hms_mgmt.engine.engine import Engine
-from hms_mgmt.engine.stats import Stats
+from hms_mgmt.engine.pages import Dashboard
 from hms_mgmt.errors import (
     HmsError,
     InvalidMessageError,
@@ -61,26 +60,6 @@ STATUSES = [str(s) for s in WorkflowStatus]
 MAX_LIST = 1000
 MAX_WAIT = 3600  # seconds a start with "wait" may hold its HTTP request (longer: GET it later)
 PROBE_TIMEOUT = 2.0
-KEEPALIVE = 15.0  # seconds between comments on an idle event stream
-COUNTS_FOR = 1.0  # seconds /api/counts answers from its last count (a scan of the workflows)
-DASHBOARD = Path(__file__).parent / "dashboard"
-ASSETS = {
-    "app.js": "text/javascript",
-    "style.css": "text/css",
-    "index.html": "text/html",
-}
-# No inline script or style, nothing from elsewhere: even a payload that reached the DOM as
-# HTML could not run. The page is not framed (clickjacking), and sends no referrer.
-PAGE_HEADERS = {
-    "Content-Security-Policy": (
-        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
-    ),
-    "X-Content-Type-Options": "nosniff",
-    "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-cache",
-}
 
 
 class EngineView(Protocol):
@@ -142,11 +121,7 @@ class EngineApi:
     ) -> None:
         self.engine = engine
         self.changes = changes or Changes()
-        self._counted: tuple[float, dict[str, int]] | None = None
-        self.stats = Stats(metrics)
-        self._sampler: asyncio.Task[None] | None = None
-        # The dashboard's few small files, read once.
-        self.assets = {name: (DASHBOARD / name).read_bytes() for name in ASSETS}
+        self.dashboard = Dashboard(engine, metrics, self.changes)
         self.open_reads = open_reads
         self.loop_monitor = loop_monitor
         self.metrics = metrics
@@ -164,13 +139,7 @@ class EngineApi:
         get("/healthz", self.healthz)
         get("/readyz", self.readyz)
         get("/metrics", metrics_handler(self.metrics.render, self._refresh_counts))
-        # The dashboard: one page for its linkable URLs; its script reads the JSON API.
-        for path in ("/", "/workflows", "/workflows/{id}", "/dlq"):
-            get(path, self.page)
-        get("/dashboard/{file}", self.asset)
-        get("/api/events", self._reading(self.events))
-        get("/api/counts", self._reading(self.counts))
-        get("/api/stats", self._reading(self.overview_stats))
+        self.dashboard.add_routes(app, self._reading)
         get("/api/workflows", self._reading(self.list_workflows))
         post("/api/workflows", self._mutating(self.start))
         get("/api/workflows/{id}", self._reading(self.show))
@@ -183,25 +152,7 @@ class EngineApi:
         post("/api/dlq/{queue}/replay", self._mutating(self.dlq_replay))
         post("/api/dlq/{queue}/purge", self._mutating(self.dlq_purge))
         post("/api/store/prune", self._mutating(self.prune, broker=False))
-        app.on_shutdown.append(self._close_streams)
-        app.on_startup.append(self._start_sampling)
-        app.on_cleanup.append(self._stop_sampling)
         return app
-
-    async def _start_sampling(self, _app: web.Application) -> None:
-        async def sample() -> None:
-            while True:
-                self.stats.tick(time.time())
-                await asyncio.sleep(5)
-
-        self._sampler = asyncio.ensure_future(sample())
-
-    async def _stop_sampling(self, _app: web.Application) -> None:
-        if self._sampler is not None:
-            self._sampler.cancel()
-
-    async def _close_streams(self, _app: web.Application) -> None:
-        self.changes.close()
 
     # -- plumbing ---------------------------------------------------------------
 
@@ -318,76 +269,6 @@ class EngineApi:
         checks = self.engine.checks()
         ok = all(checks.values())
         return web.json_response({"ready": ok, "checks": checks}, status=200 if ok else 503)
-
-    # -- the dashboard ----------------------------------------------------------
-
-    async def page(self, _request: web.Request) -> web.Response:
-        """The dashboard's one page (no data in it: its script reads the API, with the token
-        the user gives it, so the page itself is served to anyone who can reach the port)."""
-        return web.Response(
-            body=self.assets["index.html"],
-            content_type="text/html",
-            charset="utf-8",
-            headers=PAGE_HEADERS,
-        )
-
-    async def asset(self, request: web.Request) -> web.Response:
-        name = request.match_info["file"]
-        if name not in ASSETS:
-            raise ApiError(404, "NotFound", f"no dashboard file {short(name)}")
-        return web.Response(
-            body=self.assets[name],
-            content_type=ASSETS[name],
-            charset="utf-8",
-            headers=PAGE_HEADERS,
-        )
-
-    async def counts(self, _request: web.Request) -> web.Response:
-        """Workflows by status (every status, 0 when none), as ``hms_workflows_by_status``.
-
-        Counting scans the workflows' index (33 ms with 100,000 in the store) on the store's
-        one thread, which the engine's commits share: the count is kept for a second, so
-        any number of open dashboards count at most once a second."""
-        now = time.monotonic()
-        if self._counted is None or now - self._counted[0] > COUNTS_FOR:
-            counts = await self.engine.status_counts()
-            self._counted = (time.monotonic(), {s: counts.get(s, 0) for s in STATUSES})
-        return web.json_response(self._counted[1])
-
-    async def overview_stats(self, _request: web.Request) -> web.Response:
-        """Starts and ends per minute over the last hour, and each step's p50/p95 duration
-        since the engine started (from its metrics, see :mod:`hms_mgmt.engine.stats`)."""
-        return web.json_response(
-            {"minutes": self.stats.per_minute(time.time()), "steps": self.stats.steps()}
-        )
-
-    async def events(self, request: web.Request) -> web.StreamResponse:
-        """Server-Sent Events: ``changed`` notices (workflow ids and their new statuses, at
-        most a few a second) for the dashboard to read again; a comment every 15 s."""
-        response = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream",
-                "Cache-Control": "no-cache",
-                "X-Accel-Buffering": "no",
-            }
-        )
-        await response.prepare(request)
-        queue = self.changes.listen()
-        try:
-            await response.write(b"retry: 2000\nevent: hello\ndata: {}\n\n")
-            while True:
-                try:
-                    message = await asyncio.wait_for(queue.get(), KEEPALIVE)
-                except TimeoutError:
-                    message = b": keepalive\n\n"
-                if message is None:  # the server is stopping
-                    break
-                await response.write(message)
-        except (ConnectionResetError, ConnectionError):
-            pass  # the page went away
-        finally:
-            self.changes.leave(queue)
-        return response
 
     # -- workflows --------------------------------------------------------------
 
