@@ -23,7 +23,7 @@ QUEUE = 8  # notices a slow listener may have waiting
 
 
 class Changes:
-    def __init__(self, *, rate: float = 4.0) -> None:
+    def __init__(self, *, rate: float = 2.0) -> None:
         self.interval = 1.0 / rate
         self._listeners: set[asyncio.Queue[bytes | None]] = set()
         self._pending: dict[str, str] = {}
