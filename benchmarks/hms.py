@@ -9,6 +9,10 @@ puts it in a fresh PostgreSQL database on that server instead (dropped afterward
 ``--env HMS_STORE_URL=postgresql://...`` in a database of your own. Lone
 latency is ``start`` then ``wait`` for one workflow at a time: the time until the
 engine has recorded it succeeded and told the client.
+
+``--dashboard`` gives the engine an HTTP port and alternates runs without and with a
+dashboard open: a reader of ``/api/events`` that, like the page, reads ``/api/counts``
+and ``/api/workflows?limit=50`` again after each notice (the A/B of issue 16).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sqlite3
 import statistics
 import subprocess
@@ -178,6 +183,25 @@ async def one_run(
     }
 
 
+async def dashboard(url: str, reads: list[int]) -> None:
+    """A dashboard left open: the event stream, and the page's reads after each notice."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/api/events") as stream:
+        async for line in stream.content:
+            if line.startswith(b"event: changed"):
+                for path in ("/api/counts", "/api/workflows?limit=50"):
+                    async with http.get(f"{url}{path}") as answer:
+                        await answer.read()
+                reads[0] += 1
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 async def lone(client: hms_mgmt.Management, count: int, *, execute: bool = False) -> list[float]:
     """Milliseconds for one workflow at a time, by start + wait or by execute (one round trip)."""
     times = []
@@ -208,10 +232,22 @@ async def _measure(args: argparse.Namespace, url: str, daemons: Daemons) -> dict
         await lone(client, 20)  # warm up: every connection and queue in place
         runs = []
         for number in range(args.runs):
-            run = await one_run(client, daemons, args.n, offset=number * args.n)
+            watched = args.dashboard is not None and number % 2 == 1
+            reads = [0]
+            watcher = asyncio.ensure_future(dashboard(args.dashboard, reads)) if watched else None
+            if watcher is not None:
+                await asyncio.sleep(0.5)  # connected
+            try:
+                run = await one_run(client, daemons, args.n, offset=number * args.n)
+            finally:
+                if watcher is not None:
+                    watcher.cancel()
+            run["dashboard_open"] = watched
+            run["dashboard_refreshes"] = reads[0]
             print(
                 f"hms n={args.n} run {number + 1}: {run['wps']:.0f} workflows/s "
-                f"(starts took {run['start_s']:.2f}s) cpu ms/wf {run['cpu_ms_per_workflow']}",
+                f"(starts took {run['start_s']:.2f}s) cpu ms/wf {run['cpu_ms_per_workflow']}"
+                + (f" dashboard open, {reads[0]} refreshes" if watched else ""),
                 flush=True,
             )
             runs.append(run)
@@ -219,6 +255,14 @@ async def _measure(args: argparse.Namespace, url: str, daemons: Daemons) -> dict
         lone_ms = await lone(client, args.lone)
         execute_ms = await lone(client, args.lone, execute=True)
     wps = [r["wps"] for r in runs]
+    if args.dashboard is not None:
+        closed = [r["wps"] for r in runs if not r["dashboard_open"]]
+        opened = [r["wps"] for r in runs if r["dashboard_open"]]
+        print(
+            f"dashboard closed: {statistics.median(closed):.0f} workflows/s median {closed}; "
+            f"open: {statistics.median(opened):.0f} median {opened}",
+            flush=True,
+        )
     return {
         "system": "hms-mgmt",
         "settings": "engine daemon + 1 step-service process; "
@@ -264,12 +308,23 @@ def main() -> None:
         metavar="SERVER_URL",
         help="store in a fresh database on this PostgreSQL server (postgresql://user@host:port)",
     )
+    parser.add_argument(
+        "--dashboard",
+        action="store_true",
+        help="alternate runs without and with a dashboard open (an /api/events reader)",
+    )
     args = parser.parse_args()
     vhost = f"hms-bench-{uuid.uuid4().hex[:8]}"
     rabbitmqctl("add_vhost", vhost)
     rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
     url = f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
     extra_env = dict(item.split("=", 1) for item in args.env)
+    if args.dashboard:
+        port = free_port()
+        extra_env["HMS_HTTP_PORT"] = str(port)
+        args.dashboard = f"http://127.0.0.1:{port}"
+    else:
+        args.dashboard = None
     database = None
     if args.postgres:
         database = f"hms_bench_{uuid.uuid4().hex[:8]}"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,13 +16,16 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from bus_adapters import open_bus
 from hms_mgmt.definitions import WorkflowDefinition
-from hms_mgmt.engine.api import EngineApi
+from hms_mgmt.engine.api import STATUSES, EngineApi
+from hms_mgmt.engine.changes import Changes
 from hms_mgmt.engine.engine import Engine
+from hms_mgmt.engine.stats import _quantile
 from hms_mgmt.httpserver import is_loopback
 from hms_mgmt.loopwatch import LoopMonitor
 from hms_mgmt.metrics import EngineMetrics
 from hms_mgmt.settings import Settings
 from hms_mgmt.store import open_store
+from hms_mgmt.store.base import Batch
 from tests.conftest import wait_until
 
 
@@ -188,7 +193,7 @@ async def test_bad_ids_and_query_parameters_are_refused_naming_them(
     wrong = await loopback.delete("/api/workflows")
     assert wrong.status == 405 and "GET" in wrong.headers["Allow"]
     assert (await wrong.json())["error"]["type"] == "MethodNotAllowed"
-    for path in ("/", "/api", "/api/workflows/x/y/z", "/api/workflows/x/signal"):
+    for path in ("/nowhere", "/api", "/api/workflows/x/y/z", "/api/workflows/x/signal"):
         answer = await loopback.get(path)
         assert answer.status in (404, 405) and answer.content_type == "application/json", path
         assert set((await answer.json())["error"]) == {"type", "message"}, path
@@ -361,3 +366,106 @@ async def test_business_keys_over_http(memory_url: str, store_url: str) -> None:
     finally:
         engine.stop()
         await running
+
+
+async def test_the_dashboard_pages_counts_and_the_event_stream(
+    memory_url: str, store_url: str
+) -> None:
+    """The dashboard's URLs serve its page, with a CSP that allows no inline script;
+    ``/api/counts`` has every status; ``/api/events`` sends a ``changed`` notice naming a
+    started workflow, and the stream ends when the server stops."""
+    engine = Engine(open_bus(memory_url), open_store(store_url))
+    running = asyncio.ensure_future(engine.run())
+    await asyncio.wait_for(engine.ready.wait(), 10)
+    changes, metrics = Changes(rate=20), EngineMetrics()
+
+    def on_commit(batch: Batch) -> None:
+        metrics.on_batch(batch)
+        changes.on_batch(batch)
+
+    engine.on_commit = on_commit
+    api = EngineApi(engine, metrics, changes=changes)
+    try:
+        async with TestClient(TestServer(api.app())) as client:
+            for path in ("/", "/workflows", "/workflows/abc", "/dlq", "/workflows?status=failed"):
+                page = await client.get(path)
+                assert page.status == 200 and page.content_type == "text/html", path
+                assert "script-src 'self';" in page.headers["Content-Security-Policy"]
+                assert '<script src="/dashboard/app.js"' in await page.text()
+            script = await client.get("/dashboard/app.js")
+            assert script.status == 200 and script.content_type == "text/javascript"
+            assert "innerHTML" not in await script.text()
+            assert (await client.get("/dashboard/../api.py")).status == 404
+            assert (await client.get("/dashboard/nothing.js")).status == 404
+            counts = await (await client.get("/api/counts")).json()
+            assert counts == dict.fromkeys(STATUSES, 0)
+
+            await api.client.connect()
+            await api.client.define(WorkflowDefinition.build("grant", ["check"]))
+            stream = await client.get("/api/events")
+            assert stream.headers["Content-Type"] == "text/event-stream"
+            assert (
+                await stream.content.readuntil(b"\n\n")
+                == b"retry: 2000\nevent: hello\ndata: {}\n\n"
+            )
+            assert changes.listeners == 1
+            started = await client.post("/api/workflows", json={"workflow": "grant"})
+            workflow_id = (await started.json())["workflow_id"]
+
+            async def named() -> dict[str, Any] | None:
+                message = await stream.content.readuntil(b"\n\n")
+                event, data = message.decode().strip().splitlines()
+                assert event == "event: changed"
+                notice: dict[str, Any] = json.loads(data.removeprefix("data: "))
+                return notice if workflow_id in notice["workflows"] else None
+
+            notice = await asyncio.wait_for(wait_until(named, timeout=2), 2)
+            assert notice["workflows"][workflow_id] == "pending" and notice["more"] is False
+
+            async def pending() -> bool:  # counted again after a second at most
+                return bool((await (await client.get("/api/counts")).json())["pending"] == 1)
+
+            await wait_until(pending, timeout=3, interval=0.1, what="a second's count")
+            # The table's pages, by keyset: after the last one's (created_at, id).
+            for _ in range(2):
+                assert (
+                    await client.post("/api/workflows", json={"workflow": "grant"})
+                ).status == 201
+            first = await (await client.get("/api/workflows?limit=2")).json()
+            last = first[-1]
+            cursor = f"{last['created_at']!r},{last['workflow_id']}"
+            second = await (
+                await client.get("/api/workflows", params={"limit": 2, "before": cursor})
+            ).json()
+            everything = await (await client.get("/api/workflows")).json()
+            assert [w["workflow_id"] for w in first + second] == [
+                w["workflow_id"] for w in everything
+            ]
+            assert len(everything) == 3 and everything[-1]["workflow_id"] == workflow_id
+            for bad in ("x", "1.5", "nan,abc", "1.5,a b", "inf,abc"):
+                refused = await client.get("/api/workflows", params={"before": bad})
+                assert refused.status == 400
+                assert "is not a cursor" in (await refused.json())["error"]["message"]
+            stats = await (await client.get("/api/stats")).json()
+            assert stats["minutes"][-1]["started"] == 3 and stats["steps"] == []
+            assert set(stats["minutes"][-1]) == {
+                "at",
+                "started",
+                "succeeded",
+                "failed",
+                "cancelled",
+            }
+            changes.close()  # as at shutdown: the stream ends
+            assert await asyncio.wait_for(stream.content.read(), 2) == b""
+            await wait_until(lambda: changes.listeners == 0, timeout=2)
+    finally:
+        engine.stop()
+        await running
+
+
+def test_step_quantiles_are_read_from_the_histogram_as_prometheus_does() -> None:
+    buckets = [(0.001, 0.0), (0.01, 50.0), (0.1, 90.0), (1.0, 100.0), (math.inf, 100.0)]
+    assert _quantile(0.5, buckets) == pytest.approx(0.01)
+    assert _quantile(0.95, buckets) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert _quantile(0.25, buckets) == pytest.approx(0.001 + 0.009 * 0.5)
+    assert _quantile(0.99, [(0.1, 1.0), (math.inf, 10.0)]) == 0.1  # beyond: the last bound

@@ -222,6 +222,22 @@ async def test_listing_counting_and_stuck_steps(store: Store) -> None:
     # wf1..wf4 wait for step a, created at 11..14: those before 12.5 are stuck
     assert await store.stuck_counts(12.5) == {("w", "a"): 2}
     assert await store.stuck_counts(0.0) == {}
+    # Keyset pages: after the last (created_at, id) of a page, ties on created_at by id.
+    await store.commit(started("wf9", now=14.0))  # created with wf4
+    page = await store.list_workflows(limit=2)
+    assert [w.id for w in page] == ["wf9", "wf4"]
+    after = (page[-1].created_at, page[-1].id)
+    assert [w.id for w in await store.list_workflows(limit=2, before=after)] == ["wf3", "wf2"]
+    assert [w.id for w in await store.list_workflows(before=(14.0, "wf9"))] == [
+        "wf4",
+        "wf3",
+        "wf2",
+        "wf1",
+        "wf0",
+    ]
+    assert [w.id for w in await store.list_workflows(status="pending", before=(12.0, "wf2"))] == [
+        "wf1"
+    ]
 
 
 async def test_prune_deletes_finished_workflows_with_their_rows(store: Store) -> None:

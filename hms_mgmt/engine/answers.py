@@ -74,11 +74,12 @@ class Answers:
         name: str | None = None,
         limit: int = 50,
         attributes: Mapping[str, str] | None = None,
+        before: tuple[float, str] | None = None,
     ) -> list[dict[str, Any]]:
         """The newest workflows matching, as list entries with their business keys: the one
         search behind ``client.list``, ``GET /api/workflows`` and ``hms workflow list``."""
         workflows = await self._store.list_workflows(
-            status=status, name=name, limit=limit, attributes=attributes
+            status=status, name=name, limit=limit, attributes=attributes, before=before
         )
         keys = await self._store.attributes([w.id for w in workflows]) if workflows else {}
         return [summary(w, keys.get(w.id)) for w in workflows]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
@@ -27,7 +28,9 @@ from hms_mgmt import dlq, tracing
 from hms_mgmt.bounds import ID_RULE, MAX_DELAY, NAME_PATTERN, check_attributes, short, valid_id
 from hms_mgmt.client import Client
 from hms_mgmt.definitions import WorkflowDefinition
+from hms_mgmt.engine.changes import Changes
 from hms_mgmt.engine.engine import Engine
+from hms_mgmt.engine.pages import Dashboard
 from hms_mgmt.errors import (
     HmsError,
     InvalidMessageError,
@@ -47,7 +50,7 @@ from hms_mgmt.loopwatch import LoopCollector, LoopMonitor
 from hms_mgmt.metrics import EngineMetrics
 from hms_mgmt.records import WorkflowState, WorkflowStatus
 from hms_mgmt.settings import Settings
-from hms_mgmt.store.base import HistoryEntry
+from hms_mgmt.store.base import Batch, HistoryEntry
 from hms_mgmt.wire.codec import MAX_MESSAGE_BYTES, decode_body
 
 log = get_logger("api")
@@ -90,9 +93,12 @@ class EngineView(Protocol):
         name: str | None = None,
         limit: int = 50,
         attributes: Mapping[str, str] | None = None,
+        before: tuple[float, str] | None = None,
     ) -> list[dict[str, Any]]: ...
 
     async def counts(self) -> tuple[dict[str, int], dict[tuple[str, str], int], int]: ...
+
+    async def status_counts(self) -> dict[str, int]: ...
 
     async def overdue_timers(self) -> dict[tuple[str, str], float]: ...
 
@@ -116,8 +122,11 @@ class EngineApi:
         request_timeout: float = 10.0,
         loop_monitor: LoopMonitor | None = None,
         open_reads: bool = False,
+        changes: Changes | None = None,
     ) -> None:
         self.engine = engine
+        self.changes = changes or Changes()
+        self.dashboard = Dashboard(engine, metrics, self.changes)
         self.open_reads = open_reads
         self.loop_monitor = loop_monitor
         self.metrics = metrics
@@ -135,6 +144,7 @@ class EngineApi:
         get("/healthz", self.healthz)
         get("/readyz", self.readyz)
         get("/metrics", metrics_handler(self.metrics.render, self._refresh_counts))
+        self.dashboard.add_routes(app, self._reading)
         get("/api/workflows", self._reading(self.list_workflows))
         post("/api/workflows", self._mutating(self.start))
         get("/api/workflows/{id}", self._reading(self.show))
@@ -299,8 +309,9 @@ class EngineApi:
             check_attributes(attributes, "attr")
         except ValueError as exc:
             raise ApiError(400, "BadRequest", str(exc)) from None
+        before = _cursor(request.query.get("before") or None)
         found = await self.engine.workflows(
-            status=status, name=name, limit=limit, attributes=attributes
+            status=status, name=name, limit=limit, attributes=attributes, before=before
         )
         return web.json_response(found)
 
@@ -523,6 +534,25 @@ def _workflow_id(request: web.Request) -> str:
     return workflow_id
 
 
+def _cursor(raw: str | None) -> tuple[float, str] | None:
+    """``before=<created_at>,<id>``, the last workflow of a page: the next page's start."""
+    if raw is None:
+        return None
+    at, _, workflow_id = raw.partition(",")
+    try:
+        created_at = float(at) if len(at) <= 40 else math.nan
+    except ValueError:
+        created_at = math.nan
+    if not math.isfinite(created_at) or not valid_id(workflow_id):
+        raise ApiError(
+            400,
+            "BadRequest",
+            f"before {short(raw)} is not a cursor: give '<created_at>,<workflow_id>' of the "
+            "last workflow of a page",
+        )
+    return created_at, workflow_id
+
+
 def _int(raw: str, name: str, low: int, high: int) -> int:
     try:
         if len(raw) > 20:  # out of range anyway, and int() refuses over 4300 digits
@@ -560,6 +590,13 @@ async def start_api(
     if settings.http_port is None:
         return None
     metrics = engine_metrics(engine, loop_monitor)
+    changes = Changes()
+
+    def on_commit(batch: Batch) -> None:
+        metrics.on_batch(batch)
+        changes.on_batch(batch)
+
+    engine.on_commit = on_commit
     api = EngineApi(
         engine,
         metrics,
@@ -567,6 +604,7 @@ async def start_api(
         token=settings.http_token,
         loop_monitor=loop_monitor,
         open_reads=settings.http_open_reads,
+        changes=changes,
     )
     if not api.loopback and settings.http_token is None:
         log.warning(

@@ -390,11 +390,17 @@ class Engine:
         name: str | None = None,
         limit: int = 50,
         attributes: Mapping[str, str] | None = None,
+        before: tuple[float, str] | None = None,
     ) -> list[dict[str, Any]]:
-        """The newest workflows matching, as list entries (with their business keys)."""
+        """The newest workflows matching, as list entries (with their business keys); with
+        ``before``, those after that (created_at, id) in that order: the next page."""
         return await self.answers.summaries(
-            status=status, name=name, limit=limit, attributes=attributes
+            status=status, name=name, limit=limit, attributes=attributes, before=before
         )
+
+    async def status_counts(self) -> dict[str, int]:
+        """Workflows by status (the statuses that have some)."""
+        return await self.store.count_by_status()
 
     async def counts(self) -> tuple[dict[str, int], dict[tuple[str, str], int], int]:
         """Workflows by status, stuck steps by workflow and step, and the store's bytes."""

@@ -184,9 +184,12 @@ class Store(Protocol):
         name: str | None = None,
         limit: int = 50,
         attributes: Mapping[str, str] | None = None,
+        before: tuple[float, str] | None = None,
     ) -> list[Workflow]:
-        """The newest workflows first; with ``attributes``, only those with every one of
-        these business keys (the index on (key, value) finds them)."""
+        """The newest workflows first (by ``created_at``, then id); with ``attributes``, only
+        those with every one of these business keys (the index on (key, value) finds them);
+        with ``before`` (a ``created_at`` and an id: the last one of a page), only those after
+        it in that order, the next page (keyset paging, not OFFSET)."""
         ...
 
     async def count_by_status(self) -> dict[str, int]: ...

@@ -575,9 +575,14 @@ class PostgresStore:
         name: str | None = None,
         limit: int = 50,
         attributes: Mapping[str, str] | None = None,
+        before: tuple[float, str] | None = None,
     ) -> list[Workflow]:
         where: list[str] = []
         params: list[Any] = []
+        if before is not None:
+            params.extend(before)
+            at, workflow_id = f"${len(params) - 1}", f"${len(params)}"
+            where.append(f"created_at <= {at} AND (created_at < {at} OR id < {workflow_id})")
         for column, value in (("status", status), ("name", name)):
             if value is not None:
                 params.append(value)
@@ -592,7 +597,7 @@ class PostgresStore:
         params.append(limit)
         rows = await self._all(
             f"SELECT {WORKFLOW_COLUMNS} FROM workflows {clause} "
-            f"ORDER BY created_at DESC LIMIT ${len(params)}",
+            f"ORDER BY created_at DESC, id DESC LIMIT ${len(params)}",
             *params,
         )
         return [workflow_of(row) for row in rows]

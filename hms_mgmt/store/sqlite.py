@@ -437,9 +437,14 @@ class SQLiteStore:
         name: str | None = None,
         limit: int = 50,
         attributes: Mapping[str, str] | None = None,
+        before: tuple[float, str] | None = None,
     ) -> list[Workflow]:
         where: list[str] = []
         params: list[Any] = []
+        if before is not None:
+            # "<=" first: the index on created_at seeks to the page, not walks to it
+            where.append("created_at <= ? AND (created_at < ? OR id < ?)")
+            params.extend((before[0], before[0], before[1]))
         if status is not None:
             where.append("status = ?")
             params.append(status)
@@ -453,7 +458,7 @@ class SQLiteStore:
             params.extend((key, value))
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         rows = await self._all(
-            f"SELECT {WORKFLOW_COLUMNS} FROM workflows {clause} ORDER BY created_at DESC LIMIT ?",
+            f"SELECT {WORKFLOW_COLUMNS} FROM workflows {clause} ORDER BY created_at DESC, id DESC LIMIT ?",
             [*params, limit],
         )
         return [workflow_of(row) for row in rows]
