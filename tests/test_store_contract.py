@@ -458,7 +458,7 @@ async def test_a_postgres_store_of_an_older_schema_is_migrated_in_order(
 ) -> None:
     import asyncpg
 
-    from hms_mgmt.store import postgres
+    from hms_mgmt.store import postgres_schema as postgres
 
     db = await asyncpg.connect(postgres_url)
     try:  # a store as an earlier release left it: migrations up to ``version`` only

@@ -18,16 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import secrets
-import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from bus_adapters.base import Bus, BusError, Subscription, redact_url, settle
 from hms_mgmt import tracing
-from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.engine.answers import Answers
 from hms_mgmt.engine.apply import Applier
 from hms_mgmt.engine.cache import InFlight
@@ -35,26 +32,24 @@ from hms_mgmt.engine.events import Received
 from hms_mgmt.engine.health import WATCH_EVERY, StoreHealth, watch_store
 from hms_mgmt.engine.intake import Access, Intake
 from hms_mgmt.engine.loading import Loader
+from hms_mgmt.engine.reads import EngineReads
 from hms_mgmt.engine.registry import Registry
 from hms_mgmt.engine.relay import OutboxRelay
 from hms_mgmt.engine.retention import DEFAULT_RETENTION, Retention
 from hms_mgmt.engine.spans import record_spans
 from hms_mgmt.engine.timers import TimerQueue, due_events
 from hms_mgmt.engine.vhost import (
-    EngineRecord,
     Standby,
     StartRefused,
     VhostLock,
-    read_record,
     take_vhost,
 )
 from hms_mgmt.engine.work import Work
 from hms_mgmt.errors import StoreError
 from hms_mgmt.faults import Faults
 from hms_mgmt.logs import get_logger
-from hms_mgmt.records import WorkflowState
 from hms_mgmt.schedules import Schedule
-from hms_mgmt.store.base import Batch, HistoryEntry, OutboxRow, Store
+from hms_mgmt.store.base import Batch, OutboxRow, Store
 from hms_mgmt.tokens import Signer
 from hms_mgmt.topology import COMMANDS_QUEUE, DEADLETTERS_QUEUE, RESULTS_QUEUE, declare_core
 
@@ -67,7 +62,7 @@ EXIT_STORE_LOST = 4  # the store failed for longer than the grace period
 EXIT_REFUSED = 5  # another engine serves the vhost, or took over the store
 
 
-class Engine:
+class Engine(EngineReads):
     """Run with ``await engine.run()``; stop with :meth:`stop` (or cancel ``run``)."""
 
     def __init__(
@@ -149,10 +144,6 @@ class Engine:
         self.active = False  # holding the vhost and the store's claim, serving
         self.active_since: float | None = None
         self.takeovers = 0  # times this engine took over from another (after standing by)
-
-    @property
-    def stuck_after(self) -> float:
-        return self.answers.stuck_after
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -309,128 +300,6 @@ class Engine:
         await self._undo_start()
         await self.store.close()
         log.info("engine stopped", **self.stats, refused=self.intake.dead_lettered)
-
-    # -- what the HTTP API reads (and nothing else of the engine) --------------------------
-
-    def checks(self) -> dict[str, bool]:
-        """Readiness, check by check: started, connected, holding the vhost, store committing.
-
-        A standby has ``active`` false (and is not ready: it serves nothing until it takes over).
-        """
-        checks = {
-            "engine": self.ready.is_set() and self.exit_code == 0,
-            "broker": self.bus.connected,
-            "vhost_lock": self._vhost is not None and not self._vhost.cut_off,
-            "store": self.health.ready,
-        }
-        if self.standby is not None:
-            checks["active"] = self.active
-        return checks
-
-    @property
-    def role(self) -> str:
-        """``active``, ``standby``, ``starting`` or ``stopped``."""
-        if self.active:
-            return "active"
-        if self.standby is not None and self.standby.waiting:
-            return "standby"
-        return "stopped" if self.exit_code or self._stopping.is_set() else "starting"
-
-    async def engines(self) -> list[dict[str, Any]]:
-        """The engines known: the active one from the vhost's record, and this one if it is
-        standing by (other standbys are not recorded anywhere: each answers for itself)."""
-        found: list[dict[str, Any]] = []
-        record: EngineRecord | None = None
-        if self.bus.connected:
-            with contextlib.suppress(BusError):
-                record = await read_record(self.bus)
-        if record is not None:
-            found.append(
-                {
-                    "role": "active",
-                    "engine_id": record.engine_id,
-                    "host": record.host,
-                    "pid": record.pid,
-                    "since": record.started_at,
-                    "store": record.store,
-                    "this": record.engine_id == self.engine_id,
-                }
-            )
-        if self.role != "active" and self.standby is not None and self.standby.since is not None:
-            found.append(
-                {
-                    "role": self.role,
-                    "engine_id": self.engine_id,
-                    "host": socket.gethostname(),
-                    "pid": os.getpid(),
-                    "since": self.standby.since,
-                    "store": redact_url(self.store.url),
-                    "this": True,
-                }
-            )
-        return found
-
-    def definitions(self) -> list[WorkflowDefinition]:
-        """The latest version of each definition, by name."""
-        return sorted(self.registry.latest.values(), key=lambda d: d.name)
-
-    def dead_letter_queues(self) -> list[str]:
-        return self.registry.dead_letter_queues()
-
-    async def state(self, workflow_id: str) -> WorkflowState | None:
-        return await self.answers.state(workflow_id)
-
-    async def history(self, workflow_id: str) -> list[HistoryEntry]:
-        return await self.store.history(workflow_id)
-
-    async def workflows(
-        self,
-        *,
-        status: str | None = None,
-        name: str | None = None,
-        limit: int = 50,
-        attributes: Mapping[str, str] | None = None,
-        before: tuple[float, str] | None = None,
-    ) -> list[dict[str, Any]]:
-        """The newest workflows matching, as list entries (with their business keys); with
-        ``before``, those after that (created_at, id) in that order: the next page."""
-        return await self.answers.summaries(
-            status=status, name=name, limit=limit, attributes=attributes, before=before
-        )
-
-    async def status_counts(self) -> dict[str, int]:
-        """Workflows by status (the statuses that have some)."""
-        return await self.store.count_by_status()
-
-    async def counts(self) -> tuple[dict[str, int], dict[tuple[str, str], int], int]:
-        """Workflows by status, stuck steps by workflow and step, and the store's bytes."""
-        counts, stuck, size = await asyncio.gather(
-            self.store.count_by_status(),
-            self.store.stuck_counts(self.clock() - self.stuck_after),
-            self.store.size(),
-        )
-        return counts, stuck, size
-
-    async def overdue_timers(self) -> dict[tuple[str, str], float]:
-        """(workflow, timer kind) -> seconds its most overdue timer is past due, for the
-        timers due and not fired: a wait's timeout, a deadline, a delayed or backed-off run."""
-        now = self.clock()
-        due = await self.store.overdue_timers(now)
-        return {key: max(0.0, now - at) for key, at in due.items()}
-
-    def outbox_backlog(self) -> tuple[int, float]:
-        """Outbox rows committed and not yet confirmed by the broker, and the oldest's age
-        in seconds: the relay's own bookkeeping, no store read."""
-        return self.relay.backlog(self.clock())
-
-    @property
-    def is_ready(self) -> bool:
-        """What ``/readyz`` answers: every check passes."""
-        return all(self.checks().values())
-
-    async def prune(self, before: float) -> int:
-        """Delete the workflows that finished before ``before``, between batches; how many."""
-        return await self.retention.prune(before)
 
     # -- the loop -------------------------------------------------------------------------
 
