@@ -18,19 +18,19 @@ import hmac
 import json
 import math
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
-from bus_adapters.base import JSON_CONTENT_TYPE, Bus, BusError, redact_url
+from bus_adapters.base import JSON_CONTENT_TYPE, BusError, redact_url
 from hms_mgmt import dlq, tracing
 from hms_mgmt.bounds import ID_RULE, MAX_DELAY, NAME_PATTERN, check_attributes, short, valid_id
 from hms_mgmt.client import Client
-from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.engine.changes import Changes
 from hms_mgmt.engine.engine import Engine
 from hms_mgmt.engine.pages import Dashboard
+from hms_mgmt.engine.reads import EngineView
 from hms_mgmt.errors import (
     HmsError,
     InvalidMessageError,
@@ -50,7 +50,7 @@ from hms_mgmt.loopwatch import LoopCollector, LoopMonitor
 from hms_mgmt.metrics import EngineMetrics
 from hms_mgmt.records import WorkflowState, WorkflowStatus
 from hms_mgmt.settings import Settings
-from hms_mgmt.store.base import Batch, HistoryEntry
+from hms_mgmt.store.base import Batch
 from hms_mgmt.wire.codec import MAX_MESSAGE_BYTES, decode_body
 
 log = get_logger("api")
@@ -60,49 +60,6 @@ STATUSES = [str(s) for s in WorkflowStatus]
 MAX_LIST = 1000
 MAX_WAIT = 3600  # seconds a start with "wait" may hold its HTTP request (longer: GET it later)
 PROBE_TIMEOUT = 2.0
-
-
-class EngineView(Protocol):
-    """All the HTTP API knows of the engine: its checks, reads of its store, and its bus (the
-    API's changes go over it, as requests, like any client's)."""
-
-    bus: Bus
-
-    @property
-    def stuck_after(self) -> float: ...
-
-    def checks(self) -> dict[str, bool]: ...
-
-    @property
-    def role(self) -> str: ...
-
-    async def engines(self) -> list[dict[str, Any]]: ...
-
-    def definitions(self) -> list[WorkflowDefinition]: ...
-
-    def dead_letter_queues(self) -> list[str]: ...
-
-    async def state(self, workflow_id: str) -> WorkflowState | None: ...
-
-    async def history(self, workflow_id: str) -> list[HistoryEntry]: ...
-
-    async def workflows(
-        self,
-        *,
-        status: str | None = None,
-        name: str | None = None,
-        limit: int = 50,
-        attributes: Mapping[str, str] | None = None,
-        before: tuple[float, str] | None = None,
-    ) -> list[dict[str, Any]]: ...
-
-    async def counts(self) -> tuple[dict[str, int], dict[tuple[str, str], int], int]: ...
-
-    async def status_counts(self) -> dict[str, int]: ...
-
-    async def overdue_timers(self) -> dict[tuple[str, str], float]: ...
-
-    async def prune(self, before: float) -> int: ...
 
 
 class ApiError(Exception):

@@ -12,7 +12,7 @@ import contextlib
 import os
 import socket
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bus_adapters.base import Bus, BusError, redact_url
 from hms_mgmt.definitions import WorkflowDefinition
@@ -26,6 +26,49 @@ if TYPE_CHECKING:
     from hms_mgmt.engine.registry import Registry
     from hms_mgmt.engine.relay import OutboxRelay
     from hms_mgmt.engine.retention import Retention
+
+
+class EngineView(Protocol):
+    """All the HTTP API knows of the engine: its checks, reads of its store, and its bus (the
+    API's changes go over it, as requests, like any client's)."""
+
+    bus: Bus
+
+    @property
+    def stuck_after(self) -> float: ...
+
+    def checks(self) -> dict[str, bool]: ...
+
+    @property
+    def role(self) -> str: ...
+
+    async def engines(self) -> list[dict[str, Any]]: ...
+
+    def definitions(self) -> list[WorkflowDefinition]: ...
+
+    def dead_letter_queues(self) -> list[str]: ...
+
+    async def state(self, workflow_id: str) -> WorkflowState | None: ...
+
+    async def history(self, workflow_id: str) -> list[HistoryEntry]: ...
+
+    async def workflows(
+        self,
+        *,
+        status: str | None = None,
+        name: str | None = None,
+        limit: int = 50,
+        attributes: Mapping[str, str] | None = None,
+        before: tuple[float, str] | None = None,
+    ) -> list[dict[str, Any]]: ...
+
+    async def counts(self) -> tuple[dict[str, int], dict[tuple[str, str], int], int]: ...
+
+    async def status_counts(self) -> dict[str, int]: ...
+
+    async def overdue_timers(self) -> dict[tuple[str, str], float]: ...
+
+    async def prune(self, before: float) -> int: ...
 
 
 class EngineReads:
