@@ -15,7 +15,7 @@ resuming anything.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -101,10 +101,7 @@ async def replay(
     results: list[Replayed] = []
     kept: list[Delivery] = []
     try:
-        for _ in range(await bus.queue_length(queue)):
-            delivery = await bus.get(queue)
-            if delivery is None:
-                break
+        async for delivery in _each(bus, queue):
             if message_id is not None and delivery.message_id != message_id:
                 kept.append(delivery)
                 continue
@@ -127,10 +124,7 @@ async def replay(
 async def purge(bus: Bus, queue: str) -> int:
     """Remove the messages a queue holds now; returns how many went."""
     removed = 0
-    for _ in range(await bus.queue_length(queue)):
-        delivery = await bus.get(queue)
-        if delivery is None:
-            break
+    async for delivery in _each(bus, queue):
         await delivery.ack()
         removed += 1
     return removed
@@ -142,10 +136,7 @@ async def settle(bus: Bus, queue: str, workflow_id: str, seq: int) -> int:
     settled = 0
     kept: list[Delivery] = []
     try:
-        for _ in range(await bus.queue_length(queue)):
-            delivery = await bus.get(queue)
-            if delivery is None:
-                break
+        async for delivery in _each(bus, queue):
             letter = DeadLetter.of(delivery)
             if _replayable(letter) and letter.workflow_id == workflow_id and _before(letter, seq):
                 await delivery.ack()
@@ -156,6 +147,16 @@ async def settle(bus: Bus, queue: str, workflow_id: str, seq: int) -> int:
         for delivery in kept:
             await delivery.reject(requeue=True)
     return settled
+
+
+async def _each(bus: Bus, queue: str) -> AsyncIterator[Delivery]:
+    """The messages the queue holds now, taken one at a time (the caller acks or keeps each);
+    none that arrive meanwhile."""
+    for _ in range(await bus.queue_length(queue)):
+        delivery = await bus.get(queue)
+        if delivery is None:
+            return
+        yield delivery
 
 
 def _replayable(letter: DeadLetter) -> bool:
