@@ -50,6 +50,7 @@ from hms_mgmt.store.rows import (
     WORKFLOW_COLUMNS,
     WORKFLOW_WIDTH,
     as_json,
+    listing,
     run_of,
     unjson,
     workflow_of,
@@ -377,23 +378,9 @@ class PostgresStore:
         attributes: Mapping[str, str] | None = None,
         before: tuple[float, str] | None = None,
     ) -> list[Workflow]:
-        where: list[str] = []
-        params: list[Any] = []
-        if before is not None:
-            params.extend(before)
-            at, workflow_id = f"${len(params) - 1}", f"${len(params)}"
-            where.append(f"created_at <= {at} AND (created_at < {at} OR id < {workflow_id})")
-        for column, value in (("status", status), ("name", name)):
-            if value is not None:
-                params.append(value)
-                where.append(f"{column} = ${len(params)}")
-        for key, value in (attributes or {}).items():
-            params.extend((key, value))
-            where.append(
-                "id IN (SELECT workflow_id FROM workflow_attributes "
-                f"WHERE key = ${len(params) - 1} AND value = ${len(params)})"
-            )
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        clause, params = listing(status=status, name=name, attributes=attributes, before=before)
+        numbered = clause.split("{}")  # $1, $2, ... in the order of the parameters
+        clause = "".join(f"{part}${n}" for n, part in enumerate(numbered[:-1], 1)) + numbered[-1]
         params.append(limit)
         rows = await self._all(
             f"SELECT {WORKFLOW_COLUMNS} FROM workflows {clause} "

@@ -7,7 +7,7 @@ since the epoch (floats), ids and names as text.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from hms_mgmt.records import StepRun, StepStatus, Workflow, WorkflowStatus
@@ -70,3 +70,33 @@ def run_of(row: Sequence[Any]) -> StepRun:
         error=unjson(row[8]), context=unjson(row[9]), created_at=row[10], due_at=row[11],
         started_at=row[12], finished_at=row[13], deadline_at=row[14],
     )  # fmt: skip
+
+
+def listing(
+    *,
+    status: str | None,
+    name: str | None,
+    attributes: Mapping[str, str] | None,
+    before: tuple[float, str] | None,
+) -> tuple[str, list[Any]]:
+    """The ``WHERE`` clause of a workflow listing (``""`` for none), with ``{}`` where each
+    parameter goes (each backend writes its own placeholder), and the parameters in order.
+
+    Newest first, ``before`` the (created_at, id) of the last row of the page before:
+    ``created_at <=`` comes first so that the index on created_at seeks to the page.
+    """
+    where: list[str] = []
+    params: list[Any] = []
+    if before is not None:
+        where.append("created_at <= {} AND (created_at < {} OR id < {})")
+        params.extend((before[0], before[0], before[1]))
+    for column, value in (("status", status), ("name", name)):
+        if value is not None:
+            where.append(f"{column} = {{}}")
+            params.append(value)
+    for key, value in (attributes or {}).items():
+        where.append(
+            "id IN (SELECT workflow_id FROM workflow_attributes WHERE key = {} AND value = {})"
+        )
+        params.extend((key, value))
+    return (f"WHERE {' AND '.join(where)}" if where else ""), params

@@ -30,6 +30,7 @@ from hms_mgmt.store.rows import (
     WORKFLOW_AND_RUN,
     WORKFLOW_COLUMNS,
     as_json,
+    listing,
     run_of,
     unjson,
     workflow_of,
@@ -439,26 +440,10 @@ class SQLiteStore:
         attributes: Mapping[str, str] | None = None,
         before: tuple[float, str] | None = None,
     ) -> list[Workflow]:
-        where: list[str] = []
-        params: list[Any] = []
-        if before is not None:
-            # "<=" first: the index on created_at seeks to the page, not walks to it
-            where.append("created_at <= ? AND (created_at < ? OR id < ?)")
-            params.extend((before[0], before[0], before[1]))
-        if status is not None:
-            where.append("status = ?")
-            params.append(status)
-        if name is not None:
-            where.append("name = ?")
-            params.append(name)
-        for key, value in (attributes or {}).items():
-            where.append(
-                "id IN (SELECT workflow_id FROM workflow_attributes WHERE key = ? AND value = ?)"
-            )
-            params.extend((key, value))
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        clause, params = listing(status=status, name=name, attributes=attributes, before=before)
         rows = await self._all(
-            f"SELECT {WORKFLOW_COLUMNS} FROM workflows {clause} ORDER BY created_at DESC, id DESC LIMIT ?",
+            f"SELECT {WORKFLOW_COLUMNS} FROM workflows {clause.replace('{}', '?')} "
+            "ORDER BY created_at DESC, id DESC LIMIT ?",
             [*params, limit],
         )
         return [workflow_of(row) for row in rows]
