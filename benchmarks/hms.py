@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -30,14 +31,17 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import hms_mgmt  # noqa: E402
 from benchmarks.grant_service import STEPS, payload, service  # noqa: E402
+
+T = TypeVar("T")
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -73,6 +77,37 @@ def broker_pid() -> int:
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
+
+
+@contextlib.contextmanager
+def fresh_vhost(prefix: str) -> Iterator[str]:
+    """A vhost of its own for one benchmark (guest may use it), deleted after: its URL."""
+    vhost = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    rabbitmqctl("add_vhost", vhost)
+    try:
+        rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        yield f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    finally:
+        subprocess.run(["rabbitmqctl", "delete_vhost", vhost], capture_output=True)
+
+
+def with_daemons(
+    url: str,
+    prefix: str,
+    env: dict[str, str],
+    measure: Callable[[Daemons], Coroutine[Any, Any, T]],
+) -> T:
+    """``measure`` run against an engine daemon and a step service on ``url``, in a folder of
+    their own; their logs' tail printed if it fails; both stopped after."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as folder:
+        daemons = Daemons(url, Path(folder), env)
+        try:
+            return asyncio.run(measure(daemons))
+        except BaseException:
+            print(daemons.logs.read_text()[-4000:], file=sys.stderr)
+            raise
+        finally:
+            daemons.stop()
 
 
 class Daemons:
@@ -314,10 +349,6 @@ def main() -> None:
         help="alternate runs without and with a dashboard open (an /api/events reader)",
     )
     args = parser.parse_args()
-    vhost = f"hms-bench-{uuid.uuid4().hex[:8]}"
-    rabbitmqctl("add_vhost", vhost)
-    rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-    url = f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
     extra_env = dict(item.split("=", 1) for item in args.env)
     if args.dashboard:
         port = free_port()
@@ -331,17 +362,11 @@ def main() -> None:
         asyncio.run(postgres_admin(args.postgres, f"CREATE DATABASE {database}"))
         extra_env["HMS_STORE_URL"] = f"{args.postgres.rstrip('/')}/{database}"
     try:
-        with tempfile.TemporaryDirectory(prefix="hms-bench-") as folder:
-            daemons = Daemons(url, Path(folder), extra_env)
-            try:
-                result = asyncio.run(measure(args, url, daemons))
-            except BaseException:
-                print(daemons.logs.read_text()[-4000:], file=sys.stderr)
-                raise
-            finally:
-                daemons.stop()
+        with fresh_vhost("hms-bench") as url:
+            result = with_daemons(
+                url, "hms-bench-", extra_env, lambda daemons: measure(args, url, daemons)
+            )
     finally:
-        rabbitmqctl("delete_vhost", vhost)
         if database is not None:
             asyncio.run(postgres_admin(args.postgres, f"DROP DATABASE {database} WITH (FORCE)"))
     print(

@@ -21,13 +21,10 @@ are this machine's, so the differences are the hops:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import statistics
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import hms_mgmt  # noqa: E402
 from benchmarks.grant_service import payload, service  # noqa: E402
-from benchmarks.hms import Daemons, percentile, rabbitmqctl  # noqa: E402
+from benchmarks.hms import Daemons, fresh_vhost, percentile, with_daemons  # noqa: E402
 
 HOPS = ("request", "to worker", "handler", "to engine", "reply", "total")
 
@@ -110,22 +107,14 @@ def main() -> None:
     )
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the daemons")
     args = parser.parse_args()
-    vhost = f"hms-latency-{uuid.uuid4().hex[:8]}"
-    rabbitmqctl("add_vhost", vhost)
-    rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-    url = f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
-    try:
-        with tempfile.TemporaryDirectory(prefix="hms-latency-") as folder:
-            daemons = Daemons(url, Path(folder), dict(item.split("=", 1) for item in args.env))
-            try:
-                samples = asyncio.run(measure(url, daemons, args.count, not args.start_wait))
-            except BaseException:
-                print(daemons.logs.read_text()[-4000:], file=sys.stderr)
-                raise
-            finally:
-                daemons.stop()
-    finally:
-        rabbitmqctl("delete_vhost", vhost)
+    env = dict(item.split("=", 1) for item in args.env)
+    with fresh_vhost("hms-latency") as url:
+        samples = with_daemons(
+            url,
+            "hms-latency-",
+            env,
+            lambda daemons: measure(url, daemons, args.count, not args.start_wait),
+        )
     table = summarise(samples)
     how = "start + wait" if args.start_wait else "execute()"
     print(f"lone 4-step workflow, {args.count} by {how}, ms:")

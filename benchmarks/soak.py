@@ -14,9 +14,7 @@ import argparse
 import asyncio
 import json
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 import hms_mgmt  # noqa: E402
 from benchmarks.grant_service import payload, service  # noqa: E402
-from benchmarks.hms import Daemons, rabbitmqctl, rss_mb  # noqa: E402
+from benchmarks.hms import Daemons, fresh_vhost, rss_mb, with_daemons  # noqa: E402
 from hms_mgmt.settings import parse_duration  # noqa: E402
 
 
@@ -93,19 +91,13 @@ def main() -> None:
     parser.add_argument("--every", type=float, default=10.0, help="seconds between samples")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    vhost = f"hms-soak-{uuid.uuid4().hex[:8]}"
-    rabbitmqctl("add_vhost", vhost)
-    rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-    url = f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
-    try:
-        with tempfile.TemporaryDirectory(prefix="hms-soak-") as folder:
-            daemons = Daemons(url, Path(folder), {"HMS_RETENTION": args.retention})
-            try:
-                result = asyncio.run(soak(args, url, daemons))
-            finally:
-                daemons.stop()
-    finally:
-        rabbitmqctl("delete_vhost", vhost)
+    with fresh_vhost("hms-soak") as url:
+        result = with_daemons(
+            url,
+            "hms-soak-",
+            {"HMS_RETENTION": args.retention},
+            lambda daemons: soak(args, url, daemons),
+        )
     print(
         f"soak: {result['started']} workflows at {args.rate:g}/s for {args.minutes:g} min, "
         f"retention {args.retention}: store {result['min_store_mb_after_retention']}-"

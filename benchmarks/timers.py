@@ -16,11 +16,8 @@ import asyncio
 import json
 import random
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import hms_mgmt  # noqa: E402
 from benchmarks.grant_service import payload, service  # noqa: E402
-from benchmarks.hms import Daemons, percentile, rabbitmqctl, rss_mb  # noqa: E402
+from benchmarks.hms import Daemons, fresh_vhost, percentile, rss_mb, with_daemons  # noqa: E402
 
 
 async def start_all(client: hms_mgmt.Management, count: int, run_at: list[float]) -> list[str]:
@@ -108,22 +105,10 @@ def main() -> None:
     parser.add_argument("--due", type=int, default=1_000)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    vhost = f"hms-bench-timers-{uuid.uuid4().hex[:8]}"
-    rabbitmqctl("add_vhost", vhost)
-    rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-    url = f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
-    try:
-        with tempfile.TemporaryDirectory(prefix="hms-bench-timers-") as folder:
-            daemons = Daemons(url, Path(folder), {})
-            try:
-                result = asyncio.run(measure(args, url, daemons))
-            except BaseException:
-                print(daemons.logs.read_text()[-4000:], file=sys.stderr)
-                raise
-            finally:
-                daemons.stop()
-    finally:
-        subprocess.run(["rabbitmqctl", "delete_vhost", vhost], capture_output=True)
+    with fresh_vhost("hms-bench-timers") as url:
+        result = with_daemons(
+            url, "hms-bench-timers-", {}, lambda daemons: measure(args, url, daemons)
+        )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 
