@@ -9,9 +9,8 @@ from hms_mgmt.store.base import Batch
 def record_spans(batch: Batch, start_ns: int, end_ns: int) -> None:
     """A span of this batch's work on each traced workflow it changed, under the workflow's
     trace context (the client's ``hms.start`` span): the outcomes, timers and requests
-    applied and the steps published, from the batch's start to its commit."""
-    if not tracing.recording():  # no SDK: nothing would record them
-        return
+    applied and the steps published, from the batch's start to its commit. Called only when
+    an SDK records spans (:func:`hms_mgmt.tracing.recording`)."""
     events: dict[str, list[str]] = {}
     published: dict[str, list[str]] = {}
     for workflow_id, _at, kind, detail in batch.history:
