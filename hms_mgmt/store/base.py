@@ -185,11 +185,14 @@ class Store(Protocol):
         limit: int = 50,
         attributes: Mapping[str, str] | None = None,
         before: tuple[float, str] | None = None,
+        since: float | None = None,
+        until: float | None = None,
     ) -> list[Workflow]:
         """The newest workflows first (by ``created_at``, then id); with ``attributes``, only
         those with every one of these business keys (the index on (key, value) finds them);
         with ``before`` (a ``created_at`` and an id: the last one of a page), only those after
-        it in that order, the next page (keyset paging, not OFFSET)."""
+        it in that order, the next page (keyset paging, not OFFSET); with ``since`` and
+        ``until``, only those created in [since, until) (seconds since the epoch)."""
         ...
 
     async def count_by_status(self) -> dict[str, int]: ...

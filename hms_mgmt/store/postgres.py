@@ -377,8 +377,17 @@ class PostgresStore:
         limit: int = 50,
         attributes: Mapping[str, str] | None = None,
         before: tuple[float, str] | None = None,
+        since: float | None = None,
+        until: float | None = None,
     ) -> list[Workflow]:
-        clause, params = listing(status=status, name=name, attributes=attributes, before=before)
+        clause, params = listing(
+            status=status,
+            name=name,
+            attributes=attributes,
+            before=before,
+            since=since,
+            until=until,
+        )
         numbered = clause.split("{}")  # $1, $2, ... in the order of the parameters
         clause = "".join(f"{part}${n}" for n, part in enumerate(numbered[:-1], 1)) + numbered[-1]
         params.append(limit)

@@ -439,8 +439,17 @@ class SQLiteStore:
         limit: int = 50,
         attributes: Mapping[str, str] | None = None,
         before: tuple[float, str] | None = None,
+        since: float | None = None,
+        until: float | None = None,
     ) -> list[Workflow]:
-        clause, params = listing(status=status, name=name, attributes=attributes, before=before)
+        clause, params = listing(
+            status=status,
+            name=name,
+            attributes=attributes,
+            before=before,
+            since=since,
+            until=until,
+        )
         rows = await self._all(
             f"SELECT {WORKFLOW_COLUMNS} FROM workflows {clause.replace('{}', '?')} "
             "ORDER BY created_at DESC, id DESC LIMIT ?",
