@@ -92,6 +92,13 @@ class Store(Protocol):
 
     async def close(self) -> None: ...
 
+    async def exclude_others(self, wait: float) -> None:
+        """Before :meth:`open`, for an engine: keep other engines out of a store that cannot
+        be shared (SQLite: an OS lock on the file until :meth:`close`; waits up to ``wait``
+        seconds for one that is stopping, then raises :class:`StoreError` of kind
+        ``in_use``). PostgreSQL is shared by design: nothing to do."""
+        ...
+
     async def discard(self) -> None:
         """Close and delete a store this process has just created (a refused start)."""
         ...

@@ -119,6 +119,9 @@ class PostgresStore:
                 ) from None
             raise
 
+    async def exclude_others(self, wait: float) -> None:
+        """Engines share a PostgreSQL store: one is active, the others stand by."""
+
     async def close(self) -> None:
         pool, self._pool = self._pool, None
         if pool is None:
