@@ -51,7 +51,11 @@ async def test_a_second_engine_on_the_vhost_is_refused(case: Case, store: str) -
     case.start_worker()
     async with case.client() as client:
         starting = asyncio.ensure_future(case.start_many(client, 300, sleep=0.2))
-        await asyncio.sleep(1.0)
+
+        async def serving() -> bool:  # the first engine is up (else the second could be first)
+            return await asyncio.to_thread(case.count_succeeded) > 0
+
+        await wait_until(serving, timeout=60, interval=0.1, what="the first engine serving")
         other = case.tmp_path / "other.db" if store == "other_file" else case.db
         env = {"HMS_STORE_URL": f"sqlite:///{other}"}
         if store == "same_file_other_vhost":  # the file's own lock refuses it
