@@ -57,6 +57,10 @@ class AccessRefusedError(BusError):
     """The broker user may not do this (RabbitMQ permissions)."""
 
 
+class PreconditionFailedError(BusError):
+    """The queue exists with other arguments (another type, say): RabbitMQ's PRECONDITION_FAILED."""
+
+
 @dataclass(frozen=True)
 class QueueSpec:
     """A durable queue; quorum queues may dead-letter and limit deliveries."""

@@ -22,6 +22,7 @@ from bus_adapters.base import (
     Delivery,
     Message,
     OnDelivery,
+    PreconditionFailedError,
     QueueSpec,
     ResourceLockedError,
     UnroutableError,
@@ -291,7 +292,9 @@ class MemoryBus:
         if existing is None:
             self.broker.queues[spec.name] = _Queue(spec)
         elif existing.spec != spec:
-            raise BusError(f"PRECONDITION_FAILED - queue {spec.name!r} exists with other arguments")
+            raise PreconditionFailedError(
+                f"PRECONDITION_FAILED - queue {spec.name!r} exists with other arguments"
+            )
 
     async def bind(self, queue: str, exchange: str, routing_key: str) -> None:
         if queue not in self.broker.queues or exchange not in self.broker.exchanges:

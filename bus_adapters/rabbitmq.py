@@ -37,6 +37,7 @@ from bus_adapters.base import (
     Delivery,
     Message,
     OnDelivery,
+    PreconditionFailedError,
     PublishNotConfirmedError,
     QueueSpec,
     ResourceLockedError,
@@ -303,6 +304,8 @@ class RabbitMQBus:
         channel = await self._declare_channel()
         try:
             await channel.declare_queue(spec.name, durable=True, arguments=queue_arguments(spec))
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            raise PreconditionFailedError(f"cannot declare queue {spec.name!r}: {exc}") from exc
         except aiormq.exceptions.AMQPError as exc:
             raise _refusal(f"cannot declare queue {spec.name!r}", exc) from exc
 

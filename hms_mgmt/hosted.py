@@ -12,6 +12,7 @@ import contextlib
 from bus_adapters import open_bus
 from hms_mgmt.engine.engine import Engine
 from hms_mgmt.errors import HmsError
+from hms_mgmt.settings import Settings
 from hms_mgmt.store import open_store
 
 
@@ -23,7 +24,11 @@ class HostedEngine:
     @classmethod
     async def start(cls, broker_url: str, store_url: str, *, name: str) -> HostedEngine:
         """An engine running in this process, once it is ready (or the error that stopped it)."""
-        engine = Engine(open_bus(broker_url, name=f"{name}:engine"), open_store(store_url))
+        engine = Engine(
+            open_bus(broker_url, name=f"{name}:engine"),
+            open_store(store_url),
+            step_queue_type=Settings.from_env().step_queue_type,
+        )
         task = asyncio.get_running_loop().create_task(engine.run())
         ready = asyncio.ensure_future(engine.ready.wait())
         await asyncio.wait({ready, task}, return_when=asyncio.FIRST_COMPLETED)

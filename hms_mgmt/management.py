@@ -208,6 +208,8 @@ class Management(Calls):
             concurrency=self.concurrency,
             on_outcome=self.on_outcome,
             faults=self.faults,
+            step_queue_type=Settings.from_env().step_queue_type,
+            ask=self._client.request if self._client is not None else None,
         )
         self._threads = self._worker.threads
         await self._worker.start()

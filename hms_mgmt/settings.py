@@ -63,6 +63,9 @@ class Settings:
     # The heartbeat of an engine's broker connections on a shared store (PostgreSQL): a dead
     # or frozen active engine's lock is freed after about two, and a standby takes over.
     engine_heartbeat: float = 3.0
+    # Step queues: classic (sooner on one node; the poison guard limits deliveries) or quorum
+    # (replicated, for a cluster; the broker limits deliveries). An existing queue keeps its type.
+    step_queue_type: str = "classic"
 
     def __post_init__(self) -> None:
         for name in _PORTS:
@@ -73,6 +76,11 @@ class Settings:
             value = getattr(self, name)
             if not value > 0:
                 raise ValueError(f"{name} must be a number of seconds > 0, not {value!r}")
+        if self.step_queue_type not in ("classic", "quorum"):
+            raise ValueError(
+                "HMS_STEP_QUEUE_TYPE must be classic or quorum (quorum for a RabbitMQ "
+                f"cluster), not {self.step_queue_type!r}"
+            )
 
     @property
     def client_user_set(self) -> frozenset[str] | None:
@@ -116,6 +124,8 @@ class Settings:
                     ) from None
             elif f.name == "retention":
                 values[f.name] = parse_duration(raw, what="HMS_RETENTION")
+            elif f.name == "step_queue_type":
+                values[f.name] = raw.strip().lower()
             elif f.name == "http_open_reads":
                 values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
             else:

@@ -9,7 +9,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from functools import partial
 
-from bus_adapters.base import AccessRefusedError, Bus, BusError, QueueSpec
+from bus_adapters.base import (
+    AccessRefusedError,
+    Bus,
+    BusError,
+    PreconditionFailedError,
+    QueueSpec,
+)
 from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.logs import get_logger
 
@@ -28,17 +34,34 @@ ENGINE_RECORD_QUEUE = "hms.engine.record"  # the serving engine's record: host, 
 log = get_logger("topology")
 
 DELIVERY_LIMIT = 5
-"""Deliveries of one step message before the broker dead-letters it (a crash loop)."""
+"""Deliveries of one step message before it is dead-lettered (a crash loop): by the broker on
+a quorum step queue, by the poison guard (the worker asks the engine) on a classic one."""
+
+STEP_QUEUE_TYPES = ("classic", "quorum")
+DEFAULT_STEP_QUEUE_TYPE = "classic"
+"""``HMS_STEP_QUEUE_TYPE``: classic delivers sooner on one node (no Raft write before the
+delivery); quorum queues replicate, for a RabbitMQ cluster. Both dead-letter a message
+delivered more than :data:`DELIVERY_LIMIT` times."""
 
 ENGINE_QUEUES = (COMMANDS_QUEUE, RESULTS_QUEUE, DEADLETTERS_QUEUE)
 
 
-def step_queue(workflow: str, step: str) -> QueueSpec:
+def check_step_queue_type(queue_type: str) -> str:
+    if queue_type not in STEP_QUEUE_TYPES:
+        raise ValueError(
+            f"HMS_STEP_QUEUE_TYPE must be one of {', '.join(STEP_QUEUE_TYPES)}, not {queue_type!r}"
+        )
+    return queue_type
+
+
+def step_queue(workflow: str, step: str, queue_type: str = DEFAULT_STEP_QUEUE_TYPE) -> QueueSpec:
+    """A quorum step queue limits deliveries itself; a classic one has the poison guard."""
+    quorum = check_step_queue_type(queue_type) == "quorum"
     return QueueSpec(
         f"{workflow}.{step}",
-        quorum=True,
+        quorum=quorum,
         dead_letter_exchange=DLX_EXCHANGE,
-        delivery_limit=DELIVERY_LIMIT,
+        delivery_limit=DELIVERY_LIMIT if quorum else None,
     )
 
 
@@ -81,21 +104,48 @@ async def declare_core(bus: Bus, *, engine: bool = False) -> None:
             log.debug("not allowed to declare; the engine declares it", error=str(exc))
 
 
-async def declare_workflow(bus: Bus, definition: WorkflowDefinition) -> None:
-    """Each step's quorum queue, bound to ``hms.steps``, and its ``.dlq`` bound to ``hms.dead``."""
+async def declare_workflow(
+    bus: Bus, definition: WorkflowDefinition, queue_type: str = DEFAULT_STEP_QUEUE_TYPE
+) -> None:
+    """Each step's queue, bound to ``hms.steps``, and its ``.dlq`` bound to ``hms.dead``."""
     for step in definition.all_steps:
-        await declare_step(bus, definition.name, step.name)
+        await declare_step(bus, definition.name, step.name, queue_type=queue_type)
 
 
-async def declare_step(bus: Bus, workflow: str, step: str, *, engine: bool = True) -> None:
-    """A step's queue and its ``.dlq``, bound to their exchanges.
+async def declare_step(
+    bus: Bus,
+    workflow: str,
+    step: str,
+    *,
+    engine: bool = True,
+    queue_type: str = DEFAULT_STEP_QUEUE_TYPE,
+) -> str:
+    """A step's queue and its ``.dlq``, bound to their exchanges; the queue's type.
 
-    A step service declares its queues too, so that it can consume before the engine has
-    seen its definitions; the bindings it leaves to the engine when the exchanges are not
-    there yet or its broker user may not bind (the engine binds them on ``define``).
+    A queue that already exists as the other type keeps it (RabbitMQ cannot change a
+    queue's type; a vhost set up with quorum step queues goes on with them): the type
+    returned is the one the queue has. A step service declares its queues too, so that it
+    can consume before the engine has seen its definitions; the bindings it leaves to the
+    engine when the exchanges are not there yet or its broker user may not bind (the engine
+    binds them on ``define``).
     """
-    spec = step_queue(workflow, step)
-    await bus.declare_queue(spec)
+    spec = step_queue(workflow, step, queue_type)
+    try:
+        await bus.declare_queue(spec)
+    except PreconditionFailedError as exc:
+        other = "quorum" if queue_type == "classic" else "classic"
+        spec = step_queue(workflow, step, other)
+        try:
+            await bus.declare_queue(spec)
+        except PreconditionFailedError:
+            raise exc from None  # neither type: another program's queue; say so
+        log.info(
+            "step queue kept as it is: RabbitMQ cannot change a queue's type",
+            queue=spec.name,
+            type=other,
+            configured=queue_type,
+        )
+        queue_type = other
     await bus.declare_queue(QueueSpec(dlq_name(spec.name)))
     for queue, exchange in ((spec.name, STEPS_EXCHANGE), (dlq_name(spec.name), DEAD_EXCHANGE)):
         try:
@@ -104,3 +154,4 @@ async def declare_step(bus: Bus, workflow: str, step: str, *, engine: bool = Tru
             if engine:
                 raise
             log.debug("not binding; the engine binds it", queue=queue, error=str(exc))
+    return queue_type

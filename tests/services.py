@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -237,4 +238,17 @@ def block_in_a_thread(ctx: hms_mgmt.StepContext) -> dict[str, Any]:  # runs in a
 async def hog_the_loop(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
     # Blocks the event loop: never do this (await asyncio.sleep, or use a plain function).
     time.sleep(float(ctx.payload.get("seconds", 3)))  # noqa: ASYNC251
+    return {"data": ctx.payload}
+
+
+# A step service whose handler kills its own process on every delivery of a poison payload:
+# the poison-message protection of each step queue type (tests/test_step_queues.py).
+crasher = hms_mgmt.init(service_name="test-crasher")
+crasher.define_workflow("crashing", ["swallow"], retry=RetryPolicy(max_attempts=1))
+
+
+@crasher.on_step("crashing.swallow")
+async def swallow(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+    if ctx.payload.get("poison"):
+        os._exit(1)  # no outcome, no ack: the broker delivers it again
     return {"data": ctx.payload}

@@ -68,6 +68,7 @@ def _engine(settings: Settings, *, new_store: bool) -> Engine:
         stuck_after=settings.stuck_after,
         faults=faults.from_env(),
         standby=standby,
+        step_queue_type=settings.step_queue_type,
     )
 
 

@@ -24,9 +24,10 @@ from hms_mgmt.engine.events import (
     TimerEvent,
 )
 from hms_mgmt.engine.registry import Registry
-from hms_mgmt.engine.work import Work
+from hms_mgmt.engine.work import REDELIVERED, Work
 from hms_mgmt.errors import (
     HmsError,
+    InvalidMessageError,
     ScheduleNotFoundError,
     UnknownWorkflowError,
     WorkflowNotFoundError,
@@ -36,12 +37,13 @@ from hms_mgmt.records import StepRun, Workflow
 from hms_mgmt.schedules import Schedule
 from hms_mgmt.store.base import OutboxRow
 from hms_mgmt.tokens import Signer
-from hms_mgmt.topology import STEPS_EXCHANGE
+from hms_mgmt.topology import DELIVERY_LIMIT, STEPS_EXCHANGE
 from hms_mgmt.wire.outcomes import MALFORMED
 from hms_mgmt.wire.requests import (
     CancelRequest,
     DefineRequest,
     ListRequest,
+    RedeliveredRequest,
     Request,
     RetryRequest,
     ScheduleRequest,
@@ -53,6 +55,9 @@ from hms_mgmt.wire.requests import (
     WaitRequest,
 )
 from hms_mgmt.wire.steps import dead_letter_message, step_headers
+
+POISON_GUARD = "poison_guard"
+"""The reason a run's attempt fails when the poison guard dead-letters its message."""
 
 READS = (StatusRequest, WaitRequest, ListRequest)
 """Requests answered from the store once the batch has committed, not applied."""
@@ -306,6 +311,57 @@ class Applier:
             self._start(request, work, now)
         elif isinstance(request, CancelRequest | RetryRequest | SignalRequest):
             self._change(request, work, now)
+        elif isinstance(request, RedeliveredRequest):
+            self._redelivered(request, work, now)
+
+    def _redelivered(self, request: RedeliveredRequest, work: Work, now: float) -> None:
+        """The poison guard (classic step queues): a step message delivered again is counted,
+        durably, in its workflow's history, once per delivery. Past :data:`DELIVERY_LIMIT`
+        deliveries its attempt fails with ``DeliveryLimitExceeded`` here, as when a quorum
+        queue dead-letters it, and the step service is told to dead-letter the message; a
+        message whose run is no longer current (its outcome is in) need not run again."""
+        if not self.signer.valid(request.workflow_id, request.seq, request.attempt, request.token):
+            raise InvalidMessageError(
+                f"redelivered step of {request.workflow_id!r}: its token does not match its run"
+            )
+        workflow, run = _loaded(work, request.workflow_id)
+        counted = work.redeliveries.setdefault((workflow.id, request.seq), set())
+        if request.delivery not in counted:
+            counted.add(request.delivery)
+            detail = {
+                "seq": request.seq,
+                "attempt": request.attempt,
+                "delivery": request.delivery,
+                "deliveries": len(counted) + 1,
+            }
+            work.batch.history.append((workflow.id, now, REDELIVERED, detail))
+        deliveries = len(counted) + 1  # the first delivery was not counted: it was not asked about
+        answer = {"deliveries": deliveries, "limit": DELIVERY_LIMIT}
+        stale = machine.stale_reason(workflow, run, request.seq)
+        if deliveries > DELIVERY_LIMIT:
+            reason = (
+                f"delivered {deliveries} times, over the limit of {DELIVERY_LIMIT}, without an "
+                "outcome: its worker crashed on every delivery (poison guard)"
+            )
+            if stale is None:
+                work.log(
+                    "warning",
+                    "step message over its delivery limit: dead-lettered",
+                    workflow_id=workflow.id,
+                    step=run.step,
+                    attempt=run.attempt,
+                    deliveries=deliveries,
+                    **tracing.log_fields(workflow.traceparent),
+                )
+                t = machine.dead_lettered(
+                    workflow, run, self.registry.of(workflow), request.seq, POISON_GUARD, now
+                )
+                self.record(work, t, workflow.id, now)
+            work.reply(request, True, {**answer, "verdict": "dead_letter", "reason": reason})
+        elif stale is not None:
+            work.reply(request, True, {**answer, "verdict": "skip", "reason": stale})
+        else:
+            work.reply(request, True, {**answer, "verdict": "run"})
 
     def _change(
         self, request: CancelRequest | RetryRequest | SignalRequest, work: Work, now: float

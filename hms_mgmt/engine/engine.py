@@ -51,7 +51,14 @@ from hms_mgmt.logs import get_logger
 from hms_mgmt.schedules import Schedule
 from hms_mgmt.store.base import Batch, OutboxRow, Store
 from hms_mgmt.tokens import Signer
-from hms_mgmt.topology import COMMANDS_QUEUE, DEADLETTERS_QUEUE, RESULTS_QUEUE, declare_core
+from hms_mgmt.topology import (
+    COMMANDS_QUEUE,
+    DEADLETTERS_QUEUE,
+    DEFAULT_STEP_QUEUE_TYPE,
+    RESULTS_QUEUE,
+    check_step_queue_type,
+    declare_core,
+)
 
 log = get_logger("engine")
 
@@ -84,6 +91,7 @@ class Engine(EngineReads):
         stuck_after: float = 300.0,
         faults: Faults | None = None,
         standby: bool = False,
+        step_queue_type: str = DEFAULT_STEP_QUEUE_TYPE,
     ) -> None:
         """An engine over ``bus`` and ``store``; nothing happens until :meth:`run`.
 
@@ -102,6 +110,7 @@ class Engine(EngineReads):
         vhost, stand by and take over when it goes, rather than refuse to start; and when
         another engine takes over from this one, stop with :attr:`deposed` set (the daemon
         then starts a fresh engine, which stands by).
+        ``step_queue_type``: ``classic`` or ``quorum``, for step queues not declared yet.
         """
         self.bus = bus
         self.store = store
@@ -119,7 +128,7 @@ class Engine(EngineReads):
         self.on_commit: Callable[[Batch], None] | None = None
 
         self.health = StoreHealth(store_grace)
-        self.registry = Registry(bus, store)
+        self.registry = Registry(bus, store, check_step_queue_type(step_queue_type))
         self.schedules: dict[str, Schedule] = {}
         self.cache = InFlight(cache_size)
         self.timers = TimerQueue(timer_horizon)

@@ -56,7 +56,8 @@ class Access:
 
     With neither ``client_users`` nor ``service_users`` set, every user of the vhost is
     trusted. Otherwise client users may send every request, service users outcomes and
-    definitions, and the engine's own user (its HTTP API's requests) everything.
+    definitions (and the poison guard's ``redelivered`` questions), and the engine's own user
+    (its HTTP API's requests) everything.
     """
 
     def __init__(
@@ -82,7 +83,7 @@ class Access:
             return None
         if what != "outcome" and user in (self.client_users or ()):
             return None
-        if what in ("outcome", "define") and user in (self.service_users or ()):
+        if what in ("outcome", "define", "redelivered") and user in (self.service_users or ()):
             return None
         return f"broker user {user!r} may not send {what!r} messages to this engine"
 

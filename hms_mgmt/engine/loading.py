@@ -15,13 +15,14 @@ from hms_mgmt import schedules
 from hms_mgmt.engine.cache import InFlight
 from hms_mgmt.engine.events import Event, RequestEvent, TickEvent
 from hms_mgmt.engine.registry import Registry
-from hms_mgmt.engine.work import Work
+from hms_mgmt.engine.work import REDELIVERED, Work
 from hms_mgmt.errors import DefinitionError, HmsError, StoreError, error_json
 from hms_mgmt.schedules import Schedule
 from hms_mgmt.store.base import Store
 from hms_mgmt.wire.requests import (
     CancelRequest,
     DefineRequest,
+    RedeliveredRequest,
     RetryRequest,
     SignalRequest,
     StartRequest,
@@ -79,6 +80,8 @@ class Loader:
         for event in events:
             if isinstance(event, RequestEvent) and isinstance(event.request, RetryRequest):
                 await self._load_failed_run(event.workflow_id, work)
+            if isinstance(event, RequestEvent) and isinstance(event.request, RedeliveredRequest):
+                await self._load_redeliveries(event.request, work)
 
     async def _define(self, request: DefineRequest, work: Work, now: float) -> None:
         if request.definition is None:
@@ -92,6 +95,19 @@ class Loader:
             work.reply(request, False, error_json(exc))
             return
         work.reply(request, True, answer)
+
+    async def _load_redeliveries(self, request: RedeliveredRequest, work: Work) -> None:
+        """The redeliveries of a run's step message counted before (the poison guard): read
+        from its workflow's history, only when a step service asks, which it does only for a
+        message delivered again."""
+        key = (request.workflow_id, request.seq)
+        if key in work.redeliveries or request.workflow_id not in work.state:
+            return
+        work.redeliveries[key] = {
+            str(entry.detail.get("delivery"))
+            for entry in await self._store.history(request.workflow_id)
+            if entry.kind == REDELIVERED and entry.detail.get("seq") == request.seq
+        }
 
     async def _load_failed_run(self, workflow_id: str, work: Work) -> None:
         """A retry resumes the run that failed, which may be earlier than the current one."""

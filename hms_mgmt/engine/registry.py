@@ -16,14 +16,23 @@ from hms_mgmt.errors import HmsError, UnknownWorkflowError
 from hms_mgmt.logs import get_logger
 from hms_mgmt.records import Workflow
 from hms_mgmt.store.base import Store
-from hms_mgmt.topology import ENGINE_QUEUES, declare_step, declare_workflow, dlq_name
+from hms_mgmt.topology import (
+    DEFAULT_STEP_QUEUE_TYPE,
+    ENGINE_QUEUES,
+    declare_step,
+    declare_workflow,
+    dlq_name,
+)
 
 log = get_logger("engine")
 
 
 class Registry:
-    def __init__(self, bus: Bus, store: Store) -> None:
+    def __init__(
+        self, bus: Bus, store: Store, step_queue_type: str = DEFAULT_STEP_QUEUE_TYPE
+    ) -> None:
         self._bus = bus
+        self.step_queue_type = step_queue_type
         self._store = store
         self.versions: dict[tuple[str, int], WorkflowDefinition] = {}
         self.latest: dict[str, WorkflowDefinition] = {}
@@ -33,7 +42,7 @@ class Registry:
         for definition in await self._store.definitions():
             self.remember(definition)
         for definition in self.latest.values():
-            await declare_workflow(self._bus, definition)
+            await declare_workflow(self._bus, definition, self.step_queue_type)
 
     def remember(self, definition: WorkflowDefinition) -> None:
         self.versions[(definition.name, definition.version)] = definition
@@ -68,7 +77,7 @@ class Registry:
         version = 1 if latest is None else latest.version + 1
         definition = definition.with_version(version)
         try:
-            await declare_workflow(self._bus, definition)
+            await declare_workflow(self._bus, definition, self.step_queue_type)
         except BusError as exc:
             raise HmsError(f"cannot declare the queues of {definition.name!r}: {exc}") from exc
         await self._store.save_definition(definition, now)
@@ -85,7 +94,7 @@ class Registry:
         """Declare a step's queue again (an operator deleted or unbound it)."""
         workflow, _, step = routing_key.partition(".")
         if workflow in self.latest and step:
-            await declare_step(self._bus, workflow, step)
+            await declare_step(self._bus, workflow, step, queue_type=self.step_queue_type)
 
     def dead_letter_queues(self) -> list[str]:
         """The ``.dlq`` of the engine's own queues and of every step of every known version."""

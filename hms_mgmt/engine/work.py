@@ -10,6 +10,9 @@ from hms_mgmt.schedules import Schedule
 from hms_mgmt.store.base import Batch
 from hms_mgmt.wire.requests import Request
 
+REDELIVERED = "redelivered"
+"""The history entry of a step message delivered again, counted by the poison guard."""
+
 Reply = tuple[str, str, bool, Any]
 """To whom (``reply_to``), for which request, ok or not, and the value or the error."""
 
@@ -22,6 +25,8 @@ class Work:
     answered: dict[str, Any] = field(default_factory=dict)  # request id -> [ok, reply]
     failed_runs: dict[tuple[str, int], StepRun] = field(default_factory=dict)  # for retry
     ticks: dict[str, tuple[list[float], Schedule]] = field(default_factory=dict)  # due ticks
+    # (workflow id, seq) -> the ids of the redeliveries of its step message counted so far
+    redeliveries: dict[tuple[str, int], set[str]] = field(default_factory=dict)
     # Made by applying, written in one transaction:
     batch: Batch = field(default_factory=Batch)
     # ... and let out once it is committed:

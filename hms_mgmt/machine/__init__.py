@@ -18,7 +18,7 @@ from hms_mgmt.machine.events import (
     signal,
     start,
 )
-from hms_mgmt.machine.moves import step_message
+from hms_mgmt.machine.moves import stale_reason, step_message
 from hms_mgmt.machine.transition import (
     TIMER_DEADLINE,
     TIMER_RUN,
@@ -41,6 +41,7 @@ __all__ = (
     "fire_timer",
     "retry",
     "signal",
+    "stale_reason",
     "start",
     "step_message",
 )

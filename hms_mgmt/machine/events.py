@@ -104,7 +104,8 @@ def dead_lettered(
     reason: str,
     now: float,
 ) -> Transition:
-    """The broker gave a run's message up (delivery limit): a failed attempt."""
+    """The broker gave a run's message up (delivery limit), or the poison guard did
+    (``poison_guard``, on a classic step queue): a failed attempt."""
     t = Transition()
     stale = stale_reason(workflow, run, seq)
     if stale is not None:
@@ -113,9 +114,14 @@ def dead_lettered(
     wf, current = copy(workflow, run, t, now)
     current.finished_at = now
     error = {
-        "type": "DeliveryLimitExceeded" if reason == "delivery_limit" else "MessageRejected",
+        "type": "DeliveryLimitExceeded"
+        if reason in ("delivery_limit", "poison_guard")
+        else "MessageRejected",
         "message": f"the broker dead-lettered the step message ({reason}): "
-        "its worker crashed or refused it on every delivery",
+        "its worker crashed or refused it on every delivery"
+        if reason != "poison_guard"
+        else "the step message was delivered more times than its limit without an outcome "
+        "(poison guard): its worker crashed on every delivery",
         "retryable": True,
     }
     fail(t, wf, current, definition, error, now)

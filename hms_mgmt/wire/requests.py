@@ -21,7 +21,7 @@ from hms_mgmt.errors import DefinitionError, InvalidMessageError
 from hms_mgmt.records import STATUSES
 from hms_mgmt.topology import COMMANDS_EXCHANGE, COMMANDS_QUEUE
 from hms_mgmt.wire.codec import batch_body, dumps, new_id
-from hms_mgmt.wire.fields import Refused, decode_items, field, ident, name
+from hms_mgmt.wire.fields import Refused, decode_items, field, ident, name, positive, token
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -233,6 +233,31 @@ class SchedulesRequest(Request):
     kind = "schedules"
 
 
+@dataclass(frozen=True, kw_only=True)
+class RedeliveredRequest(_About):
+    """A step service's question about a step message delivered again (``redelivered``):
+    run it, or dead-letter it? The poison guard of classic step queues: the engine counts
+    the run's deliveries in its store and says ``dead_letter`` past the delivery limit.
+    ``delivery`` is the worker's own id for this delivery: asked twice, it counts once."""
+
+    kind = "redelivered"
+    seq: int
+    attempt: int
+    token: str | None
+    delivery: str
+
+    @classmethod
+    def parse(cls, data: dict[str, Any], **common: Any) -> Request:
+        return cls(
+            workflow_id=ident(data, "workflow_id"),
+            seq=positive(data, "seq"),
+            attempt=positive(data, "attempt"),
+            token=token(data),
+            delivery=ident(data, "delivery"),
+            **common,
+        )
+
+
 REQUESTS: dict[str, type[Request]] = {
     kind.kind: kind
     for kind in (
@@ -247,6 +272,7 @@ REQUESTS: dict[str, type[Request]] = {
         ScheduleRequest,
         UnscheduleRequest,
         SchedulesRequest,
+        RedeliveredRequest,
     )
 }
 """Every request type by its ``type`` on the wire."""

@@ -24,7 +24,7 @@ import functools
 import inspect
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import FrameType
 from typing import Any
 
@@ -32,12 +32,20 @@ from bus_adapters.base import Bus, BusError, Delivery, Subscription, settle
 from hms_mgmt import tracing
 from hms_mgmt.context import Handler, StepContext
 from hms_mgmt.definitions import WorkflowDefinition
-from hms_mgmt.errors import InvalidMessageError, NonRetryableError, PayloadError, Retry, StepTimeout
+from hms_mgmt.errors import (
+    EngineUnavailableError,
+    HmsError,
+    InvalidMessageError,
+    NonRetryableError,
+    PayloadError,
+    Retry,
+    StepTimeout,
+)
 from hms_mgmt.faults import Faults
 from hms_mgmt.logs import get_logger
 from hms_mgmt.results import normalise_result
-from hms_mgmt.topology import declare_core, declare_step
-from hms_mgmt.wire.codec import MAX_PAYLOAD_BYTES, check_finite, why_not_json
+from hms_mgmt.topology import DEFAULT_STEP_QUEUE_TYPE, declare_core, declare_step
+from hms_mgmt.wire.codec import MAX_PAYLOAD_BYTES, check_finite, new_id, why_not_json
 from hms_mgmt.wire.outcomes import Outcome
 from hms_mgmt.wire.steps import StepMessage
 from hms_mgmt.worker.reporter import OutcomeReporter
@@ -46,6 +54,10 @@ from hms_mgmt.worker.threads import Deadline, HandlerThreads, ThreadRun, thread_
 log = get_logger("worker")
 
 CANCEL_GRACE = 1.0  # seconds a timed-out handler has to wind up after its cancellation
+GUARD_TIMEOUT = 300.0  # seconds the poison guard waits for the engine's verdict
+
+Ask = Callable[..., Awaitable[Any]]
+"""A request to the engine: ``ask(kind, fields, timeout=...)``, its answer (Client.request)."""
 
 
 def _describe(handler: Handler, topic: str) -> str:
@@ -84,8 +96,16 @@ class Worker:
         shutdown_timeout: float = 30.0,
         on_outcome: Callable[[StepMessage, Outcome], None] | None = None,
         faults: Faults | None = None,
+        step_queue_type: str = DEFAULT_STEP_QUEUE_TYPE,
+        ask: Ask | None = None,
     ) -> None:
+        """``step_queue_type``: for step queues not declared yet (an existing one keeps its
+        type). ``ask``: the engine's request path, for the poison guard of classic step
+        queues; without it, a message redelivered from a classic queue runs unasked."""
         self.bus = bus
+        self.step_queue_type = step_queue_type
+        self._ask = ask
+        self._guarded: set[str] = set()  # topics on classic queues: the poison guard's
         self.on_outcome = on_outcome  # called with each finished step's outcome (metrics)
         self.handlers = dict(handlers)
         self.definitions = dict(definitions or {})
@@ -98,7 +118,7 @@ class Worker:
         self._orphans: set[asyncio.Task[Any]] = set()  # timed out, ignoring their cancellation
         self._subscriptions: list[Subscription] = []
         self._stopping = asyncio.Event()
-        self.stats = {"succeeded": 0, "failed": 0, "invalid": 0}
+        self.stats = {"succeeded": 0, "failed": 0, "invalid": 0, "guarded": 0}
         self._reporter = OutcomeReporter(bus, faults)
         self._probation = True
 
@@ -107,7 +127,11 @@ class Worker:
         await declare_core(self.bus)
         for topic in self.handlers:
             workflow, step = topic.split(".", 1)
-            await declare_step(self.bus, workflow, step, engine=False)
+            kind = await declare_step(
+                self.bus, workflow, step, engine=False, queue_type=self.step_queue_type
+            )
+            if kind == "classic":
+                self._guarded.add(topic)
         # On probation: one delivery at a time per queue until one has been handled. A worker
         # that starts after a crash thus meets the message that crashed it alone, and a
         # message that kills its worker cannot take prefetched neighbours past the delivery
@@ -164,6 +188,13 @@ class Worker:
         if handler is None:
             await settle(delivery.reject(requeue=True))
             return
+        if delivery.redelivered and self._ask is not None and steps[0].topic in self._guarded:
+            try:
+                steps = await self._guard(delivery, steps)
+            except asyncio.CancelledError:
+                return  # shutting down: unacked, so the broker redelivers the step
+            if not steps:
+                return  # settled by the guard
         try:
             if len(steps) == 1:
                 done = await self._run_one(handler, steps[0])
@@ -177,6 +208,64 @@ class Worker:
                 await self._end_probation()
         else:  # stopping before every run in it started: let another worker have it
             await settle(delivery.reject(requeue=True))
+
+    async def _guard(self, delivery: Delivery, steps: list[StepMessage]) -> list[StepMessage]:
+        """The poison guard of a classic step queue (a quorum queue limits deliveries itself).
+
+        A message delivered again (its worker crashed, or lost its connection, before the
+        ack) is run only if the engine says so: it counts the run's deliveries durably, and
+        past the delivery limit fails the attempt and says to dead-letter the message, which
+        is then rejected (its queue dead-letters it to ``hms.dlx``). The steps to run; none if
+        the message was settled here.
+        """
+        assert self._ask is not None
+        me = new_id()  # this delivery: a repeated question about it is counted once
+        try:
+            answers = await asyncio.gather(
+                *(
+                    self._ask(
+                        "redelivered",
+                        {
+                            "workflow_id": s.workflow_id,
+                            "seq": s.seq,
+                            "attempt": s.attempt,
+                            "token": s.token,
+                            "delivery": f"{me}-{i}",
+                        },
+                        timeout=GUARD_TIMEOUT,
+                    )
+                    for i, s in enumerate(steps)
+                )
+            )
+        except EngineUnavailableError as exc:  # no verdict: let it come back later
+            log.warning("the poison guard got no verdict; the step goes back", error=str(exc))
+            await settle(delivery.reject(requeue=True))
+            return []
+        except HmsError as exc:  # refused (not a run the engine knows): run it, as unguarded
+            log.warning("the poison guard's question was refused", error=str(exc))
+            return steps
+        self.stats["guarded"] += 1
+        verdicts = [str((answer or {}).get("verdict", "run")) for answer in answers]
+        if "dead_letter" in verdicts:
+            reason = next(
+                str(a.get("reason"))
+                for a, v in zip(answers, verdicts, strict=True)
+                if v == "dead_letter"
+            )
+            log.warning(
+                "step message dead-lettered by the poison guard",
+                queue=delivery.queue,
+                workflow_id=steps[0].workflow_id,
+                step=steps[0].step,
+                attempt=steps[0].attempt,
+                reason=reason,
+            )
+            await settle(delivery.reject(requeue=False))
+            return []
+        running = [s for s, v in zip(steps, verdicts, strict=True) if v == "run"]
+        if not running:  # every run's outcome is in: nothing to do again
+            await settle(delivery.ack())
+        return running
 
     async def _run_one(self, handler: Handler, message: StepMessage) -> bool:
         """Run one step and have its outcome confirmed; False if stopping before it started."""
