@@ -145,16 +145,19 @@ async def test_duplicate_and_stale_outcomes(case: Case) -> None:
     assert report.succeeded == len(ids)
 
 
-async def test_poison_message_ends_in_the_dlq(case: Case) -> None:
-    case.start_engine()
-    case.start_worker()
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+async def test_poison_message_ends_in_the_dlq(case: Case, queue_type: str) -> None:
+    """Classic step queues: the poison guard; quorum ones: the broker's delivery limit."""
+    env = {"HMS_STEP_QUEUE_TYPE": queue_type}
+    case.start_engine(**env)
+    case.start_worker(**env)
     async with case.client() as client:
         poison = await case.start_many(client, 2, workflow="poison", poison=True)
         innocent = await case.start_many(client, 5, workflow="poison", poison=False)
         grants = await case.start_many(client, 50)
         deadline = time.monotonic() + 150
         while time.monotonic() < deadline:
-            case.ensure_worker()
+            case.ensure_worker(**env)
             statuses = await asyncio.to_thread(case.statuses)
             if all(statuses.get(i) in ("succeeded", "failed") for i in poison + innocent + grants):
                 break
@@ -163,7 +166,11 @@ async def test_poison_message_ends_in_the_dlq(case: Case) -> None:
     assert counts["poison.swallow.dlq"] == len(poison)
     statuses = case.statuses()
     assert all(statuses[i] == "failed" for i in poison)
-    report = await case.report(poison + innocent + grants, failed_by_design=poison)
+    report = await case.report(
+        poison + innocent + grants,
+        failed_by_design=poison,
+        notes=[f"{queue_type} step queues; {case.worker_restarts} worker restarts"],
+    )
     passed(report)
     assert report.succeeded == len(innocent) + len(grants)
 
