@@ -195,13 +195,17 @@ class Bus(Protocol):
 
 
 def vhost_of(url: str) -> str:
-    """The vhost an AMQP URL names: ``/`` when its path is empty (RabbitMQ's default)."""
-    path = urlsplit(url).path
+    """The vhost an AMQP URL names: ``/`` when its path is empty (RabbitMQ's default). Of a
+    list of URLs (several nodes, comma-separated), the first's: they all name the same."""
+    path = urlsplit(url.split(",", 1)[0].strip()).path
     return unquote(path[1:]) if len(path) > 1 else "/"
 
 
 def redact_url(url: str) -> str:
-    """The URL without its password, for logs and error messages."""
+    """The URL without its password, for logs and error messages; each URL of a
+    comma-separated list (the nodes of a broker cluster)."""
+    if "," in url and url.count("://") > 1:
+        return ",".join(redact_url(part.strip()) for part in url.split(","))
     if "@" not in url or "://" not in url:
         return url
     scheme, rest = url.split("://", 1)
