@@ -57,6 +57,10 @@ class AccessRefusedError(BusError):
     """The broker user may not do this (RabbitMQ permissions)."""
 
 
+class QueueMismatchError(BusError):
+    """A queue exists with other arguments than those declared (another type, say)."""
+
+
 @dataclass(frozen=True)
 class QueueSpec:
     """A durable queue; quorum queues may dead-letter and limit deliveries."""
@@ -149,6 +153,12 @@ class Bus(Protocol):
     @property
     def connected(self) -> bool:
         """Whether the bus is connected right now (readiness checks)."""
+        ...
+
+    @property
+    def cluster(self) -> bool:
+        """Whether the broker URL names several nodes (a cluster): then every queue a workflow
+        depends on is a quorum queue, replicated across them."""
         ...
 
     @property

@@ -22,6 +22,7 @@ from bus_adapters.base import (
     Delivery,
     Message,
     OnDelivery,
+    QueueMismatchError,
     QueueSpec,
     ResourceLockedError,
     UnroutableError,
@@ -274,6 +275,10 @@ class MemoryBus:
         return not self._closed
 
     @property
+    def cluster(self) -> bool:
+        return False  # one process is one node
+
+    @property
     def reconnects(self) -> int:
         return 0  # an in-process broker never drops a connection
 
@@ -291,7 +296,9 @@ class MemoryBus:
         if existing is None:
             self.broker.queues[spec.name] = _Queue(spec)
         elif existing.spec != spec:
-            raise BusError(f"PRECONDITION_FAILED - queue {spec.name!r} exists with other arguments")
+            raise QueueMismatchError(
+                f"PRECONDITION_FAILED - queue {spec.name!r} exists with other arguments"
+            )
 
     async def bind(self, queue: str, exchange: str, routing_key: str) -> None:
         if queue not in self.broker.queues or exchange not in self.broker.exchanges:

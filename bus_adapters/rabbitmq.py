@@ -38,6 +38,7 @@ from bus_adapters.base import (
     Message,
     OnDelivery,
     PublishNotConfirmedError,
+    QueueMismatchError,
     QueueSpec,
     ResourceLockedError,
     UnroutableError,
@@ -307,6 +308,12 @@ class RabbitMQBus:
         channel = await self._declare_channel()
         try:
             await channel.declare_queue(spec.name, durable=True, arguments=queue_arguments(spec))
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            kind = "quorum" if spec.quorum else "classic"
+            raise QueueMismatchError(
+                f"queue {spec.name!r} exists with other arguments than a {kind} queue's "
+                f"{queue_arguments(spec)}: {exc}"
+            ) from exc
         except aiormq.exceptions.AMQPError as exc:
             raise _refusal(f"cannot declare queue {spec.name!r}", exc) from exc
 

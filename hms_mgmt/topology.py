@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from functools import partial
 
-from bus_adapters.base import AccessRefusedError, Bus, BusError, QueueSpec
+from bus_adapters.base import AccessRefusedError, Bus, BusError, QueueMismatchError, QueueSpec
 from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.logs import get_logger
 
@@ -46,6 +46,12 @@ def dlq_name(queue: str) -> str:
     return f"{queue}.dlq"
 
 
+def plain_queue(name: str, bus: Bus, *, max_length: int | None = None) -> QueueSpec:
+    """The engine's queues and every ``.dlq``: classic on one node; on a cluster (a broker
+    URL naming several nodes) quorum queues, replicated, so that no node's death loses one."""
+    return QueueSpec(name, quorum=bus.cluster, max_length=max_length)
+
+
 async def declare_core(bus: Bus, *, engine: bool = False) -> None:
     """The exchanges and the engine's queues, each with its ``.dlq``.
 
@@ -62,8 +68,8 @@ async def declare_core(bus: Bus, *, engine: bool = False) -> None:
     ]
     for name in ENGINE_QUEUES:
         steps += [
-            partial(bus.declare_queue, QueueSpec(name)),
-            partial(bus.declare_queue, QueueSpec(dlq_name(name))),
+            partial(bus.declare_queue, plain_queue(name, bus)),
+            partial(bus.declare_queue, plain_queue(dlq_name(name), bus)),
         ]
     steps += [
         partial(bus.bind, DEADLETTERS_QUEUE, DLX_EXCHANGE, "#"),
@@ -71,7 +77,9 @@ async def declare_core(bus: Bus, *, engine: bool = False) -> None:
         partial(bus.bind, RESULTS_QUEUE, RESULTS_EXCHANGE, RESULTS_QUEUE),
     ]
     if engine:
-        steps.append(partial(bus.declare_queue, QueueSpec(ENGINE_RECORD_QUEUE, max_length=1)))
+        steps.append(
+            partial(bus.declare_queue, plain_queue(ENGINE_RECORD_QUEUE, bus, max_length=1))
+        )
     for step in steps:
         try:
             await step()
@@ -79,6 +87,21 @@ async def declare_core(bus: Bus, *, engine: bool = False) -> None:
             if engine:
                 raise
             log.debug("not allowed to declare; the engine declares it", error=str(exc))
+        except QueueMismatchError as exc:
+            # Clients and step services only publish to these: what type the engine gave
+            # them is the engine's business. The engine itself must not run on the wrong one.
+            if engine:
+                raise QueueMismatchError(_mismatch(bus, exc)) from exc
+            log.debug("declared otherwise already; the engine's word stands", error=str(exc))
+
+
+def _mismatch(bus: Bus, exc: QueueMismatchError) -> str:
+    wanted = "quorum (the broker URL names several nodes)" if bus.cluster else "classic"
+    return (
+        f"{exc}. The engine's queues here must be {wanted}: an empty queue of the other type "
+        f"can be deleted (rabbitmqctl delete_queue) and the engine declares it anew; one "
+        f"holding messages needs them moved first (shovel)."
+    )
 
 
 async def declare_workflow(bus: Bus, definition: WorkflowDefinition) -> None:
@@ -96,7 +119,12 @@ async def declare_step(bus: Bus, workflow: str, step: str, *, engine: bool = Tru
     """
     spec = step_queue(workflow, step)
     await bus.declare_queue(spec)
-    await bus.declare_queue(QueueSpec(dlq_name(spec.name)))
+    try:
+        await bus.declare_queue(plain_queue(dlq_name(spec.name), bus))
+    except QueueMismatchError:
+        if engine:
+            raise
+        log.debug("declared otherwise already; the engine's word stands", queue=spec.name)
     for queue, exchange in ((spec.name, STEPS_EXCHANGE), (dlq_name(spec.name), DEAD_EXCHANGE)):
         try:
             await bus.bind(queue, exchange, spec.name)

@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 
 import hms_mgmt
-from bus_adapters.base import Message, QueueSpec, redact_url, vhost_of
+from bus_adapters.base import Message, QueueMismatchError, QueueSpec, redact_url, vhost_of
 from bus_adapters.nodes import FailoverConnection, split_urls, with_query
 from bus_adapters.rabbitmq import RabbitMQBus
+from hms_mgmt.topology import ENGINE_QUEUES, declare_core, declare_step, dlq_name
 from tests.conftest import free_port, rabbitmqctl, wait_until
 
 A = "amqp://hms:s3cret@mq1:5672/grants"
@@ -109,3 +110,40 @@ async def test_a_dropped_connection_reconnects_to_the_next_node(vhost: str) -> N
         assert got == [b'{"n": 1}'] and bus.reconnects >= 1
     finally:
         await bus.close()
+
+
+def _queue_types(vhost: str) -> dict[str, str]:
+    name = vhost.rsplit("/", 1)[1].split("?")[0]
+    listed = rabbitmqctl("list_queues", "-p", name, "name", "type", "-q")
+    return dict(line.split("\t")[:2] for line in listed.splitlines() if "\t" in line)
+
+
+@pytest.mark.broker
+async def test_on_several_nodes_the_engine_queues_are_quorum_queues(vhost: str) -> None:
+    """A URL naming several nodes makes every queue a workflow depends on a quorum queue: the
+    engine's, their ``.dlq`` and the steps' ``.dlq``. A process given one node of it still
+    works (it only publishes there); an engine given one node refuses, and says why."""
+    cluster = f"{vhost},{vhost.replace('127.0.0.1', 'localhost', 1)}"
+    engine = RabbitMQBus(cluster)
+    await engine.connect()
+    try:
+        await declare_core(engine, engine=True)
+        await declare_step(engine, "grant", "check")
+    finally:
+        await engine.close()
+    types = _queue_types(vhost)
+    for queue in (*ENGINE_QUEUES, *(dlq_name(q) for q in ENGINE_QUEUES)):
+        assert types[queue] == "quorum", queue
+    assert types["grant.check.dlq"] == types["grant.check"] == "quorum"
+    assert types["hms.engine.record"] == "quorum"
+
+    one = RabbitMQBus(vhost)
+    await one.connect()
+    try:
+        await declare_core(one)  # a client or a step service: the engine's word stands
+        await declare_step(one, "grant", "check", engine=False)
+        with pytest.raises(QueueMismatchError, match="must be classic"):
+            await declare_core(one, engine=True)
+    finally:
+        await one.close()
+    assert _queue_types(vhost)["hms.engine.commands"] == "quorum"

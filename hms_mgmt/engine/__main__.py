@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from bus_adapters import open_bus
-from bus_adapters.base import BusError
+from bus_adapters.base import BusError, QueueMismatchError
 from bus_adapters.nodes import with_query
 from hms_mgmt import faults, loop
 from hms_mgmt.daemons import ENGINE_HTTP_PORT, common_options, settings_from
@@ -158,6 +158,8 @@ def run(settings: Settings, *, new_store: bool = False) -> int:
 
 
 def _broker_trouble(exc: BusError) -> str:
+    if isinstance(exc, QueueMismatchError):
+        return "a queue of the engine exists with other arguments"
     if getattr(exc, "refused", False):
         return "the broker refused the connection"
     return "cannot reach the broker"
