@@ -73,11 +73,12 @@ class FailoverConnection(RobustConnection):
         self.index = next((i for i, u in enumerate(self.nodes) if u == URL(url)), 0)
 
     async def _on_connection_close(self, closing: asyncio.Future[Any]) -> None:
-        # Called on a drop and on every failed attempt; the next attempt reads self.url.
+        # Called on a drop and on every failed attempt; the next attempt reads self.url. The
+        # close callbacks (a log line naming the node lost) run first, on the old node.
+        await super()._on_connection_close(closing)
         if not self._close_called and len(self.nodes) > 1:
             self.index = (self.index + 1) % len(self.nodes)
             self.url = self.nodes[self.index]
-        await super()._on_connection_close(closing)
 
     @property
     def node(self) -> str:
