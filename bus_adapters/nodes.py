@@ -146,14 +146,18 @@ async def connect_plain(
     *,
     name: str,
     explain: Callable[[str, BaseException], BrokerConnectError],
+    start: int = 0,
 ) -> AbstractConnection:
-    """A plain (not robust) connection to the first node that answers: for what must end
+    """A plain (not robust) connection to the first node that answers, trying them from the
+    ``start``-th on (the one a process's other connections are on, say): for what must end
     with its connection, such as a lock."""
 
     async def attempt(node: str) -> AbstractConnection:
         return await aio_pika.connect(node, client_properties={"connection_name": name})
 
-    connection, failures = await _first(split_urls(url), attempt)
+    urls = split_urls(url)
+    start %= len(urls)
+    connection, failures = await _first(urls[start:] + urls[:start], attempt)
     if connection is None:
         raise _all_failed(failures, explain)
     return connection  # type: ignore[no-any-return]

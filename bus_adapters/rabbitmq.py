@@ -459,10 +459,13 @@ class RabbitMQBus:
     async def hold(self, queue: str) -> _RabbitLock:
         # A plain connection, not a robust one: a robust one would quietly declare the queue
         # again after a drop, while another process may hold it by then.
+        # On the node the other connections are on: not again and again on a dead first one.
+        on = self._publish_connection
         connection = await nodes.connect_plain(
             nodes.with_query(self.url, "heartbeat=10"),
             name=f"{self.name}:lock",
             explain=connect_error,
+            start=0 if on is None else on.index,
         )
         try:
             channel = await connection.channel()

@@ -8,8 +8,8 @@ import pytest
 
 import hms_mgmt
 from bus_adapters.base import Message, QueueMismatchError, QueueSpec, redact_url, vhost_of
-from bus_adapters.nodes import FailoverConnection, split_urls, with_query
-from bus_adapters.rabbitmq import RabbitMQBus
+from bus_adapters.nodes import FailoverConnection, connect_plain, split_urls, with_query
+from bus_adapters.rabbitmq import RabbitMQBus, connect_error
 from hms_mgmt.topology import ENGINE_QUEUES, declare_core, declare_step, dlq_name
 from tests.conftest import free_port, rabbitmqctl, wait_until
 
@@ -147,3 +147,17 @@ async def test_on_several_nodes_the_engine_queues_are_quorum_queues(vhost: str) 
     finally:
         await one.close()
     assert _queue_types(vhost)["hms.engine.commands"] == "quorum"
+
+
+@pytest.mark.broker
+async def test_a_plain_connection_starts_at_the_node_it_is_told(vhost: str) -> None:
+    """The engine's lock connection goes first to the node its other connections are on."""
+    both = f"{vhost},{vhost.replace('127.0.0.1', 'localhost', 1)}"
+    for start, host in ((0, "127.0.0.1"), (1, "localhost"), (2, "127.0.0.1")):
+        connection = await connect_plain(
+            both, name="nodes-plain", explain=connect_error, start=start
+        )
+        try:
+            assert connection.url.host == host
+        finally:
+            await connection.close()
