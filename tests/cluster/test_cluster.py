@@ -17,7 +17,8 @@ from tests.cluster.harness import ClusterCase
 from tests.cluster.node import RabbitCluster
 from tests.conftest import wait_until
 
-pytestmark = [pytest.mark.chaos, pytest.mark.broker]
+# The first case also boots the cluster (20-40 s here).
+pytestmark = [pytest.mark.chaos, pytest.mark.broker, pytest.mark.timeout(300)]
 
 
 def passed(report: Report) -> None:
