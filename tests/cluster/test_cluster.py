@@ -8,6 +8,7 @@ transition applied twice, and the work finishes.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
@@ -82,8 +83,25 @@ async def test_a_broker_node_killed_and_restarted_while_work_runs(
         await case.wait_terminal(ids + more, timeout=120)
     assert await case.wait_outbox_empty() == 0
     await one_active(case)
-    note = f"kill -9 of {victim.name.split('@')[0]}; 50 more done {resumed:.1f}s after; restarted"
+    downtimes = reconnects(case)
+    assert downtimes, "no connection moved to another node"
+    note = (
+        f"kill -9 of {victim.name.split('@')[0]}; {len(downtimes)} connections back on another "
+        f"node in {min(downtimes):.1f}-{max(downtimes):.1f}s; 50 more done {resumed:.1f}s after"
+    )
     passed(await case.report(ids + more, notes=[note]))
+
+
+def reconnects(case: ClusterCase) -> list[float]:
+    """Each ``broker.reconnected`` downtime logged by the case's engines and step services."""
+    found = []
+    for log in case.tmp_path.glob("*.log"):
+        for line in log.read_text(errors="replace").splitlines():
+            if '"broker.reconnected"' in line:
+                downtime = json.loads(line).get("downtime")
+                if downtime is not None:
+                    found.append(float(downtime))
+    return found
 
 
 async def _more(case: ClusterCase, target: int) -> bool:
