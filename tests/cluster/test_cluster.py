@@ -150,3 +150,30 @@ async def test_all_engines_killed_at_once_and_restarted(case: ClusterCase) -> No
     assert await case.wait_outbox_empty() == 0
     note = f"kill -9 of all 3 engines at once, restarted; {serving} active {back:.1f}s after"
     passed(await case.report(ids, notes=[note]))
+
+
+async def test_a_second_engine_on_sqlite_is_refused_from_another_node(
+    case: ClusterCase, cluster: RabbitCluster
+) -> None:
+    """One engine per vhost on SQLite holds on a cluster too: the lock queue's name is the
+    cluster's, so a second engine connected to another node is refused, naming the first."""
+    first = case.start_engine("sqlite-1", HMS_STORE_URL=f"sqlite:///{case.tmp_path / 'one.db'}")
+    await wait_until(
+        lambda: '"engine started"' in case.log("sqlite-1"), timeout=60, what="the first engine"
+    )
+
+    # The first holds the lock through node 1; the second connects to node 3 (first in its list).
+    listed = cluster.nodes[0].ctl("list_connections", "-q", "vhost", "name")  # cluster-wide
+    ports = {line.rsplit(":", 1)[1] for line in listed.splitlines() if case.vhost in line}
+    assert ports == {str(cluster.nodes[0].port)}, listed
+    last_first = ",".join(node.url(case.vhost) for node in reversed(cluster.nodes))
+    second = case.start_engine(
+        "sqlite-2",
+        HMS_STORE_URL=f"sqlite:///{case.tmp_path / 'two.db'}",
+        HMS_BROKER_URL=last_first,
+    )
+    code = await asyncio.to_thread(second.wait, 60)
+    said = case.log("sqlite-2")
+    assert code == 5, said  # EXIT_REFUSED
+    assert "another engine already serves" in said and f"pid {first.pid}" in said, said
+    assert first.poll() is None
