@@ -80,7 +80,12 @@ class ClusterCase(Case):
         return [name for name, role in zip(self.engines, roles, strict=True) if role == "active"]
 
     def kill_engine(self, name: str, sig: int = signal.SIGKILL) -> None:
-        self.kill(self.engines[name][0], sig)
+        """Send ``sig``; wait for the engine to die if it is SIGKILL."""
+        child = self.engines[name][0]
+        if sig == signal.SIGKILL:
+            self.kill(child, sig)
+        elif child.poll() is None:
+            child.send_signal(sig)
 
     def stop(self) -> None:
         children = [c for c, _ in self.engines.values()] + list(self.workers.values())

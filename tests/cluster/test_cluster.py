@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 
 import pytest
@@ -125,6 +126,44 @@ async def test_the_active_engine_killed_mid_run(case: ClusterCase) -> None:
     assert await case.wait_outbox_empty() == 0
     note = f"kill -9 of the active engine ({first}); {second} active {takeover:.1f}s after"
     passed(await case.report(ids, notes=[note]))
+
+
+async def test_the_active_engine_frozen_past_its_lease_then_thawed(case: ClusterCase) -> None:
+    """SIGSTOP of the serving engine: its lock connection misses its heartbeats, the broker
+    frees the lock, the standby takes over; thawed, the old engine writes nothing (the
+    store's fencing refuses it) and stands by again."""
+    first = await running(case)
+    async with case.client() as client:
+        starting = asyncio.ensure_future(case.start_many(client, 300, sleep=0.02))
+        await wait_until(lambda: succeeded(case), timeout=60, what="a first workflow")
+        began = time.monotonic()
+        case.kill_engine(first, signal.SIGSTOP)
+        try:
+            second = await wait_until(
+                lambda: _other_active(case, first), timeout=30, interval=0.2, what="a takeover"
+            )
+            takeover = time.monotonic() - began
+        finally:
+            case.kill_engine(first, signal.SIGCONT)
+        await wait_until(
+            lambda: _role_is(case, first, "standby"), timeout=30, what="the thawed one standing by"
+        )
+        ids = await asyncio.wait_for(starting, timeout=120)
+        await case.wait_terminal(ids, timeout=120)
+    assert await case.wait_outbox_empty() == 0
+    assert "this process stands by again" in case.log(first)
+    note = f"SIGSTOP of the active engine ({first}); {second} active {takeover:.1f}s after; thawed"
+    passed(await case.report(ids, notes=[note]))
+
+
+async def _other_active(case: ClusterCase, frozen: str) -> str | None:
+    others = [name for name in case.engines if name != frozen]
+    roles = await asyncio.gather(*(case.role(name) for name in others))
+    return next((n for n, r in zip(others, roles, strict=True) if r == "active"), None)
+
+
+async def _role_is(case: ClusterCase, name: str, role: str) -> bool:
+    return await case.role(name) == role
 
 
 async def test_all_engines_killed_at_once_and_restarted(case: ClusterCase) -> None:
