@@ -130,8 +130,8 @@ async def test_the_active_engine_killed_mid_run(case: ClusterCase) -> None:
 
 async def test_the_active_engine_frozen_past_its_lease_then_thawed(case: ClusterCase) -> None:
     """SIGSTOP of the serving engine: its lock connection misses its heartbeats, the broker
-    frees the lock, the standby takes over; thawed, the old engine writes nothing (the
-    store's fencing refuses it) and stands by again."""
+    frees the lock, the standby takes over; thawed, the old engine's commits are refused by
+    the store's fencing (no transition doubled) and it stands by again."""
     first = await running(case)
     async with case.client() as client:
         starting = asyncio.ensure_future(case.start_many(client, 300, sleep=0.02))
