@@ -304,6 +304,7 @@ async def _measure(args: argparse.Namespace, url: str, daemons: Daemons) -> dict
         + ("PostgreSQL" if daemons.on_postgres else "SQLite WAL")
         + "; quorum step queues; confirms",
         "store": "postgresql" if daemons.on_postgres else "sqlite",
+        "engine_queues": "quorum" if args.quorum else "classic",
         "n": args.n,
         "runs": runs,
         "runs_wps": wps,
@@ -344,6 +345,12 @@ def main() -> None:
         help="store in a fresh database on this PostgreSQL server (postgresql://user@host:port)",
     )
     parser.add_argument(
+        "--quorum",
+        action="store_true",
+        help="the engine's queues as quorum queues, as on a cluster (the one broker named "
+        "twice in HMS_BROKER_URL, as 127.0.0.1 and localhost, reads as two nodes)",
+    )
+    parser.add_argument(
         "--dashboard",
         action="store_true",
         help="alternate runs without and with a dashboard open (an /api/events reader)",
@@ -363,6 +370,8 @@ def main() -> None:
         extra_env["HMS_STORE_URL"] = f"{args.postgres.rstrip('/')}/{database}"
     try:
         with fresh_vhost("hms-bench") as url:
+            if args.quorum:
+                url = f"{url},{url.replace('127.0.0.1', 'localhost', 1)}"
             result = with_daemons(
                 url, "hms-bench-", extra_env, lambda daemons: measure(args, url, daemons)
             )
@@ -370,7 +379,8 @@ def main() -> None:
         if database is not None:
             asyncio.run(postgres_admin(args.postgres, f"DROP DATABASE {database} WITH (FORCE)"))
     print(
-        f"hms ({result['store']}): {result['wps_median']:.0f} workflows/s median; "
+        f"hms ({result['store']}, {result['engine_queues']} engine queues): "
+        f"{result['wps_median']:.0f} workflows/s median; "
         f"lone {result['lone_ms_median']} ms median, {result['lone_ms_p99']} ms p99; "
         f"execute {result['execute_ms_median']} ms median, "
         f"{result['execute_ms_p99']} ms p99; engine peak RSS {result['engine_peak_rss_mb']} MB"

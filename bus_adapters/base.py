@@ -57,8 +57,8 @@ class AccessRefusedError(BusError):
     """The broker user may not do this (RabbitMQ permissions)."""
 
 
-class PreconditionFailedError(BusError):
-    """The queue exists with other arguments (another type, say): RabbitMQ's PRECONDITION_FAILED."""
+class QueueMismatchError(BusError):
+    """A queue exists with other arguments than those declared (another type, say)."""
 
 
 @dataclass(frozen=True)
@@ -156,6 +156,12 @@ class Bus(Protocol):
         ...
 
     @property
+    def cluster(self) -> bool:
+        """Whether the broker URL names several nodes (a cluster): then every queue a workflow
+        depends on is a quorum queue, replicated across them."""
+        ...
+
+    @property
     def reconnects(self) -> int:
         """Connections re-established after a drop (metrics)."""
         ...
@@ -199,13 +205,17 @@ class Bus(Protocol):
 
 
 def vhost_of(url: str) -> str:
-    """The vhost an AMQP URL names: ``/`` when its path is empty (RabbitMQ's default)."""
-    path = urlsplit(url).path
+    """The vhost an AMQP URL names: ``/`` when its path is empty (RabbitMQ's default). Of a
+    list of URLs (several nodes, comma-separated), the first's: they all name the same."""
+    path = urlsplit(url.split(",", 1)[0].strip()).path
     return unquote(path[1:]) if len(path) > 1 else "/"
 
 
 def redact_url(url: str) -> str:
-    """The URL without its password, for logs and error messages."""
+    """The URL without its password, for logs and error messages; each URL of a
+    comma-separated list (the nodes of a broker cluster)."""
+    if "," in url and url.count("://") > 1:
+        return ",".join(redact_url(part.strip()) for part in url.split(","))
     if "@" not in url or "://" not in url:
         return url
     scheme, rest = url.split("://", 1)

@@ -22,7 +22,7 @@ from bus_adapters.base import (
     Delivery,
     Message,
     OnDelivery,
-    PreconditionFailedError,
+    QueueMismatchError,
     QueueSpec,
     ResourceLockedError,
     UnroutableError,
@@ -275,6 +275,10 @@ class MemoryBus:
         return not self._closed
 
     @property
+    def cluster(self) -> bool:
+        return False  # one process is one node
+
+    @property
     def reconnects(self) -> int:
         return 0  # an in-process broker never drops a connection
 
@@ -292,7 +296,7 @@ class MemoryBus:
         if existing is None:
             self.broker.queues[spec.name] = _Queue(spec)
         elif existing.spec != spec:
-            raise PreconditionFailedError(
+            raise QueueMismatchError(
                 f"PRECONDITION_FAILED - queue {spec.name!r} exists with other arguments"
             )
 

@@ -26,10 +26,10 @@ from aio_pika.abc import (
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
-    AbstractRobustConnection,
 )
 from aio_pika.exceptions import DeliveryError, PublishError
 
+from bus_adapters import nodes
 from bus_adapters.base import (
     AccessRefusedError,
     BrokerConnectError,
@@ -37,8 +37,8 @@ from bus_adapters.base import (
     Delivery,
     Message,
     OnDelivery,
-    PreconditionFailedError,
     PublishNotConfirmedError,
+    QueueMismatchError,
     QueueSpec,
     ResourceLockedError,
     UnroutableError,
@@ -174,10 +174,6 @@ def _as_bus_error(what: str) -> Iterator[None]:
         raise _refusal(what, exc) from exc
 
 
-def _with_query(url: str, parameter: str) -> str:
-    return f"{url}{'&' if '?' in url else '?'}{parameter}"
-
-
 class _RabbitSubscription:
     def __init__(
         self,
@@ -205,14 +201,15 @@ class RabbitMQBus:
     """A :class:`bus_adapters.base.Bus` on RabbitMQ through aio-pika."""
 
     def __init__(self, url: str, *, name: str = "hms", publish_timeout: float = PUBLISH_TIMEOUT):
-        self.url = url
+        self.url = url  # one node, or several (a cluster): comma-separated
+        self.nodes = len(nodes.split_urls(url))
         # A name in the URL (?name=...) wins, so tests can name connections after themselves.
-        parts = urlsplit(url)
+        parts = urlsplit(url.split(",", 1)[0])
         self.name = parse_qs(parts.query).get("name", [name])[0]
         self.user: str | None = unquote(parts.username) if parts.username else "guest"
         self.publish_timeout = publish_timeout
-        self._consume_connection: AbstractRobustConnection | None = None
-        self._publish_connection: AbstractRobustConnection | None = None
+        self._consume_connection: nodes.FailoverConnection | None = None
+        self._publish_connection: nodes.FailoverConnection | None = None
         self._confirmed: AbstractChannel | None = None
         self._unconfirmed: AbstractChannel | None = None
         self._declare: AbstractChannel | None = None
@@ -225,12 +222,17 @@ class RabbitMQBus:
         self._closing = False
 
     @property
+    def cluster(self) -> bool:
+        """Whether the URL names several nodes: then the engine's queues are quorum queues."""
+        return self.nodes > 1
+
+    @property
     def connected(self) -> bool:
         """Whether both connections are up right now (for readiness checks)."""
         connections = (self._consume_connection, self._publish_connection)
         return all(c is not None and c.connected.is_set() for c in connections)
 
-    def _watch(self, connection: AbstractRobustConnection, role: str) -> None:
+    def _watch(self, connection: nodes.FailoverConnection, role: str) -> None:
         """Log a drop of ``connection`` and its recovery as structured events."""
 
         def lost(_sender: Any, exc: BaseException | None = None, *_: Any) -> None:
@@ -242,7 +244,7 @@ class RabbitMQBus:
                 extra={
                     "component": "bus",
                     "connection": f"{self.name}:{role}",
-                    "broker": redact_url(self.url),
+                    "broker": connection.node,
                     "error": _describe(exc),
                 },
             )
@@ -255,7 +257,7 @@ class RabbitMQBus:
                 extra={
                     "component": "bus",
                     "connection": f"{self.name}:{role}",
-                    "broker": redact_url(self.url),
+                    "broker": connection.node,
                     "downtime": None if since is None else round(time.monotonic() - since, 3),
                     "reconnects": self.reconnects,  # by this process, over all its connections
                 },
@@ -269,18 +271,20 @@ class RabbitMQBus:
             if self._publish_connection is not None:
                 return
             try:
-                self._consume_connection = await aio_pika.connect_robust(
-                    self.url, client_properties={"connection_name": f"{self.name}:consume"}
+                consume = await nodes.connect_robust(
+                    self.url, name=f"{self.name}:consume", explain=connect_error
                 )
-                self._publish_connection = await aio_pika.connect_robust(
-                    self.url, client_properties={"connection_name": f"{self.name}:publish"}
+                self._consume_connection = consume
+                publish = await nodes.connect_robust(
+                    self.url, name=f"{self.name}:publish", explain=connect_error
                 )
-            except (OSError, aiormq.exceptions.AMQPError) as exc:
+                self._publish_connection = publish
+            except BrokerConnectError:
                 await self._close_connections()
-                raise connect_error(self.url, exc) from exc
+                raise
             self._closing = False
-            self._watch(self._consume_connection, "consume")
-            self._watch(self._publish_connection, "publish")
+            self._watch(consume, "consume")
+            self._watch(publish, "publish")
             self._confirmed = await self._publish_connection.channel(
                 publisher_confirms=True, on_return_raises=True
             )
@@ -305,7 +309,11 @@ class RabbitMQBus:
         try:
             await channel.declare_queue(spec.name, durable=True, arguments=queue_arguments(spec))
         except aiormq.exceptions.ChannelPreconditionFailed as exc:
-            raise PreconditionFailedError(f"cannot declare queue {spec.name!r}: {exc}") from exc
+            kind = "quorum" if spec.quorum else "classic"
+            raise QueueMismatchError(
+                f"queue {spec.name!r} exists with other arguments than a {kind} queue's "
+                f"{queue_arguments(spec)}: {exc}"
+            ) from exc
         except aiormq.exceptions.AMQPError as exc:
             raise _refusal(f"cannot declare queue {spec.name!r}", exc) from exc
 
@@ -451,13 +459,14 @@ class RabbitMQBus:
     async def hold(self, queue: str) -> _RabbitLock:
         # A plain connection, not a robust one: a robust one would quietly declare the queue
         # again after a drop, while another process may hold it by then.
-        url = self.url if "heartbeat=" in self.url else _with_query(self.url, "heartbeat=10")
-        try:
-            connection = await aio_pika.connect(
-                url, client_properties={"connection_name": f"{self.name}:lock"}
-            )
-        except (OSError, aiormq.exceptions.AMQPError) as exc:
-            raise connect_error(self.url, exc) from exc
+        # On the node the other connections are on: not again and again on a dead first one.
+        on = self._publish_connection
+        connection = await nodes.connect_plain(
+            nodes.with_query(self.url, "heartbeat=10"),
+            name=f"{self.name}:lock",
+            explain=connect_error,
+            start=0 if on is None else on.index,
+        )
         try:
             channel = await connection.channel()
             await channel.declare_queue(queue, exclusive=True, durable=False)

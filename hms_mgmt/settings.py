@@ -64,8 +64,9 @@ class Settings:
     # or frozen active engine's lock is freed after about two, and a standby takes over.
     engine_heartbeat: float = 3.0
     # Step queues: classic (sooner on one node; the poison guard limits deliveries) or quorum
-    # (replicated, for a cluster; the broker limits deliveries). An existing queue keeps its type.
-    step_queue_type: str = "classic"
+    # (replicated, for a cluster; the broker limits deliveries). Unset: quorum when the broker
+    # URL names several nodes, else classic. An existing queue keeps its type.
+    step_queue_type: str | None = None
 
     def __post_init__(self) -> None:
         for name in _PORTS:
@@ -76,7 +77,7 @@ class Settings:
             value = getattr(self, name)
             if not value > 0:
                 raise ValueError(f"{name} must be a number of seconds > 0, not {value!r}")
-        if self.step_queue_type not in ("classic", "quorum"):
+        if self.step_queue_type not in (None, "classic", "quorum"):
             raise ValueError(
                 "HMS_STEP_QUEUE_TYPE must be classic or quorum (quorum for a RabbitMQ "
                 f"cluster), not {self.step_queue_type!r}"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 import yaml
 
+from bus_adapters.nodes import split_urls
 from tests.conftest import ROOT
 
 
@@ -58,3 +61,40 @@ def test_compose_monitoring_profile_mounts_the_rules_and_the_dashboard() -> None
     assert targets["hms-steps"] == [f"grant-service:{worker}"]
     for path in ("datasources/prometheus.yml", "dashboards/hms-mgmt.yml"):
         assert yaml.safe_load((ROOT / "deploy/grafana/provisioning" / path).read_text())
+
+
+def test_the_cluster_compose_file_wires_three_nodes_postgres_and_two_engines() -> None:
+    """compose.cluster.yaml: three RabbitMQ nodes that find each other, one cookie; PostgreSQL;
+    two engines on the same store and the same three nodes; the grant service on them too."""
+    services = yaml.safe_load((ROOT / "compose.cluster.yaml").read_text())["services"]
+    nodes = [f"rabbitmq-{n}" for n in (1, 2, 3)]
+    assert set(services) == {*nodes, "postgres", "engine-1", "engine-2", "grant-service"}
+    config = (ROOT / "deploy/rabbitmq-cluster/rabbitmq.conf").read_text()
+    cookies = set()
+    for n, name in enumerate(nodes, 1):
+        node = services[name]
+        assert node["hostname"] == name
+        assert f"classic_config.nodes.{n} = rabbit@{name}" in config
+        assert "./deploy/rabbitmq-cluster/rabbitmq.conf:" in node["volumes"][0]
+        assert "healthcheck" in node
+        cookies.add(node["environment"]["RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS"])
+    assert len(cookies) == 1 and "-setcookie" in cookies.pop()
+    assert "net_ticktime = 10" in config
+    broker = services["grant-service"]["environment"]["HMS_BROKER_URL"]
+    hosts = [urlsplit(url).hostname for url in split_urls(broker)]
+    assert hosts == nodes
+    engines = [services["engine-1"], services["engine-2"]]
+    for engine in engines:
+        environment = engine["environment"]
+        assert environment["HMS_BROKER_URL"] == broker
+        assert environment["HMS_STORE_URL"].startswith("postgresql://hms:")
+        assert environment["HMS_STORE_URL"].endswith("@postgres:5432/hms")
+        assert "postgres" in engine["build"]["args"]["EXTRAS"]
+        assert engine["command"][:3] == ["python", "-m", "hms_mgmt.engine"]
+        for dependency in (*nodes, "postgres"):
+            assert engine["depends_on"][dependency]["condition"] == "service_healthy"
+    assert engines[0]["environment"]["HMS_STORE_URL"] == engines[1]["environment"]["HMS_STORE_URL"]
+    published = [port for service in services.values() for port in service.get("ports", [])]
+    assert len(published) == len({p.rsplit(":", 1)[0] for p in published})  # no host port twice
+    assert "pg_isready" in services["postgres"]["healthcheck"]["test"]
+    assert "ARG EXTRAS" in (ROOT / "Dockerfile").read_text()

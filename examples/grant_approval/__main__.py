@@ -18,9 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import aio_pika
-
 from bus_adapters.base import BrokerConnectError, redact_url
+from bus_adapters.nodes import connect_plain
 from bus_adapters.rabbitmq import connect_error
 from examples.grant_approval import demo, submit
 from hms_mgmt.settings import Settings
@@ -31,11 +30,15 @@ ROOT = Path(__file__).resolve().parents[2]
 async def broker_problem(url: str) -> BrokerConnectError | None:
     """None if the broker takes our login, else what went wrong (``refused``: it said no)."""
     try:
-        connection = await asyncio.wait_for(aio_pika.connect(url), timeout=5)
+        connection = await asyncio.wait_for(
+            connect_plain(url, name="grant-demo", explain=connect_error), timeout=5
+        )
     except TimeoutError:
         return BrokerConnectError(f"no answer from {redact_url(url)} within 5 s")
-    except (OSError, aio_pika.exceptions.AMQPError) as exc:
-        return connect_error(url, exc)
+    except BrokerConnectError as exc:  # each node of a list named, with why
+        return exc
+    except ValueError as exc:  # not an AMQP URL (or list of them)
+        return BrokerConnectError(str(exc))
     await connection.close()
     return None
 

@@ -15,7 +15,8 @@ from typing import Any
 import click
 
 from bus_adapters import open_bus
-from bus_adapters.base import BusError
+from bus_adapters.base import BusError, QueueMismatchError
+from bus_adapters.nodes import with_query
 from hms_mgmt import faults, loop
 from hms_mgmt.daemons import ENGINE_HTTP_PORT, common_options, settings_from
 from hms_mgmt.engine.api import start_api
@@ -52,11 +53,12 @@ async def serve(settings: Settings, *, new_store: bool = False) -> int:
 def _engine(settings: Settings, *, new_store: bool) -> Engine:
     broker_url = settings.broker_url
     standby = shared(settings.store_url)
-    if standby and broker_url.startswith("amqp") and "heartbeat=" not in broker_url:
+    if standby and broker_url.startswith("amqp"):
         # Short heartbeats: a frozen engine's lock (and its unacked deliveries) are freed
         # after about two, so a standby takes over within about 2 * HMS_ENGINE_HEARTBEAT + 1 s.
+        # Each node's URL of a cluster gets it, unless that URL sets its own.
         beat = max(1, round(settings.engine_heartbeat))
-        broker_url = f"{broker_url}{'&' if '?' in broker_url else '?'}heartbeat={beat}"
+        broker_url = with_query(broker_url, f"heartbeat={beat}")
     return Engine(
         open_bus(broker_url, name="hms-engine"),
         open_store(settings.store_url),
@@ -157,6 +159,8 @@ def run(settings: Settings, *, new_store: bool = False) -> int:
 
 
 def _broker_trouble(exc: BusError) -> str:
+    if isinstance(exc, QueueMismatchError):
+        return "a queue of the engine exists with other arguments"
     if getattr(exc, "refused", False):
         return "the broker refused the connection"
     return "cannot reach the broker"

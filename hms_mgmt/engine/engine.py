@@ -91,7 +91,7 @@ class Engine(EngineReads):
         stuck_after: float = 300.0,
         faults: Faults | None = None,
         standby: bool = False,
-        step_queue_type: str = DEFAULT_STEP_QUEUE_TYPE,
+        step_queue_type: str | None = DEFAULT_STEP_QUEUE_TYPE,
     ) -> None:
         """An engine over ``bus`` and ``store``; nothing happens until :meth:`run`.
 

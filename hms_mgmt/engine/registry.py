@@ -29,7 +29,7 @@ log = get_logger("engine")
 
 class Registry:
     def __init__(
-        self, bus: Bus, store: Store, step_queue_type: str = DEFAULT_STEP_QUEUE_TYPE
+        self, bus: Bus, store: Store, step_queue_type: str | None = DEFAULT_STEP_QUEUE_TYPE
     ) -> None:
         self._bus = bus
         self.step_queue_type = step_queue_type

@@ -96,7 +96,7 @@ class Worker:
         shutdown_timeout: float = 30.0,
         on_outcome: Callable[[StepMessage, Outcome], None] | None = None,
         faults: Faults | None = None,
-        step_queue_type: str = DEFAULT_STEP_QUEUE_TYPE,
+        step_queue_type: str | None = DEFAULT_STEP_QUEUE_TYPE,
         ask: Ask | None = None,
     ) -> None:
         """``step_queue_type``: for step queues not declared yet (an existing one keeps its

@@ -1,0 +1,69 @@
+"""The cluster suite's 3-node RabbitMQ cluster (booted once per module), a case per test (its
+own vhost and PostgreSQL database), and its report, in the chaos suite's table."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.chaos.conftest import COLUMNS
+from tests.cluster.harness import CLUSTER_REPORTS, ClusterCase
+from tests.cluster.node import RabbitCluster
+from tests.conftest import IN_CI
+
+REPORT_PATH = Path(
+    os.environ.get("HMS_CLUSTER_REPORT", Path(tempfile.gettempdir()) / "hms-cluster-report.json")
+)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RabbitCluster]:
+    if shutil.which("rabbitmq-server") is None or os.geteuid() != 0:
+        message = "the cluster suite needs rabbitmq-server and root (to run private nodes)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    nodes = RabbitCluster()
+    try:
+        nodes.start()
+        yield nodes
+    finally:
+        nodes.stop()
+
+
+@pytest.fixture
+def case(
+    postgres_url: str, cluster: RabbitCluster, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[ClusterCase]:
+    """``postgres_url`` first: the case's processes stop before its database is dropped."""
+    for node in cluster.nodes:  # a case before may have left one down
+        if node.pid() is None:
+            node.launch()
+            node.await_up()
+    cluster_case = ClusterCase(cluster, tmp_path, request.node.name, postgres_url)
+    try:
+        yield cluster_case
+    finally:
+        cluster_case.close()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not CLUSTER_REPORTS:
+        return
+    rows = [r.to_json() for r in CLUSTER_REPORTS]
+    REPORT_PATH.write_text(json.dumps(rows, indent=2))
+    terminalreporter.section("cluster report")
+    terminalreporter.write_line("| " + " | ".join(COLUMNS) + " |")
+    terminalreporter.write_line("|" + " --- |" * len(COLUMNS))
+    for row in rows:
+        terminalreporter.write_line("| " + " | ".join(str(row[c]) for c in COLUMNS) + " |")
+    for row in rows:
+        for note in row["notes"]:
+            terminalreporter.write_line(f"  {row['case']}: {note}")
+    terminalreporter.write_line(f"JSON: {REPORT_PATH}")
