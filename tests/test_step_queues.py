@@ -26,7 +26,13 @@ from bus_adapters.rabbitmq import RabbitMQBus
 from hms_mgmt.engine.engine import Engine
 from hms_mgmt.settings import Settings
 from hms_mgmt.store.sqlite import SQLiteStore
-from hms_mgmt.topology import DELIVERY_LIMIT, declare_core, declare_step, step_queue
+from hms_mgmt.topology import (
+    DELIVERY_LIMIT,
+    declare_core,
+    declare_step,
+    step_queue,
+    step_queue_type,
+)
 from tests.conftest import ROOT, Processes, rabbitmqctl, wait_until
 
 CRASHING = "crashing.swallow"
@@ -41,7 +47,7 @@ def queue_types(vhost: str) -> dict[str, str]:
 
 
 def test_the_step_queue_type_is_a_setting_checked_with_a_clear_error() -> None:
-    assert Settings.from_env({}).step_queue_type == "classic"
+    assert Settings.from_env({}).step_queue_type is None  # by the broker URL: see below
     assert Settings.from_env({"HMS_STEP_QUEUE_TYPE": "Quorum"}).step_queue_type == "quorum"
     with pytest.raises(ValueError, match="HMS_STEP_QUEUE_TYPE must be classic or quorum"):
         Settings.from_env({"HMS_STEP_QUEUE_TYPE": "lazy"})
@@ -51,6 +57,15 @@ def test_the_step_queue_type_is_a_setting_checked_with_a_clear_error() -> None:
     assert not classic.quorum and classic.delivery_limit is None
     assert classic.dead_letter_exchange == quorum.dead_letter_exchange == "hms.dlx"
     assert quorum.quorum and quorum.delivery_limit == DELIVERY_LIMIT
+
+
+def test_unset_the_step_queues_are_quorum_on_a_cluster_and_classic_on_one_node() -> None:
+    one = RabbitMQBus("amqp://guest:guest@127.0.0.1:5672/x")
+    three = RabbitMQBus("amqp://guest:guest@a:5672/x,amqp://guest:guest@b:5672/x")
+    assert (one.cluster, three.cluster) == (False, True)
+    assert step_queue_type(one, None) == "classic" and step_queue_type(three, None) == "quorum"
+    assert step_queue_type(three, "classic") == "classic"  # set: as said
+    assert step_queue_type(one, "quorum") == "quorum"
 
 
 async def test_a_daemon_refuses_an_unknown_step_queue_type() -> None:
