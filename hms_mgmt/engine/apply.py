@@ -42,7 +42,10 @@ from hms_mgmt.wire.requests import (
     CancelRequest,
     DefineRequest,
     ListRequest,
+    PauseRequest,
     Request,
+    ResetRequest,
+    ResumeRequest,
     RetryRequest,
     ScheduleRequest,
     SchedulesRequest,
@@ -54,6 +57,9 @@ from hms_mgmt.wire.requests import (
 )
 from hms_mgmt.wire.steps import dead_letter_message, step_headers
 
+Change = CancelRequest | RetryRequest | SignalRequest | PauseRequest | ResumeRequest | ResetRequest
+CHANGES = (CancelRequest, RetryRequest, SignalRequest, PauseRequest, ResumeRequest, ResetRequest)
+"""Requests that change one workflow, answered once."""
 READS = (StatusRequest, WaitRequest, ListRequest)
 """Requests answered from the store once the batch has committed, not applied."""
 
@@ -300,13 +306,12 @@ class Applier:
             work.reply(request, True, {"schedule_id": request.schedule_id, "removed": True})
         elif isinstance(request, StartRequest):
             self._start(request, work, now)
-        elif isinstance(request, CancelRequest | RetryRequest | SignalRequest):
+        elif isinstance(request, CHANGES):
             self._change(request, work, now)
 
-    def _change(
-        self, request: CancelRequest | RetryRequest | SignalRequest, work: Work, now: float
-    ) -> None:
-        """Cancel, retry or signal: answered once, and the same answer to a repeat."""
+    def _change(self, request: Change, work: Work, now: float) -> None:
+        """Cancel, retry, signal, pause, resume or reset: answered once, and the same answer
+        to a repeat."""
         if request.request_id in work.answered:
             ok, value = work.answered[request.request_id]
             work.reply(request, ok, value)
@@ -322,9 +327,26 @@ class Applier:
                     work.failed_runs.get((workflow_id, seq), run) if isinstance(seq, int) else run
                 )
                 t = machine.retry(workflow, failed, self.registry.of(workflow), now)
-            else:
+            elif isinstance(request, SignalRequest):
                 t = machine.signal(
                     workflow, run, self.registry.of(workflow), request.signal, request.data, now
+                )
+            elif isinstance(request, PauseRequest):
+                t = machine.pause(workflow, run, request.reason, now)
+            elif isinstance(request, ResumeRequest):
+                t = machine.resume(workflow, run, self.registry.of(workflow), now)
+            else:
+                t = machine.reset(
+                    workflow,
+                    run,
+                    self.registry.of(workflow),
+                    request.to_step,
+                    _last_run(work, workflow_id, request.to_step),
+                    now,
+                    data=request.data,
+                    has_data=request.has_data,
+                    signals=request.signals,
+                    reason=request.reason,
                 )
         except HmsError as exc:
             reply: tuple[bool, Any] = (False, error_json(exc))
@@ -401,6 +423,16 @@ def _loaded(work: Work, workflow_id: str) -> tuple[Workflow, StepRun]:
     if run is None:
         raise WorkflowNotFoundError(f"workflow {workflow_id!r} has no step run")
     return workflow, run
+
+
+def _last_run(work: Work, workflow_id: str, step: str) -> StepRun | None:
+    """The latest run of ``step``: made by this batch so far, or the one loaded."""
+    made = [
+        run for (wid, _), run in work.batch.runs.items() if wid == workflow_id and run.step == step
+    ]
+    if made:
+        return max(made, key=lambda run: run.seq)
+    return work.last_runs.get((workflow_id, step))
 
 
 def _refuse_item(event: OutcomeEvent | DeadLetterEvent, reason: str) -> None:

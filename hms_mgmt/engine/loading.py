@@ -22,12 +22,23 @@ from hms_mgmt.store.base import Store
 from hms_mgmt.wire.requests import (
     CancelRequest,
     DefineRequest,
+    PauseRequest,
+    ResetRequest,
+    ResumeRequest,
     RetryRequest,
     SignalRequest,
     StartRequest,
 )
 
-ANSWERED_ONCE = (StartRequest, CancelRequest, RetryRequest, SignalRequest)
+ANSWERED_ONCE = (
+    StartRequest,
+    CancelRequest,
+    RetryRequest,
+    SignalRequest,
+    PauseRequest,
+    ResumeRequest,
+    ResetRequest,
+)
 """Requests whose answer is kept, so that a repeated one (a client's retry) gets the same."""
 
 
@@ -79,6 +90,8 @@ class Loader:
         for event in events:
             if isinstance(event, RequestEvent) and isinstance(event.request, RetryRequest):
                 await self._load_failed_run(event.workflow_id, work)
+            if isinstance(event, RequestEvent) and isinstance(event.request, ResetRequest):
+                await self._load_last_run(event.workflow_id, event.request.to_step, work)
 
     async def _define(self, request: DefineRequest, work: Work, now: float) -> None:
         if request.definition is None:
@@ -103,3 +116,14 @@ class Loader:
             run = await self._store.run(workflow_id, seq)
             if run is not None:
                 work.failed_runs[(workflow_id, seq)] = run
+
+    async def _load_last_run(self, workflow_id: str, step: str, work: Work) -> None:
+        """A reset runs a step again with the input of its latest run (a rare request: all
+        the workflow's runs are read)."""
+        if workflow_id not in work.state or (workflow_id, step) in work.last_runs:
+            return
+        found = await self._store.workflow_with_runs(workflow_id)
+        for run in reversed(found[1] if found is not None else []):
+            if run.step == step:
+                work.last_runs[(workflow_id, step)] = run
+                return

@@ -21,6 +21,8 @@ class Work:
     keys: dict[str, str] = field(default_factory=dict)  # idempotency key -> workflow id
     answered: dict[str, Any] = field(default_factory=dict)  # request id -> [ok, reply]
     failed_runs: dict[tuple[str, int], StepRun] = field(default_factory=dict)  # for retry
+    last_runs: dict[tuple[str, str], StepRun] = field(default_factory=dict)  # for reset: a
+    # step's latest run, by (workflow id, step)
     ticks: dict[str, tuple[list[float], Schedule]] = field(default_factory=dict)  # due ticks
     # Made by applying, written in one transaction:
     batch: Batch = field(default_factory=Batch)

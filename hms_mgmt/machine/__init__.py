@@ -14,11 +14,13 @@ from hms_mgmt.machine.events import (
     cancel,
     dead_lettered,
     fire_timer,
+    reset,
     retry,
     signal,
     start,
 )
 from hms_mgmt.machine.moves import step_message
+from hms_mgmt.machine.pause import pause, resume
 from hms_mgmt.machine.transition import (
     TIMER_DEADLINE,
     TIMER_RUN,
@@ -39,6 +41,9 @@ __all__ = (
     "cancel",
     "dead_lettered",
     "fire_timer",
+    "pause",
+    "reset",
+    "resume",
     "retry",
     "signal",
     "start",
