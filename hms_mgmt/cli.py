@@ -84,7 +84,7 @@ def main(
 
 @main.group("workflow")
 def workflow_group() -> None:
-    """List, show, start, signal, cancel and retry workflows."""
+    """List, show, start, signal, cancel, retry, pause, resume and reset workflows."""
 
 
 @workflow_group.command("list")
@@ -309,6 +309,16 @@ def workflow_signal(obj: Context, workflow_id: str, name: str, data: str) -> Non
             "(the workflow is not waiting for it now)"
         )
     obj.emit(result, printable(text))
+
+
+def _flow_control() -> None:
+    from hms_mgmt.cli_flow import workflow_pause, workflow_reset, workflow_resume
+
+    for command in (workflow_pause, workflow_resume, workflow_reset):
+        workflow_group.add_command(command)
+
+
+_flow_control()
 
 
 @main.command("definitions")

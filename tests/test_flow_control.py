@@ -480,3 +480,78 @@ def test_a_reset_request_with_bad_signals_is_refused_naming_them() -> None:
         )
     with pytest.raises(InvalidMessageError, match="to_step"):
         parse_request({"type": "reset", "request_id": "r", "workflow_id": "w"})
+
+
+# -- the hms command ----------------------------------------------------------------------------
+
+
+async def test_hms_workflow_pause_resume_and_reset_one_or_many(
+    memory_url: str, store_url: str
+) -> None:
+    """The verbs as an operator types them, through the engine's HTTP API."""
+    import asyncio
+
+    from aiohttp.test_utils import TestServer
+
+    from bus_adapters import open_bus
+    from hms_mgmt.engine.api import EngineApi
+    from hms_mgmt.engine.engine import Engine
+    from hms_mgmt.metrics import EngineMetrics
+    from hms_mgmt.store import open_store
+    from tests.conftest import hms
+
+    engine = Engine(open_bus(memory_url), open_store(store_url))
+    running = asyncio.ensure_future(engine.run())
+    await asyncio.wait_for(engine.ready.wait(), 10)
+    api = EngineApi(engine, EngineMetrics())
+    server = TestServer(api.app())
+    await server.start_server()
+    env = {"HMS_ENGINE_URL": str(server.make_url("")).rstrip("/")}
+    try:
+        await api.client.connect()
+        await api.client.define(WorkflowDefinition.build("grant", ["validate", "check"]))
+        await api.client.define(WorkflowDefinition.build("other", ["validate"]))
+        ids = [(await api.client.start("grant", {"n": n})).workflow_id for n in range(3)]
+        other = (await api.client.start("other", {})).workflow_id
+
+        paused = await hms("workflow", "pause", ids[0], "--reason", "audit", env=env)
+        assert (paused.returncode, paused.stdout) == (0, f"{ids[0]}: paused\n"), paused.stderr
+        shown = await hms("workflow", "show", ids[0], env=env)
+        assert "resumes as pending" in shown.stdout and "(audit)" in shown.stdout
+        again = await hms("workflow", "pause", ids[0], env=env)
+        assert again.returncode == 1 and "already paused" in again.stderr
+        resumed = await hms("workflow", "resume", ids[0], env=env)
+        assert resumed.stdout == f"{ids[0]}: pending\n"
+
+        one = await hms(
+            "workflow", "reset", ids[1], "--to-step", "validate", "--data", '{"n": 9}', env=env
+        )
+        assert one.stdout == f"{ids[1]}: running at validate\n", one.stderr
+        state = await api.client.status(ids[1])
+        assert [(s.step, s.status, s.input) for s in state.steps] == [
+            ("validate", "cancelled", {"n": 1}),
+            ("validate", "pending", {"n": 9}),
+        ]
+        unknown = await hms("workflow", "reset", ids[1], "--to-step", "nope", env=env)
+        assert unknown.returncode == 1 and "has no step 'nope'" in unknown.stderr
+
+        many = await hms(
+            "workflow", "reset", "--status", "pending", "--name", "grant", "--to-step", "validate",
+            env=env,
+        )  # fmt: skip
+        assert many.returncode == 0, many.stderr
+        assert sorted(many.stdout.split("\n")[:-1]) == sorted(
+            f"{i}: running at validate" for i in (ids[0], ids[2])
+        )
+        assert "2 of 2 reset to validate" in many.stderr
+        assert (await api.client.status(other)).status == "pending"  # another name: untouched
+        for workflow_id in (ids[0], ids[2]):  # each with its own last input
+            state = await api.client.status(workflow_id)
+            assert state.steps[-1].input == state.steps[0].input and state.steps[-1].visit == 2
+
+        neither = await hms("workflow", "reset", "--to-step", "validate", env=env)
+        assert neither.returncode == 2 and "--status and/or --name" in neither.stderr
+    finally:
+        await server.close()
+        engine.stop()
+        await running

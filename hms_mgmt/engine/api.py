@@ -108,6 +108,9 @@ class EngineApi:
         post("/api/workflows/{id}/cancel", self._mutating(self.cancel))
         post("/api/workflows/{id}/retry", self._mutating(self.retry))
         post("/api/workflows/{id}/signal", self._mutating(self.signal))
+        post("/api/workflows/{id}/pause", self._mutating(self.pause))
+        post("/api/workflows/{id}/resume", self._mutating(self.resume))
+        post("/api/workflows/{id}/reset", self._mutating(self.reset))
         get("/api/definitions", self._reading(self.definitions))
         get("/api/engines", self._reading(self.engines))
         get("/api/dlq", self._reading(self.dlq_queues))
@@ -388,6 +391,45 @@ class EngineApi:
             )
         result = await self.client.signal(workflow_id, name, body.get("data"))
         return web.json_response({**result, "signal": name})
+
+    async def pause(self, request: web.Request) -> web.Response:
+        """Pause a workflow that has not finished; 409 if it has, or is paused already."""
+        workflow_id = _workflow_id(request)
+        reason = (await self._body(request)).get("reason")
+        result = await self.client.pause(workflow_id, None if reason is None else str(reason))
+        return web.json_response(result)
+
+    async def resume(self, request: web.Request) -> web.Response:
+        """Resume a paused workflow; 409 if it is not paused."""
+        result = await self.client.resume(_workflow_id(request))
+        return web.json_response(result)
+
+    async def reset(self, request: web.Request) -> web.Response:
+        """Back to a step: ``{"to_step": S, "data": ..., "signals": "keep"|"drop",
+        "reason": R}``; without ``data``, the step's last input. 400 names an unknown step."""
+        workflow_id = _workflow_id(request)
+        body = await self._body(request)
+        to_step = body.get("to_step")
+        if not isinstance(to_step, str) or not NAME_PATTERN.fullmatch(to_step):
+            raise ApiError(
+                400,
+                "BadRequest",
+                f"give the step to reset to as 'to_step' (a step name), not {short(to_step)}",
+            )
+        signals = body.get("signals", "keep")
+        if signals not in ("keep", "drop"):
+            raise ApiError(
+                400, "BadRequest", f"signals must be 'keep' or 'drop', not {short(signals)}"
+            )
+        reason = body.get("reason")
+        result = await self.client.reset(
+            workflow_id,
+            to_step,
+            body.get("data"),
+            signals=signals,
+            reason=None if reason is None else str(reason),
+        )
+        return web.json_response({**result, "to_step": to_step})
 
     async def definitions(self, _request: web.Request) -> web.Response:
         return web.json_response(
