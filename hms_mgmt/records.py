@@ -110,7 +110,7 @@ class Workflow:
     signals: dict[str, Any] = field(default_factory=dict)  # signals that came before their wait
     idempotency_key: str | None = None
     traceparent: str | None = None  # W3C trace context from start, put in every step message
-    retries: int = 0  # operators' retries of it after it failed (``hms workflow retry``)
+    retries: int = 0  # operators' retries of it after it failed (``hms workflow retry``, a reset)
     # While paused: since, reason, the status it had (and goes back to), its frozen timer
     # ({"kind", "remaining"}: a delay, a backoff or a wait's timeout) and the seq of a run
     # whose step message is held until resume (``held``). None when not paused.

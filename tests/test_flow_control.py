@@ -555,3 +555,36 @@ async def test_hms_workflow_pause_resume_and_reset_one_or_many(
         await server.close()
         engine.stop()
         await running
+
+
+def test_metrics_count_resets_and_a_reset_failure_as_a_refailure() -> None:
+    from hms_mgmt.metrics import EngineMetrics
+    from hms_mgmt.store.base import Batch
+    from tests.test_metrics import count
+
+    metrics = EngineMetrics()
+    f = Flow(
+        WorkflowDefinition.build("w", ["a"], retry=RetryPolicy(max_attempts=1)).with_version(1)
+    )
+
+    def commit(t: machine.Transition) -> None:
+        assert t.workflow is not None
+        metrics.on_batch(
+            Batch(
+                workflows={t.workflow.id: t.workflow},
+                history=[(t.workflow.id, f.now, kind, detail) for kind, detail in t.history],
+            )
+        )
+
+    commit(f.outcome("failed"))
+    for _ in range(2):  # reset, and it fails again each time
+        commit(f.reset("a"))
+        commit(f.outcome("failed"))
+    commit(f.reset("a"))
+    commit(f.outcome())
+    finished = "hms_workflows_finished_total"
+    assert count(metrics, finished, workflow="w", status="failed") == 1
+    assert count(metrics, "hms_workflows_refailed_total", workflow="w") == 2
+    assert count(metrics, finished, workflow="w", status="succeeded") == 1
+    assert count(metrics, "hms_workflow_resets_total", workflow="w") == 3
+    assert f.workflow.retries == 3

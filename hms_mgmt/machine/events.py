@@ -358,6 +358,9 @@ def reset(
         output=None,
         error=None,
         wait=None,
+        # A failed workflow run again is retried, as far as counting its failures goes: one
+        # that fails again is a refailure, not one more failed workflow.
+        retries=workflow.retries + (workflow.status == WorkflowStatus.FAILED),
     )
     clear_timer(wf)
     t.workflow = wf
