@@ -406,7 +406,8 @@ class EngineApi:
 
     async def reset(self, request: web.Request) -> web.Response:
         """Back to a step: ``{"to_step": S, "data": ..., "signals": "keep"|"drop",
-        "reason": R}``; without ``data``, the step's last input. 400 names an unknown step."""
+        "reason": R}``; without ``data``, the step's last input. 400 names an unknown step.
+        A failed workflow's dead letters leave their ``.dlq``, as on a retry."""
         workflow_id = _workflow_id(request)
         body = await self._body(request)
         to_step = body.get("to_step")
@@ -422,13 +423,19 @@ class EngineApi:
                 400, "BadRequest", f"signals must be 'keep' or 'drop', not {short(signals)}"
             )
         reason = body.get("reason")
-        result = await self.client.reset(
-            workflow_id,
-            to_step,
-            body.get("data"),
-            signals=signals,
-            reason=None if reason is None else str(reason),
+        before = await self.engine.state(workflow_id)
+        result = dict(
+            await self.client.reset(
+                workflow_id,
+                to_step,
+                body.get("data"),
+                signals=signals,
+                reason=None if reason is None else str(reason),
+            )
         )
+        # A failed workflow's dead letters are settled by the reset, as by a retry.
+        failed = before is not None and before.status == WorkflowStatus.FAILED
+        result["dead_letters_settled"] = await self._settle(before) if failed else 0
         return web.json_response({**result, "to_step": to_step})
 
     async def definitions(self, _request: web.Request) -> web.Response:
