@@ -121,6 +121,24 @@ class Workflow:
         return self.status in TERMINAL
 
 
+@dataclass(frozen=True)
+class TypePause:
+    """A workflow type paused by an operator (``client.pause_type``): every workflow of it
+    (or, with ``step``, of that step) that would publish a step is paused and holds it."""
+
+    workflow: str
+    step: str | None
+    since: float
+    reason: str | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.workflow, self.step or "")
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
 def waiting_since(run: StepRun) -> float:
     """Since when a pending run has waited for a step service (a deferred one, from its due time)."""
     return max(run.created_at, run.due_at or 0.0)
@@ -318,6 +336,7 @@ __all__ = [
     "StepRecord",
     "StepRun",
     "StepStatus",
+    "TypePause",
     "Workflow",
     "WorkflowState",
     "WorkflowStatus",

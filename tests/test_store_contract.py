@@ -17,7 +17,7 @@ import pytest
 from hms_mgmt import machine
 from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.errors import StoreError
-from hms_mgmt.records import StepStatus, Workflow, WorkflowStatus, evolve
+from hms_mgmt.records import StepStatus, TypePause, Workflow, WorkflowStatus, evolve
 from hms_mgmt.schedules import Schedule
 from hms_mgmt.store import open_store
 from hms_mgmt.store.base import Batch, OutboxRow, Store
@@ -177,6 +177,19 @@ async def test_a_pause_is_kept_with_its_workflow_and_has_no_timer(store: Store, 
     loaded, _ = (await again.load(["wf1"]))["wf1"]
     assert loaded.status == "paused" and loaded.pause == paused.workflow.pause
     assert loaded.pause is not None and loaded.pause["timer"]["kind"] == "run"
+    await again.close()
+
+
+async def test_type_pauses_are_written_replaced_and_dropped(store: Store, url: str) -> None:
+    whole = TypePause("grant", None, 10.0, "bureau down")
+    step = TypePause("grant", "check", 11.0, None)
+    await store.commit(Batch(type_pauses={whole.key: whole, step.key: step}))
+    assert await store.type_pauses() == [whole, step]
+    later = TypePause("grant", None, 12.0, "again")
+    await store.commit(Batch(type_pauses={whole.key: later, step.key: None}))
+    await store.close()
+    again = await reopened(url)
+    assert await again.type_pauses() == [later]
     await again.close()
 
 

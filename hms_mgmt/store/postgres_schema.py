@@ -69,6 +69,7 @@ TABLES = (
     "requests",
     "schedules",
     "workflow_attributes",
+    "type_pauses",
     "schema_migrations",
 )
 MIGRATION_LOCK = 0x686D735F6D677274  # pg_advisory_xact_lock key: "hms_mgrt"
@@ -146,7 +147,19 @@ PARTS_2 = (  # what a batch wrote at schema 2, in this order: (statement, its ar
     (UPSERT_REQUESTS, "text text float8"),
 )
 PARTS_3 = (*PARTS_2, (UPSERT_ATTRIBUTES, "text text text"))  # schema 3: business keys
-PARTS = ((UPSERT_WORKFLOWS, WORKFLOW_TYPES), *PARTS_3[1:])  # schema 4: workflows' pause
+UPSERT_TYPE_PAUSES = _upsert(
+    "type_pauses", "workflow, step, since, reason", "text text float8 text", "workflow, step"
+)
+DELETE_TYPE_PAUSES = (
+    "DELETE FROM type_pauses WHERE (workflow, step) IN "
+    "(SELECT * FROM unnest($1::text[], $2::text[]))"
+)
+PARTS = (  # schema 4: workflows' pause, and paused workflow types
+    (UPSERT_WORKFLOWS, WORKFLOW_TYPES),
+    *PARTS_3[1:],
+    (UPSERT_TYPE_PAUSES, "text text float8 text"),
+    (DELETE_TYPE_PAUSES, "text text"),
+)
 TAKEN = "HM001"  # the SQLSTATE hms_commit raises when another engine owns the store
 
 
@@ -196,9 +209,12 @@ MIGRATIONS[3] = [
     _commit_function(PARTS_3),
 ]
 # 4: a paused workflow's pause (since, reason, the status it resumes to, its frozen timer,
-# the run it holds), a column of workflows that hms_commit writes too.
+# the run it holds), a column of workflows, and the paused workflow types (type_pauses),
+# both written by hms_commit.
 MIGRATIONS[4] = [
     "ALTER TABLE workflows ADD COLUMN pause TEXT",
+    "CREATE TABLE type_pauses (workflow TEXT NOT NULL, step TEXT NOT NULL, "
+    "since DOUBLE PRECISION NOT NULL, reason TEXT, PRIMARY KEY (workflow, step))",
     f"DROP FUNCTION hms_commit({', '.join(_signature(PARTS_3))})",
     _commit_function(PARTS),
 ]
@@ -236,6 +252,15 @@ def commit_arguments(batch: Batch, owner: str | None) -> list[Any]:
         gone,
         *_columns(replies, 3),
         *_columns([(w, key, value) for (w, key), value in batch.attributes.items()], 3),
+        *_columns(
+            [
+                (x.workflow, x.step or "", x.since, x.reason)
+                for x in batch.type_pauses.values()
+                if x is not None
+            ],
+            4,
+        ),
+        *_columns([key for key, x in batch.type_pauses.items() if x is None], 2),
     ]
 
 

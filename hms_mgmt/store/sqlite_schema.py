@@ -59,6 +59,9 @@ CREATE TABLE IF NOT EXISTS workflow_attributes (
     workflow_id TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
     PRIMARY KEY (workflow_id, key)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS workflow_attributes_value ON workflow_attributes (key, value);
+CREATE TABLE IF NOT EXISTS type_pauses (
+    workflow TEXT NOT NULL, step TEXT NOT NULL, since REAL NOT NULL, reason TEXT,
+    PRIMARY KEY (workflow, step));
 """
 
 MIGRATIONS: dict[int, list[str]] = {
@@ -67,7 +70,8 @@ MIGRATIONS: dict[int, list[str]] = {
     3: ["ALTER TABLE workflows ADD COLUMN retries INTEGER NOT NULL DEFAULT 0"],
     4: [],  # schema_migrations, created by SCHEMA before any migration runs
     5: [],  # workflow_attributes (business keys) and its index, created by SCHEMA
-    6: ["ALTER TABLE workflows ADD COLUMN pause TEXT"],  # a paused workflow's pause (JSON)
+    # a paused workflow's pause (JSON); and type_pauses (paused workflow types), by SCHEMA
+    6: ["ALTER TABLE workflows ADD COLUMN pause TEXT"],
 }
 INDEXES = """
 CREATE INDEX IF NOT EXISTS workflows_created ON workflows (created_at);
@@ -173,6 +177,21 @@ def statements(batch: Batch) -> list[tuple[str, list[tuple[Any, ...]]]]:
                 [(w, key, value) for (w, key), value in batch.attributes.items()],
             )
         )
+    if batch.type_pauses:
+        kept_pauses = [x for x in batch.type_pauses.values() if x is not None]
+        gone_pauses = [key for key, x in batch.type_pauses.items() if x is None]
+        if kept_pauses:
+            statements.append(
+                (
+                    "INSERT OR REPLACE INTO type_pauses (workflow, step, since, reason) "
+                    "VALUES (?, ?, ?, ?)",
+                    [(x.workflow, x.step or "", x.since, x.reason) for x in kept_pauses],
+                )
+            )
+        if gone_pauses:
+            statements.append(
+                ("DELETE FROM type_pauses WHERE workflow = ? AND step = ?", gone_pauses)
+            )
     if batch.requests:
         statements.append(
             (
