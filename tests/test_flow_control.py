@@ -6,6 +6,7 @@ resumes, cancels, resets and crash-reloads (the state round-tripped through the 
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -588,3 +589,94 @@ def test_metrics_count_resets_and_a_reset_failure_as_a_refailure() -> None:
     assert count(metrics, finished, workflow="w", status="succeeded") == 1
     assert count(metrics, "hms_workflow_resets_total", workflow="w") == 3
     assert f.workflow.retries == 3
+
+
+# -- paused workflow types ----------------------------------------------------------------------
+
+
+def test_a_paused_type_holds_new_starts_and_its_running_workflows_next_steps() -> None:
+    from hms_mgmt.engine.events import OutcomeEvent
+    from hms_mgmt.engine.work import Work
+
+    applier = _applier()
+    work = Work()
+    applier.apply(_request(type="start", workflow_id="wf-a", workflow="grantApproval"), work, 1.0)
+    applier.apply(
+        _request(type="pause_type", request_id="p1", workflow="grantApproval", reason="audit"),
+        work,
+        2.0,
+    )
+    assert work.replies[-1][2] is True and work.batch.type_pauses
+    applier.apply(
+        _request(type="start", request_id="r2", workflow_id="wf-b", workflow="grantApproval"),
+        work,
+        3.0,
+    )
+    applier.apply(
+        _request(type="start", request_id="r3", workflow_id="wf-c", workflow="grantApproval"),
+        work,
+        3.5,
+    )
+    # wf-a was published before the pause; wf-b and wf-c are held at their first step
+    assert [row.routing_key for row in work.batch.outbox] == ["grantApproval.validateApp"]
+    for workflow_id in ("wf-b", "wf-c"):
+        held = work.state[workflow_id][0]
+        assert held.status == "paused" and held.pause is not None
+        assert held.pause["type"] == ["grantApproval", ""] and held.pause["status"] == "pending"
+    done = Outcome("wf-a", 1, "succeeded", step="validateApp", attempt=1, result={"data": 1})
+    applier.apply(OutcomeEvent(done), work, 4.0)  # a running one's next step is held too
+    assert len(work.batch.outbox) == 1 and work.state["wf-a"][0].status == "paused"
+    again = Work(state=dict(work.state))
+    applier.type_pauses = {k: v for k, v in work.type_pauses.items() if v is not None}
+    applier.apply(
+        _request(type="pause_type", request_id="p2", workflow="grantApproval"), again, 5.0
+    )
+    assert again.replies[-1][3]["message"] == "grantApproval is already paused"
+
+    resume = Work(state=dict(work.state))
+    resume.type_held[("grantApproval", "")] = ["wf-b", "wf-a"]  # as loaded (order re-checked)
+    applier.apply(
+        _request(type="resume_type", request_id="p3", workflow="grantApproval"), resume, 6.0
+    )
+    ok, answer = resume.replies[-1][2:]
+    assert ok and answer["released"] == 3
+    # released in the order they were created: wf-a's creditCheck, then wf-b's and wf-c's starts
+    assert [
+        (row.routing_key, json.loads(row.body)["workflow_id"]) for row in resume.batch.outbox
+    ] == [
+        ("grantApproval.creditCheck", "wf-a"),
+        ("grantApproval.validateApp", "wf-b"),
+        ("grantApproval.validateApp", "wf-c"),
+    ]
+    assert resume.batch.type_pauses == {("grantApproval", ""): None}
+    assert all(wf.status != "paused" for wf, _ in resume.state.values())
+
+
+def test_a_paused_step_of_a_type_holds_only_that_step() -> None:
+    from hms_mgmt.engine.events import OutcomeEvent
+    from hms_mgmt.engine.work import Work
+
+    applier = _applier()
+    work = Work()
+    applier.apply(
+        _request(type="pause_type", request_id="p1", workflow="grantApproval", step="creditCheck"),
+        work,
+        1.0,
+    )
+    applier.apply(_request(type="start", workflow_id="wf", workflow="grantApproval"), work, 2.0)
+    assert [row.routing_key for row in work.batch.outbox] == ["grantApproval.validateApp"]
+    done = Outcome("wf", 1, "succeeded", step="validateApp", attempt=1, result={"data": 1})
+    applier.apply(OutcomeEvent(done), work, 3.0)
+    assert len(work.batch.outbox) == 1 and work.state["wf"][0].status == "paused"
+    for n, (bad, message) in enumerate(
+        (
+            ({"workflow": "nope"}, "'nope' is not defined"),
+            ({"workflow": "grantApproval", "step": "nope"}, "has no step 'nope'"),
+        )
+    ):
+        applier.apply(_request(type="pause_type", request_id=f"x{n}", **bad), work, 4.0)
+        assert message in work.replies[-1][3]["message"]
+    applier.apply(
+        _request(type="resume_type", request_id="r9", workflow="grantApproval"), work, 5.0
+    )
+    assert work.replies[-1][3]["message"] == "grantApproval is not paused; cannot resume it"

@@ -20,7 +20,7 @@ from hms_mgmt.machine.events import (
     start,
 )
 from hms_mgmt.machine.moves import step_message
-from hms_mgmt.machine.pause import pause, resume
+from hms_mgmt.machine.pause import hold_for_type, pause, paused_by, resume
 from hms_mgmt.machine.transition import (
     TIMER_DEADLINE,
     TIMER_RUN,
@@ -41,7 +41,9 @@ __all__ = (
     "cancel",
     "dead_lettered",
     "fire_timer",
+    "hold_for_type",
     "pause",
+    "paused_by",
     "reset",
     "resume",
     "retry",

@@ -24,7 +24,7 @@ from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.errors import InvalidStateError
 from hms_mgmt.machine.moves import clear_timer, publish
 from hms_mgmt.machine.transition import TIMER_RUN, TIMER_START, TIMER_WAIT, Transition
-from hms_mgmt.records import StepRun, StepStatus, Workflow, WorkflowStatus, evolve
+from hms_mgmt.records import StepRun, StepStatus, TypePause, Workflow, WorkflowStatus, evolve
 
 FROZEN = (TIMER_RUN, TIMER_WAIT)
 """Timers that freeze while paused: they start new work. A run's deadline and its
@@ -91,6 +91,27 @@ def resume(
         timer=None if timer is None else timer["kind"],
     )
     return t
+
+
+def hold_for_type(t: Transition, wf: Workflow, by: TypePause, now: float) -> None:
+    """A transition that would publish a step of a paused type (or of its paused step): the
+    workflow is paused (``pause["type"]`` names the type pause) and holds the step; the
+    type's resume releases it."""
+    hold(t, wf, {"since": now, "reason": by.reason, "held": None, "type": list(by.key)}, now)
+    assert wf.pause is not None
+    t.note(
+        "workflow_paused",
+        reason=by.reason,
+        type=by.workflow,
+        type_step=by.step,
+        status=wf.pause["status"],
+    )
+
+
+def paused_by(workflow: Workflow, key: tuple[str, str]) -> bool:
+    """Whether the workflow is paused by the type pause ``key`` (and not by an operator)."""
+    pause = workflow.pause or {}
+    return workflow.status == WorkflowStatus.PAUSED and pause.get("type") == list(key)
 
 
 def while_paused(

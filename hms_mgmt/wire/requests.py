@@ -175,6 +175,43 @@ class ResumeRequest(_About):
     kind = "resume"
 
 
+@dataclass(frozen=True, kw_only=True)
+class PauseTypeRequest(Request):
+    """Pause a workflow type, or one step of it (``step``)."""
+
+    kind = "pause_type"
+    workflow: str
+    step: str | None = None
+    reason: str | None = None
+
+    @classmethod
+    def parse(cls, data: dict[str, Any], **common: Any) -> Request:
+        reason = data.get("reason")
+        return cls(
+            workflow=name(data, "workflow"),
+            step=None if data.get("step") is None else name(data, "step"),
+            reason=None if reason is None else str(reason)[:1000],
+            **common,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResumeTypeRequest(Request):
+    """Resume a paused workflow type (or step of it): what it held is released, in order."""
+
+    kind = "resume_type"
+    workflow: str
+    step: str | None = None
+
+    @classmethod
+    def parse(cls, data: dict[str, Any], **common: Any) -> Request:
+        return cls(
+            workflow=name(data, "workflow"),
+            step=None if data.get("step") is None else name(data, "step"),
+            **common,
+        )
+
+
 SIGNALS_ON_RESET = ("keep", "drop")
 
 
@@ -291,6 +328,8 @@ REQUESTS: dict[str, type[Request]] = {
         PauseRequest,
         ResumeRequest,
         ResetRequest,
+        PauseTypeRequest,
+        ResumeTypeRequest,
         ListRequest,
         ScheduleRequest,
         UnscheduleRequest,
