@@ -1,4 +1,5 @@
-"""The hms command's flow-control verbs: ``hms workflow pause``, ``resume`` and ``reset``."""
+"""The hms command's flow-control verbs: ``hms workflow pause``, ``resume`` and ``reset``, and
+``pause-type`` and ``resume-type``."""
 
 from __future__ import annotations
 
@@ -37,6 +38,33 @@ def workflow_resume(obj: Context, workflow_id: str) -> None:
     with the time it had left."""
     result = obj.api.post(f"/api/workflows/{quote(workflow_id)}/resume")
     obj.emit(result, printable(f"{result['workflow_id']}: {result['status']}"))
+
+
+@click.command("pause-type")
+@click.argument("name")
+@click.option("--step", help="Only this step of it.")
+@click.option("--reason", help="Recorded with the pause.")
+@output_option
+@click.pass_obj
+def workflow_pause_type(obj: Context, name: str, step: str | None, reason: str | None) -> None:
+    """Pause workflow type NAME (or one --step of it): its new starts, cron ticks and the next
+    steps of its workflows are held, each workflow paused, until 'hms workflow resume-type'."""
+    result = obj.api.post(f"/api/definitions/{quote(name)}/pause", {"step": step, "reason": reason})
+    what = name if step is None else f"{name}.{step}"
+    obj.emit(result, printable(f"{what}: paused"))
+
+
+@click.command("resume-type")
+@click.argument("name")
+@click.option("--step", help="Only this step of it (as paused).")
+@output_option
+@click.pass_obj
+def workflow_resume_type(obj: Context, name: str, step: str | None) -> None:
+    """Resume workflow type NAME (or one --step of it): the workflows it held go on, oldest
+    first."""
+    result = obj.api.post(f"/api/definitions/{quote(name)}/resume", {"step": step})
+    what = name if step is None else f"{name}.{step}"
+    obj.emit(result, printable(f"{what}: resumed, {result['released']} workflow(s) released"))
 
 
 @click.command("reset")

@@ -291,6 +291,27 @@ class Calls:
             fields["data"] = data
         return await self.request("reset", fields)
 
+    async def pause_type(
+        self, workflow: str, step: str | None = None, *, reason: str | None = None
+    ) -> Any:
+        """Pause a workflow type, or one step of it: its new starts, its cron ticks and the
+        next steps of its workflows (of that step) are held, each workflow ``paused``, until
+        :meth:`resume_type`. Steps already out run on."""
+        check_name("workflow", workflow)
+        if step is not None:
+            check_name("step", step)
+        return await self.request(
+            "pause_type", {"workflow": workflow, "step": step, "reason": reason}
+        )
+
+    async def resume_type(self, workflow: str, step: str | None = None) -> Any:
+        """Resume a paused workflow type (or step of it): the workflows it held are resumed,
+        oldest first, and what they held published in that order."""
+        check_name("workflow", workflow)
+        if step is not None:
+            check_name("step", step)
+        return await self.request("resume_type", {"workflow": workflow, "step": step})
+
     async def signal(self, workflow_id: str, name: str, data: Any = None) -> Any:
         _check_workflow_id(workflow_id)
         check_name("signal", name)

@@ -175,3 +175,61 @@ async def test_a_reset_while_a_step_runs_ignores_its_late_outcome(
 
     await wait_until(late_ignored, timeout=30, what="the first nap's outcome ignored")
     assert (await _state(client, workflow_id)).status == "succeeded"
+
+
+async def test_pause_type_during_a_run_holds_every_workflow_and_survives_a_kill(
+    client: hms_mgmt.Management, processes: Processes, vhost: str, store_url: str, tmp_path: Path
+) -> None:
+    """200 workflows, the type paused half-way through starting them: each ends paused or
+    finished, nothing published for the paused ones (the step service notes every run), the
+    pause survives kill -9, and the type's resume completes them all."""
+    engine = processes.engine(vhost, store_url)
+    processes.worker(vhost, "tests.services:grant")
+    note = str(tmp_path / "runs.txt")
+
+    def ran() -> set[str]:
+        return set(Path(note).read_text().splitlines()) if Path(note).exists() else set()
+
+    async def start(count: int) -> list[str]:
+        started = await asyncio.gather(
+            *(client.start("noted", {"note": note, "seconds": 0.05}) for _ in range(count))
+        )
+        return [s.workflow_id for s in started]
+
+    ids = await start(100)
+    paused = await client.pause_type("noted", reason="bureau down")
+    assert paused["paused"] is True
+    ids += await start(100)
+
+    async def settled() -> list[dict[str, Any]] | None:
+        found = await client.list(name="noted", limit=1000)
+        done = all(w["status"] in ("paused", "succeeded") for w in found)
+        return found if len(found) == len(ids) and done else None
+
+    listed = await wait_until(settled, timeout=90, what="every workflow paused or finished")
+    held = {w["workflow_id"] for w in listed if w["status"] == "paused"}
+    assert len(held) >= 100  # at least those started after the pause
+    for workflow_id in held:
+        state = await _state(client, workflow_id)
+        assert state.paused is not None and state.paused["type"] == ["noted", ""]
+        run = state.steps[-1]
+        assert run.seq == state.paused["held"] and run.started_at is None
+        assert f"{workflow_id} {run.step} 1" not in ran()  # never published
+
+    engine.kill()
+    assert await asyncio.to_thread(engine.wait, 10) == -9
+    processes.engine(vhost, store_url)
+    later = await start(5)  # the type pause was kept in the store: these are held too
+    canary = (await client.start("grantApproval", {"application_id": "C-1"})).workflow_id
+    assert (await client.wait(canary, timeout=60)).status == "succeeded"
+    for workflow_id in later:
+        assert (await _state(client, workflow_id)).status == "paused"
+        assert not any(line.startswith(workflow_id) for line in ran())
+
+    resumed = await client.resume_type("noted")
+    assert resumed["released"] == len(held) + len(later)
+    for workflow_id in ids + later:
+        state = await client.wait(workflow_id, timeout=90)
+        assert state.status == "succeeded", state.describe()
+        assert {f"{workflow_id} first 1", f"{workflow_id} second 1"} <= ran()
+    assert "Traceback" not in processes.log("engine")

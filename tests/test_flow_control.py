@@ -680,3 +680,51 @@ def test_a_paused_step_of_a_type_holds_only_that_step() -> None:
         _request(type="resume_type", request_id="r9", workflow="grantApproval"), work, 5.0
     )
     assert work.replies[-1][3]["message"] == "grantApproval is not paused; cannot resume it"
+
+
+async def test_hms_workflow_pause_type_and_resume_type(memory_url: str, store_url: str) -> None:
+    import asyncio
+
+    from aiohttp.test_utils import TestServer
+
+    from bus_adapters import open_bus
+    from hms_mgmt.engine.api import EngineApi
+    from hms_mgmt.engine.engine import Engine
+    from hms_mgmt.metrics import EngineMetrics
+    from hms_mgmt.store import open_store
+    from tests.conftest import hms
+
+    engine = Engine(open_bus(memory_url), open_store(store_url))
+    running = asyncio.ensure_future(engine.run())
+    await asyncio.wait_for(engine.ready.wait(), 10)
+    api = EngineApi(engine, EngineMetrics())
+    server = TestServer(api.app())
+    await server.start_server()
+    env = {"HMS_ENGINE_URL": str(server.make_url("")).rstrip("/")}
+    try:
+        await api.client.connect()
+        await api.client.define(WorkflowDefinition.build("grant", ["validate", "check"]))
+        paused = await hms("workflow", "pause-type", "grant", "--reason", "bureau down", env=env)
+        assert (paused.returncode, paused.stdout) == (0, "grant: paused\n"), paused.stderr
+        listed = await hms("definitions", env=env)
+        assert "all (bureau down)" in listed.stdout
+        ids = [(await api.client.start("grant", {"n": n})).workflow_id for n in range(3)]
+        for workflow_id in ids:  # each start is held at its first step
+            state = await api.client.status(workflow_id)
+            assert state.status == "paused" and state.paused is not None
+            assert state.paused["type"] == ["grant", ""] and state.paused["held"] == 1
+        again = await hms("workflow", "pause-type", "grant", env=env)
+        assert again.returncode == 1 and "grant is already paused" in again.stderr
+        unknown = await hms("workflow", "pause-type", "grant", "--step", "nope", env=env)
+        assert unknown.returncode == 1 and "has no step 'nope'" in unknown.stderr
+        resumed = await hms("workflow", "resume-type", "grant", env=env)
+        assert resumed.stdout == "grant: resumed, 3 workflow(s) released\n", resumed.stderr
+        for workflow_id in ids:
+            assert (await api.client.status(workflow_id)).status == "pending"
+        assert "bureau down" not in (await hms("definitions", env=env)).stdout
+        not_paused = await hms("workflow", "resume-type", "grant", env=env)
+        assert not_paused.returncode == 1 and "is not paused" in not_paused.stderr
+    finally:
+        await server.close()
+        engine.stop()
+        await running

@@ -112,6 +112,8 @@ class EngineApi:
         post("/api/workflows/{id}/resume", self._mutating(self.resume))
         post("/api/workflows/{id}/reset", self._mutating(self.reset))
         get("/api/definitions", self._reading(self.definitions))
+        post("/api/definitions/{name}/pause", self._mutating(self.pause_type))
+        post("/api/definitions/{name}/resume", self._mutating(self.resume_type))
         get("/api/engines", self._reading(self.engines))
         get("/api/dlq", self._reading(self.dlq_queues))
         get("/api/dlq/{queue}", self._reading(self.dlq_messages))
@@ -439,6 +441,9 @@ class EngineApi:
         return web.json_response({**result, "to_step": to_step})
 
     async def definitions(self, _request: web.Request) -> web.Response:
+        paused: dict[str, list[dict[str, Any]]] = {}
+        for pause in self.engine.paused_types():
+            paused.setdefault(pause.workflow, []).append(pause.to_json())
         return web.json_response(
             [
                 {
@@ -447,10 +452,37 @@ class EngineApi:
                     "steps": d.step_names,
                     "on_error": None if d.on_error is None else d.on_error.name,
                     "definition": d.to_json(),
+                    "paused": paused.get(d.name, []),
                 }
                 for d in self.engine.definitions()
             ]
         )
+
+    def _type_and_step(self, request: web.Request, body: dict[str, Any]) -> tuple[str, Any]:
+        name = request.match_info["name"]
+        if not NAME_PATTERN.fullmatch(name):
+            raise ApiError(400, "BadRequest", f"{short(name)} is not a workflow name")
+        step = body.get("step")
+        if step is not None and (not isinstance(step, str) or not NAME_PATTERN.fullmatch(step)):
+            raise ApiError(400, "BadRequest", f"step {short(step)} is not a step name")
+        return name, step
+
+    async def pause_type(self, request: web.Request) -> web.Response:
+        """Pause a workflow type, or a step of it (``{"step": S, "reason": R}``); 409 if it is
+        paused already, 404 for an unknown workflow, 400 for an unknown step."""
+        body = await self._body(request)
+        name, step = self._type_and_step(request, body)
+        reason = body.get("reason")
+        result = await self.client.pause_type(
+            name, step, reason=None if reason is None else str(reason)
+        )
+        return web.json_response(result)
+
+    async def resume_type(self, request: web.Request) -> web.Response:
+        """Resume a paused workflow type (or step of it): ``{"released": n}`` workflows."""
+        body = await self._body(request)
+        name, step = self._type_and_step(request, body)
+        return web.json_response(await self.client.resume_type(name, step))
 
     # -- dead letters -----------------------------------------------------------
 
