@@ -196,6 +196,9 @@ GOOD_REQUESTS: list[dict[str, Any]] = [
     {"type": "resume", "request_id": "r14", "workflow_id": "wf-1"},
     {"type": "reset", "request_id": "r15", "workflow_id": "wf-1", "to_step": "validateApp",
      "data": {"fixed": True}, "signals": "drop", "reason": None},
+    {"type": "pause_type", "request_id": "r16", "workflow": "grantApproval",
+     "step": "creditCheck", "reason": "bureau down"},
+    {"type": "resume_type", "request_id": "r17", "workflow": "grantApproval", "step": None},
 ]  # fmt: skip
 
 BAD_VALUES: list[Any] = [
