@@ -145,7 +145,7 @@ async def test_a_reset_from_validate_app_reruns_the_steps_after_it_with_the_new_
     assert state.output is not None and state.output["corrected"] is True
     assert state.output["finalize"] == 1
 
-    with pytest.raises(hms_mgmt.HmsError, match="has no step 'payOut'"):
+    with pytest.raises(hms_mgmt.UnknownStepError, match="has no step 'payOut'"):
         await client.reset(failed, "payOut")
 
 
