@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
@@ -63,6 +64,51 @@ def check_run_at(
             f"{what} must be a Unix timestamp from 0 to 10 years from now ({latest:.0f}), "
             f"not {short(value)}"
         )
+    return float(value)
+
+
+TIME_RULE = (
+    "seconds since the epoch (1796194800), an ISO 8601 time (2026-12-02T07:00:00Z; UTC when "
+    "it has no offset), or a time ago (90s, 15m, 2h, 7d)"
+)
+_AGO = re.compile(r"^(\d{1,9}(?:\.\d{1,6})?)([smhd])$")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_time(
+    text: str, error: type[Exception] = ValueError, *, now: float | None = None
+) -> float:
+    """A time given as text (a list's ``since`` or ``until``) as seconds since the epoch:
+    see :data:`TIME_RULE`."""
+    raw = text.strip()[:41]
+    ago = _AGO.fullmatch(raw)
+    if ago:
+        return (time.time() if now is None else now) - float(ago[1]) * _UNIT[ago[2]]
+    try:
+        value = float(raw)
+    except ValueError:
+        value = _iso_time(raw)
+    if not math.isfinite(value) or value < 0 or len(raw) > 40:
+        raise error(f"{short(text)} is not a time: give {TIME_RULE}")
+    return value
+
+
+def _iso_time(raw: str) -> float:
+    try:
+        at = datetime.fromisoformat(raw)
+    except ValueError:
+        return math.nan
+    return (at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp()
+
+
+def check_time(value: Any, what: str, error: type[Exception] = ValueError) -> float:
+    """A time as seconds since the epoch, from a number or an aware ``datetime``."""
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise error(f"{what} {short(value)} has no time zone: give an aware datetime")
+        value = value.timestamp()
+    if not _real(value) or not math.isfinite(value) or value < 0:
+        raise error(f"{what} must be seconds since the epoch or a datetime, not {short(value)}")
     return float(value)
 
 

@@ -98,13 +98,26 @@ def workflow_group() -> None:
     metavar="KEY=VALUE",
     help="Only workflows with this business key (repeatable: all must match).",
 )
+@click.option("--since", help="Only workflows created at or after: 15m, 2h, 7d ago or a time.")
+@click.option("--until", help="Only workflows created before: 15m, 2h, 7d ago or a time.")
 @output_option
 @click.pass_obj
 def workflow_list(
-    obj: Context, status: str | None, name: str | None, limit: int, attrs: tuple[str, ...]
+    obj: Context,
+    status: str | None,
+    name: str | None,
+    limit: int,
+    attrs: tuple[str, ...],
+    since: str | None,
+    until: str | None,
 ) -> None:
-    """The latest workflows, newest first."""
-    query = {f"attr.{key}": value for key, value in _attributes(attrs).items()}
+    """The latest workflows, newest first.
+
+    Times are seconds since the epoch, ISO 8601 (UTC without an offset) or a time ago."""
+    query: dict[str, Any] = {f"attr.{key}": value for key, value in _attributes(attrs).items()}
+    for option, text in (("since", since), ("until", until)):
+        if text is not None:
+            query[option] = _time(text, f"--{option}")
     workflows = obj.api.get("/api/workflows", status=status, name=name, limit=limit, **query)
     obj.emit(
         workflows,
@@ -113,6 +126,15 @@ def workflow_list(
             ["id", "name", "status", "created", "updated", "attributes", "error"],
         ),
     )
+
+
+def _time(text: str, option: str) -> float:
+    from hms_mgmt.bounds import parse_time
+
+    try:
+        return parse_time(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from None
 
 
 def _attributes(attrs: tuple[str, ...]) -> dict[str, str]:

@@ -8,6 +8,7 @@ that is not a date prints as the number it is.
 from __future__ import annotations
 
 import json
+import math
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -61,6 +62,17 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def ago(timestamp: float | None, now: float | None = None) -> str:
+    """How long ago a Unix timestamp was, for people: 42s, 7m, 3h, 2d."""
+    if not _number(timestamp) or not math.isfinite(timestamp):  # type: ignore[arg-type]
+        return "-"
+    seconds = max(0.0, (time.time() if now is None else now) - float(timestamp))  # type: ignore[arg-type]
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size:.0f}{unit}"
+    return f"{seconds:.0f}s"
 
 
 def when(timestamp: float | None, *, date: bool = True) -> str:

@@ -17,7 +17,7 @@ from hms_mgmt.cli_api import (
     quote,
 )
 from hms_mgmt.cli_context import Context, output_option
-from hms_mgmt.cli_format import printable, table
+from hms_mgmt.cli_format import ago, printable, table
 
 
 @click.group("dlq")
@@ -64,8 +64,17 @@ def dlq_list(obj: Context, queue: str | None, limit: int) -> None:
     obj.emit(
         letters,
         table(
-            letters,
-            ["message_id", "workflow_id", "step", "attempts", "reason", "error_type", "error"],
+            [{**letter, "age": ago(letter.get("dead_at"))} for letter in letters],
+            [
+                "message_id",
+                "workflow_id",
+                "step",
+                "attempts",
+                "age",
+                "reason",
+                "error_type",
+                "error",
+            ],
         ),
     )
 

@@ -26,6 +26,7 @@ from hms_mgmt.bounds import (
     check_key,
     check_run_at,
     check_schedule_id,
+    check_time,
 )
 from hms_mgmt.definitions import WorkflowDefinition, check_name
 from hms_mgmt.errors import (
@@ -362,12 +363,18 @@ class Calls:
         name: str | None = None,
         limit: int = 50,
         attributes: dict[str, str] | None = None,
+        since: float | datetime | None = None,
+        until: float | datetime | None = None,
     ) -> list[dict[str, Any]]:
         """The newest workflows first; with ``attributes``, only those having every one of
-        these business keys (``{"application_id": "A-17"}``)."""
+        these business keys (``{"application_id": "A-17"}``); with ``since`` and ``until``
+        (seconds since the epoch, or aware datetimes), only those created in that range."""
         fields: dict[str, Any] = {"status": status, "name": name, "limit": limit}
         if attributes:
             fields["attributes"] = check_attributes(attributes, error=PayloadError)
+        for key, at in (("since", since), ("until", until)):
+            if at is not None:
+                fields[key] = check_time(at, key, PayloadError)
         result = await self.request("list", fields, persistent=False)
         return list(result)
 

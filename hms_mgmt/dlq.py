@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from bus_adapters.base import Bus, Delivery
@@ -35,6 +36,7 @@ class DeadLetter:
     error_type: str | None
     error: str | None
     size: int
+    dead_at: float | None = None  # when it was dead-lettered (seconds since the epoch)
 
     @classmethod
     def of(cls, delivery: Delivery) -> DeadLetter:
@@ -50,6 +52,7 @@ class DeadLetter:
             error_type=_text(headers.get("x-hms-error-type")),
             error=_text(headers.get("x-hms-error")),
             size=len(delivery.body),
+            dead_at=_dead_at(headers),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -65,6 +68,20 @@ class Replayed:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _dead_at(headers: dict[str, Any]) -> float | None:
+    """When a message was dead-lettered: the engine's ``x-hms-dead-at``, else the time of the
+    broker's last ``x-death`` (a quorum queue's delivery limit), else unknown."""
+    at = headers.get("x-hms-dead-at")
+    if isinstance(at, int | float) and not isinstance(at, bool):
+        return float(at)
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+        when = deaths[0].get("time")
+        if isinstance(when, datetime):
+            return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+    return None
 
 
 def _text(value: Any) -> str | None:

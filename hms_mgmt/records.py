@@ -203,6 +203,7 @@ class StepRecord:
     due_at: float | None
     started_at: float | None
     finished_at: float | None
+    deadline_at: float | None = None  # when a started run times out, if its step has a timeout
 
     @property
     def duration(self) -> float | None:
@@ -275,6 +276,7 @@ class WorkflowState:
                     due_at=r.due_at,
                     started_at=r.started_at,
                     finished_at=r.finished_at,
+                    deadline_at=r.deadline_at,
                 )
                 for r in runs
             ],

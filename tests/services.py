@@ -96,6 +96,7 @@ grant.define_workflow(
     ],
 )
 grant.define_workflow("gated", ["gate", "after"], retry=RetryPolicy(max_attempts=1))
+grant.define_workflow("held", [Step("hold", timeout=300.0)])
 grant.define_workflow(
     "backoff", ["stumble"], retry=RetryPolicy(max_attempts=3, initial_delay=2.0, jitter=False)
 )
@@ -144,6 +145,14 @@ async def slow_step(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
 def gate(ctx: hms_mgmt.StepContext) -> dict[str, Any]:  # a plain function: runs in a thread
     if not Path(ctx.payload["unlock"]).exists():
         raise RuntimeError("gate closed")
+    return {"data": ctx.payload}
+
+
+@grant.on_step("held.hold")
+def hold(ctx: hms_mgmt.StepContext) -> dict[str, Any]:  # runs in a thread
+    release, until = Path(ctx.payload["release"]), time.monotonic() + 60
+    while not release.exists() and time.monotonic() < until:  # running, within its deadline
+        time.sleep(0.05)
     return {"data": ctx.payload}
 
 

@@ -11,7 +11,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from hms_mgmt.cli_format import cell, changes, printable, show, table, took, when
+from hms_mgmt.bounds import parse_time
+from hms_mgmt.cli_format import ago, cell, changes, printable, show, table, took, when
 from tests.conftest import hms
 
 RAW = ("\x1b", "\x07", "\x00", "\r", "\x9b")  # ESC, BEL, NUL, CR, CSI
@@ -159,3 +160,25 @@ async def test_the_cli_prints_crafted_answers_escaped(crafted_engine: str) -> No
     assert missing.returncode == 1
     no_raw_control_characters(missing.stderr)
     assert r"no workflow \x1b[31mred\n" in missing.stderr
+
+
+def test_times_for_list_filters_and_ages_for_people() -> None:
+    now = 1_796_194_800.0  # 2026-12-02T07:00:00Z
+    assert parse_time("15m", now=now) == now - 900
+    assert parse_time("7d", now=now) == now - 7 * 86400
+    assert parse_time("1.5h", now=now) == now - 5400
+    assert parse_time(" 1796194800 ") == now
+    assert parse_time("2026-12-02T07:00:00Z") == now
+    assert parse_time("2026-12-02T07:00:00") == now  # no offset: UTC
+    assert parse_time("2026-12-02T08:00:00+01:00") == now
+    for text in ("", "yesterday", "-1", "nan", "inf", "15 m", "1w", "9" * 41, "2026-13-01"):
+        with pytest.raises(ValueError, match="is not a time: give seconds since the epoch"):
+            parse_time(text)
+    assert [ago(now - s, now) for s in (0, 59, 60, 7200, 3 * 86400)] == [
+        "0s",
+        "59s",
+        "1m",
+        "2h",
+        "3d",
+    ]
+    assert ago(None, now) == "-" and ago(math.inf, now) == "-" and ago(True, now) == "-"

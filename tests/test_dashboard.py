@@ -138,6 +138,23 @@ async def test_overview_live_table_search_steps_and_script_payloads(
     ids = {started.workflow_id, evil.workflow_id, *(o.workflow_id for o in others)}
     assert set(first + second) == ids and len(first + second) == 4
 
+    # A time range: created in the last 15 minutes (a relative link), or from a time on.
+    await page.goto(f"{ops.engine_url}/workflows")
+    await page.select_option('#filters select[name="ago"]', "15m")
+    await page.click('#filters button[type="submit"]')
+    await expect(page).to_have_url(f"{ops.engine_url}/workflows?since=15m")
+    await expect(page.locator("#workflows tbody tr")).to_have_count(4)
+    await page.fill('#filters input[name="from"]', "2999-01-01T00:00:00")
+    await page.click('#filters button[type="submit"]')
+    await expect(page.locator("#workflows tbody")).to_contain_text("no workflow matches")
+    assert "since=32472" in page.url  # 2999-01-01 as seconds since the epoch (any time zone)
+    await page.fill('#filters input[name="from"]', "")
+    await page.fill('#filters input[name="to"]', "2999-01-01T00:00:00")
+    await page.select_option('#filters select[name="ago"]', "")
+    await page.click('#filters button[type="submit"]')
+    await expect(page.locator("#workflows tbody tr")).to_have_count(4)
+    await page.click("header >> text=Workflows")  # no filters
+
     # Search by business key: exactly one, and the URL says so (linkable).
     await page.fill('#filters input[name="attr"]', "application_id=A-17")
     await page.click('#filters button[type="submit"]')
@@ -198,6 +215,23 @@ async def test_overview_live_table_search_steps_and_script_payloads(
 async def test_retry_button_and_a_dead_letter_replayed_from_its_page(
     ops: Ops, client: hms_mgmt.Management, page: Page, tmp_path: Path
 ) -> None:
+    # What a workflow waits for, and until when: a running step and its deadline...
+    release = tmp_path / "release"
+    held = await client.start("held", {"release": str(release)})
+    await page.goto(f"{ops.engine_url}/workflows/{held.workflow_id}")
+    waiting = page.locator('[data-fact="waiting for"]')
+    await expect(waiting).to_contain_text("step hold (attempt 1) running since", timeout=10_000)
+    await expect(waiting).to_contain_text(", deadline ")
+    await expect(waiting).to_contain_text(" min)")  # 300 s from its start: "(in 5.0 min)"
+    await shot(page, "workflow-running")
+    release.touch()
+    await expect(page.locator('[data-fact="status"]')).to_have_text("succeeded", timeout=15_000)
+    await expect(waiting).to_have_text("-")
+    # ...and a retry's backoff (2 s, then 4 s, before attempts 2 and 3).
+    stumbling = await client.start("backoff", {"always_fail": True})
+    await page.goto(f"{ops.engine_url}/workflows/{stumbling.workflow_id}")
+    await expect(waiting).to_contain_text("backoff: attempt 2 of stumble at ", timeout=10_000)
+
     unlock = tmp_path / "unlock"
     gated = await client.start("gated", {"unlock": str(unlock)})
     assert (await client.wait(gated.workflow_id, timeout=30)).status == "failed"
@@ -223,6 +257,7 @@ async def test_retry_button_and_a_dead_letter_replayed_from_its_page(
     await expect(letter).to_contain_text("attempts exhausted")
     await expect(letter).to_contain_text("credit bureau down")
     await expect(letter).to_contain_text(doomed.workflow_id)
+    assert (await letter.locator("td").nth(7).text_content() or "").endswith("s ago")  # its age
     await shot(page, "dlq")
     await letter.locator('button[data-action="replay"]').click()
     await expect(page.locator("#notice")).to_contain_text('"outcome":"resumed"')

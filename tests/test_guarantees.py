@@ -14,6 +14,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import closing
 from pathlib import Path
@@ -240,8 +241,23 @@ async def test_a_second_engine_on_the_vhost_is_refused_naming_the_first(
             await second.run()
         assert f"pid {os.getpid()}" in str(caught.value) and "a.db" in str(caught.value)
     assert not (tmp_path / "b.db").exists()  # a refused start leaves no store behind
+    # The same file for another vhost: refused by the file's lock, before any write to it.
+    other = Engine(
+        MemoryBus(f"{memory_url}-other"),
+        SQLiteStore(f"sqlite:///{tmp_path / 'a.db'}"),
+        lock_wait=0.2,
+    )
+    since = time.monotonic()
+    with pytest.raises(StartRefused, match="another engine already serves this store") as caught:
+        await other.run()
+    assert time.monotonic() - since < 2.0
+    assert f"a.db is in use by another engine (pid {os.getpid()})" in str(caught.value)
     assert first.checks() == {"engine": True, "broker": True, "vhost_lock": True, "store": True}
     await stopped(first, running)
+    again = Engine(MemoryBus(f"{memory_url}-other"), SQLiteStore(f"sqlite:///{tmp_path / 'a.db'}"))
+    running = run_engine(again)  # the lock goes with its engine
+    await started(again, running)
+    await stopped(again, running)
 
 
 async def test_a_vhost_refuses_a_store_other_than_its_own_unless_told(

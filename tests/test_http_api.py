@@ -8,6 +8,7 @@ import json
 import math
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from hms_mgmt.engine.api import STATUSES, EngineApi
 from hms_mgmt.engine.changes import Changes
 from hms_mgmt.engine.engine import Engine
 from hms_mgmt.engine.stats import _quantile
+from hms_mgmt.errors import PayloadError
 from hms_mgmt.httpserver import is_loopback
 from hms_mgmt.loopwatch import LoopMonitor
 from hms_mgmt.metrics import EngineMetrics
@@ -434,6 +436,31 @@ async def test_business_keys_over_http(memory_url: str, store_url: str) -> None:
             error = (await bad.json())["error"]
             assert bad.status == 400 and "key 'a b' is not a valid key" in error["message"]
             assert len(await listed("limit=1000")) == 3  # nothing more was started
+
+            # A time range on created_at: epoch seconds, ISO 8601, or a time ago.
+            every = await (await client.get("/api/workflows")).json()
+            middle = every[1]["created_at"]
+            assert await listed(f"since={middle}") == [ids["A-19"], ids["A-18"]]
+            assert await listed(f"until={middle}") == [ids["A-17"]]
+            assert await listed(f"since={middle}&attr.region=north") == [ids["A-18"]]
+            assert len(await listed("since=1h")) == 3 and await listed("until=1h") == []
+            assert await listed("since=2999-01-01T00:00:00Z") == []
+            assert len(await listed("until=2999-01-01")) == 3
+            for query in ("since=yesterday", "until=-4", "since=" + "9" * 50):
+                response = await client.get(f"/api/workflows?{query}")
+                error = (await response.json())["error"]
+                assert response.status == 400 and "is not a time: give" in error["message"]
+                assert error["message"].startswith(query.split("=")[0]), error
+            # client.list: the same search over the bus, with numbers or aware datetimes
+            found = await api.client.list(since=middle)
+            assert [w["workflow_id"] for w in found] == [ids["A-19"], ids["A-18"]]
+            halfway = (every[2]["created_at"] + middle) / 2  # a datetime keeps microseconds only
+            found = await api.client.list(until=datetime.fromtimestamp(halfway, UTC))
+            assert [w["workflow_id"] for w in found] == [ids["A-17"]]
+            with pytest.raises(PayloadError, match=r"until .* has no time zone"):
+                await api.client.list(until=datetime(2026, 1, 1))
+            with pytest.raises(PayloadError, match="since must be seconds since the epoch"):
+                await api.client.list(since=float("nan"))
     finally:
         engine.stop()
         await running

@@ -279,6 +279,15 @@ async def test_listing_counting_and_stuck_steps(store: Store) -> None:
     assert [w.id for w in await store.list_workflows(status="pending", before=(12.0, "wf2"))] == [
         "wf1"
     ]
+    # A time range on created_at, [since, until), with the other filters and pages.
+    assert [w.id for w in await store.list_workflows(since=12.0, until=14.0)] == ["wf3", "wf2"]
+    assert [w.id for w in await store.list_workflows(since=13.5)] == ["wf9", "wf4"]
+    assert [w.id for w in await store.list_workflows(until=11.0)] == ["wf0"]
+    assert [w.id for w in await store.list_workflows(since=10.0, status="succeeded")] == ["wf0"]
+    assert [
+        w.id for w in await store.list_workflows(since=11.0, before=(13.0, "wf3"), limit=1)
+    ] == ["wf2"]
+    assert await store.list_workflows(since=14.5) == []
 
 
 async def test_prune_deletes_finished_workflows_with_their_rows(store: Store) -> None:

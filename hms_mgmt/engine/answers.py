@@ -75,11 +75,19 @@ class Answers:
         limit: int = 50,
         attributes: Mapping[str, str] | None = None,
         before: tuple[float, str] | None = None,
+        since: float | None = None,
+        until: float | None = None,
     ) -> list[dict[str, Any]]:
         """The newest workflows matching, as list entries with their business keys: the one
         search behind ``client.list``, ``GET /api/workflows`` and ``hms workflow list``."""
         workflows = await self._store.list_workflows(
-            status=status, name=name, limit=limit, attributes=attributes, before=before
+            status=status,
+            name=name,
+            limit=limit,
+            attributes=attributes,
+            before=before,
+            since=since,
+            until=until,
         )
         keys = await self._store.attributes([w.id for w in workflows]) if workflows else {}
         return [summary(w, keys.get(w.id)) for w in workflows]
@@ -91,6 +99,8 @@ class Answers:
                 name=request.name,
                 limit=request.limit,
                 attributes=request.attributes,
+                since=request.since,
+                until=request.until,
             )
             work.reply(request, True, found)
             return

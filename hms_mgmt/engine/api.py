@@ -25,7 +25,15 @@ from aiohttp import web
 
 from bus_adapters.base import JSON_CONTENT_TYPE, BusError, redact_url
 from hms_mgmt import dlq, tracing
-from hms_mgmt.bounds import ID_RULE, MAX_DELAY, NAME_PATTERN, check_attributes, short, valid_id
+from hms_mgmt.bounds import (
+    ID_RULE,
+    MAX_DELAY,
+    NAME_PATTERN,
+    check_attributes,
+    parse_time,
+    short,
+    valid_id,
+)
 from hms_mgmt.client import Client
 from hms_mgmt.engine.changes import Changes
 from hms_mgmt.engine.engine import Engine
@@ -272,8 +280,15 @@ class EngineApi:
         except ValueError as exc:
             raise ApiError(400, "BadRequest", str(exc)) from None
         before = _cursor(request.query.get("before") or None)
+        since, until = (_time(request.query.get(key) or None, key) for key in ("since", "until"))
         found = await self.engine.workflows(
-            status=status, name=name, limit=limit, attributes=attributes, before=before
+            status=status,
+            name=name,
+            limit=limit,
+            attributes=attributes,
+            before=before,
+            since=since,
+            until=until,
         )
         return web.json_response(found)
 
@@ -589,6 +604,16 @@ def _cursor(raw: str | None) -> tuple[float, str] | None:
             "last workflow of a page",
         )
     return created_at, workflow_id
+
+
+def _time(raw: str | None, name: str) -> float | None:
+    """``since`` or ``until`` of a list: see :data:`hms_mgmt.bounds.TIME_RULE`."""
+    if raw is None:
+        return None
+    try:
+        return parse_time(raw)
+    except ValueError as exc:
+        raise ApiError(400, "BadRequest", f"{name}: {exc}") from None
 
 
 def _int(raw: str, name: str, low: int, high: int) -> int:

@@ -163,7 +163,11 @@ class Applier:
         for dead in t.dead_letters:
             original = machine.step_message(wf, dead.run, self.registry.of(wf)).to_message()
             message = dead_letter_message(
-                original, reason=dead.reason, attempts=dead.attempts, last_error=dead.error
+                original,
+                reason=dead.reason,
+                attempts=dead.attempts,
+                last_error=dead.error,
+                at=now,
             )
             batch.outbox.append(
                 OutboxRow(

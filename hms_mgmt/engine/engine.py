@@ -190,6 +190,12 @@ class Engine(EngineReads):
             await self.bus.close()
 
     async def start(self) -> None:
+        try:
+            await self.store.exclude_others(self.lock_wait)
+        except StoreError as exc:
+            if exc.kind == "in_use":
+                raise StartRefused(f"another engine already serves this store: {exc}") from None
+            raise
         await self.store.open()
         signer = Signer(self.store.identity.secret)
         self.intake.signer = self.applier.signer = signer

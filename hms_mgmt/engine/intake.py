@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -221,6 +222,7 @@ class Intake:
         headers = {k: v for k, v in delivery.headers.items() if isinstance(k, str)}
         headers["x-hms-reason"] = f"invalid message: {reason}"[:1000]
         headers["x-hms-queue"] = step_queue or delivery.queue
+        headers["x-hms-dead-at"] = time.time()
         targets = [(DEAD_EXCHANGE, step_queue)] if step_queue else []
         targets.append(("", dlq_name(delivery.queue)))
         for exchange, key in targets:

@@ -62,6 +62,8 @@ class EngineView(Protocol):
         limit: int = 50,
         attributes: Mapping[str, str] | None = None,
         before: tuple[float, str] | None = None,
+        since: float | None = None,
+        until: float | None = None,
     ) -> list[dict[str, Any]]: ...
 
     async def counts(self) -> tuple[dict[str, int], dict[tuple[str, str], int], int]: ...
@@ -180,11 +182,19 @@ class EngineReads:
         limit: int = 50,
         attributes: Mapping[str, str] | None = None,
         before: tuple[float, str] | None = None,
+        since: float | None = None,
+        until: float | None = None,
     ) -> list[dict[str, Any]]:
         """The newest workflows matching, as list entries (with their business keys); with
         ``before``, those after that (created_at, id) in that order: the next page."""
         return await self.answers.summaries(
-            status=status, name=name, limit=limit, attributes=attributes, before=before
+            status=status,
+            name=name,
+            limit=limit,
+            attributes=attributes,
+            before=before,
+            since=since,
+            until=until,
         )
 
     async def status_counts(self) -> dict[str, int]:

@@ -95,6 +95,13 @@ class Store(Protocol):
 
     async def close(self) -> None: ...
 
+    async def exclude_others(self, wait: float) -> None:
+        """Before :meth:`open`, for an engine: keep other engines out of a store that cannot
+        be shared (SQLite: an OS lock on the file until :meth:`close`; waits up to ``wait``
+        seconds for one that is stopping, then raises :class:`StoreError` of kind
+        ``in_use``). PostgreSQL is shared by design: nothing to do."""
+        ...
+
     async def discard(self) -> None:
         """Close and delete a store this process has just created (a refused start)."""
         ...
@@ -188,11 +195,14 @@ class Store(Protocol):
         limit: int = 50,
         attributes: Mapping[str, str] | None = None,
         before: tuple[float, str] | None = None,
+        since: float | None = None,
+        until: float | None = None,
     ) -> list[Workflow]:
         """The newest workflows first (by ``created_at``, then id); with ``attributes``, only
         those with every one of these business keys (the index on (key, value) finds them);
         with ``before`` (a ``created_at`` and an id: the last one of a page), only those after
-        it in that order, the next page (keyset paging, not OFFSET)."""
+        it in that order, the next page (keyset paging, not OFFSET); with ``since`` and
+        ``until``, only those created in [since, until) (seconds since the epoch)."""
         ...
 
     async def count_by_status(self) -> dict[str, int]: ...

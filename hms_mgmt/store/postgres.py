@@ -119,6 +119,9 @@ class PostgresStore:
                 ) from None
             raise
 
+    async def exclude_others(self, wait: float) -> None:
+        """Engines share a PostgreSQL store: one is active, the others stand by."""
+
     async def close(self) -> None:
         pool, self._pool = self._pool, None
         if pool is None:
@@ -377,8 +380,17 @@ class PostgresStore:
         limit: int = 50,
         attributes: Mapping[str, str] | None = None,
         before: tuple[float, str] | None = None,
+        since: float | None = None,
+        until: float | None = None,
     ) -> list[Workflow]:
-        clause, params = listing(status=status, name=name, attributes=attributes, before=before)
+        clause, params = listing(
+            status=status,
+            name=name,
+            attributes=attributes,
+            before=before,
+            since=since,
+            until=until,
+        )
         numbered = clause.split("{}")  # $1, $2, ... in the order of the parameters
         clause = "".join(f"{part}${n}" for n, part in enumerate(numbered[:-1], 1)) + numbered[-1]
         params.append(limit)

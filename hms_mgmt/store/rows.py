@@ -78,6 +78,8 @@ def listing(
     name: str | None,
     attributes: Mapping[str, str] | None,
     before: tuple[float, str] | None,
+    since: float | None = None,
+    until: float | None = None,
 ) -> tuple[str, list[Any]]:
     """The ``WHERE`` clause of a workflow listing (``""`` for none), with ``{}`` where each
     parameter goes (each backend writes its own placeholder), and the parameters in order.
@@ -90,6 +92,12 @@ def listing(
     if before is not None:
         where.append("created_at <= {} AND (created_at < {} OR id < {})")
         params.extend((before[0], before[0], before[1]))
+    if since is not None:  # created in [since, until): a time range, on the same index
+        where.append("created_at >= {}")
+        params.append(since)
+    if until is not None:
+        where.append("created_at < {}")
+        params.append(until)
     for column, value in (("status", status), ("name", name)):
         if value is not None:
             where.append(f"{column} = {{}}")

@@ -23,6 +23,7 @@ from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.errors import StoreError
 from hms_mgmt.records import StepRun, TypePause, Workflow
 from hms_mgmt.schedules import Schedule
+from hms_mgmt.store import file_lock
 from hms_mgmt.store.base import Batch, BatchReads, HistoryEntry, OutboxRow, StoreIdentity
 from hms_mgmt.store.rows import (
     FINISHED,
@@ -109,6 +110,7 @@ class SQLiteStore:
         self._checkpointed_size = 0  # the file's size after our last complete checkpoint
         self._upkeep = 0
         self._owner: str | None = None  # the engine that claimed the store (fencing)
+        self._held: int | None = None  # the descriptor holding the file's engine lock
 
     async def open(self) -> None:
         if self._thread is not None:
@@ -295,14 +297,27 @@ class SQLiteStore:
         """On the store's thread: the one connection, used only there."""
         return sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
 
+    async def exclude_others(self, wait: float) -> None:
+        if self.path == ":memory:" or self._held is not None:
+            return
+        try:
+            await asyncio.to_thread(make_folder, self.path)
+            self._held = await file_lock.hold(self.path, wait)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot open the store {self.path}: {exc.strerror or exc}", kind="unopenable"
+            ) from None
+
     async def close(self) -> None:
         thread, connection = self._thread, self._connection
         self._thread = self._connection = None
-        if thread is None:
-            return
-        if connection is not None:
-            await thread.run(connection.close)
-        await asyncio.to_thread(thread.stop)
+        if thread is not None:
+            if connection is not None:
+                await thread.run(connection.close)
+            await asyncio.to_thread(thread.stop)
+        if self._held is not None:  # after the connection: another engine may come in
+            os.close(self._held)
+            self._held = None
 
     async def discard(self) -> None:
         await self.close()
@@ -439,8 +454,17 @@ class SQLiteStore:
         limit: int = 50,
         attributes: Mapping[str, str] | None = None,
         before: tuple[float, str] | None = None,
+        since: float | None = None,
+        until: float | None = None,
     ) -> list[Workflow]:
-        clause, params = listing(status=status, name=name, attributes=attributes, before=before)
+        clause, params = listing(
+            status=status,
+            name=name,
+            attributes=attributes,
+            before=before,
+            since=since,
+            until=until,
+        )
         rows = await self._all(
             f"SELECT {WORKFLOW_COLUMNS} FROM workflows {clause.replace('{}', '?')} "
             "ORDER BY created_at DESC, id DESC LIMIT ?",

@@ -14,6 +14,7 @@ from hms_mgmt.bounds import (
     check_key,
     check_run_at,
     check_schedule_id,
+    check_time,
 )
 from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.errors import DefinitionError, InvalidMessageError
@@ -253,6 +254,8 @@ class ListRequest(Request):
     name: str | None = None
     limit: int = 50
     attributes: dict[str, str] = field_(default_factory=dict)  # all must match
+    since: float | None = None  # created at or after (seconds since the epoch)
+    until: float | None = None  # created before
 
     @classmethod
     def parse(cls, data: dict[str, Any], **common: Any) -> Request:
@@ -263,10 +266,16 @@ class ListRequest(Request):
         if limit is not None and not 1 <= limit <= 1000:
             raise InvalidMessageError(f"limit must be 1 to 1000, not {limit}")
         attributes = data.get("attributes")
+        since, until = (
+            None if data.get(key) is None else check_time(data[key], f"field {key!r}", _INVALID)
+            for key in ("since", "until")
+        )
         return cls(
             status=status,
             name=None if data.get("name") is None else name(data, "name"),
             limit=50 if limit is None else limit,
+            since=since,
+            until=until,
             attributes={}
             if attributes is None
             else check_attributes(attributes, "field 'attributes'", _INVALID),

@@ -140,11 +140,17 @@ def step_headers(
 
 
 def dead_letter_message(
-    original: Message, *, reason: str, attempts: int | None, last_error: dict[str, Any] | None
+    original: Message,
+    *,
+    reason: str,
+    attempts: int | None,
+    last_error: dict[str, Any] | None,
+    at: float,
 ) -> Message:
-    """A given-up step message for its ``.dlq``, with headers saying why."""
+    """A given-up step message for its ``.dlq``, with headers saying why and when."""
     headers = dict(original.headers)
     headers["x-hms-reason"] = reason
+    headers["x-hms-dead-at"] = at
     if attempts is not None:
         headers["x-hms-attempts"] = attempts
     if last_error:

@@ -45,22 +45,35 @@ async def exited(child: subprocess.Popen[bytes], timeout: float = 60) -> int:
 # -- one engine per vhost ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("store", ["same_file", "other_file"])
+@pytest.mark.parametrize("store", ["same_file", "other_file", "same_file_other_vhost"])
 async def test_a_second_engine_on_the_vhost_is_refused(case: Case, store: str) -> None:
     first = case.start_engine()
     case.start_worker()
     async with case.client() as client:
         starting = asyncio.ensure_future(case.start_many(client, 300, sleep=0.2))
-        await asyncio.sleep(1.0)
-        other = case.db if store == "same_file" else case.tmp_path / "other.db"
+
+        async def serving() -> bool:  # the first engine is up (else the second could be first)
+            return await asyncio.to_thread(case.count_succeeded) > 0
+
+        await wait_until(serving, timeout=60, interval=0.1, what="the first engine serving")
+        other = case.tmp_path / "other.db" if store == "other_file" else case.db
+        env = {"HMS_STORE_URL": f"sqlite:///{other}"}
+        if store == "same_file_other_vhost":  # the file's own lock refuses it
+            vhost = f"{case.vhost}-other"
+            case.node.ctl("add_vhost", vhost)
+            case.node.ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+            env["HMS_BROKER_URL"] = case.url.replace(case.vhost, vhost)
         began = time.monotonic()
-        second = case.another_engine("second-engine", HMS_STORE_URL=f"sqlite:///{other}")
+        second = case.another_engine("second-engine", **env)
         code = await exited(second)
         refused_in = time.monotonic() - began
         said = case.log("second-engine")
         assert code == EXIT_REFUSED, said
         assert "another engine already serves" in said and f"pid {first.pid}" in said, said
-        assert store == "same_file" or not other.exists()  # nothing left behind
+        assert store != "other_file" or not other.exists()  # nothing left behind
+        if store == "same_file_other_vhost":
+            assert f"{case.db} is in use by another engine (pid {first.pid})" in said, said
+            case.node.ctl("delete_vhost", f"{case.vhost}-other")
         ids = await starting
         await case.wait_terminal(ids, timeout=120)
     assert first.poll() is None  # the first one served on, untouched

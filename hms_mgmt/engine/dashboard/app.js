@@ -222,6 +222,16 @@ function overviewPage() {
   };
 }
 
+const AGO = [["15m", "15 minutes"], ["1h", "hour"], ["24h", "24 hours"], ["7d", "7 days"]];
+
+// A time in the URL (seconds since the epoch) as a datetime-local input's value, local time.
+function localTime(seconds) {
+  const at = Number(seconds);
+  if (!seconds || !Number.isFinite(at)) return "";
+  const date = new Date(at * 1000);
+  return new Date(date.getTime() - date.getTimezoneOffset() * 60000).toISOString().slice(0, 19);
+}
+
 function workflowsPage() {
   const query = new URLSearchParams(location.search);
   const limit = Math.min(1000, Math.max(1, Number(query.get("limit")) || 50));
@@ -234,12 +244,22 @@ function workflowsPage() {
     h("label", {}, "Workflow", nameSelect),
     h("label", {}, "Business keys (key=value, comma-separated)",
       h("input", { name: "attr", value: attrs.join(", "), placeholder: "application_id=A-17", size: 30 })),
+    h("label", {}, "Created in the last",
+      h("select", { name: "ago" }, h("option", { value: "" }, "any time"),
+        AGO.map(([value, label]) => h("option", { value, selected: query.get("since") === value }, label)))),
+    h("label", {}, "or from", h("input", { type: "datetime-local", name: "from", step: 1, value: localTime(query.get("since")) })),
+    h("label", {}, "to", h("input", { type: "datetime-local", name: "to", step: 1, value: localTime(query.get("until")) })),
     h("button", { type: "submit", className: "primary" }, "Filter"));
   form.addEventListener("submit", (event) => {
     event.preventDefault();
     const data = new FormData(form);
     const next = new URLSearchParams();
     for (const key of ["status", "name"]) if (data.get(key)) next.set(key, data.get(key));
+    // A time range on created_at: "since" a time ago (15m, a link that stays relative) or
+    // from a local date and time (sent as seconds since the epoch), "until" another.
+    if (data.get("from")) next.set("since", String(new Date(data.get("from")).getTime() / 1000));
+    else if (data.get("ago")) next.set("since", data.get("ago"));
+    if (data.get("to")) next.set("until", String(new Date(data.get("to")).getTime() / 1000));
     for (const pair of String(data.get("attr") || "").split(",")) {
       const at = pair.indexOf("=");
       if (at > 0) next.append(`attr.${pair.slice(0, at).trim()}`, pair.slice(at + 1).trim());
@@ -300,15 +320,27 @@ function workflowsPage() {
   };
 }
 
+// What a workflow that has not ended waits for, and until when: a signal, a timer (a
+// delayed step or a retry's backoff), a step service to start its step, or a running step
+// and its deadline.
 function waitingText(state) {
   const parts = [];
   const wait = state.waiting_for;
+  const run = state.steps.length ? state.steps[state.steps.length - 1] : null;
   if (wait) {
-    parts.push(`signal '${wait.event}'`);
-    if (wait.timeout_at || wait.until) parts.push(`until ${when(wait.timeout_at || wait.until)}`);
+    const until = wait.timeout_at || wait.until;
+    parts.push(`signal '${wait.event}'` + (until ? ` until ${when(until)} (${inTime(until)})` : ", no timeout"));
+  } else if (state.scheduled_at && run) {
+    const what = run.attempt > 1 ? `backoff: attempt ${run.attempt} of ${run.step}` : `timer: step ${run.step}`;
+    parts.push(`${what} at ${when(state.scheduled_at)} (${inTime(state.scheduled_at)})`);
+  } else if (state.current_step && run) {
+    if (run.status === "running") {
+      parts.push(`step ${run.step} (attempt ${run.attempt}) running since ${when(run.started_at)}` +
+        (run.deadline_at ? `, deadline ${when(run.deadline_at)} (${inTime(run.deadline_at)})` : ", no deadline"));
+    } else {
+      parts.push(`a step service to start ${run.step} (attempt ${run.attempt})`);
+    }
   }
-  if (state.scheduled_at) parts.push(`its next step at ${when(state.scheduled_at)}`);
-  if (state.current_step && !wait) parts.push(`step ${state.current_step}`);
   if (state.stuck) parts.push(`stuck: ${state.stuck}`);
   return parts.join("; ") || "-";
 }
@@ -321,6 +353,11 @@ function pausedText(state) {
   if (paused.timer) parts.push(`its ${paused.timer.kind} timer frozen with ${Number(paused.timer.remaining).toFixed(1)}s left`);
   if (paused.held !== null && paused.held !== undefined) parts.push(`holds run ${paused.held}`);
   return parts.join("; ");
+}
+
+function inTime(seconds) {
+  const left = seconds - Date.now() / 1000;
+  return left >= 0 ? `in ${took(left)}` : `${took(-left)} overdue`;
 }
 
 function workflowPage(workflowId) {
@@ -461,13 +498,14 @@ function dlqPage() {
         sections.push(h("section", { id: q.queue, "data-letters": q.queue },
           h("h2", { className: "mono" }, q.queue),
           h("table", {},
-            h("thead", {}, h("tr", {}, ["message", "workflow", "step", "seq", "attempts", "reason", "error", "bytes", ""].map((c) => h("th", {}, c)))),
+            h("thead", {}, h("tr", {}, ["message", "workflow", "step", "seq", "attempts", "reason", "error", "age", "bytes", ""].map((c) => h("th", {}, c)))),
             h("tbody", {}, messages.map((m) => h("tr", { "data-message": m.message_id },
               h("td", { className: "mono" }, m.message_id || "-"),
               h("td", { className: "mono" }, m.workflow_id ? link(`/workflows/${encodeURIComponent(m.workflow_id)}`, m.workflow_id) : "-"),
               h("td", {}, m.step || "-"), h("td", {}, m.seq ?? "-"), h("td", {}, m.attempts ?? "-"),
               h("td", {}, m.reason || "-"),
               h("td", { className: "error" }, [m.error_type, m.error].filter(Boolean).join(": ")),
+              h("td", { title: m.dead_at ? when(m.dead_at) : "" }, m.dead_at ? age(m.dead_at) : "-"),
               h("td", {}, m.size),
               h("td", {}, m.message_id ? h("button", { "data-action": "replay", onclick: () => replay(q.queue, { id: m.message_id }) }, "Replay") : "")))))));
       }
