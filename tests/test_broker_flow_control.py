@@ -51,9 +51,9 @@ async def test_a_paused_workflow_survives_an_engine_kill_and_completes_after_res
 
     # One paused while its step runs (its outcome is recorded, the next step held), one paused
     # while its next step waits out a delay (the timer freezes).
-    napping = (await client.start("noted", {"note": note, "seconds": 1.5})).workflow_id
+    napping = (await client.start("noted", {"note": note, "seconds": 3})).workflow_id
     await client.pause(napping, reason="hold the next step")
-    delayed = (await client.start("noted", {"note": note, "delay": 4})).workflow_id
+    delayed = (await client.start("noted", {"note": note, "delay": 8})).workflow_id
 
     async def scheduled() -> bool:
         state = await _state(client, delayed)
@@ -79,7 +79,7 @@ async def test_a_paused_workflow_survives_an_engine_kill_and_completes_after_res
     # the engine and the step service serve, and would have run the paused ones' steps.
     canaries = [
         (await client.start("noted", {"note": note, **payload})).workflow_id
-        for payload in ({"delay": 4}, {"seconds": 0.1})
+        for payload in ({"delay": 8}, {"seconds": 0.1})
     ]
     for canary in canaries:
         assert (await client.wait(canary, timeout=60)).status == "succeeded"
@@ -91,7 +91,7 @@ async def test_a_paused_workflow_survives_an_engine_kill_and_completes_after_res
     assert {f"{c} second 1" for c in canaries} <= set(ran())
     frozen = (await _state(client, delayed)).paused
     assert frozen is not None and frozen["timer"]["kind"] == "run"
-    assert 0 < frozen["timer"]["remaining"] <= 4
+    assert 0 < frozen["timer"]["remaining"] <= 8
 
     for workflow_id in (napping, delayed):
         resumed = await client.resume(workflow_id)
@@ -152,7 +152,8 @@ async def test_a_reset_from_validate_app_reruns_the_steps_after_it_with_the_new_
 async def test_a_reset_while_a_step_runs_ignores_its_late_outcome(
     client: hms_mgmt.Management, daemons: Processes
 ) -> None:
-    workflow_id = (await client.start("slow", {"seconds": 2.0, "first": True})).workflow_id
+    # a nap of 4 s: reported running after 1 s, then 3 s to reset it before it ends
+    workflow_id = (await client.start("slow", {"seconds": 4.0, "first": True})).workflow_id
 
     async def napping() -> Any:
         state = await _state(client, workflow_id)
@@ -169,7 +170,7 @@ async def test_a_reset_while_a_step_runs_ignores_its_late_outcome(
     ]
     assert state.steps[2].input == {"seconds": 0.1}  # not the first nap's late result
 
-    async def late_ignored() -> bool:  # the first nap ends 2 s in: its outcome is ignored
+    async def late_ignored() -> bool:  # the first nap ends 4 s in: its outcome is ignored
         status, body = await http_get(f"{daemons.engine_url}/api/workflows/{workflow_id}")
         return status == 200 and '"outcome_ignored"' in body
 
