@@ -728,3 +728,120 @@ async def test_hms_workflow_pause_type_and_resume_type(memory_url: str, store_ur
         await server.close()
         engine.stop()
         await running
+
+
+TYPE_EVENTS = st.lists(
+    st.tuples(
+        st.sampled_from(
+            [
+                "start", "succeeded", "failed", "started", "timer", "pause", "resume",
+                "pause_type", "pause_step", "resume_type", "resume_step", "reset", "cancel",
+                "reload", "wait",
+            ]
+        ),
+        st.integers(0, 2),
+    ),
+    max_size=50,
+)  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(events=TYPE_EVENTS)
+def test_workflows_held_by_a_paused_type_publish_nothing_until_it_is_resumed(
+    events: list[tuple[str, int]],
+) -> None:
+    """The engine's apply stage over interleavings of starts, outcomes, timers, pauses of a
+    workflow and of its type (or a step of it), resumes, resets, cancels and reloads: a paused
+    workflow publishes nothing but through its own resume or its type's."""
+    from hms_mgmt.engine.events import OutcomeEvent, TimerEvent
+    from hms_mgmt.engine.work import Work
+
+    applier = _applier()
+    committed: dict[tuple[str, str], Any] = {}
+    applier.type_pauses = committed
+    state: dict[str, tuple[Workflow, StepRun | None]] = {}
+    now = 1000.0
+    for n, (kind, which) in enumerate(events):
+        now += 1.0
+        workflow_id = f"wf{which}"
+        rid = f"r{n}"
+        work = Work(state=dict(state))
+        found = state.get(workflow_id)
+        event: Any
+        if kind in ("pause_type", "pause_step", "resume_type", "resume_step"):
+            step = "creditCheck" if kind.endswith("_step") else None
+            verb = "pause_type" if kind.startswith("pause") else "resume_type"
+            event = _request(type=verb, request_id=rid, workflow="grantApproval", step=step)
+            key = ("grantApproval", step or "")
+            work.type_held[key] = [  # as the loading stage finds them, oldest first
+                i
+                for _, i in sorted(
+                    (wf.created_at, i) for i, (wf, _) in state.items() if machine.paused_by(wf, key)
+                )
+            ]
+        elif kind == "start":
+            event = _request(
+                type="start", request_id=rid, workflow_id=workflow_id, workflow="grantApproval"
+            )
+        elif found is None or found[1] is None:
+            continue
+        elif kind in ("succeeded", "failed", "started"):
+            run = found[1]
+            event = OutcomeEvent(
+                Outcome(
+                    workflow_id,
+                    run.seq,
+                    kind,
+                    step=run.step,
+                    attempt=run.attempt,
+                    result={"data": n} if kind == "succeeded" else None,
+                    error={"type": "E", "message": "m"} if kind == "failed" else None,
+                )
+            )
+        elif kind == "timer":
+            wf = found[0]
+            if wf.timer_at is None or wf.timer_kind is None:
+                continue
+            now = max(now, wf.timer_at)
+            event = TimerEvent(workflow_id, wf.timer_kind)
+        elif kind in ("pause", "resume", "cancel"):
+            event = _request(type=kind, request_id=rid, workflow_id=workflow_id)
+        elif kind == "reset":
+            event = _request(
+                type="reset", request_id=rid, workflow_id=workflow_id, to_step="validateApp"
+            )
+        elif kind == "reload":  # a restart: the state comes back from the store's rows
+            wf, run = found
+            state[workflow_id] = (
+                workflow_of(workflow_row(wf)),
+                None if run is None else run_of(run_row(run)),
+            )
+            continue
+        else:
+            now += 30.0
+            continue
+        before = {i: wf.status for i, (wf, _) in state.items()}
+        applier.apply(event, work, now)
+        published = {json.loads(row.body)["workflow_id"] for row in work.batch.outbox}
+        releasing = kind in ("resume", "resume_type", "resume_step")
+        for i in published:
+            if before.get(i) == "paused":  # only a resume lets a paused workflow publish
+                assert releasing, (kind, i)
+        for i, (wf, _) in work.state.items():
+            if wf.status == "paused":
+                assert i not in published, (kind, i)
+                assert wf.pause is not None
+                assert wf.timer_kind not in (machine.TIMER_RUN, machine.TIMER_WAIT)
+        state = dict(work.state)  # committed
+        for key, pause in work.type_pauses.items():
+            if pause is None:
+                committed.pop(key, None)
+            else:
+                committed[key] = pause
+        for row in work.batch.outbox:  # nothing of a paused type, or paused step, goes out
+            step = row.routing_key.split(".", 1)[1]
+            assert ("grantApproval", step) not in committed, (kind, row.routing_key)
+            assert ("grantApproval", "") not in committed, (kind, row.routing_key)
+        if kind in ("resume_type", "resume_step") and work.replies[-1][2]:
+            key = ("grantApproval", "creditCheck" if kind == "resume_step" else "")
+            assert not any(machine.paused_by(wf, key) for wf, _ in state.values())
