@@ -141,6 +141,10 @@ def paused_text(paused: dict[str, Any]) -> str:
     parts = [f"since {when(paused.get('since'))}"]
     if paused.get("reason"):
         parts.append(f"({_text(paused['reason'])})")
+    by_type = paused.get("type")
+    if isinstance(by_type, list) and by_type:
+        step = f" step {_text(by_type[1])}" if len(by_type) > 1 and by_type[1] else ""
+        parts.append(f"with its type {_text(by_type[0])}{step} (hms workflow resume-type)")
     parts.append(f"; resumes as {_text(paused.get('status'))}")
     timer = paused.get("timer")
     if isinstance(timer, dict) and _number(timer.get("remaining")):

@@ -713,6 +713,8 @@ async def test_hms_workflow_pause_type_and_resume_type(memory_url: str, store_ur
             state = await api.client.status(workflow_id)
             assert state.status == "paused" and state.paused is not None
             assert state.paused["type"] == ["grant", ""] and state.paused["held"] == 1
+        shown = await hms("workflow", "show", ids[0], env=env)
+        assert "(bureau down) with its type grant (hms workflow resume-type)" in shown.stdout
         again = await hms("workflow", "pause-type", "grant", env=env)
         assert again.returncode == 1 and "grant is already paused" in again.stderr
         unknown = await hms("workflow", "pause-type", "grant", "--step", "nope", env=env)

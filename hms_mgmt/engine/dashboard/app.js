@@ -349,6 +349,7 @@ function pausedText(state) {
   const paused = state.paused;
   if (!paused) return "-";
   const parts = [`since ${when(paused.since)}` + (paused.reason ? ` (${paused.reason})` : "")];
+  if (Array.isArray(paused.type)) parts.push(`with its type ${paused.type[0]}${paused.type[1] ? ` step ${paused.type[1]}` : ""}`);
   parts.push(`resumes as ${paused.status}`);
   if (paused.timer) parts.push(`its ${paused.timer.kind} timer frozen with ${Number(paused.timer.remaining).toFixed(1)}s left`);
   if (paused.held !== null && paused.held !== undefined) parts.push(`holds run ${paused.held}`);
