@@ -84,7 +84,7 @@ def main(
 
 @main.group("workflow")
 def workflow_group() -> None:
-    """List, show, start, signal, cancel and retry workflows."""
+    """List, show, start, signal, cancel, retry, pause, resume and reset workflows."""
 
 
 @workflow_group.command("list")
@@ -333,6 +333,28 @@ def workflow_signal(obj: Context, workflow_id: str, name: str, data: str) -> Non
     obj.emit(result, printable(text))
 
 
+def _flow_control() -> None:
+    from hms_mgmt.cli_flow import (
+        workflow_pause,
+        workflow_pause_type,
+        workflow_reset,
+        workflow_resume,
+        workflow_resume_type,
+    )
+
+    for command in (
+        workflow_pause,
+        workflow_resume,
+        workflow_reset,
+        workflow_pause_type,
+        workflow_resume_type,
+    ):
+        workflow_group.add_command(command)
+
+
+_flow_control()
+
+
 @main.command("definitions")
 @output_option
 @click.pass_obj
@@ -345,10 +367,14 @@ def definitions(obj: Context) -> None:
             "version": d["version"],
             "steps": " > ".join(d["steps"]),
             "on_error": d["on_error"],
+            "paused": ", ".join(
+                (p["step"] or "all") + (f" ({p['reason']})" if p.get("reason") else "")
+                for p in d.get("paused") or []
+            ),
         }
         for d in found
     ]
-    obj.emit(found, table(rows, ["name", "version", "steps", "on_error"]))
+    obj.emit(found, table(rows, ["name", "version", "steps", "on_error", "paused"]))
 
 
 @main.command("engines")

@@ -136,6 +136,26 @@ def error_text(error: dict[str, Any] | None) -> str | None:
     return f"{error.get('type')}: {error.get('message')}"
 
 
+def paused_text(paused: dict[str, Any]) -> str:
+    """Since when and why a workflow is paused, what it resumes as, what it holds."""
+    parts = [f"since {when(paused.get('since'))}"]
+    if paused.get("reason"):
+        parts.append(f"({_text(paused['reason'])})")
+    by_type = paused.get("type")
+    if isinstance(by_type, list) and by_type:
+        step = f" step {_text(by_type[1])}" if len(by_type) > 1 and by_type[1] else ""
+        parts.append(f"with its type {_text(by_type[0])}{step} (hms workflow resume-type)")
+    parts.append(f"; resumes as {_text(paused.get('status'))}")
+    timer = paused.get("timer")
+    if isinstance(timer, dict) and _number(timer.get("remaining")):
+        parts.append(
+            f"; its {_text(timer.get('kind'))} timer frozen with {timer['remaining']:g}s left"
+        )
+    if paused.get("held") is not None:
+        parts.append(f"; holds run {_text(paused['held'])} until resumed")
+    return " ".join(parts).replace(" ;", ";")
+
+
 def summary_rows(workflows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
         {
@@ -197,6 +217,9 @@ def show(state: dict[str, Any], *, history: bool = False, now: float | None = No
             soon = relative(until, time.time() if now is None else now)
             deadline = f" until {when(until)}" + (f" ({soon})" if soon else "")
         fields.append(("waiting", f"for signal {event!r}{deadline}"))
+    paused = state.get("paused")
+    if isinstance(paused, dict):
+        fields.append(("paused", paused_text(paused)))
     if state.get("stuck"):
         fields.append(("stuck", state["stuck"]))
     if state.get("trace_id"):

@@ -251,6 +251,68 @@ class Calls:
         _check_workflow_id(workflow_id)
         return await self.request("retry", {"workflow_id": workflow_id})
 
+    async def pause(self, workflow_id: str, reason: str | None = None) -> Any:
+        """Pause a workflow that has not finished: a step already out runs on (its deadline
+        too) and its outcome is recorded, but nothing more is published, and its delays,
+        backoffs and waits freeze, until :meth:`resume`."""
+        _check_workflow_id(workflow_id)
+        return await self.request("pause", {"workflow_id": workflow_id, "reason": reason})
+
+    async def resume(self, workflow_id: str) -> Any:
+        """Resume a paused workflow: its held step is published, its frozen timer re-armed
+        with the time it had left."""
+        _check_workflow_id(workflow_id)
+        return await self.request("resume", {"workflow_id": workflow_id})
+
+    async def reset(
+        self,
+        workflow_id: str,
+        to_step: str,
+        data: Any = None,
+        *,
+        signals: str = "keep",
+        reason: str | None = None,
+    ) -> Any:
+        """Run the workflow again from ``to_step`` (a new visit of it, with a new idempotency
+        key), with ``data``, or, when ``data`` is None, the input of that step's last run.
+        Whatever it was doing is left: a running step's late outcome is ignored. Kept
+        signals are kept, or dropped with ``signals="drop"``."""
+        _check_workflow_id(workflow_id)
+        check_name("step", to_step)
+        if signals not in ("keep", "drop"):
+            raise PayloadError(f"signals must be 'keep' or 'drop', not {signals!r}")
+        fields: dict[str, Any] = {
+            "workflow_id": workflow_id,
+            "to_step": to_step,
+            "signals": signals,
+            "reason": reason,
+        }
+        if data is not None:
+            encode_payload(data, what="reset data")
+            fields["data"] = data
+        return await self.request("reset", fields)
+
+    async def pause_type(
+        self, workflow: str, step: str | None = None, *, reason: str | None = None
+    ) -> Any:
+        """Pause a workflow type, or one step of it: its new starts, its cron ticks and the
+        next steps of its workflows (of that step) are held, each workflow ``paused``, until
+        :meth:`resume_type`. Steps already out run on."""
+        check_name("workflow", workflow)
+        if step is not None:
+            check_name("step", step)
+        return await self.request(
+            "pause_type", {"workflow": workflow, "step": step, "reason": reason}
+        )
+
+    async def resume_type(self, workflow: str, step: str | None = None) -> Any:
+        """Resume a paused workflow type (or step of it): the workflows it held are resumed,
+        oldest first, and what they held published in that order."""
+        check_name("workflow", workflow)
+        if step is not None:
+            check_name("step", step)
+        return await self.request("resume_type", {"workflow": workflow, "step": step})
+
     async def signal(self, workflow_id: str, name: str, data: Any = None) -> Any:
         _check_workflow_id(workflow_id)
         check_name("signal", name)

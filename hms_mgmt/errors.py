@@ -35,6 +35,10 @@ class WorkflowNotFoundError(HmsError, LookupError):
     http_status = 404
 
 
+class UnknownStepError(HmsError, LookupError):
+    """The workflow has no step of that name (a reset to a step, say)."""
+
+
 class ScheduleNotFoundError(HmsError, LookupError):
     """No schedule has that id."""
 
@@ -134,6 +138,7 @@ _BY_NAME: dict[str, type[HmsError]] = {
         PayloadError,
         UnknownWorkflowError,
         WorkflowNotFoundError,
+        UnknownStepError,
         ScheduleNotFoundError,
         InvalidStateError,
         EngineUnavailableError,

@@ -136,6 +136,12 @@ class EngineMetrics:
             ["workflow"],
             registry=registry,
         )
+        self.resets = Counter(
+            "hms_workflow_resets",
+            "Operators' resets of workflows to a step (hms workflow reset, client.reset).",
+            ["workflow"],
+            registry=registry,
+        )
         self.refailed = Counter(
             "hms_workflows_refailed",
             "Retried workflows that failed again, once each time.",
@@ -248,6 +254,8 @@ class EngineMetrics:
                 self.started.labels(str(detail.get("workflow"))).inc()
             elif kind == "workflow_retried" and workflow_id in batch.workflows:
                 self.workflow_retries.labels(batch.workflows[workflow_id].name).inc()
+            elif kind == "workflow_reset" and workflow_id in batch.workflows:
+                self.resets.labels(batch.workflows[workflow_id].name).inc()
             elif kind == "retry_scheduled" and workflow_id in batch.workflows:
                 self.retries.labels(batch.workflows[workflow_id].name, str(detail["step"])).inc()
         for run in batch.runs.values():

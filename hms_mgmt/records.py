@@ -15,6 +15,7 @@ class WorkflowStatus(StrEnum):
     SCHEDULED = "scheduled"
     RUNNING = "running"
     WAITING = "waiting"
+    PAUSED = "paused"  # held by an operator (``client.pause``) until ``client.resume``
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -109,11 +110,33 @@ class Workflow:
     signals: dict[str, Any] = field(default_factory=dict)  # signals that came before their wait
     idempotency_key: str | None = None
     traceparent: str | None = None  # W3C trace context from start, put in every step message
-    retries: int = 0  # operators' retries of it after it failed (``hms workflow retry``)
+    retries: int = 0  # operators' retries of it after it failed (``hms workflow retry``, a reset)
+    # While paused: since, reason, the status it had (and goes back to), its frozen timer
+    # ({"kind", "remaining"}: a delay, a backoff or a wait's timeout) and the seq of a run
+    # whose step message is held until resume (``held``). None when not paused.
+    pause: dict[str, Any] | None = None
 
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL
+
+
+@dataclass(frozen=True)
+class TypePause:
+    """A workflow type paused by an operator (``client.pause_type``): every workflow of it
+    (or, with ``step``, of that step) that would publish a step is paused and holds it."""
+
+    workflow: str
+    step: str | None
+    since: float
+    reason: str | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.workflow, self.step or "")
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
 
 
 def waiting_since(run: StepRun) -> float:
@@ -124,8 +147,8 @@ def waiting_since(run: StepRun) -> float:
 def why_stuck(workflow: Workflow, run: StepRun | None, now: float, after: float) -> str | None:
     """Why a workflow seems stuck: a step that no step service has started, or that has run
     with no timeout, for longer than ``after`` seconds. None when it is not."""
-    if workflow.terminal or run is None:
-        return None
+    if workflow.terminal or workflow.status == WorkflowStatus.PAUSED or run is None:
+        return None  # a paused workflow is held on purpose
     topic = f"{workflow.name}.{run.step}"
     if run.status == StepStatus.PENDING and now - waiting_since(run) > after:
         return (
@@ -208,6 +231,7 @@ class WorkflowState:
     traceparent: str | None = None
     stuck: str | None = None  # why the workflow seems stuck, when it does
     attributes: dict[str, str] = field(default_factory=dict)  # business keys
+    paused: dict[str, Any] | None = None  # while paused: since, reason, the status it resumes to
 
     @property
     def terminal(self) -> bool:
@@ -262,6 +286,7 @@ class WorkflowState:
             traceparent=workflow.traceparent,
             stuck=stuck,
             attributes=dict(attributes or {}),
+            paused=workflow.pause,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -296,6 +321,9 @@ class WorkflowState:
             lines.append(f"  attributes: {keys}")
         if self.waiting_for:
             lines.append(f"  waiting for {self.waiting_for.get('event')!r}")
+        if self.paused:
+            why = f": {self.paused.get('reason')}" if self.paused.get("reason") else ""
+            lines.append(f"  paused (resumes as {self.paused.get('status')}){why}")
         if self.stuck:
             lines.append(f"  stuck: {self.stuck}")
         if self.status == WorkflowStatus.SUCCEEDED and self.output is not None:
@@ -310,6 +338,7 @@ __all__ = [
     "StepRecord",
     "StepRun",
     "StepStatus",
+    "TypePause",
     "Workflow",
     "WorkflowState",
     "WorkflowStatus",

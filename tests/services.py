@@ -201,6 +201,31 @@ async def second_later(ctx: hms_mgmt.StepContext) -> None:
     return None
 
 
+# -- flow control (pause, resume, reset): each run notes itself in a file ---------------------
+
+grant.define_workflow("noted", ["first", "second"])
+
+
+def _noted(name: str) -> Any:
+    async def handler(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+        # {"note": path} gets a line per run; {"seconds": s} makes "first" take that long,
+        # {"delay": d} defers "second" by d seconds.
+        _note(ctx.payload["note"], f"{ctx.workflow_id} {name} {ctx.attempt}")
+        result: dict[str, Any] = {"data": ctx.payload}
+        if name == "first":
+            await asyncio.sleep(float(ctx.payload.get("seconds", 0)))
+            if ctx.payload.get("delay"):
+                result["delay"] = ctx.payload["delay"]
+        return result
+
+    handler.__qualname__ = f"noted_{name}"
+    return handler
+
+
+for _name in ("first", "second"):
+    grant.on_step(f"noted.{_name}", _noted(_name))
+
+
 # -- hung handlers and a blocked event loop (the worker's deadlines, the loop monitor) -----
 
 grant.define_workflow("hung", [Step("hang", timeout=1.0, retry=ONCE)])

@@ -271,6 +271,47 @@ async def test_retry_button_and_a_dead_letter_replayed_from_its_page(
     await expect(queue.locator("td").nth(1)).to_have_text("0")
 
 
+async def test_pause_resume_and_reset_buttons(
+    ops: Ops, client: hms_mgmt.Management, page: Page, tmp_path: Path
+) -> None:
+    note = str(tmp_path / "runs.txt")
+    started = await client.start("noted", {"note": note, "delay": 600})
+
+    async def scheduled() -> bool:
+        state = await client.status(started.workflow_id)
+        return state.steps[-1].status == "scheduled"
+
+    await wait_until(scheduled, timeout=30, what="its second step scheduled")
+    await page.goto(f"{ops.engine_url}/workflows/{started.workflow_id}")
+    await expect(page.locator('[data-fact="status"]')).to_have_text("running")
+    await live(page)
+    await page.fill('input[name="pause-reason"]', "audit")
+    await page.click("#pause")
+    await expect(page.locator('[data-fact="status"]')).to_have_text("paused")
+    await expect(page.locator('[data-fact="paused"]')).to_contain_text("(audit)")
+    await expect(page.locator('[data-fact="paused"]')).to_contain_text("run timer frozen")
+    await shot(page, "workflow-paused")
+    await page.click("#resume")
+    await expect(page.locator('[data-fact="status"]')).to_have_text("running")
+    await page.fill('input[name="to-step"]', "nowhere")
+    await page.click("#reset")
+    await expect(page.locator("#notice")).to_contain_text("has no step 'nowhere'")
+    await page.fill('input[name="to-step"]', "first")
+    await page.fill('textarea[name="reset-data"]', json.dumps({"note": note, "delay": 600, "n": 2}))
+    await page.click("#reset")
+    await expect(page.locator("#notice")).to_contain_text('"to_step":"first"')
+    # first again (a new visit, with the new input), then second scheduled again
+    await expect(page.locator("#steps tbody tr")).to_have_count(4, timeout=15_000)
+    state = await client.status(started.workflow_id)
+    assert [(s.step, s.status) for s in state.steps] == [
+        ("first", "succeeded"),
+        ("second", "cancelled"),
+        ("first", "succeeded"),
+        ("second", "scheduled"),
+    ]
+    assert state.steps[2].input["n"] == 2
+
+
 async def _state(ops: Ops, workflow_id: str, attempts: int) -> dict[str, Any] | None:
     status, body = await http_get(f"{ops.engine_url}/api/workflows/{workflow_id}")
     state: dict[str, Any] = json.loads(body)

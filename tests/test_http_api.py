@@ -310,6 +310,77 @@ async def test_signals_over_http(memory_url: str, store_url: str) -> None:
         await running
 
 
+async def test_pause_resume_and_reset_over_http(memory_url: str, store_url: str) -> None:
+    """``POST /api/workflows/{id}/pause``, ``/resume`` and ``/reset``: the status they leave,
+    409 in the wrong state, 400 naming a bad body or an unknown step; paused is counted."""
+    engine = Engine(open_bus(memory_url), open_store(store_url))
+    running = asyncio.ensure_future(engine.run())
+    await asyncio.wait_for(engine.ready.wait(), 10)
+    api = EngineApi(engine, EngineMetrics())
+    try:
+        async with TestClient(TestServer(api.app())) as client:
+            await api.client.connect()
+            await api.client.define(WorkflowDefinition.build("inspected", ["visit", "report"]))
+            started = await client.post("/api/workflows", json={"workflow": "inspected"})
+            workflow_id = (await started.json())["workflow_id"]
+            path = f"/api/workflows/{workflow_id}"
+
+            paused = await client.post(f"{path}/pause", json={"reason": "inspectors on strike"})
+            assert (paused.status, (await paused.json())["status"]) == (200, "paused")
+            shown = await (await client.get(path)).json()
+            assert shown["status"] == "paused"
+            assert shown["paused"]["reason"] == "inspectors on strike"
+            assert shown["paused"]["status"] == "pending"
+
+            async def paused_counted() -> bool:
+                counts = await (await client.get("/api/counts")).json()
+                return bool(counts.get("paused") == 1)
+
+            await wait_until(paused_counted, timeout=5)
+            metrics = await (await client.get("/metrics")).text()
+            assert 'hms_workflows_by_status{status="paused"} 1.0' in metrics
+            listed = await (await client.get("/api/workflows?status=paused")).json()
+            assert [w["workflow_id"] for w in listed] == [workflow_id]
+
+            again = await client.post(f"{path}/pause", json={})
+            error = (await again.json())["error"]
+            assert (again.status, "already paused" in error["message"]) == (409, True)
+            resumed = await client.post(f"{path}/resume")
+            assert (resumed.status, (await resumed.json())["status"]) == (200, "pending")
+            again = await client.post(f"{path}/resume")
+            error = (await again.json())["error"]
+            assert again.status == 409 and "not paused; cannot resume it" in error["message"]
+
+            cases = [
+                (b"{}", 400, "give the step to reset to as 'to_step'"),
+                (b'{"to_step": "a.b"}', 400, "not 'a.b'"),
+                (b'{"to_step": "visit", "signals": "lose"}', 400, "not 'lose'"),
+                (b'{"to_step": "nope"}', 400, "has no step 'nope'; its steps are visit, report"),
+                (b'{"to_step": "report"}', 409, "'report' has not run"),
+            ]
+            for body, status, message in cases:
+                response = await client.post(f"{path}/reset", data=body)
+                error = (await response.json())["error"]
+                assert (response.status, message in error["message"]) == (status, True), error
+            reset = await client.post(
+                f"{path}/reset", json={"to_step": "visit", "data": {"again": 1}, "reason": "r"}
+            )
+            answer = await reset.json()
+            assert reset.status == 200, answer
+            assert (answer["status"], answer["to_step"]) == ("running", "visit")
+            shown = await (await client.get(path)).json()
+            assert [(s["step"], s["status"], s["input"]) for s in shown["steps"]] == [
+                ("visit", "cancelled", None),
+                ("visit", "pending", {"again": 1}),
+            ]
+            assert any(entry["kind"] == "workflow_reset" for entry in shown["history"])
+            gone = await client.post("/api/workflows/nope/pause", json={})
+            assert gone.status == 404
+    finally:
+        engine.stop()
+        await running
+
+
 async def test_business_keys_over_http(memory_url: str, store_url: str) -> None:
     """``POST /api/workflows`` with ``attributes``, ``GET /api/workflows?attr.<key>=<value>``
     (several ANDed) and the workflow's state with its attributes; bad ones are a 400."""

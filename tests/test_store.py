@@ -105,9 +105,9 @@ async def test_a_schema_1_file_is_upgraded_in_place(tmp_path: Path) -> None:
     assert [w.id for w in found] == ["new"]
     await store.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("5",)
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("6",)
         applied = db.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()
-        assert applied == [(2,), (3,), (4,), (5,)]  # each migration, recorded as applied
+        assert applied == [(2,), (3,), (4,), (5,), (6,)]  # each migration, recorded as applied
         indexes = {
             row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
         }

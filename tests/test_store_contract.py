@@ -17,10 +17,11 @@ import pytest
 from hms_mgmt import machine
 from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.errors import StoreError
-from hms_mgmt.records import StepStatus, Workflow, WorkflowStatus, evolve
+from hms_mgmt.records import StepStatus, TypePause, Workflow, WorkflowStatus, evolve
 from hms_mgmt.schedules import Schedule
 from hms_mgmt.store import open_store
 from hms_mgmt.store.base import Batch, OutboxRow, Store
+from hms_mgmt.wire.outcomes import Outcome
 
 DEFINITION = WorkflowDefinition.build("w", ["a", "b"]).with_version(1)
 BACKENDS = ["sqlite", "postgres"]
@@ -150,6 +151,46 @@ async def test_a_later_batch_updates_rows_and_confirms_messages(store: Store) ->
     assert kinds[2:] == ["step_succeeded", "z"] and len(kinds) == 4  # in order
     assert await store.unsent() == []
     assert await store.count_by_status() == {"running": 1}
+
+
+async def test_a_pause_is_kept_with_its_workflow_and_has_no_timer(store: Store, url: str) -> None:
+    batch = started("wf1")
+    await store.commit(batch)
+    workflow, run = batch.workflows["wf1"], batch.runs[("wf1", 1)]
+    failed = machine.apply_outcome(
+        workflow, run, DEFINITION, Outcome("wf1", 1, "failed", error={"type": "X"}), 11.0
+    )
+    assert failed.workflow is not None and failed.workflow.timer_kind == "run"  # a backoff
+    paused = machine.pause(failed.workflow, failed.runs[-1], "audit", 12.0)
+    assert paused.workflow is not None
+    await store.commit(
+        Batch(
+            workflows={"wf1": paused.workflow},
+            runs={("wf1", 2): paused.runs[-1]} if paused.runs else {},
+        )
+    )
+    assert await store.due_timers(10_000.0, 10) == []  # frozen: no timer in the store
+    assert await store.count_by_status() == {"paused": 1}
+    assert [w.id for w in await store.list_workflows(status="paused")] == ["wf1"]
+    await store.close()
+    again = await reopened(url)
+    loaded, _ = (await again.load(["wf1"]))["wf1"]
+    assert loaded.status == "paused" and loaded.pause == paused.workflow.pause
+    assert loaded.pause is not None and loaded.pause["timer"]["kind"] == "run"
+    await again.close()
+
+
+async def test_type_pauses_are_written_replaced_and_dropped(store: Store, url: str) -> None:
+    whole = TypePause("grant", None, 10.0, "bureau down")
+    step = TypePause("grant", "check", 11.0, None)
+    await store.commit(Batch(type_pauses={whole.key: whole, step.key: step}))
+    assert await store.type_pauses() == [whole, step]
+    later = TypePause("grant", None, 12.0, "again")
+    await store.commit(Batch(type_pauses={whole.key: later, step.key: None}))
+    await store.close()
+    again = await reopened(url)
+    assert await again.type_pauses() == [later]
+    await again.close()
 
 
 async def test_a_failed_batch_leaves_nothing_behind(store: Store) -> None:
@@ -461,7 +502,7 @@ async def test_store_backup_sends_postgres_to_pg_dump(tmp_path: Path) -> None:
     assert done.returncode == 2 and "pg_dump" in done.stderr, done.stderr
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 async def test_a_postgres_store_of_an_older_schema_is_migrated_in_order(
     postgres_url: str, version: int
 ) -> None:

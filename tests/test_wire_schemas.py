@@ -192,6 +192,13 @@ GOOD_REQUESTS: list[dict[str, Any]] = [
      "cron": "* * * * *"},
     {"type": "unschedule", "request_id": "r11", "schedule_id": "nightly"},
     {"type": "schedules", "request_id": "r12"},
+    {"type": "pause", "request_id": "r13", "workflow_id": "wf-1", "reason": "audit"},
+    {"type": "resume", "request_id": "r14", "workflow_id": "wf-1"},
+    {"type": "reset", "request_id": "r15", "workflow_id": "wf-1", "to_step": "validateApp",
+     "data": {"fixed": True}, "signals": "drop", "reason": None},
+    {"type": "pause_type", "request_id": "r16", "workflow": "grantApproval",
+     "step": "creditCheck", "reason": "bureau down"},
+    {"type": "resume_type", "request_id": "r17", "workflow": "grantApproval", "step": None},
 ]  # fmt: skip
 
 BAD_VALUES: list[Any] = [

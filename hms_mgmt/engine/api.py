@@ -116,7 +116,12 @@ class EngineApi:
         post("/api/workflows/{id}/cancel", self._mutating(self.cancel))
         post("/api/workflows/{id}/retry", self._mutating(self.retry))
         post("/api/workflows/{id}/signal", self._mutating(self.signal))
+        post("/api/workflows/{id}/pause", self._mutating(self.pause))
+        post("/api/workflows/{id}/resume", self._mutating(self.resume))
+        post("/api/workflows/{id}/reset", self._mutating(self.reset))
         get("/api/definitions", self._reading(self.definitions))
+        post("/api/definitions/{name}/pause", self._mutating(self.pause_type))
+        post("/api/definitions/{name}/resume", self._mutating(self.resume_type))
         get("/api/engines", self._reading(self.engines))
         get("/api/dlq", self._reading(self.dlq_queues))
         get("/api/dlq/{queue}", self._reading(self.dlq_messages))
@@ -404,7 +409,56 @@ class EngineApi:
         result = await self.client.signal(workflow_id, name, body.get("data"))
         return web.json_response({**result, "signal": name})
 
+    async def pause(self, request: web.Request) -> web.Response:
+        """Pause a workflow that has not finished; 409 if it has, or is paused already."""
+        workflow_id = _workflow_id(request)
+        reason = (await self._body(request)).get("reason")
+        result = await self.client.pause(workflow_id, None if reason is None else str(reason))
+        return web.json_response(result)
+
+    async def resume(self, request: web.Request) -> web.Response:
+        """Resume a paused workflow; 409 if it is not paused."""
+        result = await self.client.resume(_workflow_id(request))
+        return web.json_response(result)
+
+    async def reset(self, request: web.Request) -> web.Response:
+        """Back to a step: ``{"to_step": S, "data": ..., "signals": "keep"|"drop",
+        "reason": R}``; without ``data``, the step's last input. 400 names an unknown step.
+        A failed workflow's dead letters leave their ``.dlq``, as on a retry."""
+        workflow_id = _workflow_id(request)
+        body = await self._body(request)
+        to_step = body.get("to_step")
+        if not isinstance(to_step, str) or not NAME_PATTERN.fullmatch(to_step):
+            raise ApiError(
+                400,
+                "BadRequest",
+                f"give the step to reset to as 'to_step' (a step name), not {short(to_step)}",
+            )
+        signals = body.get("signals", "keep")
+        if signals not in ("keep", "drop"):
+            raise ApiError(
+                400, "BadRequest", f"signals must be 'keep' or 'drop', not {short(signals)}"
+            )
+        reason = body.get("reason")
+        before = await self.engine.state(workflow_id)
+        result = dict(
+            await self.client.reset(
+                workflow_id,
+                to_step,
+                body.get("data"),
+                signals=signals,
+                reason=None if reason is None else str(reason),
+            )
+        )
+        # A failed workflow's dead letters are settled by the reset, as by a retry.
+        failed = before is not None and before.status == WorkflowStatus.FAILED
+        result["dead_letters_settled"] = await self._settle(before) if failed else 0
+        return web.json_response({**result, "to_step": to_step})
+
     async def definitions(self, _request: web.Request) -> web.Response:
+        paused: dict[str, list[dict[str, Any]]] = {}
+        for pause in self.engine.paused_types():
+            paused.setdefault(pause.workflow, []).append(pause.to_json())
         return web.json_response(
             [
                 {
@@ -413,10 +467,37 @@ class EngineApi:
                     "steps": d.step_names,
                     "on_error": None if d.on_error is None else d.on_error.name,
                     "definition": d.to_json(),
+                    "paused": paused.get(d.name, []),
                 }
                 for d in self.engine.definitions()
             ]
         )
+
+    def _type_and_step(self, request: web.Request, body: dict[str, Any]) -> tuple[str, Any]:
+        name = request.match_info["name"]
+        if not NAME_PATTERN.fullmatch(name):
+            raise ApiError(400, "BadRequest", f"{short(name)} is not a workflow name")
+        step = body.get("step")
+        if step is not None and (not isinstance(step, str) or not NAME_PATTERN.fullmatch(step)):
+            raise ApiError(400, "BadRequest", f"step {short(step)} is not a step name")
+        return name, step
+
+    async def pause_type(self, request: web.Request) -> web.Response:
+        """Pause a workflow type, or a step of it (``{"step": S, "reason": R}``); 409 if it is
+        paused already, 404 for an unknown workflow, 400 for an unknown step."""
+        body = await self._body(request)
+        name, step = self._type_and_step(request, body)
+        reason = body.get("reason")
+        result = await self.client.pause_type(
+            name, step, reason=None if reason is None else str(reason)
+        )
+        return web.json_response(result)
+
+    async def resume_type(self, request: web.Request) -> web.Response:
+        """Resume a paused workflow type (or step of it): ``{"released": n}`` workflows."""
+        body = await self._body(request)
+        name, step = self._type_and_step(request, body)
+        return web.json_response(await self.client.resume_type(name, step))
 
     # -- dead letters -----------------------------------------------------------
 

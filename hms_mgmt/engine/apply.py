@@ -28,12 +28,14 @@ from hms_mgmt.engine.work import REDELIVERED, Work
 from hms_mgmt.errors import (
     HmsError,
     InvalidMessageError,
+    InvalidStateError,
     ScheduleNotFoundError,
+    UnknownStepError,
     UnknownWorkflowError,
     WorkflowNotFoundError,
     error_json,
 )
-from hms_mgmt.records import StepRun, Workflow
+from hms_mgmt.records import TERMINAL, StepRun, TypePause, Workflow, WorkflowStatus
 from hms_mgmt.schedules import Schedule
 from hms_mgmt.store.base import OutboxRow
 from hms_mgmt.tokens import Signer
@@ -43,8 +45,13 @@ from hms_mgmt.wire.requests import (
     CancelRequest,
     DefineRequest,
     ListRequest,
+    PauseRequest,
+    PauseTypeRequest,
     RedeliveredRequest,
     Request,
+    ResetRequest,
+    ResumeRequest,
+    ResumeTypeRequest,
     RetryRequest,
     ScheduleRequest,
     SchedulesRequest,
@@ -59,17 +66,30 @@ from hms_mgmt.wire.steps import dead_letter_message, step_headers
 POISON_GUARD = "poison_guard"
 """The reason a run's attempt fails when the poison guard dead-letters its message."""
 
+Change = CancelRequest | RetryRequest | SignalRequest | PauseRequest | ResumeRequest | ResetRequest
+CHANGES = (CancelRequest, RetryRequest, SignalRequest, PauseRequest, ResumeRequest, ResetRequest)
+"""Requests that change one workflow, answered once."""
+PAUSED_OR_OVER = frozenset({WorkflowStatus.PAUSED, *TERMINAL})
+
 READS = (StatusRequest, WaitRequest, ListRequest)
 """Requests answered from the store once the batch has committed, not applied."""
 
 
 class Applier:
     def __init__(
-        self, registry: Registry, schedules: Mapping[str, Schedule], signer: Signer
+        self,
+        registry: Registry,
+        schedules: Mapping[str, Schedule],
+        signer: Signer,
+        type_pauses: Mapping[tuple[str, str], TypePause] | None = None,
     ) -> None:
         self.registry = registry
         self.schedules = schedules  # as committed; this batch's changes are in work.schedules
         self.signer = signer
+        # Paused workflow types, as committed; this batch's changes are in work.type_pauses.
+        self.type_pauses: Mapping[tuple[str, str], TypePause] = (
+            {} if type_pauses is None else type_pauses
+        )
 
     def apply(self, event: Event, work: Work, now: float) -> None:
         try:
@@ -112,6 +132,11 @@ class Applier:
 
     def record(self, work: Work, t: machine.Transition, workflow_id: str, now: float) -> None:
         batch = work.batch
+        held = t.workflow  # a step of a paused type is held, its workflow paused
+        if held is not None and t.steps and held.status not in PAUSED_OR_OVER:
+            by = self._type_pause(work, held.name, t.steps[-1].step)
+            if by is not None:
+                machine.hold_for_type(t, held, by, now)
         for kind, detail in t.history:
             batch.history.append((workflow_id, now, kind, detail))
         wf = t.workflow
@@ -309,10 +334,12 @@ class Applier:
             work.reply(request, True, {"schedule_id": request.schedule_id, "removed": True})
         elif isinstance(request, StartRequest):
             self._start(request, work, now)
-        elif isinstance(request, CancelRequest | RetryRequest | SignalRequest):
+        elif isinstance(request, CHANGES):
             self._change(request, work, now)
         elif isinstance(request, RedeliveredRequest):
             self._redelivered(request, work, now)
+        elif isinstance(request, PauseTypeRequest | ResumeTypeRequest):
+            self._type_change(request, work, now)
 
     def _redelivered(self, request: RedeliveredRequest, work: Work, now: float) -> None:
         """The poison guard (classic step queues): a step message delivered again is counted,
@@ -363,10 +390,9 @@ class Applier:
         else:
             work.reply(request, True, {**answer, "verdict": "run"})
 
-    def _change(
-        self, request: CancelRequest | RetryRequest | SignalRequest, work: Work, now: float
-    ) -> None:
-        """Cancel, retry or signal: answered once, and the same answer to a repeat."""
+    def _change(self, request: Change, work: Work, now: float) -> None:
+        """Cancel, retry, signal, pause, resume or reset: answered once, and the same answer
+        to a repeat."""
         if request.request_id in work.answered:
             ok, value = work.answered[request.request_id]
             work.reply(request, ok, value)
@@ -382,9 +408,26 @@ class Applier:
                     work.failed_runs.get((workflow_id, seq), run) if isinstance(seq, int) else run
                 )
                 t = machine.retry(workflow, failed, self.registry.of(workflow), now)
-            else:
+            elif isinstance(request, SignalRequest):
                 t = machine.signal(
                     workflow, run, self.registry.of(workflow), request.signal, request.data, now
+                )
+            elif isinstance(request, PauseRequest):
+                t = machine.pause(workflow, run, request.reason, now)
+            elif isinstance(request, ResumeRequest):
+                t = machine.resume(workflow, run, self.registry.of(workflow), now)
+            else:
+                t = machine.reset(
+                    workflow,
+                    run,
+                    self.registry.of(workflow),
+                    request.to_step,
+                    _last_run(work, workflow_id, request.to_step),
+                    now,
+                    data=request.data,
+                    has_data=request.has_data,
+                    signals=request.signals,
+                    reason=request.reason,
                 )
         except HmsError as exc:
             reply: tuple[bool, Any] = (False, error_json(exc))
@@ -398,6 +441,88 @@ class Applier:
         work.answered[request.request_id] = reply
         work.batch.requests.append((request.request_id, list(reply), now))
         work.reply(request, *reply)
+
+    # -- paused workflow types ------------------------------------------------------------
+
+    def _type_pause(self, work: Work, name: str, step: str) -> TypePause | None:
+        """The pause of this workflow type's step, or of the whole type; None if neither."""
+        for key in ((name, step), (name, "")):
+            pause = work.type_pauses[key] if key in work.type_pauses else self.type_pauses.get(key)
+            if pause is not None:
+                return pause
+        return None
+
+    def _type_change(
+        self, request: PauseTypeRequest | ResumeTypeRequest, work: Work, now: float
+    ) -> None:
+        """Pause or resume a workflow type (or a step of it): answered once."""
+        if request.request_id in work.answered:
+            ok, value = work.answered[request.request_id]
+            work.reply(request, ok, value)
+            return
+        try:
+            if isinstance(request, PauseTypeRequest):
+                answer = self._pause_type(request, work, now)
+            else:
+                answer = self._resume_type(request, work, now)
+        except HmsError as exc:
+            reply: tuple[bool, Any] = (False, error_json(exc))
+        else:
+            reply = (True, answer)
+        work.answered[request.request_id] = reply
+        work.batch.requests.append((request.request_id, list(reply), now))
+        work.reply(request, *reply)
+
+    def _pause_type(self, request: PauseTypeRequest, work: Work, now: float) -> dict[str, Any]:
+        definition = self.registry.named(request.workflow)
+        what = request.workflow if request.step is None else f"{request.workflow}.{request.step}"
+        if request.step is not None and definition.step(request.step) is None:
+            raise UnknownStepError(
+                f"cannot pause {what}: {request.workflow} has no step {request.step!r}; its "
+                f"steps are {', '.join(definition.step_names)}"
+            )
+        key = (request.workflow, request.step or "")
+        current = work.type_pauses[key] if key in work.type_pauses else self.type_pauses.get(key)
+        if current is not None:
+            raise InvalidStateError(f"{what} is already paused")
+        pause = TypePause(request.workflow, request.step, now, request.reason)
+        work.type_pauses[key] = work.batch.type_pauses[key] = pause
+        work.log("info", "workflow type paused", workflow=request.workflow, step=request.step)
+        return {**pause.to_json(), "paused": True}
+
+    def _resume_type(self, request: ResumeTypeRequest, work: Work, now: float) -> dict[str, Any]:
+        key = (request.workflow, request.step or "")
+        what = request.workflow if request.step is None else f"{request.workflow}.{request.step}"
+        current = work.type_pauses[key] if key in work.type_pauses else self.type_pauses.get(key)
+        if current is None:
+            raise InvalidStateError(f"{what} is not paused; cannot resume it")
+        work.type_pauses[key] = None
+        work.batch.type_pauses[key] = None
+        # What it held, oldest first: loaded, and any held by this batch so far.
+        held = set(work.type_held.get(key, []))
+        held.update(i for i, (wf, _) in work.state.items() if machine.paused_by(wf, key))
+        order = sorted((work.state[i][0].created_at, i) for i in held if i in work.state)
+        released = 0
+        for _, workflow_id in order:
+            workflow, run = work.state[workflow_id]
+            if not machine.paused_by(workflow, key):
+                continue
+            t = machine.resume(workflow, run, self.registry.of(workflow), now)
+            self.record(work, t, workflow_id, now)  # held again if another type pause holds it
+            released += 1
+        work.log(
+            "info",
+            "workflow type resumed",
+            workflow=request.workflow,
+            step=request.step,
+            released=released,
+        )
+        return {
+            "workflow": request.workflow,
+            "step": request.step,
+            "paused": False,
+            "released": released,
+        }
 
     def _start(self, request: StartRequest, work: Work, now: float) -> None:
         workflow_id = request.workflow_id
@@ -461,6 +586,16 @@ def _loaded(work: Work, workflow_id: str) -> tuple[Workflow, StepRun]:
     if run is None:
         raise WorkflowNotFoundError(f"workflow {workflow_id!r} has no step run")
     return workflow, run
+
+
+def _last_run(work: Work, workflow_id: str, step: str) -> StepRun | None:
+    """The latest run of ``step``: made by this batch so far, or the one loaded."""
+    made = [
+        run for (wid, _), run in work.batch.runs.items() if wid == workflow_id and run.step == step
+    ]
+    if made:
+        return max(made, key=lambda run: run.seq)
+    return work.last_runs.get((workflow_id, step))
 
 
 def _refuse_item(event: OutcomeEvent | DeadLetterEvent, reason: str) -> None:

@@ -48,6 +48,7 @@ from hms_mgmt.engine.work import Work
 from hms_mgmt.errors import StoreError
 from hms_mgmt.faults import Faults
 from hms_mgmt.logs import get_logger
+from hms_mgmt.records import TypePause
 from hms_mgmt.schedules import Schedule
 from hms_mgmt.store.base import Batch, OutboxRow, Store
 from hms_mgmt.tokens import Signer
@@ -130,12 +131,13 @@ class Engine(EngineReads):
         self.health = StoreHealth(store_grace)
         self.registry = Registry(bus, store, check_step_queue_type(step_queue_type))
         self.schedules: dict[str, Schedule] = {}
+        self.type_pauses: dict[tuple[str, str], TypePause] = {}  # paused workflow types
         self.cache = InFlight(cache_size)
         self.timers = TimerQueue(timer_horizon)
         self.answers = Answers(bus, store, self.cache, stuck_after=stuck_after, clock=clock)
         self.intake = Intake(bus, Access(bus.user, client_users, service_users), self.answers.send)
         self.loader = Loader(store, self.cache, self.registry, self.schedules)
-        self.applier = Applier(self.registry, self.schedules, self.intake.signer)
+        self.applier = Applier(self.registry, self.schedules, self.intake.signer, self.type_pauses)
         self.retention = Retention(store, self.health, retention)
         self.relay = OutboxRelay(bus, on_unroutable=self._redeclare, faults=self.faults)
 
@@ -244,6 +246,7 @@ class Engine(EngineReads):
         self._spawn(watch_store(self.store, self.health, self._stopping))
         await self.registry.load()
         self.schedules.update({s.id: s for s in await self.store.schedules()})
+        self.type_pauses.update({p.key: p for p in await self.store.type_pauses()})
         unsent = await self.store.unsent()
         if unsent:
             log.info("publishing outbox rows left from before", count=len(unsent))
@@ -513,6 +516,11 @@ class Engine(EngineReads):
                 self.schedules.pop(schedule_id, None)
             else:
                 self.schedules[schedule_id] = changed
+        for key, pause in work.type_pauses.items():
+            if pause is None:
+                self.type_pauses.pop(key, None)
+            else:
+                self.type_pauses[key] = pause
         for workflow_id, kind, due in work.timers:
             self.timers.add(workflow_id, kind, due)
 

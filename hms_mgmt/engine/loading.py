@@ -17,18 +17,37 @@ from hms_mgmt.engine.events import Event, RequestEvent, TickEvent
 from hms_mgmt.engine.registry import Registry
 from hms_mgmt.engine.work import REDELIVERED, Work
 from hms_mgmt.errors import DefinitionError, HmsError, StoreError, error_json
+from hms_mgmt.machine import paused_by
+from hms_mgmt.records import Workflow
 from hms_mgmt.schedules import Schedule
 from hms_mgmt.store.base import Store
 from hms_mgmt.wire.requests import (
     CancelRequest,
     DefineRequest,
+    PauseRequest,
+    PauseTypeRequest,
     RedeliveredRequest,
+    ResetRequest,
+    ResumeRequest,
+    ResumeTypeRequest,
     RetryRequest,
     SignalRequest,
     StartRequest,
 )
 
-ANSWERED_ONCE = (StartRequest, CancelRequest, RetryRequest, SignalRequest)
+TYPE_PAGE = 1000  # workflows read at a time when a type's resume releases them
+
+ANSWERED_ONCE = (
+    StartRequest,
+    CancelRequest,
+    RetryRequest,
+    SignalRequest,
+    PauseRequest,
+    ResumeRequest,
+    ResetRequest,
+    PauseTypeRequest,
+    ResumeTypeRequest,
+)
 """Requests whose answer is kept, so that a repeated one (a client's retry) gets the same."""
 
 
@@ -82,6 +101,10 @@ class Loader:
                 await self._load_failed_run(event.workflow_id, work)
             if isinstance(event, RequestEvent) and isinstance(event.request, RedeliveredRequest):
                 await self._load_redeliveries(event.request, work)
+            if isinstance(event, RequestEvent) and isinstance(event.request, ResetRequest):
+                await self._load_last_run(event.workflow_id, event.request.to_step, work)
+            if isinstance(event, RequestEvent) and isinstance(event.request, ResumeTypeRequest):
+                await self._load_type_held(event.request.workflow, event.request.step, work)
 
     async def _define(self, request: DefineRequest, work: Work, now: float) -> None:
         if request.definition is None:
@@ -119,3 +142,44 @@ class Loader:
             run = await self._store.run(workflow_id, seq)
             if run is not None:
                 work.failed_runs[(workflow_id, seq)] = run
+
+    async def _load_last_run(self, workflow_id: str, step: str, work: Work) -> None:
+        """A reset runs a step again with the input of its latest run (a rare request: all
+        the workflow's runs are read)."""
+        if workflow_id not in work.state or (workflow_id, step) in work.last_runs:
+            return
+        found = await self._store.workflow_with_runs(workflow_id)
+        for run in reversed(found[1] if found is not None else []):
+            if run.step == step:
+                work.last_runs[(workflow_id, step)] = run
+                return
+
+    async def _load_type_held(self, name: str, step: str | None, work: Work) -> None:
+        """The workflows a type pause holds, oldest first: its resume releases them in order.
+        Read page by page (keyset), then loaded with their current runs."""
+        key = (name, step or "")
+        if key in work.type_held:
+            return
+        found: list[Workflow] = []
+        before: tuple[float, str] | None = None
+        while True:
+            page = await self._store.list_workflows(
+                status="paused", name=name, limit=TYPE_PAGE, before=before
+            )
+            found += [w for w in page if paused_by(w, key)]
+            if len(page) < TYPE_PAGE:
+                break
+            before = (page[-1].created_at, page[-1].id)
+        ids = [w.id for w in reversed(found)]  # the listing is newest first
+        wanted = []
+        for workflow_id in ids:
+            cached = self._cache.get(workflow_id)
+            if workflow_id in work.state:
+                continue
+            if cached is not None:
+                work.state[workflow_id] = cached
+            else:
+                wanted.append(workflow_id)
+        for start in range(0, len(wanted), TYPE_PAGE):
+            work.state.update(await self._store.load(wanted[start : start + TYPE_PAGE]))
+        work.type_held[key] = ids

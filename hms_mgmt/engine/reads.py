@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from bus_adapters.base import Bus, BusError, redact_url
 from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.engine.vhost import EngineRecord, Standby, VhostLock, read_record
-from hms_mgmt.records import WorkflowState
+from hms_mgmt.records import TypePause, WorkflowState
 from hms_mgmt.store.base import HistoryEntry, Store
 
 if TYPE_CHECKING:
@@ -45,6 +45,8 @@ class EngineView(Protocol):
     async def engines(self) -> list[dict[str, Any]]: ...
 
     def definitions(self) -> list[WorkflowDefinition]: ...
+
+    def paused_types(self) -> list[TypePause]: ...
 
     def dead_letter_queues(self) -> list[str]: ...
 
@@ -79,6 +81,7 @@ class EngineReads:
     bus: Bus
     store: Store
     registry: Registry
+    type_pauses: dict[tuple[str, str], TypePause]
     answers: Answers
     relay: OutboxRelay
     retention: Retention
@@ -157,6 +160,10 @@ class EngineReads:
     def definitions(self) -> list[WorkflowDefinition]:
         """The latest version of each definition, by name."""
         return sorted(self.registry.latest.values(), key=lambda d: d.name)
+
+    def paused_types(self) -> list[TypePause]:
+        """The paused workflow types (and steps of types), as committed."""
+        return sorted(self.type_pauses.values(), key=lambda p: p.key)
 
     def dead_letter_queues(self) -> list[str]:
         return self.registry.dead_letter_queues()

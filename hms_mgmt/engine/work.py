@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from hms_mgmt.records import StepRun, Workflow
+from hms_mgmt.records import StepRun, TypePause, Workflow
 from hms_mgmt.schedules import Schedule
 from hms_mgmt.store.base import Batch
 from hms_mgmt.wire.requests import Request
@@ -24,9 +24,13 @@ class Work:
     keys: dict[str, str] = field(default_factory=dict)  # idempotency key -> workflow id
     answered: dict[str, Any] = field(default_factory=dict)  # request id -> [ok, reply]
     failed_runs: dict[tuple[str, int], StepRun] = field(default_factory=dict)  # for retry
+    last_runs: dict[tuple[str, str], StepRun] = field(default_factory=dict)  # for reset: a
+    # step's latest run, by (workflow id, step)
     ticks: dict[str, tuple[list[float], Schedule]] = field(default_factory=dict)  # due ticks
     # (workflow id, seq) -> the ids of the redeliveries of its step message counted so far
     redeliveries: dict[tuple[str, int], set[str]] = field(default_factory=dict)
+    # The workflows a type pause holds, oldest first, for its resume: by (workflow, step or "")
+    type_held: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     # Made by applying, written in one transaction:
     batch: Batch = field(default_factory=Batch)
     # ... and let out once it is committed:
@@ -35,6 +39,7 @@ class Work:
     finished: list[str] = field(default_factory=list)
     timers: list[tuple[str, str, float]] = field(default_factory=list)
     schedules: dict[str, Schedule | None] = field(default_factory=dict)  # changed; None: gone
+    type_pauses: dict[tuple[str, str], TypePause | None] = field(default_factory=dict)  # same
     logs: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)  # level, event
     started: int = 0
     dead_lettered: int = 0

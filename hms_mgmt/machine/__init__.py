@@ -14,11 +14,13 @@ from hms_mgmt.machine.events import (
     cancel,
     dead_lettered,
     fire_timer,
+    reset,
     retry,
     signal,
     start,
 )
 from hms_mgmt.machine.moves import stale_reason, step_message
+from hms_mgmt.machine.pause import hold_for_type, pause, paused_by, resume
 from hms_mgmt.machine.transition import (
     TIMER_DEADLINE,
     TIMER_RUN,
@@ -39,6 +41,11 @@ __all__ = (
     "cancel",
     "dead_lettered",
     "fire_timer",
+    "hold_for_type",
+    "pause",
+    "paused_by",
+    "reset",
+    "resume",
     "retry",
     "signal",
     "stale_reason",

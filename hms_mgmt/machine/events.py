@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from hms_mgmt.definitions import WorkflowDefinition
-from hms_mgmt.errors import InvalidStateError
+from hms_mgmt.errors import InvalidStateError, UnknownStepError
 from hms_mgmt.machine.moves import (
     clear_timer,
     copy,
@@ -21,6 +21,7 @@ from hms_mgmt.machine.moves import (
     stale_reason,
     succeed,
 )
+from hms_mgmt.machine.pause import FROZEN, HELD, while_paused
 from hms_mgmt.machine.transition import (
     TIMER_DEADLINE,
     TIMER_RUN,
@@ -30,6 +31,7 @@ from hms_mgmt.machine.transition import (
 )
 from hms_mgmt.records import ACTIVE_RUN, StepRun, StepStatus, Workflow, WorkflowStatus, evolve
 from hms_mgmt.wire.outcomes import Outcome
+from hms_mgmt.wire.requests import SIGNALS_ON_RESET
 
 
 def start(
@@ -66,6 +68,14 @@ def apply_outcome(
     workflow: Workflow, run: StepRun, definition: WorkflowDefinition, outcome: Outcome, now: float
 ) -> Transition:
     """A worker's report on a run; reports on any run but the current active one are ignored."""
+    if workflow.status == WorkflowStatus.PAUSED:  # applied, and what it leads to held
+        if (workflow.pause or {}).get("held") == outcome.seq:
+            t = Transition()
+            t.note("outcome_ignored", seq=outcome.seq, kind=outcome.kind, reason=HELD)
+            return t
+        return while_paused(
+            workflow, now, lambda view: apply_outcome(view, run, definition, outcome, now)
+        )
     t = Transition()
     stale = stale_reason(workflow, run, outcome.seq)
     if stale is None and outcome.kind == "started" and run.status != StepStatus.PENDING:
@@ -106,6 +116,14 @@ def dead_lettered(
 ) -> Transition:
     """The broker gave a run's message up (delivery limit), or the poison guard did
     (``poison_guard``, on a classic step queue): a failed attempt."""
+    if workflow.status == WorkflowStatus.PAUSED:
+        if (workflow.pause or {}).get("held") == seq:
+            t = Transition()
+            t.note("dead_letter_ignored", seq=seq, reason=HELD, broker_reason=reason)
+            return t
+        return while_paused(
+            workflow, now, lambda view: dead_lettered(view, run, definition, seq, reason, now)
+        )
     t = Transition()
     stale = stale_reason(workflow, run, seq)
     if stale is not None:
@@ -132,6 +150,12 @@ def fire_timer(
     workflow: Workflow, run: StepRun, definition: WorkflowDefinition, kind: str, now: float
 ) -> Transition:
     """A durable timer came due; a timer the workflow no longer has changes nothing."""
+    if workflow.status == WorkflowStatus.PAUSED:  # a run's deadline still runs; the rest froze
+        if kind in FROZEN:
+            return Transition()
+        return while_paused(
+            workflow, now, lambda view: fire_timer(view, run, definition, kind, now)
+        )
     t = Transition()
     if workflow.terminal or workflow.timer_kind != kind or workflow.timer_at is None:
         return t  # a timer left over from an earlier state
@@ -262,6 +286,10 @@ def signal(
         raise InvalidStateError(
             f"workflow {workflow.id} is already {workflow.status}; cannot signal it"
         )
+    if workflow.status == WorkflowStatus.PAUSED:  # kept; a wait it ends holds its next step
+        return while_paused(
+            workflow, now, lambda view: signal(view, run, definition, name, data, now)
+        )
     t = Transition()
     wf = evolve(workflow, updated_at=now)
     t.workflow = wf
@@ -270,4 +298,97 @@ def signal(
         resume(t, wf, definition, data, now)
     else:
         wf.signals = {**wf.signals, name: data}
+    return t
+
+
+def reset(
+    workflow: Workflow,
+    run: StepRun | None,
+    definition: WorkflowDefinition,
+    to_step: str,
+    last: StepRun | None,
+    now: float,
+    *,
+    data: Any = None,
+    has_data: bool = False,
+    signals: str = "keep",
+    reason: str | None = None,
+) -> Transition:
+    """Go back to ``to_step`` (whatever the workflow's status): a new visit of it, with a new
+    idempotency key, with ``data`` or the input of its last run (``last``). The current run,
+    if still out, is cancelled: its late outcome is ignored. Kept signals are kept, or
+    dropped (``signals="drop"``). A paused workflow stays paused, the new run held."""
+    if workflow.status == WorkflowStatus.PAUSED:
+        return while_paused(
+            workflow,
+            now,
+            lambda view: reset(
+                view,
+                run,
+                definition,
+                to_step,
+                last,
+                now,
+                data=data,
+                has_data=has_data,
+                signals=signals,
+                reason=reason,
+            ),
+        )
+    ordinary = [step.name for step in definition.steps]
+    if to_step not in ordinary:
+        what = "its error step" if to_step in definition.step_names else "no step"
+        raise UnknownStepError(
+            f"cannot reset workflow {workflow.id} to {to_step!r}: {definition.name} "
+            f"v{definition.version} has {what} {to_step!r}; its steps are {', '.join(ordinary)}"
+        )
+    if signals not in SIGNALS_ON_RESET:
+        raise InvalidStateError(f"signals must be 'keep' or 'drop', not {signals!r}")
+    context: dict[str, Any] | None = None
+    if has_data:
+        payload = data
+    elif last is not None:
+        payload, context = last.input, last.context
+    elif to_step == definition.steps[0].name:
+        payload = workflow.input
+    else:
+        raise InvalidStateError(
+            f"step {to_step!r} has not run in workflow {workflow.id}, so it has no input to "
+            "run it again with: give the data to reset it with"
+        )
+    t = Transition()
+    wf = evolve(
+        workflow,
+        updated_at=now,
+        status=WorkflowStatus.RUNNING,
+        output=None,
+        error=None,
+        wait=None,
+        # A failed workflow run again is retried, as far as counting its failures goes: one
+        # that fails again is a refailure, not one more failed workflow.
+        retries=workflow.retries + (workflow.status == WorkflowStatus.FAILED),
+    )
+    clear_timer(wf)
+    t.workflow = wf
+    if signals == "drop":
+        wf.signals = {}
+    if run is not None and run.status in ACTIVE_RUN:
+        t.runs.append(
+            evolve(
+                run,
+                status=StepStatus.CANCELLED,
+                finished_at=now,
+                error={"type": "Reset", "message": f"superseded by a reset to {to_step!r}"},
+            )
+        )
+    t.note(
+        "workflow_reset",
+        to_step=to_step,
+        status=str(workflow.status),
+        from_seq=workflow.seq,
+        data=has_data,
+        signals=signals,
+        reason=reason,
+    )
+    enter(t, definition, to_step, payload, now, workflow=wf, context=context)
     return t

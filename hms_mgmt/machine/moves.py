@@ -354,6 +354,7 @@ def finish(
     wf.output = output
     wf.error = error
     wf.wait = None
+    wf.pause = None  # a paused workflow that finishes (cancelled, say) is no longer paused
     clear_timer(wf)
     t.note(
         f"workflow_{status}",

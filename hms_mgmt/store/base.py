@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.errors import StoreError
-from hms_mgmt.records import StepRun, Workflow
+from hms_mgmt.records import StepRun, TypePause, Workflow
 from hms_mgmt.schedules import Schedule
 
 
@@ -41,6 +41,8 @@ class Batch:
     requests: list[tuple[str, Any, float]] = field(default_factory=list)  # request id, reply, at
     schedules: dict[str, Schedule | None] = field(default_factory=dict)  # None: delete it
     attributes: dict[tuple[str, str], str] = field(default_factory=dict)  # (workflow id, key)
+    # (workflow name, step or ""): a type pause to keep, or None to drop it
+    type_pauses: dict[tuple[str, str], TypePause | None] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(
@@ -52,6 +54,7 @@ class Batch:
             or self.requests
             or self.schedules
             or self.attributes
+            or self.type_pauses
         )
 
 
@@ -214,6 +217,10 @@ class Store(Protocol):
         ...
 
     async def schedules(self) -> list[Schedule]: ...
+
+    async def type_pauses(self) -> list[TypePause]:
+        """The workflow types (and steps of types) paused now."""
+        ...
 
     async def forget_requests(self, before: float, limit: int = 1000) -> int:
         """Drop up to ``limit`` answers kept for repeated requests older than ``before``."""

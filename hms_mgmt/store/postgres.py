@@ -27,7 +27,7 @@ from typing import Any
 from bus_adapters.base import redact_url
 from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.errors import StoreError
-from hms_mgmt.records import StepRun, Workflow
+from hms_mgmt.records import StepRun, TypePause, Workflow
 from hms_mgmt.schedules import Schedule
 from hms_mgmt.store.base import Batch, BatchReads, HistoryEntry, OutboxRow, StoreIdentity
 from hms_mgmt.store.postgres_schema import (
@@ -432,6 +432,12 @@ class PostgresStore:
             Schedule(i, w, c, tz, unjson(p), cu, n, ca, lt)
             for i, w, c, tz, p, cu, n, ca, lt in rows
         ]
+
+    async def type_pauses(self) -> list[TypePause]:
+        rows = await self._all(
+            "SELECT workflow, step, since, reason FROM type_pauses ORDER BY workflow, step"
+        )
+        return [TypePause(w, step or None, since, reason) for w, step, since, reason in rows]
 
 
 async def _loaded(

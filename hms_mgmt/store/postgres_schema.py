@@ -69,6 +69,7 @@ TABLES = (
     "requests",
     "schedules",
     "workflow_attributes",
+    "type_pauses",
     "schema_migrations",
 )
 MIGRATION_LOCK = 0x686D735F6D677274  # pg_advisory_xact_lock key: "hms_mgrt"
@@ -77,10 +78,14 @@ CONNECT_TIMEOUT = 10.0
 IDLE_IN_TRANSACTION = "5s"  # the server ends a session idle this long inside a transaction
 COMMAND_TIMEOUT = 15.0  # a statement longer than this fails (the batch is held, tried again)
 
-WORKFLOW_TYPES = (
+# The workflows' columns up to schema 3, as hms_commit took them then (migrations 2 and 3
+# made and replaced it with these; 4 drops that signature), and since schema 4 (``pause``).
+WORKFLOW_COLUMNS_3 = WORKFLOW_COLUMNS.removesuffix(", pause")
+WORKFLOW_TYPES_3 = (
     "text text int8 text text text text int8 text float8 text text text text float8 float8 "
     "text int8"
 )
+WORKFLOW_TYPES = WORKFLOW_TYPES_3 + " text"
 RUN_TYPES = "text int8 text int8 int8 text text text text text float8 float8 float8 float8 float8"
 
 
@@ -97,6 +102,7 @@ def _upsert(table: str, columns: str, types: str, key: str) -> str:
     )
 
 
+UPSERT_WORKFLOWS_3 = _upsert("workflows", WORKFLOW_COLUMNS_3, WORKFLOW_TYPES_3, "id")
 UPSERT_WORKFLOWS = _upsert("workflows", WORKFLOW_COLUMNS, WORKFLOW_TYPES, "id")
 UPSERT_RUNS = _upsert("step_runs", RUN_COLUMNS, RUN_TYPES, "workflow_id, seq")
 INSERT_HISTORY = (
@@ -131,7 +137,7 @@ def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
 DELETE_SENT = "DELETE FROM outbox WHERE message_id = ANY($1::text[])"
 DELETE_SCHEDULES = "DELETE FROM schedules WHERE id = ANY($1::text[])"
 PARTS_2 = (  # what a batch wrote at schema 2, in this order: (statement, its arrays' types)
-    (UPSERT_WORKFLOWS, WORKFLOW_TYPES),
+    (UPSERT_WORKFLOWS_3, WORKFLOW_TYPES_3),
     (UPSERT_RUNS, RUN_TYPES),
     (INSERT_HISTORY, "text float8 text text"),
     (INSERT_OUTBOX, "text text text bytea text float8"),
@@ -140,7 +146,20 @@ PARTS_2 = (  # what a batch wrote at schema 2, in this order: (statement, its ar
     (DELETE_SCHEDULES, "text"),
     (UPSERT_REQUESTS, "text text float8"),
 )
-PARTS = (*PARTS_2, (UPSERT_ATTRIBUTES, "text text text"))  # schema 3: business keys
+PARTS_3 = (*PARTS_2, (UPSERT_ATTRIBUTES, "text text text"))  # schema 3: business keys
+UPSERT_TYPE_PAUSES = _upsert(
+    "type_pauses", "workflow, step, since, reason", "text text float8 text", "workflow, step"
+)
+DELETE_TYPE_PAUSES = (
+    "DELETE FROM type_pauses WHERE (workflow, step) IN "
+    "(SELECT * FROM unnest($1::text[], $2::text[]))"
+)
+PARTS = (  # schema 4: workflows' pause, and paused workflow types
+    (UPSERT_WORKFLOWS, WORKFLOW_TYPES),
+    *PARTS_3[1:],
+    (UPSERT_TYPE_PAUSES, "text text float8 text"),
+    (DELETE_TYPE_PAUSES, "text text"),
+)
 TAKEN = "HM001"  # the SQLSTATE hms_commit raises when another engine owns the store
 
 
@@ -187,6 +206,16 @@ MIGRATIONS[3] = [
     "value TEXT NOT NULL, PRIMARY KEY (workflow_id, key))",
     "CREATE INDEX workflow_attributes_value ON workflow_attributes (key, value)",
     f"DROP FUNCTION hms_commit({', '.join(_signature(PARTS_2))})",
+    _commit_function(PARTS_3),
+]
+# 4: a paused workflow's pause (since, reason, the status it resumes to, its frozen timer,
+# the run it holds), a column of workflows, and the paused workflow types (type_pauses),
+# both written by hms_commit.
+MIGRATIONS[4] = [
+    "ALTER TABLE workflows ADD COLUMN pause TEXT",
+    "CREATE TABLE type_pauses (workflow TEXT NOT NULL, step TEXT NOT NULL, "
+    "since DOUBLE PRECISION NOT NULL, reason TEXT, PRIMARY KEY (workflow, step))",
+    f"DROP FUNCTION hms_commit({', '.join(_signature(PARTS_3))})",
     _commit_function(PARTS),
 ]
 SCHEMA_VERSION = max(MIGRATIONS)
@@ -214,7 +243,7 @@ def commit_arguments(batch: Batch, owner: str | None) -> list[Any]:
     replies = list({rid: (rid, as_json(reply), at) for rid, reply, at in batch.requests}.values())
     return [
         owner,
-        *_columns(workflows, 18),
+        *_columns(workflows, 19),
         *_columns(runs, 15),
         *_columns(events, 4),
         *_columns(messages, 6),
@@ -223,6 +252,15 @@ def commit_arguments(batch: Batch, owner: str | None) -> list[Any]:
         gone,
         *_columns(replies, 3),
         *_columns([(w, key, value) for (w, key), value in batch.attributes.items()], 3),
+        *_columns(
+            [
+                (x.workflow, x.step or "", x.since, x.reason)
+                for x in batch.type_pauses.values()
+                if x is not None
+            ],
+            4,
+        ),
+        *_columns([key for key, x in batch.type_pauses.items() if x is None], 2),
     ]
 
 

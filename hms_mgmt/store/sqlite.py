@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.errors import StoreError
-from hms_mgmt.records import StepRun, Workflow
+from hms_mgmt.records import StepRun, TypePause, Workflow
 from hms_mgmt.schedules import Schedule
 from hms_mgmt.store import file_lock
 from hms_mgmt.store.base import Batch, BatchReads, HistoryEntry, OutboxRow, StoreIdentity
@@ -493,6 +493,12 @@ class SQLiteStore:
             Schedule(i, w, c, tz, unjson(p), cu, n, ca, lt)
             for i, w, c, tz, p, cu, n, ca, lt in rows
         ]
+
+    async def type_pauses(self) -> list[TypePause]:
+        rows = await self._all(
+            "SELECT workflow, step, since, reason FROM type_pauses ORDER BY workflow, step"
+        )
+        return [TypePause(w, step or None, since, reason) for w, step, since, reason in rows]
 
     async def stuck_counts(self, before: float) -> dict[tuple[str, str], int]:
         rows = await self._all(

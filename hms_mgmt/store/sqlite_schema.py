@@ -16,7 +16,7 @@ from hms_mgmt.errors import StoreError
 from hms_mgmt.store.base import Batch, StoreIdentity
 from hms_mgmt.store.rows import RUN_COLUMNS, WORKFLOW_COLUMNS, as_json, run_row, workflow_row
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # How the schema changes: a new file gets SCHEMA (which always has everything); a file of an
 # older version gets MIGRATIONS[v] for each v after its own, in order, in one transaction at
@@ -34,7 +34,7 @@ CREATE TABLE IF NOT EXISTS workflows (
     input TEXT, output TEXT, error TEXT, seq INTEGER NOT NULL, visits TEXT NOT NULL,
     timer_at REAL, timer_kind TEXT, wait TEXT, signals TEXT NOT NULL, idempotency_key TEXT UNIQUE,
     created_at REAL NOT NULL, updated_at REAL NOT NULL, traceparent TEXT,
-    retries INTEGER NOT NULL DEFAULT 0);
+    retries INTEGER NOT NULL DEFAULT 0, pause TEXT);
 CREATE INDEX IF NOT EXISTS workflows_timer ON workflows (timer_at) WHERE timer_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS workflows_status ON workflows (status, created_at);
 CREATE TABLE IF NOT EXISTS step_runs (
@@ -59,6 +59,9 @@ CREATE TABLE IF NOT EXISTS workflow_attributes (
     workflow_id TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
     PRIMARY KEY (workflow_id, key)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS workflow_attributes_value ON workflow_attributes (key, value);
+CREATE TABLE IF NOT EXISTS type_pauses (
+    workflow TEXT NOT NULL, step TEXT NOT NULL, since REAL NOT NULL, reason TEXT,
+    PRIMARY KEY (workflow, step));
 """
 
 MIGRATIONS: dict[int, list[str]] = {
@@ -67,6 +70,8 @@ MIGRATIONS: dict[int, list[str]] = {
     3: ["ALTER TABLE workflows ADD COLUMN retries INTEGER NOT NULL DEFAULT 0"],
     4: [],  # schema_migrations, created by SCHEMA before any migration runs
     5: [],  # workflow_attributes (business keys) and its index, created by SCHEMA
+    # a paused workflow's pause (JSON); and type_pauses (paused workflow types), by SCHEMA
+    6: ["ALTER TABLE workflows ADD COLUMN pause TEXT"],
 }
 INDEXES = """
 CREATE INDEX IF NOT EXISTS workflows_created ON workflows (created_at);
@@ -172,6 +177,21 @@ def statements(batch: Batch) -> list[tuple[str, list[tuple[Any, ...]]]]:
                 [(w, key, value) for (w, key), value in batch.attributes.items()],
             )
         )
+    if batch.type_pauses:
+        kept_pauses = [x for x in batch.type_pauses.values() if x is not None]
+        gone_pauses = [key for key, x in batch.type_pauses.items() if x is None]
+        if kept_pauses:
+            statements.append(
+                (
+                    "INSERT OR REPLACE INTO type_pauses (workflow, step, since, reason) "
+                    "VALUES (?, ?, ?, ?)",
+                    [(x.workflow, x.step or "", x.since, x.reason) for x in kept_pauses],
+                )
+            )
+        if gone_pauses:
+            statements.append(
+                ("DELETE FROM type_pauses WHERE workflow = ? AND step = ?", gone_pauses)
+            )
     if batch.requests:
         statements.append(
             (

@@ -157,6 +157,97 @@ class SignalRequest(_About):
 
 
 @dataclass(frozen=True, kw_only=True)
+class PauseRequest(_About):
+    kind = "pause"
+    reason: str | None = None
+
+    @classmethod
+    def parse(cls, data: dict[str, Any], **common: Any) -> Request:
+        reason = data.get("reason")
+        return cls(
+            workflow_id=ident(data, "workflow_id"),
+            reason=None if reason is None else str(reason)[:1000],
+            **common,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResumeRequest(_About):
+    kind = "resume"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PauseTypeRequest(Request):
+    """Pause a workflow type, or one step of it (``step``)."""
+
+    kind = "pause_type"
+    workflow: str
+    step: str | None = None
+    reason: str | None = None
+
+    @classmethod
+    def parse(cls, data: dict[str, Any], **common: Any) -> Request:
+        reason = data.get("reason")
+        return cls(
+            workflow=name(data, "workflow"),
+            step=None if data.get("step") is None else name(data, "step"),
+            reason=None if reason is None else str(reason)[:1000],
+            **common,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResumeTypeRequest(Request):
+    """Resume a paused workflow type (or step of it): what it held is released, in order."""
+
+    kind = "resume_type"
+    workflow: str
+    step: str | None = None
+
+    @classmethod
+    def parse(cls, data: dict[str, Any], **common: Any) -> Request:
+        return cls(
+            workflow=name(data, "workflow"),
+            step=None if data.get("step") is None else name(data, "step"),
+            **common,
+        )
+
+
+SIGNALS_ON_RESET = ("keep", "drop")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResetRequest(_About):
+    """Back to ``to_step``: with ``data`` if the request has that field, else the step's
+    last input."""
+
+    kind = "reset"
+    to_step: str
+    data: Any = None
+    has_data: bool = False
+    signals: str = "keep"
+    reason: str | None = None
+
+    @classmethod
+    def parse(cls, data: dict[str, Any], **common: Any) -> Request:
+        signals = data.get("signals", "keep")
+        if signals not in SIGNALS_ON_RESET:
+            raise InvalidMessageError(
+                f"field 'signals' must be 'keep' or 'drop', not {str(signals)[:50]!r}"
+            )
+        reason = data.get("reason")
+        return cls(
+            workflow_id=ident(data, "workflow_id"),
+            to_step=name(data, "to_step"),
+            data=data.get("data"),
+            has_data="data" in data,
+            signals=signals,
+            reason=None if reason is None else str(reason)[:1000],
+            **common,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
 class ListRequest(Request):
     kind = "list"
     status: str | None = None
@@ -268,6 +359,11 @@ REQUESTS: dict[str, type[Request]] = {
         CancelRequest,
         RetryRequest,
         SignalRequest,
+        PauseRequest,
+        ResumeRequest,
+        ResetRequest,
+        PauseTypeRequest,
+        ResumeTypeRequest,
         ListRequest,
         ScheduleRequest,
         UnscheduleRequest,

@@ -1,10 +1,11 @@
 """A hypothesis state machine against the pure workflow state machine.
 
 Random starts, outcomes (current, stale, duplicated, reordered), timers, cancels,
-retries, signals, and crash-and-reload (the state round-tripped through the store's
-row encoding). Invariants: terminal states stay terminal (only an operator's retry
-resumes a failed workflow), attempts never exceed the policy, and replaying the
-events applied so far from scratch gives the current state.
+retries, signals, pauses, resumes, resets, and crash-and-reload (the state round-tripped
+through the store's row encoding). Invariants: terminal states stay terminal (only an
+operator's retry or reset moves a finished workflow on), attempts never exceed the policy,
+a paused workflow has no delay, backoff or wait timer armed, and replaying the events
+applied so far from scratch gives the current state.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
 
 from hms_mgmt import machine
 from hms_mgmt.definitions import RetryPolicy, Step, WorkflowDefinition
-from hms_mgmt.errors import InvalidStateError
+from hms_mgmt.errors import InvalidStateError, UnknownStepError
 from hms_mgmt.records import StepRun, Workflow
 from hms_mgmt.store.rows import run_of as _run
 from hms_mgmt.store.rows import run_row as _run_row
@@ -80,6 +81,8 @@ class WorkflowMachine(RuleBasedStateMachine):
     # -- applying, as the engine does ------------------------------------------
 
     def _apply(self, workflow_id: str, kind: str, value: Any) -> None:
+        if kind == "reset":  # an operator's reset moves even a finished workflow on
+            self.was_terminal.pop(workflow_id, None)
         self.now += 1.0
         self.log[workflow_id].append((kind, value, self.now))
         self.state[workflow_id] = _step(self.state[workflow_id], kind, value, self.now)
@@ -158,6 +161,18 @@ class WorkflowMachine(RuleBasedStateMachine):
         self._apply(workflow_id, "signal", data)
 
     @rule(workflow_id=workflows)
+    def pause(self, workflow_id: str) -> None:
+        self._apply(workflow_id, "pause", "operator")
+
+    @rule(workflow_id=workflows)
+    def resume(self, workflow_id: str) -> None:
+        self._apply(workflow_id, "resume", None)
+
+    @rule(workflow_id=workflows, to_step=st.sampled_from(["a", "b", "c", "recover", "nope"]))
+    def reset(self, workflow_id: str, to_step: str) -> None:
+        self._apply(workflow_id, "reset", to_step)
+
+    @rule(workflow_id=workflows)
     def crash_and_reload(self, workflow_id: str) -> None:
         """The engine restarts: state comes back from the store's rows."""
         workflow, runs = self.state[workflow_id]
@@ -180,6 +195,15 @@ class WorkflowMachine(RuleBasedStateMachine):
                 self.was_terminal[workflow_id] = str(workflow.status)
             elif before == "failed":
                 self.was_terminal.pop(workflow_id)
+
+    @invariant()
+    def a_paused_workflow_arms_nothing_that_starts_work(self) -> None:
+        for workflow, _ in self.state.values():
+            if workflow.status == "paused":
+                assert workflow.pause is not None
+                assert workflow.timer_kind not in (machine.TIMER_RUN, machine.TIMER_WAIT)
+            else:
+                assert workflow.pause is None
 
     @invariant()
     def attempts_never_exceed_the_policy(self) -> None:
@@ -224,9 +248,16 @@ def _step(
             seq = (workflow.error or {}).get("seq")
             failed = runs.get(seq, run) if isinstance(seq, int) else run
             t = machine.retry(workflow, failed, definition, now)
+        elif kind == "pause":
+            t = machine.pause(workflow, run, value, now)
+        elif kind == "resume":
+            t = machine.resume(workflow, run, definition, now)
+        elif kind == "reset":
+            last = next((r for r in reversed(runs.values()) if r.step == value), None)
+            t = machine.reset(workflow, run, definition, value, last, now, reason="operator")
         else:
             t = machine.signal(workflow, run, definition, "report", value, now)
-    except InvalidStateError:
+    except (InvalidStateError, UnknownStepError):
         return current
     assert (workflow, runs) == before, "the machine changed its inputs"
     if t.workflow is None:

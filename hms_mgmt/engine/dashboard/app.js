@@ -4,7 +4,7 @@
 "use strict";
 
 const TOKEN_KEY = "hms-token";
-const STATUSES = ["pending", "scheduled", "running", "waiting", "succeeded", "failed", "cancelled"];
+const STATUSES = ["pending", "scheduled", "running", "waiting", "paused", "succeeded", "failed", "cancelled"];
 const main = document.getElementById("main");
 let current = null; // the page shown: {refresh()}
 let refreshTimer = null;
@@ -345,6 +345,17 @@ function waitingText(state) {
   return parts.join("; ") || "-";
 }
 
+function pausedText(state) {
+  const paused = state.paused;
+  if (!paused) return "-";
+  const parts = [`since ${when(paused.since)}` + (paused.reason ? ` (${paused.reason})` : "")];
+  if (Array.isArray(paused.type)) parts.push(`with its type ${paused.type[0]}${paused.type[1] ? ` step ${paused.type[1]}` : ""}`);
+  parts.push(`resumes as ${paused.status}`);
+  if (paused.timer) parts.push(`its ${paused.timer.kind} timer frozen with ${Number(paused.timer.remaining).toFixed(1)}s left`);
+  if (paused.held !== null && paused.held !== undefined) parts.push(`holds run ${paused.held}`);
+  return parts.join("; ");
+}
+
 function inTime(seconds) {
   const left = seconds - Date.now() / 1000;
   return left >= 0 ? `in ${took(left)}` : `${took(-left)} overdue`;
@@ -357,6 +368,9 @@ function workflowPage(workflowId) {
   const payloads = h("div", { className: "cols", id: "payloads" });
   const reason = h("input", { name: "reason", placeholder: "reason (optional)" });
   const signalName = h("input", { name: "signal", placeholder: "signal name", size: 18 });
+  const pauseReason = h("input", { name: "pause-reason", placeholder: "reason (optional)" });
+  const resetStep = h("input", { name: "to-step", placeholder: "step", size: 14 });
+  const resetData = h("textarea", { name: "reset-data", placeholder: "input (JSON; empty: its last)" });
   const signalData = h("textarea", { name: "data", placeholder: '{"passed": true}' });
   const path = `/api/workflows/${encodeURIComponent(workflowId)}`;
   const actions = h("div", { className: "actions", id: "actions" },
@@ -367,6 +381,21 @@ function workflowPage(workflowId) {
       } }, "Cancel")),
     h("fieldset", {}, h("legend", {}, "Retry a failed workflow"),
       h("button", { className: "primary", id: "retry", onclick: () => act("retry", () => api(`${path}/retry`, { method: "POST", body: {} })) }, "Retry")),
+    h("fieldset", {}, h("legend", {}, "Pause and resume"), pauseReason, " ",
+      h("button", { id: "pause", onclick: () => act("pause", () => api(`${path}/pause`, { method: "POST", body: pauseReason.value ? { reason: pauseReason.value } : {} })) }, "Pause"), " ",
+      h("button", { className: "primary", id: "resume", onclick: () => act("resume", () => api(`${path}/resume`, { method: "POST", body: {} })) }, "Resume")),
+    h("fieldset", {}, h("legend", {}, "Reset to a step"), resetStep, " ", resetData, " ",
+      h("button", { id: "reset", onclick: () => {
+        const body = { to_step: resetStep.value.trim() };
+        try {
+          if (resetData.value.trim()) body.data = JSON.parse(resetData.value);
+        } catch (error) {
+          notice(`the reset's input is not JSON: ${error.message}`, true);
+          return;
+        }
+        if (!confirm(`Reset workflow ${workflowId} to step ${body.to_step}?`)) return;
+        act("reset", () => api(`${path}/reset`, { method: "POST", body }));
+      } }, "Reset")),
     h("fieldset", {}, h("legend", {}, "Signal"), signalName, " ", signalData, " ",
       h("button", { id: "signal", onclick: () => {
         let data = null;
@@ -405,6 +434,7 @@ function workflowPage(workflowId) {
         ["name", state.name], ["status", statusBadge(state.status)],
         ["created", when(state.created_at)], ["updated", when(state.updated_at)],
         ["took", took(end - state.created_at)], ["waiting for", waitingText(state)],
+        ["paused", pausedText(state)],
         ["business keys", Object.entries(state.attributes || {}).map(([k, v]) => `${k}=${v}`).join(", ") || "-"],
         ["trace_id", state.trace_id || "-"],
       ];
