@@ -302,7 +302,7 @@ async def _measure(args: argparse.Namespace, url: str, daemons: Daemons) -> dict
         "system": "hms-mgmt",
         "settings": "engine daemon + 1 step-service process; "
         + ("PostgreSQL" if daemons.on_postgres else "SQLite WAL")
-        + "; quorum step queues; confirms",
+        + f"; {os.environ.get('HMS_STEP_QUEUE_TYPE') or 'classic'} step queues; confirms",
         "store": "postgresql" if daemons.on_postgres else "sqlite",
         "engine_queues": "quorum" if args.quorum else "classic",
         "n": args.n,
