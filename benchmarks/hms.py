@@ -302,7 +302,7 @@ async def _measure(args: argparse.Namespace, url: str, daemons: Daemons) -> dict
         "system": "hms-mgmt",
         "settings": "engine daemon + 1 step-service process; "
         + ("PostgreSQL" if daemons.on_postgres else "SQLite WAL")
-        + f"; {os.environ.get('HMS_STEP_QUEUE_TYPE') or 'classic'} step queues; confirms",
+        + f"; {_step_queue_type(args)} step queues; confirms",
         "store": "postgresql" if daemons.on_postgres else "sqlite",
         "engine_queues": "quorum" if args.quorum else "classic",
         "n": args.n,
@@ -320,6 +320,11 @@ async def _measure(args: argparse.Namespace, url: str, daemons: Daemons) -> dict
             r["cpu_ms_per_workflow"]["worker"] + r["cpu_ms_per_workflow"]["engine"] for r in runs
         ),
     }
+
+
+def _step_queue_type(args: argparse.Namespace) -> str:
+    env = {**os.environ, **dict(item.split("=", 1) for item in args.env)}
+    return env.get("HMS_STEP_QUEUE_TYPE") or ("quorum" if args.quorum else "classic")
 
 
 async def postgres_admin(server: str, sql: str) -> None:
