@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.harness import REPORTS, Case
+from tests.chaos.harness import REPORTS, Case, Report
 from tests.chaos.node import RabbitNode
 from tests.conftest import IN_CI
 
@@ -58,11 +58,18 @@ COLUMNS = (
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if not REPORTS:
+    write_report(terminalreporter, "chaos report", REPORTS, REPORT_PATH)
+
+
+def write_report(
+    terminalreporter: pytest.TerminalReporter, title: str, reports: list[Report], path: Path
+) -> None:
+    """The cases' table (nothing lost, nothing doubled) at the end of the run, and as JSON."""
+    if not reports:
         return
-    rows = [r.to_json() for r in REPORTS]
-    REPORT_PATH.write_text(json.dumps(rows, indent=2))
-    terminalreporter.section("chaos report")
+    rows = [r.to_json() for r in reports]
+    path.write_text(json.dumps(rows, indent=2))
+    terminalreporter.section(title)
     terminalreporter.write_line("| " + " | ".join(COLUMNS) + " |")
     terminalreporter.write_line("|" + " --- |" * len(COLUMNS))
     for row in rows:
@@ -70,4 +77,4 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for row in rows:
         for note in row["notes"]:
             terminalreporter.write_line(f"  {row['case']}: {note}")
-    terminalreporter.write_line(f"JSON: {REPORT_PATH}")
+    terminalreporter.write_line(f"JSON: {path}")

@@ -3,7 +3,6 @@ own vhost and PostgreSQL database), and its report, in the chaos suite's table."
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.conftest import COLUMNS
+from tests.chaos.conftest import write_report
 from tests.cluster.harness import CLUSTER_REPORTS, ClusterCase
 from tests.cluster.node import RabbitCluster
 from tests.conftest import IN_CI
@@ -54,16 +53,4 @@ def case(
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if not CLUSTER_REPORTS:
-        return
-    rows = [r.to_json() for r in CLUSTER_REPORTS]
-    REPORT_PATH.write_text(json.dumps(rows, indent=2))
-    terminalreporter.section("cluster report")
-    terminalreporter.write_line("| " + " | ".join(COLUMNS) + " |")
-    terminalreporter.write_line("|" + " --- |" * len(COLUMNS))
-    for row in rows:
-        terminalreporter.write_line("| " + " | ".join(str(row[c]) for c in COLUMNS) + " |")
-    for row in rows:
-        for note in row["notes"]:
-            terminalreporter.write_line(f"  {row['case']}: {note}")
-    terminalreporter.write_line(f"JSON: {REPORT_PATH}")
+    write_report(terminalreporter, "cluster report", CLUSTER_REPORTS, REPORT_PATH)
