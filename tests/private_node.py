@@ -35,7 +35,7 @@ class PrivateNode:
         self.port = port
         self.dist_port = dist_port
         self.folder = folder
-        folder.mkdir(exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
         for sub in ("mnesia", "log"):
             (folder / sub).mkdir()
         (folder / "rabbitmq.conf").write_text(
@@ -101,6 +101,13 @@ class PrivateNode:
                     return
             time.sleep(0.1)
         raise RuntimeError(f"{self.name}: port {self.port} not {'open' if open_ else 'closed'}")
+
+    def log_tail(self, lines: int = 15) -> str:
+        """The end of the node's own log, for a failure's message."""
+        found = sorted((self.folder / "log").glob("*.log"))
+        text = "".join(path.read_text(errors="replace") for path in found)
+        tail = "\n".join(text.splitlines()[-lines:])
+        return f"--- {self.name} ({self.folder / 'log'}):\n{tail or '(no log)'}"
 
     def pid(self) -> int | None:
         try:

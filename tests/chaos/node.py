@@ -11,11 +11,15 @@ from pathlib import Path
 
 from tests.private_node import PrivateNode, port_free
 
-DIST_OFFSET = 10000
+DIST_OFFSET = 5000
 
 
-def _free_port(low: int = 20000, high: int = 45000) -> int:
-    for port in range(low + os.getpid() % 1000 * 17 % (high - low - 2000), high):
+def _free_port(low: int = 23000, high: int = 26000) -> int:
+    """An AMQP port, and its distribution port, below Linux's ephemeral ports (32768 and up):
+    one there may be taken by an outgoing connection between this check and the node's boot."""
+    start = low + os.getpid() % 1000 * 17 % (high - low)
+    for offset in range(high - low):
+        port = low + (start - low + offset) % (high - low)
         if port_free(port) and port_free(port + DIST_OFFSET):
             return port
     raise RuntimeError("no free port for a private RabbitMQ node")
