@@ -124,12 +124,18 @@ class Step:
     ``schedule_to_start``: seconds an attempt may wait for a step service to start it; past
     that it fails (``ScheduleToStartTimeout``) and the retry policy applies, so that a run
     never waits for ever behind hung handlers or with no step service at all.
+    ``concurrency``: at most this many runs of the step out at once (published and not
+    finished), enforced by the engine at admission; the others wait as ``queued``.
+    ``concurrency_key``: a field of the step's input payload; each of its values has its own
+    ``concurrency`` slots (runs whose payload lacks it share one group).
     """
 
     name: str
     retry: RetryPolicy | None = None
     timeout: float | None = None
     schedule_to_start: float | None = None
+    concurrency: int | None = None
+    concurrency_key: str | None = None
 
     def __post_init__(self) -> None:
         check_name("step", self.name)
@@ -151,6 +157,27 @@ class Step:
                 f"schedule_to_start of step {self.name!r} must be > 0, "
                 f"not {self.schedule_to_start!r}"
             )
+        self._check_concurrency()
+
+    def _check_concurrency(self) -> None:
+        limit, key = self.concurrency, self.concurrency_key
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
+        ):
+            raise DefinitionError(
+                f"concurrency of step {self.name!r} must be a whole number >= 1, not {limit!r}"
+            )
+        if key is not None:
+            if limit is None:
+                raise DefinitionError(
+                    f"concurrency_key of step {self.name!r} needs a concurrency (the number "
+                    "of runs each of its values may have out at once)"
+                )
+            if not isinstance(key, str) or not key:
+                raise DefinitionError(
+                    f"concurrency_key of step {self.name!r} must be the name of a field of "
+                    f"the step's input payload, not {key!r}"
+                )
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -160,6 +187,10 @@ class Step:
         }
         if self.schedule_to_start is not None:  # left out when unset: older definitions match
             body["schedule_to_start"] = self.schedule_to_start
+        if self.concurrency is not None:  # the same: left out when unset
+            body["concurrency"] = self.concurrency
+        if self.concurrency_key is not None:
+            body["concurrency_key"] = self.concurrency_key
         return body
 
     @classmethod
@@ -170,6 +201,8 @@ class Step:
             retry=None if retry is None else RetryPolicy.from_json(retry),
             timeout=data.get("timeout"),
             schedule_to_start=data.get("schedule_to_start"),
+            concurrency=data.get("concurrency"),
+            concurrency_key=data.get("concurrency_key"),
         )
 
 

@@ -35,7 +35,14 @@ from hms_mgmt.errors import (
     WorkflowNotFoundError,
     error_json,
 )
-from hms_mgmt.records import TERMINAL, StepRun, TypePause, Workflow, WorkflowStatus
+from hms_mgmt.records import (
+    TERMINAL,
+    StepRun,
+    StepStatus,
+    TypePause,
+    Workflow,
+    WorkflowStatus,
+)
 from hms_mgmt.schedules import Schedule
 from hms_mgmt.store.base import OutboxRow
 from hms_mgmt.tokens import Signer
@@ -71,6 +78,9 @@ CHANGES = (CancelRequest, RetryRequest, SignalRequest, PauseRequest, ResumeReque
 """Requests that change one workflow, answered once."""
 PAUSED_OR_OVER = frozenset({WorkflowStatus.PAUSED, *TERMINAL})
 
+LIMITED = frozenset({StepStatus.PENDING, StepStatus.RUNNING, StepStatus.QUEUED})
+"""Statuses of a run that may hold or wait for a concurrency slot."""
+
 READS = (StatusRequest, WaitRequest, ListRequest)
 """Requests answered from the store once the batch has committed, not applied."""
 
@@ -82,6 +92,7 @@ class Applier:
         schedules: Mapping[str, Schedule],
         signer: Signer,
         type_pauses: Mapping[tuple[str, str], TypePause] | None = None,
+        slots: machine.Slots | None = None,
     ) -> None:
         self.registry = registry
         self.schedules = schedules  # as committed; this batch's changes are in work.schedules
@@ -90,6 +101,8 @@ class Applier:
         self.type_pauses: Mapping[tuple[str, str], TypePause] = (
             {} if type_pauses is None else type_pauses
         )
+        # Concurrency slots, as committed; a batch changes its own copy (work.slots).
+        self.slots = machine.Slots() if slots is None else slots
 
     def apply(self, event: Event, work: Work, now: float) -> None:
         try:
@@ -130,13 +143,31 @@ class Applier:
 
     # -- folding a transition into the batch --------------------------------------------
 
-    def record(self, work: Work, t: machine.Transition, workflow_id: str, now: float) -> None:
+    def _slots(self, work: Work) -> machine.Slots:
+        """This batch's slots: a copy of the committed ones, made when first needed."""
+        if work.slots is None:
+            work.slots = self.slots.copy()
+        return work.slots
+
+    def record(
+        self,
+        work: Work,
+        t: machine.Transition,
+        workflow_id: str,
+        now: float,
+        *,
+        admitting: bool = False,
+    ) -> None:
         batch = work.batch
         held = t.workflow  # a step of a paused type is held, its workflow paused
         if held is not None and t.steps and held.status not in PAUSED_OR_OVER:
             by = self._type_pause(work, held.name, t.steps[-1].step)
             if by is not None:
                 machine.hold_for_type(t, held, by, now)
+            elif machine.must_queue(
+                t, self._slots(work), self.registry.of(held), admitting=admitting
+            ):
+                machine.queue(t, now)  # over its step's concurrency limit: waits for a slot
         for kind, detail in t.history:
             batch.history.append((workflow_id, now, kind, detail))
         wf = t.workflow
@@ -151,6 +182,7 @@ class Applier:
             if run.seq == wf.seq:
                 current = run
         work.state[wf.id] = (wf, current)
+        self._follow_slots(work, wf, current, now)
         for step in t.steps:
             token = self.signer.token(step.workflow_id, step.seq, step.attempt)
             batch.outbox.append(
@@ -190,6 +222,53 @@ class Applier:
         if t.finished:
             work.finished.append(wf.id)
             _log_finished(work, wf)
+
+    # -- concurrency slots ------------------------------------------------------------------
+
+    def _follow_slots(self, work: Work, wf: Workflow, run: StepRun | None, now: float) -> None:
+        """Keep the batch's slots on the workflow's new state; a slot it frees admits the
+        oldest run queued for it, in this same batch."""
+        slots = work.slots if work.slots is not None else self.slots
+        before = slots.of.get(wf.id)
+        if before is None and (run is None or run.status not in LIMITED):
+            return  # neither held nor wants a slot: nothing to follow
+        definition = self.registry.of(wf)
+        slots = self._slots(work)
+        slots.track(wf, run, definition)
+        if before is None or before[1] != machine.limits.ACTIVE:
+            return
+        after = slots.of.get(wf.id)
+        if after is not None and after[:2] == before[:2]:
+            return
+        self._admit(work, before[0], machine.limits.limit_of(definition, before[0][1]), now)
+
+    def _admit(
+        self, work: Work, group: machine.limits.Group, limit: int | None, now: float
+    ) -> None:
+        """Admit the group's queued runs, oldest first, while it has free slots. A run not
+        loaded for this batch stops it: the engine admits it in the next (``work.stalled``)."""
+        slots = self._slots(work)
+        while limit is not None and slots.taken(group) < limit:
+            line = slots.line(group)
+            if not line:
+                return
+            head = line[0]
+            if head not in work.state:
+                work.stalled.add(group)
+                return
+            workflow, run = work.state[head]
+            definition = self.registry.of(workflow)
+            if run is None:
+                slots.forget(head)
+                continue
+            t = machine.admit(workflow, run, definition, now)
+            if not t.changed:
+                slots.forget(head)  # no longer queued (never so after a commit)
+                continue
+            self.record(work, t, head, now, admitting=True)
+            if head in slots.queued.get(group, {}):
+                return  # still waiting (cannot happen with a free slot): never loop
+            limit = machine.limits.limit_of(definition, group[1])
 
     # -- events ---------------------------------------------------------------------------
 
@@ -268,6 +347,13 @@ class Applier:
 
     def _timer(self, event: TimerEvent, work: Work, now: float) -> None:
         if event.workflow_id not in work.state:
+            return
+        if event.kind == machine.TIMER_ADMIT:  # a group left with free slots and a line
+            found = self._slots(work).of.get(event.workflow_id)
+            if found is not None and found[1] == machine.limits.QUEUED:
+                workflow = work.state[event.workflow_id][0]
+                limit = machine.limits.limit_of(self.registry.of(workflow), found[0][1])
+                self._admit(work, found[0], limit, now)
             return
         workflow, run = _loaded(work, event.workflow_id)
         t = machine.fire_timer(workflow, run, self.registry.of(workflow), event.kind, now)

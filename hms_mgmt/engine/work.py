@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from hms_mgmt.machine.limits import Group, Slots
 from hms_mgmt.records import StepRun, TypePause, Workflow
 from hms_mgmt.schedules import Schedule
 from hms_mgmt.store.base import Batch
@@ -40,6 +41,9 @@ class Work:
     timers: list[tuple[str, str, float]] = field(default_factory=list)
     schedules: dict[str, Schedule | None] = field(default_factory=dict)  # changed; None: gone
     type_pauses: dict[tuple[str, str], TypePause | None] = field(default_factory=dict)  # same
+    slots: Slots | None = None  # the concurrency slots, if this batch changed them
+    stalled: set[Group] = field(default_factory=set)  # groups with free slots and a line
+    # whose next run was not loaded: admitted by the next batch
     logs: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)  # level, event
     started: int = 0
     dead_lettered: int = 0
