@@ -1,0 +1,48 @@
+"""Concurrency limits with the engine daemon and two step services as processes, on the real
+RabbitMQ (a vhost of the test's own): the engine, not the workers, keeps the limit."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+import hms_mgmt
+from hms_mgmt.errors import UnknownWorkflowError
+from tests.conftest import Processes, wait_until
+
+pytestmark = pytest.mark.broker
+
+
+async def test_fifty_workflows_never_run_more_than_five_credit_checks_at_once_and_all_finish(
+    client: hms_mgmt.Management, daemons: Processes, vhost: str, tmp_path: Path
+) -> None:
+    daemons.worker(vhost, "tests.services:grant")  # a second step service: 200 handler slots
+    (tmp_path / "running").mkdir()
+    payload = {"dir": str(tmp_path)}
+
+    async def defined() -> str | None:  # the step service defines it when it connects
+        try:
+            return (await client.start("limited", payload)).workflow_id
+        except UnknownWorkflowError:
+            return None
+
+    ids = [await wait_until(defined, timeout=60, what="the limited workflow defined")]
+    ids += [(await client.start("limited", payload)).workflow_id for _ in range(49)]
+
+    async def some_queued() -> bool:  # seen from status(): the runs over the limit wait
+        states = [await client.status(i) for i in ids]
+        return any(s.steps and s.steps[-1].status == "queued" for s in states)
+
+    await wait_until(some_queued, timeout=60, what="credit checks waiting as queued")
+    states = await asyncio.gather(*(client.wait(i, timeout=180) for i in ids))
+    assert [s.status for s in states] == ["succeeded"] * 50, [
+        s.describe() for s in states if s.status != "succeeded"
+    ]
+    counts = [int(line) for line in (tmp_path / "counts").read_text().split()]
+    assert len(counts) == 50  # one line per credit check
+    assert max(counts) <= 5, f"{max(counts)} credit checks ran at once"
+    assert max(counts) == 5  # the limit was used, not merely never reached
+    log = daemons.log("engine")
+    assert "Traceback" not in log
