@@ -10,7 +10,7 @@ import pytest
 
 import hms_mgmt
 from hms_mgmt.errors import UnknownWorkflowError
-from tests.conftest import Processes, wait_until
+from tests.conftest import Processes, http_get, wait_until
 
 pytestmark = pytest.mark.broker
 
@@ -36,6 +36,14 @@ async def test_fifty_workflows_never_run_more_than_five_credit_checks_at_once_an
         return any(s.steps and s.steps[-1].status == "queued" for s in states)
 
     await wait_until(some_queued, timeout=60, what="credit checks waiting as queued")
+
+    async def metric_queued() -> bool:  # and in the engine's metrics
+        status, text = await http_get(f"{daemons.engine_url}/metrics")
+        line = 'hms_step_runs_queued{step="creditCheck",workflow="limited"} '
+        found = [row for row in text.splitlines() if row.startswith(line)]
+        return status == 200 and bool(found) and float(found[0].split()[-1]) > 0
+
+    await wait_until(metric_queued, timeout=30, what="hms_step_runs_queued above 0")
     states = await asyncio.gather(*(client.wait(i, timeout=180) for i in ids))
     assert [s.status for s in states] == ["succeeded"] * 50, [
         s.describe() for s in states if s.status != "succeeded"

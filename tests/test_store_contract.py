@@ -569,3 +569,27 @@ async def test_a_postgres_store_comes_back_after_its_connections_are_cut(
         assert await store.watch(probe=True) is None
     finally:
         await store.close()
+
+
+async def test_limited_runs_are_the_current_runs_out_or_queued_of_a_step(store: Store) -> None:
+    for workflow_id in ("wf1", "wf2", "wf3", "wf4"):
+        await store.commit(started(workflow_id))
+    _wf2, run2 = (await store.load(["wf2"]))["wf2"]
+    wf3, run3 = (await store.load(["wf3"]))["wf3"]
+    _wf4, run4 = (await store.load(["wf4"]))["wf4"]
+    assert run2 is not None and run3 is not None and run4 is not None
+    await store.commit(
+        Batch(
+            workflows={"wf3": evolve(wf3, status=WorkflowStatus.CANCELLED)},
+            runs={
+                ("wf2", 1): evolve(run2, status=StepStatus.QUEUED),
+                ("wf3", 1): evolve(run3, status=StepStatus.CANCELLED),
+                ("wf4", 1): evolve(run4, status=StepStatus.SUCCEEDED),
+            },
+        )
+    )
+    assert sorted(await store.limited_runs("w", "a")) == ["wf1", "wf2"]  # out, queued
+    (_, queued) = (await store.load(["wf2"]))["wf2"]
+    assert queued is not None and queued.status == "queued"
+    assert await store.limited_runs("w", "b") == []
+    assert await store.limited_runs("other", "a") == []

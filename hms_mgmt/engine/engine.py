@@ -558,6 +558,18 @@ class Engine(EngineReads):
                 queued=self.applier.slots.waiting(),
             )
 
+    def slot_counts(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """(workflow, step) -> runs holding a slot of its concurrency limit, runs queued."""
+        slots = self.applier.slots
+        counts: dict[tuple[str, str], tuple[int, int]] = {}
+        for (name, step, _), members in slots.active.items():
+            out, waiting = counts.get((name, step), (0, 0))
+            counts[(name, step)] = (out + len(members), waiting)
+        for (name, step, _), line in slots.queued.items():
+            out, waiting = counts.get((name, step), (0, 0))
+            counts[(name, step)] = (out, waiting + len(line))
+        return counts
+
     def _definition_of(self, workflow: Workflow) -> WorkflowDefinition | None:
         return self.registry.versions.get((workflow.name, workflow.version))
 
