@@ -300,7 +300,7 @@ async def limited_credit_check(ctx: hms_mgmt.StepContext) -> None:
         await asyncio.sleep(0.2)
         seen = len(list(running.iterdir()))
         _note(str(Path(ctx.payload["dir"]) / "counts"), str(seen))
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1 + float(ctx.payload.get("seconds", 0)))
     finally:
         mine.unlink()
 

@@ -54,3 +54,36 @@ async def test_fifty_workflows_never_run_more_than_five_credit_checks_at_once_an
     assert max(counts) == 5  # the limit was used, not merely never reached
     log = daemons.log("engine")
     assert "Traceback" not in log
+
+
+async def test_the_limit_holds_after_the_engine_is_killed_while_every_slot_is_taken(
+    client: hms_mgmt.Management, processes: Processes, vhost: str, store_url: str, tmp_path: Path
+) -> None:
+    engine = processes.engine(vhost, store_url)
+    processes.worker(vhost, "tests.services:grant")
+    (tmp_path / "running").mkdir()
+    payload = {"dir": str(tmp_path), "seconds": 1.5}
+
+    async def defined() -> str | None:
+        try:
+            return (await client.start("limited", payload)).workflow_id
+        except UnknownWorkflowError:
+            return None
+
+    ids = [await wait_until(defined, timeout=60, what="the limited workflow defined")]
+    ids += [(await client.start("limited", payload)).workflow_id for _ in range(14)]
+
+    async def full() -> bool:  # five out, the rest queued
+        states = [await client.status(i) for i in ids]
+        last = [s.steps[-1].status for s in states if s.steps and s.steps[-1].step == "creditCheck"]
+        return last.count("queued") >= 5 and len(list((tmp_path / "running").iterdir())) == 5
+
+    await wait_until(full, timeout=60, what="every slot taken and a line")
+    engine.kill()  # kill -9 while every slot is taken
+    assert await asyncio.to_thread(engine.wait, 10) == -9
+    processes.engine(vhost, store_url)  # rebuilds its slots from the store
+    states = await asyncio.gather(*(client.wait(i, timeout=180) for i in ids))
+    assert [s.status for s in states] == ["succeeded"] * 15, [s.describe() for s in states]
+    counts = [int(line) for line in (tmp_path / "counts").read_text().split()]
+    assert len(counts) >= 15 and max(counts) <= 5, counts
+    assert "concurrency slots rebuilt from the store" in processes.log("engine")
