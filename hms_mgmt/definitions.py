@@ -128,6 +128,8 @@ class Step:
     finished), enforced by the engine at admission; the others wait as ``queued``.
     ``concurrency_key``: a field of the step's input payload; each of its values has its own
     ``concurrency`` slots (runs whose payload lacks it share one group).
+    ``rate_limit``: ``"N/s"``, ``"N/m"`` or ``"N/h"``: runs of the step are published at
+    most that often (evenly spaced, whatever their key), the others wait as ``queued``.
     """
 
     name: str
@@ -136,6 +138,7 @@ class Step:
     schedule_to_start: float | None = None
     concurrency: int | None = None
     concurrency_key: str | None = None
+    rate_limit: str | None = None
 
     def __post_init__(self) -> None:
         check_name("step", self.name)
@@ -158,6 +161,13 @@ class Step:
                 f"not {self.schedule_to_start!r}"
             )
         self._check_concurrency()
+        if self.rate_limit is not None:
+            rate_interval(self.rate_limit, self.name)
+
+    @property
+    def rate_interval(self) -> float | None:
+        """Seconds between two runs published under its rate limit; None without one."""
+        return None if self.rate_limit is None else rate_interval(self.rate_limit, self.name)
 
     def _check_concurrency(self) -> None:
         limit, key = self.concurrency, self.concurrency_key
@@ -191,6 +201,8 @@ class Step:
             body["concurrency"] = self.concurrency
         if self.concurrency_key is not None:
             body["concurrency_key"] = self.concurrency_key
+        if self.rate_limit is not None:
+            body["rate_limit"] = self.rate_limit
         return body
 
     @classmethod
@@ -203,7 +215,29 @@ class Step:
             schedule_to_start=data.get("schedule_to_start"),
             concurrency=data.get("concurrency"),
             concurrency_key=data.get("concurrency_key"),
+            rate_limit=data.get("rate_limit"),
         )
+
+
+RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def rate_interval(rate: Any, step: str) -> float:
+    """The seconds between two admissions under ``rate`` (``"10/s"``: 0.1)."""
+    problem = (
+        f"rate_limit of step {step!r} must be 'N/s', 'N/m' or 'N/h' with N > 0 "
+        f"(say '10/s'), not {rate!r}"
+    )
+    if not isinstance(rate, str) or rate.count("/") != 1:
+        raise DefinitionError(problem)
+    count, unit = rate.replace(" ", "").split("/")
+    try:
+        number = float(count)
+    except ValueError:
+        raise DefinitionError(problem) from None
+    if unit not in RATE_UNITS or not number > 0 or number == float("inf"):
+        raise DefinitionError(problem)
+    return RATE_UNITS[unit] / number
 
 
 @dataclass(frozen=True)

@@ -165,9 +165,9 @@ class Applier:
             if by is not None:
                 machine.hold_for_type(t, held, by, now)
             elif machine.must_queue(
-                t, self._slots(work), self.registry.of(held), admitting=admitting
+                t, self._slots(work), self.registry.of(held), now, admitting=admitting
             ):
-                machine.queue(t, now)  # over its step's concurrency limit: waits for a slot
+                machine.queue(t, now)  # over its step's limits: waits to be admitted
         for kind, detail in t.history:
             batch.history.append((workflow_id, now, kind, detail))
         wf = t.workflow
@@ -182,6 +182,7 @@ class Applier:
             if run.seq == wf.seq:
                 current = run
         work.state[wf.id] = (wf, current)
+        work.publishing = t.steps
         self._follow_slots(work, wf, current, now)
         for step in t.steps:
             token = self.signer.token(step.workflow_id, step.seq, step.attempt)
@@ -226,8 +227,9 @@ class Applier:
     # -- concurrency slots ------------------------------------------------------------------
 
     def _follow_slots(self, work: Work, wf: Workflow, run: StepRun | None, now: float) -> None:
-        """Keep the batch's slots on the workflow's new state; a slot it frees admits the
-        oldest run queued for it, in this same batch."""
+        """Keep the batch's slots on the workflow's new state. A run published under a rate
+        limit spaces the next; a workflow that leaves its place (a slot freed, its turn in
+        line given up) lets the next in line be admitted, in this same batch."""
         slots = work.slots if work.slots is not None else self.slots
         before = slots.of.get(wf.id)
         if before is None and (run is None or run.status not in LIMITED):
@@ -235,40 +237,70 @@ class Applier:
         definition = self.registry.of(wf)
         slots = self._slots(work)
         slots.track(wf, run, definition)
-        if before is None or before[1] != machine.limits.ACTIVE:
-            return
         after = slots.of.get(wf.id)
-        if after is not None and after[:2] == before[:2]:
-            return
-        self._admit(work, before[0], machine.limits.limit_of(definition, before[0][1]), now)
+        if (
+            run is not None
+            and after is not None
+            and after[1] == machine.limits.ACTIVE
+            and run.status == StepStatus.PENDING
+            and any(step.seq == run.seq for step in work.publishing)
+        ):
+            interval = machine.limits.interval_of(definition, run.step)
+            if interval is not None:
+                slots.consume(after[0][:2], interval, now)
+        if before is not None and (after is None or after[:2] != before[:2]):
+            self._admit(work, before[0][:2], now)
+        elif (
+            after is not None
+            and after[1] == machine.limits.QUEUED
+            and before is None
+            and machine.limits.interval_of(definition, after[0][1]) is not None
+        ):
+            self._admit(work, after[0][:2], now)  # held back by the rate: the first in line
+            # gets the timer of the next admission
 
-    def _admit(
-        self, work: Work, group: machine.limits.Group, limit: int | None, now: float
-    ) -> None:
-        """Admit the group's queued runs, oldest first, while it has free slots. A run not
-        loaded for this batch stops it: the engine admits it in the next (``work.stalled``)."""
+    def _admit(self, work: Work, key: tuple[str, str], now: float) -> None:
+        """Admit the runs in line for a step (``key``: workflow type, step), oldest first
+        among its groups with a free slot, while its rate limit allows; past that, the first
+        in line gets a durable timer for the next admission. A run not loaded for this batch
+        stops it: the engine admits it in the next (``work.stalled``)."""
+        if key in work.admitting:
+            return  # admitting already, further up the stack
+        work.admitting.add(key)
+        try:
+            self._admit_loop(work, key, now)
+        finally:
+            work.admitting.discard(key)
+
+    def _admit_loop(self, work: Work, key: tuple[str, str], now: float) -> None:
         slots = self._slots(work)
-        while limit is not None and slots.taken(group) < limit:
-            line = slots.line(group)
-            if not line:
+        for _ in range(10_000):  # bounded: each turn admits or drops one, or stops
+            candidates = []
+            for group in slots.groups_of(key):
+                line = slots.line(group)
+                head = line[0]
+                if head not in work.state:
+                    work.stalled.add(group)
+                    continue
+                definition = self.registry.of(work.state[head][0])
+                if slots.free(group, machine.limits.limit_of(definition, key[1])):
+                    candidates.append((slots.queued[group][head], head, group, definition))
+            if not candidates:
                 return
-            head = line[0]
-            if head not in work.state:
-                work.stalled.add(group)
-                return
+            _, head, group, definition = min(candidates)
             workflow, run = work.state[head]
-            definition = self.registry.of(workflow)
-            if run is None:
-                slots.forget(head)
-                continue
-            t = machine.admit(workflow, run, definition, now)
-            if not t.changed:
+            interval = machine.limits.interval_of(definition, key[1])
+            if interval is not None and not slots.rate_allows(key, now):
+                due = slots.next_at[key]
+                self.record(work, machine.limits.arm(workflow, due, now), head, now)
+                return
+            t = machine.admit(workflow, run, definition, now) if run is not None else None
+            if t is None or not t.changed:
                 slots.forget(head)  # no longer queued (never so after a commit)
                 continue
             self.record(work, t, head, now, admitting=True)
             if head in slots.queued.get(group, {}):
-                return  # still waiting (cannot happen with a free slot): never loop
-            limit = machine.limits.limit_of(definition, group[1])
+                return  # still waiting: never loop
 
     # -- events ---------------------------------------------------------------------------
 
@@ -348,12 +380,10 @@ class Applier:
     def _timer(self, event: TimerEvent, work: Work, now: float) -> None:
         if event.workflow_id not in work.state:
             return
-        if event.kind == machine.TIMER_ADMIT:  # a group left with free slots and a line
-            found = self._slots(work).of.get(event.workflow_id)
+        if event.kind == machine.TIMER_ADMIT:  # a rate limit's next admission, or a line
+            found = self._slots(work).of.get(event.workflow_id)  # left with free slots
             if found is not None and found[1] == machine.limits.QUEUED:
-                workflow = work.state[event.workflow_id][0]
-                limit = machine.limits.limit_of(self.registry.of(workflow), found[0][1])
-                self._admit(work, found[0], limit, now)
+                self._admit(work, found[0][:2], now)
             return
         workflow, run = _loaded(work, event.workflow_id)
         t = machine.fire_timer(workflow, run, self.registry.of(workflow), event.kind, now)

@@ -541,7 +541,7 @@ class Engine(EngineReads):
             (d.name, step.name)
             for d in self.registry.versions.values()
             for step in d.all_steps
-            if step.concurrency is not None
+            if step.concurrency is not None or step.rate_limit is not None
         }
         ids: list[str] = []
         for name, step in sorted(limited):
@@ -549,8 +549,16 @@ class Engine(EngineReads):
         rows: dict[str, tuple[Workflow, StepRun | None]] = {}
         for start in range(0, len(ids), 1000):
             rows.update(await self.store.load(ids[start : start + 1000]))
-        self.applier.slots = Slots.build(rows.values(), self._definition_of)
-        self._admit_stalled(set(self.applier.slots.queued), self.clock())
+        slots = Slots.build(rows.values(), self._definition_of)
+        now = self.clock()
+        for definition in self.registry.latest.values():  # rates start afresh, one interval on
+            for limited_step in definition.all_steps:
+                if limited_step.rate_interval is not None:
+                    slots.next_at[(definition.name, limited_step.name)] = (
+                        now + limited_step.rate_interval
+                    )
+        self.applier.slots = slots
+        self._admit_stalled(set(slots.queued), now)
         if ids:
             log.info(
                 "concurrency slots rebuilt from the store",

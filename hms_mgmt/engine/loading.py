@@ -91,7 +91,7 @@ class Loader:
             if not event.workflow_id:
                 continue
             if isinstance(event, TimerEvent) and event.kind == TIMER_ADMIT:
-                wanted.update(self._line_heads([event.workflow_id]))
+                wanted.update(self._line_heads([event.workflow_id], every_key=True))
             cached = self._cache.get(event.workflow_id)
             if cached is None:
                 wanted.add(event.workflow_id)
@@ -118,7 +118,7 @@ class Loader:
             if isinstance(event, RequestEvent) and isinstance(event.request, ResumeTypeRequest):
                 await self._load_type_held(event.request.workflow, event.request.step, work)
 
-    def _line_heads(self, workflow_ids: list[str]) -> list[str]:
+    def _line_heads(self, workflow_ids: list[str], *, every_key: bool = False) -> list[str]:
         """For each slot group these workflows are in, its first queued runs: as many as
         these workflows may free (and one more, for a paused one). The rest, if a batch
         needs them, it admits in the next (``work.stalled``)."""
@@ -133,6 +133,10 @@ class Loader:
             if found is not None:
                 group = found[0]
                 counts[group] = counts.get(group, 0) + (1 if found[1] == ACTIVE else 0)
+        if every_key:  # an admission picks the oldest first in line of all the step's keys
+            for group in list(counts):
+                for sibling in slots.groups_of(group[:2]):
+                    counts.setdefault(sibling, 0)
         heads: list[str] = []
         for group, count in counts.items():
             if group in slots.queued:

@@ -10,6 +10,7 @@ from hms_mgmt.records import StepRun, TypePause, Workflow
 from hms_mgmt.schedules import Schedule
 from hms_mgmt.store.base import Batch
 from hms_mgmt.wire.requests import Request
+from hms_mgmt.wire.steps import StepMessage
 
 REDELIVERED = "redelivered"
 """The history entry of a step message delivered again, counted by the poison guard."""
@@ -44,6 +45,9 @@ class Work:
     slots: Slots | None = None  # the concurrency slots, if this batch changed them
     stalled: set[Group] = field(default_factory=set)  # groups with free slots and a line
     # whose next run was not loaded: admitted by the next batch
+    admitting: set[tuple[str, str]] = field(default_factory=set)  # steps being admitted
+    publishing: list[StepMessage] = field(default_factory=list)  # what the transition
+    # being recorded publishes
     logs: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)  # level, event
     started: int = 0
     dead_lettered: int = 0

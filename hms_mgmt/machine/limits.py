@@ -14,6 +14,10 @@ are never counted on their own.
 A run about to be published into a group whose slots are all taken (or behind others
 queued there) is ``queued`` instead: nothing is published. When a slot of the group frees,
 its oldest queued run is admitted (published) in the same batch.
+
+A step's ``rate_limit`` spaces its publications evenly (``next_at``): a run due before
+then is queued too, and the run first in line gets a durable timer (kind ``admit``) for
+``next_at``, which admits it.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from dataclasses import dataclass, field
 
 from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.machine.moves import clear_timer, publish
-from hms_mgmt.machine.transition import TIMER_START, Transition
+from hms_mgmt.machine.transition import TIMER_ADMIT, TIMER_START, Transition
 from hms_mgmt.records import StepRun, StepStatus, Workflow, WorkflowStatus, evolve
 
 Group = tuple[str, str, str]
@@ -35,9 +39,9 @@ QUEUED = "queued"
 
 
 def group_of(definition: WorkflowDefinition, run: StepRun) -> Group | None:
-    """The slot group of a run; None if its step has no concurrency limit."""
+    """The slot group of a run; None if its step has neither a concurrency nor a rate limit."""
     step = definition.step(run.step)
-    if step is None or step.concurrency is None:
+    if step is None or (step.concurrency is None and step.rate_limit is None):
         return None
     value = ""
     if step.concurrency_key is not None and isinstance(run.input, dict):
@@ -50,6 +54,11 @@ def group_of(definition: WorkflowDefinition, run: StepRun) -> Group | None:
 def limit_of(definition: WorkflowDefinition, step: str) -> int | None:
     found = definition.step(step)
     return None if found is None else found.concurrency
+
+
+def interval_of(definition: WorkflowDefinition, step: str) -> float | None:
+    found = definition.step(step)
+    return None if found is None else found.rate_interval
 
 
 def state_of(workflow: Workflow, run: StepRun | None) -> str | None:
@@ -75,6 +84,8 @@ class Slots:
     # state, queued since
     active: dict[Group, set[str]] = field(default_factory=dict)
     queued: dict[Group, dict[str, float]] = field(default_factory=dict)
+    # (workflow type, step) -> when its rate limit next admits a run
+    next_at: dict[tuple[str, str], float] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -129,6 +140,20 @@ class Slots:
     def taken(self, group: Group) -> int:
         return len(self.active.get(group, ()))
 
+    def free(self, group: Group, limit: int | None) -> bool:
+        return limit is None or self.taken(group) < limit
+
+    def rate_allows(self, key: tuple[str, str], now: float) -> bool:
+        return self.next_at.get(key, float("-inf")) <= now
+
+    def consume(self, key: tuple[str, str], interval: float, now: float) -> None:
+        """A run published under a rate limit: the next may go ``interval`` later."""
+        self.next_at[key] = max(self.next_at.get(key, float("-inf")), now) + interval
+
+    def groups_of(self, key: tuple[str, str]) -> list[Group]:
+        """The groups of a step with runs in line."""
+        return [g for g in self.queued if g[:2] == key]
+
     def line(self, group: Group) -> list[str]:
         """The runs queued in a group, oldest first."""
         found = self.queued.get(group, {})
@@ -142,14 +167,21 @@ class Slots:
             dict(self.of),
             {g: set(m) for g, m in self.active.items()},
             {g: dict(line) for g, line in self.queued.items()},
+            dict(self.next_at),
         )
 
 
 def must_queue(
-    t: Transition, slots: Slots, definition: WorkflowDefinition, *, admitting: bool = False
+    t: Transition,
+    slots: Slots,
+    definition: WorkflowDefinition,
+    now: float,
+    *,
+    admitting: bool = False,
 ) -> bool:
-    """Whether the step this transition would publish has to wait: its group's slots all
-    taken, or (unless this is the admission of the oldest) others already waiting."""
+    """Whether the step this transition would publish has to wait: its rate limit not yet
+    due, its group's slots all taken, or (unless this is the admission of the oldest)
+    others already waiting."""
     wf = t.workflow
     if wf is None or not t.steps:
         return False
@@ -157,13 +189,15 @@ def must_queue(
     if run is None:
         return False
     group = group_of(definition, run)
-    limit = limit_of(definition, run.step)
-    if group is None or limit is None:
+    if group is None:
         return False
-    if slots.of.get(wf.id, (None, None, 0.0))[:2] == (group, ACTIVE):
-        return False  # published again, still in its slot
+    if interval_of(definition, run.step) is not None and not slots.rate_allows(group[:2], now):
+        return True
+    limit = limit_of(definition, run.step)
+    if limit is not None and slots.of.get(wf.id, (None, None, 0.0))[:2] == (group, ACTIVE):
+        return False  # published again (a retry at once), still in its slot
     others = [i for i in slots.queued.get(group, {}) if i != wf.id]
-    return slots.taken(group) >= limit or (bool(others) and not admitting)
+    return not slots.free(group, limit) or (bool(others) and not admitting)
 
 
 def queue(t: Transition, now: float) -> None:
@@ -194,6 +228,8 @@ def admit(
         return t
     wf = evolve(workflow, updated_at=now)
     current = evolve(run, status=StepStatus.PENDING)
+    if wf.timer_kind == TIMER_ADMIT:
+        clear_timer(wf)
     t.workflow = wf
     t.runs.append(current)
     if wf.status == WorkflowStatus.PAUSED:
@@ -202,4 +238,14 @@ def admit(
         return t
     t.note("step_admitted", seq=current.seq, step=current.step, held=False)
     publish(t, wf, current, definition, now)
+    return t
+
+
+def arm(workflow: Workflow, due: float, now: float) -> Transition:
+    """The next admission of a rate-limited step: a durable timer on the run first in line."""
+    t = Transition()
+    if workflow.timer_kind == TIMER_ADMIT and workflow.timer_at == due:
+        return t
+    wf = evolve(workflow, updated_at=now, timer_at=due, timer_kind=TIMER_ADMIT)
+    t.workflow = wf
     return t
