@@ -308,3 +308,13 @@ async def limited_credit_check(ctx: hms_mgmt.StepContext) -> None:
 @grant.on_step("limited.finalize")
 async def limited_finalize(ctx: hms_mgmt.StepContext) -> None:
     return None
+
+
+# -- rate limits: each rated call notes when it started ---------------------------------------
+
+grant.define_workflow("rated", [Step("call", rate_limit="20/s")])
+
+
+@grant.on_step("rated.call")
+async def rated_call(ctx: hms_mgmt.StepContext) -> None:
+    _note(ctx.payload["note"], f"{time.time():.6f}")  # {"note": path}: a line per call

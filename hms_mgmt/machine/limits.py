@@ -147,8 +147,12 @@ class Slots:
         return self.next_at.get(key, float("-inf")) <= now
 
     def consume(self, key: tuple[str, str], interval: float, now: float) -> None:
-        """A run published under a rate limit: the next may go ``interval`` later."""
-        self.next_at[key] = max(self.next_at.get(key, float("-inf")), now) + interval
+        """A run published under a rate limit: the next may go ``interval`` after the time
+        this one was due, so that admissions a little late (a timer fires after its time)
+        do not slow the rate down; never more than one beyond the rate in any window."""
+        due = self.next_at.get(key)
+        base = now if due is None or due < now - interval else max(due, now - interval)
+        self.next_at[key] = max(base + interval, now)
 
     def groups_of(self, key: tuple[str, str]) -> list[Group]:
         """The groups of a step with runs in line."""
