@@ -118,6 +118,7 @@ class Workflow:
     # ({"kind", "remaining"}: a delay, a backoff or a wait's timeout) and the seq of a run
     # whose step message is held until resume (``held``). None when not paused.
     pause: dict[str, Any] | None = None
+    priority: int = 3  # 1 (first) to 5 (last): the order of its queued runs and held start
 
     @property
     def terminal(self) -> bool:

@@ -24,7 +24,7 @@ from hms_mgmt.engine.events import Event, OutcomeEvent, RequestEvent, TimerEvent
 from hms_mgmt.engine.loading import Loader
 from hms_mgmt.engine.registry import Registry
 from hms_mgmt.engine.work import Work
-from hms_mgmt.errors import DefinitionError
+from hms_mgmt.errors import DefinitionError, HmsError
 from hms_mgmt.machine.limits import ACTIVE, QUEUED, Slots, group_of
 from hms_mgmt.records import StepRun, StepStatus, Workflow
 from hms_mgmt.store.rows import run_of, run_row, workflow_of, workflow_row
@@ -427,3 +427,20 @@ def test_rate_limits_are_checked_with_errors_naming_the_step() -> None:
     assert Step("check", rate_limit="20/s").rate_interval == pytest.approx(0.05)
     assert Step("check", rate_limit="30/m").rate_interval == pytest.approx(2.0)
     assert Step.from_json(Step("c", rate_limit="5/h").to_json()).rate_limit == "5/h"
+
+
+# -- priorities ---------------------------------------------------------------------------
+
+
+def test_a_start_s_priority_is_checked_where_it_is_given() -> None:
+    from hms_mgmt.client import _start_fields
+    from hms_mgmt.errors import PayloadError
+
+    body = {"type": "start", "request_id": "r", "workflow_id": "w", "workflow": "grant"}
+    assert parse_request(body).priority == 3  # type: ignore[attr-defined]
+    assert parse_request({**body, "priority": 1}).priority == 1  # type: ignore[attr-defined]
+    for bad in (0, 6, "1", True, 2.0):
+        with pytest.raises(HmsError, match="field 'priority' must be a whole number from 1"):
+            parse_request({**body, "priority": bad})
+        with pytest.raises(PayloadError, match="priority must be a whole number from 1"):
+            _start_fields("grant", {}, None, None, None, None, None, bad)  # type: ignore[arg-type]

@@ -502,7 +502,7 @@ async def test_store_backup_sends_postgres_to_pg_dump(tmp_path: Path) -> None:
     assert done.returncode == 2 and "pg_dump" in done.stderr, done.stderr
 
 
-@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
 async def test_a_postgres_store_of_an_older_schema_is_migrated_in_order(
     postgres_url: str, version: int
 ) -> None:
@@ -529,8 +529,8 @@ async def test_a_postgres_store_of_an_older_schema_is_migrated_in_order(
     try:
         assert store.identity.store_id == "old" and not store.identity.fresh
         await store.claim("engine-a")
-        await store.commit(started("wf1", attributes={"application_id": "A-17"}))
-        assert set(await store.load(["wf1"])) == {"wf1"}
+        await store.commit(started("wf1", attributes={"application_id": "A-17"}, priority=1))
+        assert (await store.load(["wf1"]))["wf1"][0].priority == 1  # schema 5
         found = await store.list_workflows(attributes={"application_id": "A-17"})
         assert [w.id for w in found] == ["wf1"]
     finally:

@@ -664,6 +664,7 @@ class Applier:
             idempotency_key=key,
             traceparent=request.traceparent,
             attributes=request.attributes,
+            priority=request.priority,
         )
         if key is not None:
             work.keys[key] = workflow_id
