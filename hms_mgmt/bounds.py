@@ -177,3 +177,14 @@ def check_attributes(
                 f"1-{MAX_ATTRIBUTE_VALUE} printable characters"
             )
     return dict(value)
+
+
+PRIORITIES = range(1, 6)
+DEFAULT_PRIORITY = 3
+
+
+def check_priority(value: Any, what: str, error: type[Exception] = ValueError) -> int:
+    """``value`` as a priority, a whole number from 1 (first) to 5 (last), or ``error``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value not in PRIORITIES:
+        raise error(f"{what} must be a whole number from 1 (first) to 5 (last), not {value!r}")
+    return value

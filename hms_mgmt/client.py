@@ -24,6 +24,7 @@ from hms_mgmt.bounds import (
     check_delay,
     check_id,
     check_key,
+    check_priority,
     check_run_at,
     check_schedule_id,
     check_time,
@@ -87,6 +88,7 @@ def _start_fields(
     idempotency_key: str | None,
     traceparent: str | None,
     attributes: dict[str, str] | None = None,
+    priority: int | None = None,
 ) -> dict[str, Any]:
     """A start request's fields, each checked here, before anything is sent."""
     check_name("workflow", workflow)
@@ -111,6 +113,8 @@ def _start_fields(
         fields["idempotency_key"] = check_key(str(idempotency_key), error=PayloadError)
     if attributes:
         fields["attributes"] = check_attributes(attributes, error=PayloadError)
+    if priority is not None:
+        fields["priority"] = check_priority(priority, "priority", PayloadError)
     return fields
 
 
@@ -154,14 +158,17 @@ class Calls:
         timeout: float | None = None,
         traceparent: str | None = None,
         attributes: dict[str, str] | None = None,
+        priority: int | None = None,
     ) -> StartResult:
         """Start a workflow; ``traceparent`` defaults to the context of this call's
         ``hms.start <workflow>`` span (with OpenTelemetry), else to a new trace.
 
         ``attributes`` are business keys (``{"application_id": "A-17"}``), recorded with
-        the start, so ``list(attributes=...)`` finds the workflow as soon as this returns."""
+        the start, so ``list(attributes=...)`` finds the workflow as soon as this returns.
+        ``priority``: 1 (first) to 5 (last), 3 by default: the order in which its runs
+        waiting for a concurrency or rate limit, and its start held by a type pause, go."""
         fields = _start_fields(
-            workflow, payload, delay, run_at, idempotency_key, traceparent, attributes
+            workflow, payload, delay, run_at, idempotency_key, traceparent, attributes, priority
         )
         with tracing.start_span(workflow, traceparent) as carried:
             fields["traceparent"] = carried

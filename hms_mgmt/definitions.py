@@ -124,12 +124,21 @@ class Step:
     ``schedule_to_start``: seconds an attempt may wait for a step service to start it; past
     that it fails (``ScheduleToStartTimeout``) and the retry policy applies, so that a run
     never waits for ever behind hung handlers or with no step service at all.
+    ``concurrency``: at most this many runs of the step out at once (published and not
+    finished), enforced by the engine at admission; the others wait as ``queued``.
+    ``concurrency_key``: a field of the step's input payload; each of its values has its own
+    ``concurrency`` slots (runs whose payload lacks it share one group).
+    ``rate_limit``: ``"N/s"``, ``"N/m"`` or ``"N/h"``: runs of the step are published at
+    most that often (evenly spaced, whatever their key), the others wait as ``queued``.
     """
 
     name: str
     retry: RetryPolicy | None = None
     timeout: float | None = None
     schedule_to_start: float | None = None
+    concurrency: int | None = None
+    concurrency_key: str | None = None
+    rate_limit: str | None = None
 
     def __post_init__(self) -> None:
         check_name("step", self.name)
@@ -151,6 +160,34 @@ class Step:
                 f"schedule_to_start of step {self.name!r} must be > 0, "
                 f"not {self.schedule_to_start!r}"
             )
+        self._check_concurrency()
+        if self.rate_limit is not None:
+            rate_interval(self.rate_limit, self.name)
+
+    @property
+    def rate_interval(self) -> float | None:
+        """Seconds between two runs published under its rate limit; None without one."""
+        return None if self.rate_limit is None else rate_interval(self.rate_limit, self.name)
+
+    def _check_concurrency(self) -> None:
+        limit, key = self.concurrency, self.concurrency_key
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
+        ):
+            raise DefinitionError(
+                f"concurrency of step {self.name!r} must be a whole number >= 1, not {limit!r}"
+            )
+        if key is not None:
+            if limit is None:
+                raise DefinitionError(
+                    f"concurrency_key of step {self.name!r} needs a concurrency (the number "
+                    "of runs each of its values may have out at once)"
+                )
+            if not isinstance(key, str) or not key:
+                raise DefinitionError(
+                    f"concurrency_key of step {self.name!r} must be the name of a field of "
+                    f"the step's input payload, not {key!r}"
+                )
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -160,6 +197,12 @@ class Step:
         }
         if self.schedule_to_start is not None:  # left out when unset: older definitions match
             body["schedule_to_start"] = self.schedule_to_start
+        if self.concurrency is not None:  # the same: left out when unset
+            body["concurrency"] = self.concurrency
+        if self.concurrency_key is not None:
+            body["concurrency_key"] = self.concurrency_key
+        if self.rate_limit is not None:
+            body["rate_limit"] = self.rate_limit
         return body
 
     @classmethod
@@ -170,7 +213,31 @@ class Step:
             retry=None if retry is None else RetryPolicy.from_json(retry),
             timeout=data.get("timeout"),
             schedule_to_start=data.get("schedule_to_start"),
+            concurrency=data.get("concurrency"),
+            concurrency_key=data.get("concurrency_key"),
+            rate_limit=data.get("rate_limit"),
         )
+
+
+RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def rate_interval(rate: Any, step: str) -> float:
+    """The seconds between two admissions under ``rate`` (``"10/s"``: 0.1)."""
+    problem = (
+        f"rate_limit of step {step!r} must be 'N/s', 'N/m' or 'N/h' with N > 0 "
+        f"(say '10/s'), not {rate!r}"
+    )
+    if not isinstance(rate, str) or rate.count("/") != 1:
+        raise DefinitionError(problem)
+    count, unit = rate.replace(" ", "").split("/")
+    try:
+        number = float(count)
+    except ValueError:
+        raise DefinitionError(problem) from None
+    if unit not in RATE_UNITS or not number > 0 or number == float("inf"):
+        raise DefinitionError(problem)
+    return RATE_UNITS[unit] / number
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,32 @@ class _ReadGauge(_ReadCounter):
         yield GaugeMetricFamily(self._name, self._documentation, value=self._read())
 
 
+class _Slots(Collector):
+    """The concurrency slots of limited steps, read at scrape time: runs out (holding a slot)
+    and runs queued for one, by workflow and step (never by key value: unbounded)."""
+
+    def __init__(self, read: Callable[[], dict[tuple[str, str], tuple[int, int]]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterable[Metric]:
+        counts = self._read()
+        taken = GaugeMetricFamily(
+            "hms_step_runs_limited",
+            "Runs of a step with a concurrency limit out now (each holding a slot).",
+            labels=["workflow", "step"],
+        )
+        queued = GaugeMetricFamily(
+            "hms_step_runs_queued",
+            "Runs of a step waiting as queued for a slot of its concurrency limit.",
+            labels=["workflow", "step"],
+        )
+        for (workflow, step), (out, waiting) in sorted(counts.items()):
+            taken.add_metric([workflow, step], out)
+            queued.add_metric([workflow, step], waiting)
+        yield taken
+        yield queued
+
+
 class _WithoutCreated(Collector):
     """A registry's metrics without the ``*_created`` samples.
 
@@ -111,8 +137,10 @@ class EngineMetrics:
         active: Callable[[], bool] = lambda: True,
         takeovers: Callable[[], int] = lambda: 0,
         standby: Callable[[], bool] = lambda: False,
+        slots: Callable[[], dict[tuple[str, str], tuple[int, int]]] = dict,
     ) -> None:
         self.registry = registry = CollectorRegistry()
+        registry.register(_Slots(slots))
         self.started = Counter(
             "hms_workflows_started", "Workflows started.", ["workflow"], registry=registry
         )

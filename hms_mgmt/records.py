@@ -24,6 +24,7 @@ class WorkflowStatus(StrEnum):
 class StepStatus(StrEnum):
     PENDING = "pending"
     SCHEDULED = "scheduled"
+    QUEUED = "queued"  # over its step's concurrency limit: not published until a slot frees
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
@@ -52,7 +53,9 @@ def idempotency_key(workflow_id: str, step: str, visit: int) -> str:
 
 
 TERMINAL = frozenset({WorkflowStatus.SUCCEEDED, WorkflowStatus.FAILED, WorkflowStatus.CANCELLED})
-ACTIVE_RUN = frozenset({StepStatus.PENDING, StepStatus.SCHEDULED, StepStatus.RUNNING})
+ACTIVE_RUN = frozenset(
+    {StepStatus.PENDING, StepStatus.SCHEDULED, StepStatus.QUEUED, StepStatus.RUNNING}
+)
 
 
 @dataclass
@@ -115,6 +118,7 @@ class Workflow:
     # ({"kind", "remaining"}: a delay, a backoff or a wait's timeout) and the seq of a run
     # whose step message is held until resume (``held``). None when not paused.
     pause: dict[str, Any] | None = None
+    priority: int = 3  # 1 (first) to 5 (last): the order of its queued runs and held start
 
     @property
     def terminal(self) -> bool:

@@ -277,3 +277,44 @@ async def swallow(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
     if ctx.payload.get("poison"):
         os._exit(1)  # no outcome, no ack: the broker delivers it again
     return {"data": ctx.payload}
+
+
+# -- concurrency limits: each creditCheck notes how many run at once, across processes -------
+
+grant.define_workflow("limited", ["validateApp", Step("creditCheck", concurrency=5), "finalize"])
+
+
+@grant.on_step("limited.validateApp")
+async def limited_validate(ctx: hms_mgmt.StepContext) -> None:
+    return None
+
+
+@grant.on_step("limited.creditCheck")
+async def limited_credit_check(ctx: hms_mgmt.StepContext) -> None:
+    # {"dir": path}: a file per run while it runs in <path>/running, and a line per run in
+    # <path>/counts with how many files it saw after a pause (so every overlap is seen).
+    running = Path(ctx.payload["dir"]) / "running"
+    mine = running / f"{ctx.workflow_id}-{ctx.attempt}"
+    mine.touch()
+    try:
+        await asyncio.sleep(0.2)
+        seen = len(list(running.iterdir()))
+        _note(str(Path(ctx.payload["dir"]) / "counts"), str(seen))
+        await asyncio.sleep(0.1 + float(ctx.payload.get("seconds", 0)))
+    finally:
+        mine.unlink()
+
+
+@grant.on_step("limited.finalize")
+async def limited_finalize(ctx: hms_mgmt.StepContext) -> None:
+    return None
+
+
+# -- rate limits: each rated call notes when it started ---------------------------------------
+
+grant.define_workflow("rated", [Step("call", rate_limit="20/s")])
+
+
+@grant.on_step("rated.call")
+async def rated_call(ctx: hms_mgmt.StepContext) -> None:
+    _note(ctx.payload["note"], f"{time.time():.6f}")  # {"note": path}: a line per call

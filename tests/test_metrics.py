@@ -366,3 +366,11 @@ def test_workflows_by_status_has_every_status() -> None:
     metrics.set_counts({"succeeded": 8})  # they all finished: running drops to 0
     assert count(metrics, name, status="running") == 0
     check_with_promtool(metrics.render())
+
+
+def test_limited_steps_show_their_runs_out_and_queued() -> None:
+    counts = {("grant", "check"): (5, 3), ("grant", "inspect"): (1, 0)}
+    text = EngineMetrics(slots=lambda: counts).render().decode()
+    assert 'hms_step_runs_limited{step="check",workflow="grant"} 5.0' in text
+    assert 'hms_step_runs_queued{step="check",workflow="grant"} 3.0' in text
+    assert 'hms_step_runs_queued{step="inspect",workflow="grant"} 0.0' in text

@@ -93,8 +93,9 @@ async def test_a_schema_1_file_is_upgraded_in_place(tmp_path: Path) -> None:
     await store.open()
     workflow, _ = (await store.load(["old"]))["old"]
     assert workflow.status == "succeeded" and workflow.traceparent is None
+    assert workflow.priority == 3  # schema 7: a workflow from before has the default priority
     tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-    t = machine.start(DEFINITION, "new", None, 10.0, traceparent=tp)
+    t = machine.start(DEFINITION, "new", None, 10.0, traceparent=tp, priority=1)
     assert t.workflow is not None
     t.workflow.retries = 2
     await store.commit(
@@ -103,11 +104,12 @@ async def test_a_schema_1_file_is_upgraded_in_place(tmp_path: Path) -> None:
     assert await store.watch(probe=True) is None
     found = await store.list_workflows(attributes={"application_id": "A-17"})
     assert [w.id for w in found] == ["new"]
+    assert (await store.load(["new"]))["new"][0].priority == 1
     await store.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("6",)
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("7",)
         applied = db.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()
-        assert applied == [(2,), (3,), (4,), (5,), (6,)]  # each migration, recorded as applied
+        assert applied == [(2,), (3,), (4,), (5,), (6,), (7,)]  # each one, recorded as applied
         indexes = {
             row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
         }

@@ -502,7 +502,7 @@ async def test_store_backup_sends_postgres_to_pg_dump(tmp_path: Path) -> None:
     assert done.returncode == 2 and "pg_dump" in done.stderr, done.stderr
 
 
-@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
 async def test_a_postgres_store_of_an_older_schema_is_migrated_in_order(
     postgres_url: str, version: int
 ) -> None:
@@ -529,8 +529,8 @@ async def test_a_postgres_store_of_an_older_schema_is_migrated_in_order(
     try:
         assert store.identity.store_id == "old" and not store.identity.fresh
         await store.claim("engine-a")
-        await store.commit(started("wf1", attributes={"application_id": "A-17"}))
-        assert set(await store.load(["wf1"])) == {"wf1"}
+        await store.commit(started("wf1", attributes={"application_id": "A-17"}, priority=1))
+        assert (await store.load(["wf1"]))["wf1"][0].priority == 1  # schema 5
         found = await store.list_workflows(attributes={"application_id": "A-17"})
         assert [w.id for w in found] == ["wf1"]
     finally:
@@ -569,3 +569,27 @@ async def test_a_postgres_store_comes_back_after_its_connections_are_cut(
         assert await store.watch(probe=True) is None
     finally:
         await store.close()
+
+
+async def test_limited_runs_are_the_current_runs_out_or_queued_of_a_step(store: Store) -> None:
+    for workflow_id in ("wf1", "wf2", "wf3", "wf4"):
+        await store.commit(started(workflow_id))
+    _wf2, run2 = (await store.load(["wf2"]))["wf2"]
+    wf3, run3 = (await store.load(["wf3"]))["wf3"]
+    _wf4, run4 = (await store.load(["wf4"]))["wf4"]
+    assert run2 is not None and run3 is not None and run4 is not None
+    await store.commit(
+        Batch(
+            workflows={"wf3": evolve(wf3, status=WorkflowStatus.CANCELLED)},
+            runs={
+                ("wf2", 1): evolve(run2, status=StepStatus.QUEUED),
+                ("wf3", 1): evolve(run3, status=StepStatus.CANCELLED),
+                ("wf4", 1): evolve(run4, status=StepStatus.SUCCEEDED),
+            },
+        )
+    )
+    assert sorted(await store.limited_runs("w", "a")) == ["wf1", "wf2"]  # out, queued
+    (_, queued) = (await store.load(["wf2"]))["wf2"]
+    assert queued is not None and queued.status == "queued"
+    assert await store.limited_runs("w", "b") == []
+    assert await store.limited_runs("other", "a") == []

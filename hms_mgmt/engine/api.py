@@ -639,6 +639,7 @@ def engine_metrics(engine: Engine, loop_monitor: LoopMonitor | None = None) -> E
         active=lambda: engine.active,
         takeovers=lambda: engine.takeovers,
         standby=lambda: engine.role == "standby",
+        slots=engine.slot_counts,
     )
     engine.on_commit = metrics.on_batch
     if loop_monitor is not None:

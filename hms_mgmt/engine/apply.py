@@ -35,7 +35,14 @@ from hms_mgmt.errors import (
     WorkflowNotFoundError,
     error_json,
 )
-from hms_mgmt.records import TERMINAL, StepRun, TypePause, Workflow, WorkflowStatus
+from hms_mgmt.records import (
+    TERMINAL,
+    StepRun,
+    StepStatus,
+    TypePause,
+    Workflow,
+    WorkflowStatus,
+)
 from hms_mgmt.schedules import Schedule
 from hms_mgmt.store.base import OutboxRow
 from hms_mgmt.tokens import Signer
@@ -71,6 +78,9 @@ CHANGES = (CancelRequest, RetryRequest, SignalRequest, PauseRequest, ResumeReque
 """Requests that change one workflow, answered once."""
 PAUSED_OR_OVER = frozenset({WorkflowStatus.PAUSED, *TERMINAL})
 
+LIMITED = frozenset({StepStatus.PENDING, StepStatus.RUNNING, StepStatus.QUEUED})
+"""Statuses of a run that may hold or wait for a concurrency slot."""
+
 READS = (StatusRequest, WaitRequest, ListRequest)
 """Requests answered from the store once the batch has committed, not applied."""
 
@@ -82,6 +92,7 @@ class Applier:
         schedules: Mapping[str, Schedule],
         signer: Signer,
         type_pauses: Mapping[tuple[str, str], TypePause] | None = None,
+        slots: machine.Slots | None = None,
     ) -> None:
         self.registry = registry
         self.schedules = schedules  # as committed; this batch's changes are in work.schedules
@@ -90,6 +101,8 @@ class Applier:
         self.type_pauses: Mapping[tuple[str, str], TypePause] = (
             {} if type_pauses is None else type_pauses
         )
+        # Concurrency slots, as committed; a batch changes its own copy (work.slots).
+        self.slots = machine.Slots() if slots is None else slots
 
     def apply(self, event: Event, work: Work, now: float) -> None:
         try:
@@ -130,13 +143,31 @@ class Applier:
 
     # -- folding a transition into the batch --------------------------------------------
 
-    def record(self, work: Work, t: machine.Transition, workflow_id: str, now: float) -> None:
+    def _slots(self, work: Work) -> machine.Slots:
+        """This batch's slots: a copy of the committed ones, made when first needed."""
+        if work.slots is None:
+            work.slots = self.slots.copy()
+        return work.slots
+
+    def record(
+        self,
+        work: Work,
+        t: machine.Transition,
+        workflow_id: str,
+        now: float,
+        *,
+        admitting: bool = False,
+    ) -> None:
         batch = work.batch
         held = t.workflow  # a step of a paused type is held, its workflow paused
         if held is not None and t.steps and held.status not in PAUSED_OR_OVER:
             by = self._type_pause(work, held.name, t.steps[-1].step)
             if by is not None:
                 machine.hold_for_type(t, held, by, now)
+            elif machine.must_queue(
+                t, self._slots(work), self.registry.of(held), now, admitting=admitting
+            ):
+                machine.queue(t, now)  # over its step's limits: waits to be admitted
         for kind, detail in t.history:
             batch.history.append((workflow_id, now, kind, detail))
         wf = t.workflow
@@ -151,6 +182,8 @@ class Applier:
             if run.seq == wf.seq:
                 current = run
         work.state[wf.id] = (wf, current)
+        work.publishing = t.steps
+        self._follow_slots(work, wf, current, now)
         for step in t.steps:
             token = self.signer.token(step.workflow_id, step.seq, step.attempt)
             batch.outbox.append(
@@ -190,6 +223,84 @@ class Applier:
         if t.finished:
             work.finished.append(wf.id)
             _log_finished(work, wf)
+
+    # -- concurrency slots ------------------------------------------------------------------
+
+    def _follow_slots(self, work: Work, wf: Workflow, run: StepRun | None, now: float) -> None:
+        """Keep the batch's slots on the workflow's new state. A run published under a rate
+        limit spaces the next; a workflow that leaves its place (a slot freed, its turn in
+        line given up) lets the next in line be admitted, in this same batch."""
+        slots = work.slots if work.slots is not None else self.slots
+        before = slots.of.get(wf.id)
+        if before is None and (run is None or run.status not in LIMITED):
+            return  # neither held nor wants a slot: nothing to follow
+        definition = self.registry.of(wf)
+        slots = self._slots(work)
+        slots.track(wf, run, definition)
+        after = slots.of.get(wf.id)
+        if (
+            run is not None
+            and after is not None
+            and after[1] == machine.limits.ACTIVE
+            and run.status == StepStatus.PENDING
+            and any(step.seq == run.seq for step in work.publishing)
+        ):
+            interval = machine.limits.interval_of(definition, run.step)
+            if interval is not None:
+                slots.consume(after[0][:2], interval, now)
+        if before is not None and (after is None or after[:2] != before[:2]):
+            self._admit(work, before[0][:2], now)
+        elif (
+            after is not None
+            and after[1] == machine.limits.QUEUED
+            and before is None
+            and machine.limits.interval_of(definition, after[0][1]) is not None
+        ):
+            self._admit(work, after[0][:2], now)  # held back by the rate: the first in line
+            # gets the timer of the next admission
+
+    def _admit(self, work: Work, key: tuple[str, str], now: float) -> None:
+        """Admit the runs in line for a step (``key``: workflow type, step), oldest first
+        among its groups with a free slot, while its rate limit allows; past that, the first
+        in line gets a durable timer for the next admission. A run not loaded for this batch
+        stops it: the engine admits it in the next (``work.stalled``)."""
+        if key in work.admitting:
+            return  # admitting already, further up the stack
+        work.admitting.add(key)
+        try:
+            self._admit_loop(work, key, now)
+        finally:
+            work.admitting.discard(key)
+
+    def _admit_loop(self, work: Work, key: tuple[str, str], now: float) -> None:
+        slots = self._slots(work)
+        for _ in range(10_000):  # bounded: each turn admits or drops one, or stops
+            candidates = []
+            for group in slots.groups_of(key):
+                line = slots.line(group)
+                head = line[0]
+                if head not in work.state:
+                    work.stalled.add(group)
+                    continue
+                definition = self.registry.of(work.state[head][0])
+                if slots.free(group, machine.limits.limit_of(definition, key[1])):
+                    candidates.append((slots.queued[group][head], head, group, definition))
+            if not candidates:
+                return
+            _, head, group, definition = min(candidates)
+            workflow, run = work.state[head]
+            interval = machine.limits.interval_of(definition, key[1])
+            if interval is not None and not slots.rate_allows(key, now):
+                due = slots.next_at[key]
+                self.record(work, machine.limits.arm(workflow, due, now), head, now)
+                return
+            t = machine.admit(workflow, run, definition, now) if run is not None else None
+            if t is None or not t.changed:
+                slots.forget(head)  # no longer queued (never so after a commit)
+                continue
+            self.record(work, t, head, now, admitting=True)
+            if head in slots.queued.get(group, {}):
+                return  # still waiting: never loop
 
     # -- events ---------------------------------------------------------------------------
 
@@ -268,6 +379,11 @@ class Applier:
 
     def _timer(self, event: TimerEvent, work: Work, now: float) -> None:
         if event.workflow_id not in work.state:
+            return
+        if event.kind == machine.TIMER_ADMIT:  # a rate limit's next admission, or a line
+            found = self._slots(work).of.get(event.workflow_id)  # left with free slots
+            if found is not None and found[1] == machine.limits.QUEUED:
+                self._admit(work, found[0][:2], now)
             return
         workflow, run = _loaded(work, event.workflow_id)
         t = machine.fire_timer(workflow, run, self.registry.of(workflow), event.kind, now)
@@ -548,6 +664,7 @@ class Applier:
             idempotency_key=key,
             traceparent=request.traceparent,
             attributes=request.attributes,
+            priority=request.priority,
         )
         if key is not None:
             work.keys[key] = workflow_id

@@ -25,6 +25,7 @@ from typing import Any
 
 from bus_adapters.base import Bus, BusError, Subscription, redact_url, settle
 from hms_mgmt import tracing
+from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.engine.answers import Answers
 from hms_mgmt.engine.apply import Applier
 from hms_mgmt.engine.cache import InFlight
@@ -48,7 +49,9 @@ from hms_mgmt.engine.work import Work
 from hms_mgmt.errors import StoreError
 from hms_mgmt.faults import Faults
 from hms_mgmt.logs import get_logger
-from hms_mgmt.records import TypePause
+from hms_mgmt.machine import TIMER_ADMIT, Slots
+from hms_mgmt.machine.limits import Group
+from hms_mgmt.records import StepRun, TypePause, Workflow
 from hms_mgmt.schedules import Schedule
 from hms_mgmt.store.base import Batch, OutboxRow, Store
 from hms_mgmt.tokens import Signer
@@ -136,8 +139,10 @@ class Engine(EngineReads):
         self.timers = TimerQueue(timer_horizon)
         self.answers = Answers(bus, store, self.cache, stuck_after=stuck_after, clock=clock)
         self.intake = Intake(bus, Access(bus.user, client_users, service_users), self.answers.send)
-        self.loader = Loader(store, self.cache, self.registry, self.schedules)
         self.applier = Applier(self.registry, self.schedules, self.intake.signer, self.type_pauses)
+        self.loader = Loader(
+            store, self.cache, self.registry, self.schedules, lambda: self.applier.slots
+        )
         self.retention = Retention(store, self.health, retention)
         self.relay = OutboxRelay(bus, on_unroutable=self._redeclare, faults=self.faults)
 
@@ -247,6 +252,7 @@ class Engine(EngineReads):
         await self.registry.load()
         self.schedules.update({s.id: s for s in await self.store.schedules()})
         self.type_pauses.update({p.key: p for p in await self.store.type_pauses()})
+        await self._rebuild_slots()
         unsent = await self.store.unsent()
         if unsent:
             log.info("publishing outbox rows left from before", count=len(unsent))
@@ -523,6 +529,66 @@ class Engine(EngineReads):
                 self.type_pauses[key] = pause
         for workflow_id, kind, due in work.timers:
             self.timers.add(workflow_id, kind, due)
+        if work.slots is not None:
+            self.applier.slots = work.slots
+        if work.stalled:
+            self._admit_stalled(work.stalled, now)
+
+    async def _rebuild_slots(self) -> None:
+        """The concurrency slots as the store's runs have them: never counters carried over.
+        A group left with free slots and a line (a definition's limit raised) admits it."""
+        limited = {
+            (d.name, step.name)
+            for d in self.registry.versions.values()
+            for step in d.all_steps
+            if step.concurrency is not None or step.rate_limit is not None
+        }
+        ids: list[str] = []
+        for name, step in sorted(limited):
+            ids += await self.store.limited_runs(name, step)
+        rows: dict[str, tuple[Workflow, StepRun | None]] = {}
+        for start in range(0, len(ids), 1000):
+            rows.update(await self.store.load(ids[start : start + 1000]))
+        slots = Slots.build(rows.values(), self._definition_of)
+        now = self.clock()
+        for definition in self.registry.latest.values():  # rates start afresh, one interval on
+            for limited_step in definition.all_steps:
+                if limited_step.rate_interval is not None:
+                    slots.next_at[(definition.name, limited_step.name)] = (
+                        now + limited_step.rate_interval
+                    )
+        self.applier.slots = slots
+        self._admit_stalled(set(slots.queued), now)
+        if ids:
+            log.info(
+                "concurrency slots rebuilt from the store",
+                taken=sum(len(m) for m in self.applier.slots.active.values()),
+                queued=self.applier.slots.waiting(),
+            )
+
+    def slot_counts(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """(workflow, step) -> runs holding a slot of its concurrency limit, runs queued."""
+        slots = self.applier.slots
+        counts: dict[tuple[str, str], tuple[int, int]] = {}
+        for (name, step, _), members in slots.active.items():
+            out, waiting = counts.get((name, step), (0, 0))
+            counts[(name, step)] = (out + len(members), waiting)
+        for (name, step, _), line in slots.queued.items():
+            out, waiting = counts.get((name, step), (0, 0))
+            counts[(name, step)] = (out, waiting + len(line))
+        return counts
+
+    def _definition_of(self, workflow: Workflow) -> WorkflowDefinition | None:
+        return self.registry.versions.get((workflow.name, workflow.version))
+
+    def _admit_stalled(self, groups: set[Group], now: float) -> None:
+        """Groups with free slots and a line whose next run a batch had not loaded: an
+        admission event for each, in the next batch (in memory: rebuilt at start-up)."""
+        slots = self.applier.slots
+        for group in groups:
+            line = slots.line(group)
+            if line:
+                self.timers.push(line[0], TIMER_ADMIT, now)
 
     async def _redeclare(self, row: OutboxRow) -> None:
         await self.registry.redeclare(row.routing_key)

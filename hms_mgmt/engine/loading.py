@@ -9,15 +9,16 @@ its queues on the broker.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from hms_mgmt import schedules
 from hms_mgmt.engine.cache import InFlight
-from hms_mgmt.engine.events import Event, RequestEvent, TickEvent
+from hms_mgmt.engine.events import Event, RequestEvent, TickEvent, TimerEvent
 from hms_mgmt.engine.registry import Registry
 from hms_mgmt.engine.work import REDELIVERED, Work
 from hms_mgmt.errors import DefinitionError, HmsError, StoreError, error_json
-from hms_mgmt.machine import paused_by
+from hms_mgmt.machine import TIMER_ADMIT, Slots, paused_by
+from hms_mgmt.machine.limits import ACTIVE, Group
 from hms_mgmt.records import Workflow
 from hms_mgmt.schedules import Schedule
 from hms_mgmt.store.base import Store
@@ -58,11 +59,13 @@ class Loader:
         cache: InFlight,
         registry: Registry,
         schedules: Mapping[str, Schedule],
+        slots: Callable[[], Slots] | None = None,
     ) -> None:
         self._store = store
         self._cache = cache
         self._registry = registry
         self._schedules = schedules
+        self._slots = slots
 
     async def load(self, events: list[Event], work: Work, now: float) -> None:
         wanted: set[str] = set()
@@ -87,11 +90,20 @@ class Loader:
                 continue
             if not event.workflow_id:
                 continue
+            if isinstance(event, TimerEvent) and event.kind == TIMER_ADMIT:
+                wanted.update(self._line_heads([event.workflow_id], every_key=True))
             cached = self._cache.get(event.workflow_id)
             if cached is None:
                 wanted.add(event.workflow_id)
             else:
                 work.state[event.workflow_id] = cached
+        # The runs next in line for the slots this batch's events may free.
+        for workflow_id in self._line_heads([e.workflow_id for e in events if e.workflow_id]):
+            cached = self._cache.get(workflow_id)
+            if cached is None:
+                wanted.add(workflow_id)
+            elif workflow_id not in work.state:
+                work.state[workflow_id] = cached
         if wanted or keys or request_ids:  # one trip to the store for all three
             reads = await self._store.reads_for_batch(list(wanted), keys, request_ids)
             work.state.update(reads.state)
@@ -105,6 +117,31 @@ class Loader:
                 await self._load_last_run(event.workflow_id, event.request.to_step, work)
             if isinstance(event, RequestEvent) and isinstance(event.request, ResumeTypeRequest):
                 await self._load_type_held(event.request.workflow, event.request.step, work)
+
+    def _line_heads(self, workflow_ids: list[str], *, every_key: bool = False) -> list[str]:
+        """For each slot group these workflows are in, its first queued runs: as many as
+        these workflows may free (and one more, for a paused one). The rest, if a batch
+        needs them, it admits in the next (``work.stalled``)."""
+        if self._slots is None:
+            return []
+        slots = self._slots()
+        if not slots.queued:
+            return []
+        counts: dict[Group, int] = {}
+        for workflow_id in workflow_ids:
+            found = slots.of.get(workflow_id)
+            if found is not None:
+                group = found[0]
+                counts[group] = counts.get(group, 0) + (1 if found[1] == ACTIVE else 0)
+        if every_key:  # an admission picks the oldest first in line of all the step's keys
+            for group in list(counts):
+                for sibling in slots.groups_of(group[:2]):
+                    counts.setdefault(sibling, 0)
+        heads: list[str] = []
+        for group, count in counts.items():
+            if group in slots.queued:
+                heads += slots.line(group)[: count + 1]
+        return heads
 
     async def _define(self, request: DefineRequest, work: Work, now: float) -> None:
         if request.definition is None:

@@ -32,6 +32,10 @@ class TimerQueue:
         if due <= self.loaded_until:
             self._push((due, workflow_id, kind))
 
+    def push(self, workflow_id: str, kind: str, due: float) -> None:
+        """A timer held in memory only, whatever was loaded (not in the store)."""
+        self._push((due, workflow_id, kind))
+
     def needs_scan(self, now: float) -> bool:
         return now + self.horizon / 2 >= self.loaded_until
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from hms_mgmt.machine.limits import Group, Slots
 from hms_mgmt.records import StepRun, TypePause, Workflow
 from hms_mgmt.schedules import Schedule
 from hms_mgmt.store.base import Batch
 from hms_mgmt.wire.requests import Request
+from hms_mgmt.wire.steps import StepMessage
 
 REDELIVERED = "redelivered"
 """The history entry of a step message delivered again, counted by the poison guard."""
@@ -40,6 +42,12 @@ class Work:
     timers: list[tuple[str, str, float]] = field(default_factory=list)
     schedules: dict[str, Schedule | None] = field(default_factory=dict)  # changed; None: gone
     type_pauses: dict[tuple[str, str], TypePause | None] = field(default_factory=dict)  # same
+    slots: Slots | None = None  # the concurrency slots, if this batch changed them
+    stalled: set[Group] = field(default_factory=set)  # groups with free slots and a line
+    # whose next run was not loaded: admitted by the next batch
+    admitting: set[tuple[str, str]] = field(default_factory=set)  # steps being admitted
+    publishing: list[StepMessage] = field(default_factory=list)  # what the transition
+    # being recorded publishes
     logs: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)  # level, event
     started: int = 0
     dead_lettered: int = 0

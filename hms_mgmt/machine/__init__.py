@@ -9,6 +9,7 @@ Every function takes the workflow and its current (latest) run and leaves
 them untouched; the transition carries changed copies.
 """
 
+from hms_mgmt.machine import limits
 from hms_mgmt.machine.events import (
     apply_outcome,
     cancel,
@@ -19,9 +20,11 @@ from hms_mgmt.machine.events import (
     signal,
     start,
 )
+from hms_mgmt.machine.limits import Slots, admit, must_queue, queue
 from hms_mgmt.machine.moves import stale_reason, step_message
 from hms_mgmt.machine.pause import hold_for_type, pause, paused_by, resume
 from hms_mgmt.machine.transition import (
+    TIMER_ADMIT,
     TIMER_DEADLINE,
     TIMER_RUN,
     TIMER_START,
@@ -31,19 +34,25 @@ from hms_mgmt.machine.transition import (
 )
 
 __all__ = (
+    "TIMER_ADMIT",
     "TIMER_DEADLINE",
     "TIMER_RUN",
     "TIMER_START",
     "TIMER_WAIT",
     "DeadLetter",
+    "Slots",
     "Transition",
+    "admit",
     "apply_outcome",
     "cancel",
     "dead_lettered",
     "fire_timer",
     "hold_for_type",
+    "limits",
+    "must_queue",
     "pause",
     "paused_by",
+    "queue",
     "reset",
     "resume",
     "retry",

@@ -44,9 +44,10 @@ def start(
     idempotency_key: str | None = None,
     traceparent: str | None = None,
     attributes: dict[str, str] | None = None,
+    priority: int = 3,
 ) -> Transition:
     """A new workflow, its first step published now or scheduled for ``run_at``, with its
-    business keys (``attributes``)."""
+    business keys (``attributes``) and its ``priority`` (1 first, 5 last)."""
     workflow = Workflow(
         id=workflow_id,
         name=definition.name,
@@ -57,6 +58,7 @@ def start(
         updated_at=now,
         idempotency_key=idempotency_key,
         traceparent=traceparent,
+        priority=priority,
     )
     t = Transition(workflow=workflow, attributes=dict(attributes or {}))
     t.note("workflow_started", workflow=definition.name, version=definition.version)

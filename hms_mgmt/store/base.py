@@ -211,6 +211,12 @@ class Store(Protocol):
         """(workflow, step) -> current runs still waiting to start since before ``before``."""
         ...
 
+    async def limited_runs(self, name: str, step: str) -> list[str]:
+        """The workflows of type ``name`` not finished whose current run is a run of ``step``
+        out (pending or running) or waiting for a slot (queued): from which an engine
+        rebuilds its concurrency slots at start-up."""
+        ...
+
     async def overdue_timers(self, now: float) -> dict[tuple[str, str], float]:
         """(workflow, timer kind) -> the earliest due time of the timers due by ``now``
         that have not fired (a wait's timeout, a deadline, a delayed or backed-off run)."""

@@ -18,6 +18,7 @@ from hms_mgmt.store.rows import (
     FINISHED,
     RUN_COLUMNS,
     WORKFLOW_COLUMNS,
+    WORKFLOW_WIDTH,
     as_json,
     run_row,
     workflow_row,
@@ -80,12 +81,14 @@ COMMAND_TIMEOUT = 15.0  # a statement longer than this fails (the batch is held,
 
 # The workflows' columns up to schema 3, as hms_commit took them then (migrations 2 and 3
 # made and replaced it with these; 4 drops that signature), and since schema 4 (``pause``).
-WORKFLOW_COLUMNS_3 = WORKFLOW_COLUMNS.removesuffix(", pause")
+WORKFLOW_COLUMNS_4 = WORKFLOW_COLUMNS.removesuffix(", priority")  # schema 5 adds priority
+WORKFLOW_COLUMNS_3 = WORKFLOW_COLUMNS_4.removesuffix(", pause")
 WORKFLOW_TYPES_3 = (
     "text text int8 text text text text int8 text float8 text text text text float8 float8 "
     "text int8"
 )
-WORKFLOW_TYPES = WORKFLOW_TYPES_3 + " text"
+WORKFLOW_TYPES_4 = WORKFLOW_TYPES_3 + " text"
+WORKFLOW_TYPES = WORKFLOW_TYPES_4 + " int8"
 RUN_TYPES = "text int8 text int8 int8 text text text text text float8 float8 float8 float8 float8"
 
 
@@ -103,6 +106,7 @@ def _upsert(table: str, columns: str, types: str, key: str) -> str:
 
 
 UPSERT_WORKFLOWS_3 = _upsert("workflows", WORKFLOW_COLUMNS_3, WORKFLOW_TYPES_3, "id")
+UPSERT_WORKFLOWS_4 = _upsert("workflows", WORKFLOW_COLUMNS_4, WORKFLOW_TYPES_4, "id")
 UPSERT_WORKFLOWS = _upsert("workflows", WORKFLOW_COLUMNS, WORKFLOW_TYPES, "id")
 UPSERT_RUNS = _upsert("step_runs", RUN_COLUMNS, RUN_TYPES, "workflow_id, seq")
 INSERT_HISTORY = (
@@ -154,12 +158,13 @@ DELETE_TYPE_PAUSES = (
     "DELETE FROM type_pauses WHERE (workflow, step) IN "
     "(SELECT * FROM unnest($1::text[], $2::text[]))"
 )
-PARTS = (  # schema 4: workflows' pause, and paused workflow types
-    (UPSERT_WORKFLOWS, WORKFLOW_TYPES),
+PARTS_4 = (  # schema 4: workflows' pause, and paused workflow types
+    (UPSERT_WORKFLOWS_4, WORKFLOW_TYPES_4),
     *PARTS_3[1:],
     (UPSERT_TYPE_PAUSES, "text text float8 text"),
     (DELETE_TYPE_PAUSES, "text text"),
 )
+PARTS = ((UPSERT_WORKFLOWS, WORKFLOW_TYPES), *PARTS_4[1:])  # schema 5: workflows' priority
 TAKEN = "HM001"  # the SQLSTATE hms_commit raises when another engine owns the store
 
 
@@ -216,6 +221,13 @@ MIGRATIONS[4] = [
     "CREATE TABLE type_pauses (workflow TEXT NOT NULL, step TEXT NOT NULL, "
     "since DOUBLE PRECISION NOT NULL, reason TEXT, PRIMARY KEY (workflow, step))",
     f"DROP FUNCTION hms_commit({', '.join(_signature(PARTS_3))})",
+    _commit_function(PARTS_4),
+]
+# 5: a workflow's priority (start(priority=1..5), 1 first): the order of its queued runs and
+# of the starts a type pause holds; hms_commit writes it.
+MIGRATIONS[5] = [
+    "ALTER TABLE workflows ADD COLUMN priority BIGINT NOT NULL DEFAULT 3",
+    f"DROP FUNCTION hms_commit({', '.join(_signature(PARTS_4))})",
     _commit_function(PARTS),
 ]
 SCHEMA_VERSION = max(MIGRATIONS)
@@ -243,7 +255,7 @@ def commit_arguments(batch: Batch, owner: str | None) -> list[Any]:
     replies = list({rid: (rid, as_json(reply), at) for rid, reply, at in batch.requests}.values())
     return [
         owner,
-        *_columns(workflows, 19),
+        *_columns(workflows, WORKFLOW_WIDTH),
         *_columns(runs, 15),
         *_columns(events, 4),
         *_columns(messages, 6),

@@ -15,7 +15,8 @@ from hms_mgmt.wire.codec import dumps
 
 WORKFLOW_COLUMNS = (
     "id, name, version, status, input, output, error, seq, visits, timer_at, timer_kind, "
-    "wait, signals, idempotency_key, created_at, updated_at, traceparent, retries, pause"
+    "wait, signals, idempotency_key, created_at, updated_at, traceparent, retries, pause, "
+    "priority"
 )
 RUN_COLUMNS = (
     "workflow_id, seq, step, visit, attempt, status, input, output, error, context, "
@@ -42,6 +43,7 @@ def workflow_row(w: Workflow) -> tuple[Any, ...]:
         w.id, w.name, w.version, str(w.status), as_json(w.input), as_json(w.output), as_json(w.error),
         w.seq, as_json(w.visits), w.timer_at, w.timer_kind, as_json(w.wait), as_json(w.signals),
         w.idempotency_key, w.created_at, w.updated_at, w.traceparent, w.retries, as_json(w.pause),
+        w.priority,
     )  # fmt: skip
 
 
@@ -51,7 +53,7 @@ def workflow_of(row: Sequence[Any]) -> Workflow:
         input=unjson(row[4]), output=unjson(row[5]), error=unjson(row[6]), seq=row[7],
         visits=unjson(row[8]), timer_at=row[9], timer_kind=row[10], wait=unjson(row[11]),
         signals=unjson(row[12]), idempotency_key=row[13], created_at=row[14], updated_at=row[15],
-        traceparent=row[16], retries=row[17], pause=unjson(row[18]),
+        traceparent=row[16], retries=row[17], pause=unjson(row[18]), priority=row[19],
     )  # fmt: skip
 
 

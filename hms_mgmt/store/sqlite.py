@@ -510,6 +510,17 @@ class SQLiteStore:
         )
         return {(name, step): count for name, step, count in rows}
 
+    async def limited_runs(self, name: str, step: str) -> list[str]:
+        rows = await self._all(
+            "SELECT w.id FROM workflows w JOIN step_runs r "
+            "ON r.workflow_id = w.id AND r.seq = w.seq "
+            "WHERE w.name = ? AND r.step = ? "
+            "AND w.status NOT IN ('succeeded', 'failed', 'cancelled') "
+            "AND r.status IN ('pending', 'running', 'queued')",
+            (name, step),
+        )
+        return [workflow_id for (workflow_id,) in rows]
+
     async def overdue_timers(self, now: float) -> dict[tuple[str, str], float]:
         rows = await self._all(  # the partial index on timer_at: only the due rows are read
             "SELECT name, timer_kind, min(timer_at) FROM workflows "

@@ -9,9 +9,11 @@ from typing import Any, ClassVar
 from bus_adapters.base import Delivery, Message
 from hms_mgmt import tracing
 from hms_mgmt.bounds import (
+    DEFAULT_PRIORITY,
     check_attributes,
     check_delay,
     check_key,
+    check_priority,
     check_run_at,
     check_schedule_id,
     check_time,
@@ -82,10 +84,12 @@ class StartRequest(_About):
     idempotency_key: str | None = None
     traceparent: str | None = None
     attributes: dict[str, str] = field_(default_factory=dict)  # business keys
+    priority: int = DEFAULT_PRIORITY  # 1 (first) to 5 (last)
 
     @classmethod
     def parse(cls, data: dict[str, Any], **common: Any) -> Request:
         delay, run_at, key = data.get("delay"), data.get("run_at"), data.get("idempotency_key")
+        priority = data.get("priority")
         attributes = data.get("attributes")
         return cls(
             workflow_id=ident(data, "workflow_id"),
@@ -100,6 +104,9 @@ class StartRequest(_About):
             attributes={}
             if attributes is None
             else check_attributes(attributes, "field 'attributes'", _INVALID),
+            priority=DEFAULT_PRIORITY
+            if priority is None
+            else check_priority(priority, "field 'priority'", _INVALID),
             **common,
         )
 
