@@ -128,8 +128,9 @@ class WaitRequest(_About):
 
 
 @dataclass(frozen=True, kw_only=True)
-class CancelRequest(_About):
-    kind = "cancel"
+class _AboutWithReason(_About):
+    """A request about one workflow that an operator may give a reason for."""
+
     reason: str | None = None
 
     @classmethod
@@ -140,6 +141,11 @@ class CancelRequest(_About):
             reason=None if reason is None else str(reason)[:1000],
             **common,
         )
+
+
+@dataclass(frozen=True, kw_only=True)
+class CancelRequest(_AboutWithReason):
+    kind = "cancel"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -164,18 +170,8 @@ class SignalRequest(_About):
 
 
 @dataclass(frozen=True, kw_only=True)
-class PauseRequest(_About):
+class PauseRequest(_AboutWithReason):
     kind = "pause"
-    reason: str | None = None
-
-    @classmethod
-    def parse(cls, data: dict[str, Any], **common: Any) -> Request:
-        reason = data.get("reason")
-        return cls(
-            workflow_id=ident(data, "workflow_id"),
-            reason=None if reason is None else str(reason)[:1000],
-            **common,
-        )
 
 
 @dataclass(frozen=True, kw_only=True)
