@@ -11,7 +11,7 @@ import json
 import math
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeGuard
 
 WIDTH = 60
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -60,15 +60,15 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _number(value: Any) -> bool:
+def _number(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def ago(timestamp: float | None, now: float | None = None) -> str:
     """How long ago a Unix timestamp was, for people: 42s, 7m, 3h, 2d."""
-    if not _number(timestamp) or not math.isfinite(timestamp):  # type: ignore[arg-type]
+    if not _number(timestamp) or not math.isfinite(timestamp):
         return "-"
-    seconds = max(0.0, (time.time() if now is None else now) - float(timestamp))  # type: ignore[arg-type]
+    seconds = max(0.0, (time.time() if now is None else now) - float(timestamp))
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{seconds // size:.0f}{unit}"
