@@ -216,3 +216,88 @@ async def test_a_second_engine_on_sqlite_is_refused_from_another_node(
     assert code == 5, said  # EXIT_REFUSED
     assert "another engine already serves" in said and f"pid {first.pid}" in said, said
     assert first.poll() is None
+
+
+async def test_engines_added_and_removed_while_work_runs(case: ClusterCase) -> None:
+    """An operator's rolling change: engines started beside the serving one, the serving one
+    stopped (SIGTERM, as a deploy does), another added, a standby stopped, and the new serving
+    one stopped too, all while workflows start and run. Each stop hands over to a standby."""
+    first = await running(case, engines=1)
+    async with case.client() as client:
+        starting = asyncio.ensure_future(case.start_many(client, 400, sleep=0.02))
+        await wait_until(lambda: succeeded(case), timeout=60, what="a first workflow")
+        case.start_engine("engine-2")
+        case.start_engine("engine-3")
+        await wait_until(lambda: _standing_by(case, 2), timeout=60, what="two engines standing by")
+        handovers = []
+        began = time.monotonic()
+        case.kill_engine(first, signal.SIGTERM)
+        second = await wait_until(
+            lambda: _other_active(case, first), timeout=30, interval=0.2, what="a handover"
+        )
+        handovers.append(time.monotonic() - began)
+        case.start_engine("engine-4")
+        await wait_until(lambda: _standing_by(case, 2), timeout=60, what="engine-4 standing by")
+        standby = next(n for n in ("engine-3", "engine-2", "engine-4") if n != second)
+        case.kill_engine(standby, signal.SIGTERM)
+        began = time.monotonic()
+        case.kill_engine(second, signal.SIGTERM)
+        third = await wait_until(
+            lambda: _active_among(case, {first, second, standby}),
+            timeout=30,
+            interval=0.2,
+            what="a second handover",
+        )
+        handovers.append(time.monotonic() - began)
+        ids = await asyncio.wait_for(starting, timeout=120)
+        await case.wait_terminal(ids, timeout=120)
+    for name in (first, second, standby):
+        assert await asyncio.to_thread(case.engines[name][0].wait, 30) == 0, case.log(name)
+    assert await case.wait_outbox_empty() == 0
+    note = (
+        f"4 engines came and 3 went (SIGTERM); serving: {first}, then {second}, then {third}; "
+        f"handed over in {min(handovers):.1f}-{max(handovers):.1f}s"
+    )
+    passed(await case.report(ids, notes=[note]))
+
+
+async def _standing_by(case: ClusterCase, count: int) -> bool:
+    roles = await asyncio.gather(*(case.role(name) for name in case.engines))
+    return roles.count("standby") >= count and roles.count("active") == 1
+
+
+async def _active_among(case: ClusterCase, gone: set[str]) -> str | None:
+    others = [name for name in case.engines if name not in gone]
+    roles = await asyncio.gather(*(case.role(name) for name in others))
+    return next((n for n, r in zip(others, roles, strict=True) if r == "active"), None)
+
+
+async def test_a_broker_node_stopped_gracefully_then_started(
+    case: ClusterCase, cluster: RabbitCluster
+) -> None:
+    """``rabbitmqctl stop_app`` on the node every process connected to first (a node taken out
+    for maintenance) while work runs: the broker closes its connections, they move to the other
+    nodes, work goes on with the node out, and the node rejoins on ``start_app``."""
+    await running(case)
+    node = cluster.nodes[0]
+    async with case.client() as client:
+        starting = asyncio.ensure_future(case.start_many(client, 300, sleep=0.02))
+        await wait_until(lambda: succeeded(case), timeout=60, what="a first workflow")
+        began = time.monotonic()
+        await asyncio.to_thread(node.ctl, "stop_app")  # graceful: it takes seconds
+        stopped = time.monotonic() - began
+        out = await case.start_many(client, 50)  # with the node out
+        await case.wait_terminal(out, timeout=90)
+        resumed = time.monotonic() - began
+        await asyncio.to_thread(node.ctl, "start_app")
+        await asyncio.to_thread(node.await_up)
+        ids = await asyncio.wait_for(starting, timeout=120)
+        back = await case.start_many(client, 50)  # after the node is back
+        await case.wait_terminal(ids + out + back, timeout=120)
+    assert await case.wait_outbox_empty() == 0
+    await one_active(case)
+    note = (
+        f"stop_app of {node.name.split('@')[0]} ({stopped:.1f}s) mid-run, then start_app; "
+        f"50 started with it out done {resumed:.1f}s after the stop began"
+    )
+    passed(await case.report(ids + out + back, notes=[note]))
