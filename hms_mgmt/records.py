@@ -16,9 +16,11 @@ class WorkflowStatus(StrEnum):
     RUNNING = "running"
     WAITING = "waiting"
     PAUSED = "paused"  # held by an operator (``client.pause``) until ``client.resume``
+    COMPENSATING = "compensating"  # running its compensations, newest first
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    COMPENSATED = "compensated"  # gave up or was cancelled, and every compensation succeeded
 
 
 class StepStatus(StrEnum):
@@ -52,7 +54,14 @@ def idempotency_key(workflow_id: str, step: str, visit: int) -> str:
     return f"{workflow_id}:{step}:{visit}"
 
 
-TERMINAL = frozenset({WorkflowStatus.SUCCEEDED, WorkflowStatus.FAILED, WorkflowStatus.CANCELLED})
+TERMINAL = frozenset(
+    {
+        WorkflowStatus.SUCCEEDED,
+        WorkflowStatus.FAILED,
+        WorkflowStatus.CANCELLED,
+        WorkflowStatus.COMPENSATED,
+    }
+)
 ACTIVE_RUN = frozenset(
     {StepStatus.PENDING, StepStatus.SCHEDULED, StepStatus.QUEUED, StepStatus.RUNNING}
 )
@@ -72,7 +81,8 @@ class StepRun:
     created_at: float
     output: Any = None
     error: dict[str, Any] | None = None
-    context: dict[str, Any] | None = None  # ctx.error for an error step, ctx.signal after a wait
+    # ctx.error for an error step, ctx.signal after a wait, ctx.compensating for a compensation
+    context: dict[str, Any] | None = None
     due_at: float | None = None  # when a scheduled run is to start
     started_at: float | None = None
     finished_at: float | None = None
