@@ -195,7 +195,7 @@ STEP_COLUMNS = ["seq", "step", "attempt", "status", "started", "took", "error"]
 
 def show(state: dict[str, Any], *, history: bool = False, now: float | None = None) -> str:
     """One workflow for people: what it is, where it stands, each step run."""
-    finished = state["status"] in ("succeeded", "failed", "cancelled")
+    finished = state["status"] in ("succeeded", "failed", "cancelled", "compensated")
     fields = [
         ("workflow", state["workflow_id"]),
         ("name", state["name"]),

@@ -502,7 +502,7 @@ async def test_store_backup_sends_postgres_to_pg_dump(tmp_path: Path) -> None:
     assert done.returncode == 2 and "pg_dump" in done.stderr, done.stderr
 
 
-@pytest.mark.parametrize("version", [1, 2, 3, 4])
+@pytest.mark.parametrize("version", [1, 2, 3, 4, 5])
 async def test_a_postgres_store_of_an_older_schema_is_migrated_in_order(
     postgres_url: str, version: int
 ) -> None:
@@ -536,6 +536,14 @@ async def test_a_postgres_store_of_an_older_schema_is_migrated_in_order(
     finally:
         await store.close()
     assert await migrations(postgres_url) == list(range(1, postgres.SCHEMA_VERSION + 1))
+    db = await asyncpg.connect(postgres_url)
+    try:  # migration 6: compensated workflows are finished ones too (retention finds them)
+        index = await db.fetchval(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'workflows_finished'"
+        )
+    finally:
+        await db.close()
+    assert "compensated" in index
 
 
 async def test_a_postgres_store_comes_back_after_its_connections_are_cut(
