@@ -356,7 +356,7 @@ def _saga_undo(name: str) -> Any:
         _note(ctx.payload["note"], line)
         await asyncio.sleep(float(ctx.payload.get("seconds", 0)))
         block = ctx.payload.get("block")
-        if block and Path(block).exists() and name == "releaseFunds":
+        if block and name == "releaseFunds" and await asyncio.to_thread(os.path.exists, block):
             raise RuntimeError(f"{name} cannot reach the bank")
         return {"data": {"undone": about.get("step")}, "next_step": "payout"}  # ignored
 
