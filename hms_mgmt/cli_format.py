@@ -181,7 +181,12 @@ def attributes_text(attributes: Any) -> str:
 def step_row(step: dict[str, Any]) -> dict[str, Any]:
     return {
         "seq": step["seq"],
-        "step": step["step"],
+        "step": step["step"]
+        + (
+            f" (undoes {step['undoes']['step']} #{step['undoes']['seq']})"
+            if step.get("undoes")
+            else ""
+        ),
         "attempt": step["attempt"],
         "status": step["status"],
         "started": when(step.get("started_at"), date=False),

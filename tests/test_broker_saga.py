@@ -4,13 +4,14 @@ the real RabbitMQ: the compensations run newest first, once each, counted in the
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
 
 import hms_mgmt
 from bus_adapters.rabbitmq import RabbitMQBus
-from tests.conftest import Processes, wait_until
+from tests.conftest import Processes, hms, wait_until
 
 pytestmark = pytest.mark.broker
 
@@ -131,3 +132,49 @@ async def test_a_compensation_that_gives_up_fails_and_retry_resumes_the_chain_th
     ]
     keys = {line[3] for line in notes(note, workflow_id) if line[:1] == ["releaseFunds"]}
     assert len(keys) == 1  # the same idempotency key before and after the retry
+
+
+async def test_the_cli_and_the_api_cancel_with_compensate_and_show_the_chain(
+    client: hms_mgmt.Management, daemons: Processes, tmp_path: Path
+) -> None:
+    env = {"HMS_ENGINE_URL": str(daemons.engine_url)}
+    note = tmp_path / "saga.log"
+    workflow_id = (await client.start("saga", {"note": str(note), "seconds": 2})).workflow_id
+    await wait_until(
+        lambda: len(notes(note, workflow_id)) >= 2, timeout=30, what="two steps started"
+    )
+    refused = await post(
+        f"{daemons.engine_url}/api/workflows/{workflow_id}/cancel", {"compensate": "yes"}
+    )
+    assert refused[0] == 400 and "compensate must be true or false" in refused[1]
+    done = await hms("workflow", "cancel", workflow_id, "--compensate", "-o", "json", env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["status"] in ("compensating", "cancelled")
+    state = await client.wait(workflow_id, timeout=30)
+    assert state.status == "compensated", state.describe()
+    assert state.steps[-1].undoes == {"step": "creditHold", "seq": 1}
+    assert "releaseHold (undoes creditHold #1)" in state.describe()
+    shown = await hms("workflow", "show", workflow_id, env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert "compensated" in shown.stdout and "releaseHold (undoes creditHold #1)" in shown.stdout
+    listed = await hms("workflow", "list", "--status", "compensated", "-o", "json", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert workflow_id in listed.stdout
+
+
+async def post(url: str, body: dict[str, object]) -> tuple[int, str]:
+    """Status and body of a JSON POST, off the event loop."""
+    import urllib.error
+    import urllib.request
+
+    def send() -> tuple[int, str]:
+        request = urllib.request.Request(
+            url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    return await asyncio.to_thread(send)

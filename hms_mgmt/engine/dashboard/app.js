@@ -451,7 +451,7 @@ function workflowPage(workflowId) {
         bar.style.left = `${left}%`;
         bar.style.width = `${width}%`;
         return h("tr", { "data-step": s.step, "data-attempt": s.attempt },
-          h("td", {}, s.seq), h("td", {}, s.step), h("td", {}, s.attempt), h("td", {}, statusBadge(s.status)),
+          h("td", {}, s.seq), h("td", {}, s.undoes ? `${s.step} (undoes ${s.undoes.step} #${s.undoes.seq})` : s.step), h("td", {}, s.attempt), h("td", {}, statusBadge(s.status)),
           h("td", {}, when(s.started_at)), h("td", {}, took(s.started_at && s.finished_at ? s.finished_at - s.started_at : null)),
           h("td", { className: "bar-cell" }, h("div", { className: "bar-track", title: `${when(start)} → ${when(stop)}` }, bar)),
           h("td", { className: "error" }, s.error ? [
