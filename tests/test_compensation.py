@@ -434,7 +434,10 @@ def test_cancel_with_compensate_compensates_then_ends_compensated() -> None:
 def test_cancel_with_compensate_and_nothing_to_undo_is_a_plain_cancel() -> None:
     s = Saga()
     s._fold(machine.cancel(s.workflow, s.current, None, s.now, compensate=True, definition=SAGA))
-    assert s.workflow.status == WorkflowStatus.COMPENSATING  # creditHold was entered
+    assert s.workflow.status == WorkflowStatus.COMPENSATING  # creditHold is out: its outcome
+    assert s.current.status == StepStatus.PENDING  # decides
+    s.outcome("failed")  # not retried: nothing to undo
+    assert s.current.attempt == 1 and s.current.status == StepStatus.FAILED
     s.timer()
     assert s.workflow.status == WorkflowStatus.CANCELLED
     d = WorkflowDefinition.build("w", ["a", Step("b", compensate="c")])
@@ -443,6 +446,39 @@ def test_cancel_with_compensate_and_nothing_to_undo_is_a_plain_cancel() -> None:
         machine.cancel(plain.workflow, plain.current, None, 1, compensate=True, definition=d)
     )
     assert plain.workflow.status == WorkflowStatus.CANCELLED
+
+
+def test_a_step_out_at_a_cancel_with_compensate_is_let_finish_and_undone_too() -> None:
+    s = Saga()
+    s.through(1)
+    s.outcome("started")  # reserveFunds runs in a step service
+    out = s.current
+    s._fold(machine.cancel(s.workflow, out, "stop", s.now, compensate=True, definition=SAGA))
+    assert s.runs[out.seq].status == StepStatus.RUNNING  # not cancelled: it may take effect
+    assert s.workflow.status == WorkflowStatus.COMPENSATING
+    s.timer()  # no compensate timer yet: nothing happens
+    assert s.current.seq == out.seq
+    s.outcome()  # it succeeded: its effect is undone with the rest, and nothing goes on
+    run_chain(s)
+    assert s.workflow.status == WorkflowStatus.COMPENSATED
+    assert s.compensations() == [("releaseFunds", "reserveFunds"), ("releaseHold", "creditHold")]
+    assert "notify" not in [step for step, _ in s.published]
+
+
+def test_a_step_out_at_a_cancel_with_compensate_that_times_out_is_not_undone() -> None:
+    d = WorkflowDefinition.build(
+        "w", [Step("hold", compensate="release"), Step("charge", compensate="refund", timeout=5)]
+    )
+    s = Saga(d)
+    s.outcome()
+    s.outcome("started")
+    s._fold(machine.cancel(s.workflow, s.current, None, s.now, compensate=True, definition=d))
+    assert s.workflow.timer_kind == machine.TIMER_DEADLINE  # its deadline still runs
+    s.timer()
+    assert s.runs[2].status == StepStatus.TIMED_OUT and s.runs[2].attempt == 1
+    run_chain(s)
+    assert s.workflow.status == WorkflowStatus.COMPENSATED
+    assert s.compensations() == [("release", "hold")]
 
 
 def test_a_plain_cancel_while_compensating_stops_the_chain() -> None:
@@ -577,3 +613,55 @@ def test_any_interleaving_with_crashes_compensates_each_success_once_newest_firs
     expected = [(SAGA.compensation_of(step), step) for step in reversed(succeeded)]
     assert s.compensations() == expected
     assert s.workflow.status == (WorkflowStatus.COMPENSATED if expected else WorkflowStatus.FAILED)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    before=st.lists(st.sampled_from(["ok", "started", "fail"]), max_size=8),
+    after=st.lists(st.sampled_from(["ok", "fail", "dup", "timer", "reload"]), max_size=40),
+)
+def test_a_cancel_with_compensate_anywhere_undoes_exactly_what_succeeded(
+    before: list[str], after: list[str]
+) -> None:
+    """Forward progress, a cancel with compensate at any point (a run out let finish), then
+    outcomes, duplicates, timers and crashes: what succeeded is undone once, newest first."""
+    s = Saga()
+    for event in before:
+        if s.workflow.terminal or s.workflow.status == WorkflowStatus.COMPENSATING:
+            break
+        if s.current.status == StepStatus.SCHEDULED:
+            s.timer()
+        elif event == "started" and s.current.status == StepStatus.PENDING:
+            s.outcome("started")
+        elif event in ("ok", "fail"):
+            s.outcome("succeeded" if event == "ok" else "failed")
+    if s.workflow.status == WorkflowStatus.SUCCEEDED:
+        assert s.compensations() == []  # it finished first: nothing to cancel
+        return
+    if not s.workflow.terminal and s.workflow.status != WorkflowStatus.COMPENSATING:
+        s._fold(
+            machine.cancel(s.workflow, s.current, None, s.now, compensate=True, definition=SAGA)
+        )
+    last = s.workflow.seq
+    for event in after:
+        if s.workflow.terminal:
+            break
+        if event == "reload":
+            s.reload()
+        elif event == "timer":
+            s.timer()
+        elif event == "dup":
+            s.outcome(seq=last)
+        elif s.current.status in (StepStatus.PENDING, StepStatus.RUNNING):
+            last = s.workflow.seq
+            s.outcome("succeeded" if event == "ok" else "failed")
+    if (s.workflow.error or {}).get("reason") == "compensation_failed":
+        s._fold(machine.retry(s.workflow, s.current, s.definition, s.now))
+    run_chain(s)
+    succeeded = [
+        r.step
+        for r in sorted(s.runs.values(), key=lambda r: r.seq)
+        if r.status == StepStatus.SUCCEEDED and SAGA.compensation_of(r.step)
+    ]
+    assert s.compensations() == [(SAGA.compensation_of(step), step) for step in reversed(succeeded)]
+    assert s.workflow.terminal

@@ -233,13 +233,17 @@ def cancel(
     *,
     compensate: bool = False,
     definition: WorkflowDefinition | None = None,
+    held: int | None = None,
 ) -> Transition:
     """Cancel a workflow that has not finished; later outcomes of its run are ignored.
 
     With ``compensate`` (and its ``definition``), it compensates the steps that succeeded
-    before it ends (``compensated``), if a step with a compensation was entered; a paused
-    workflow stays paused, its chain held until resume. A plain cancel of a compensating
-    workflow stops its chain: ``cancelled``."""
+    before it ends (``compensated``), if a step with a compensation was entered. A run of a
+    step with a compensation that is out (published or started) is let finish first, so
+    that its effect, if it succeeded, is undone too; any other run is cancelled. A paused
+    workflow stays paused, its chain held until resume (``held``: the seq of the run a
+    pause held unpublished). A plain cancel of a compensating workflow stops its chain:
+    ``cancelled``."""
     if workflow.terminal:
         raise InvalidStateError(
             f"workflow {workflow.id} is already {workflow.status}; cannot cancel it"
@@ -254,19 +258,44 @@ def cancel(
                 "compensate stops its compensations"
             )
         if workflow.status == WorkflowStatus.PAUSED:
+            pause = workflow.pause or {}
             return while_paused(
                 workflow,
                 now,
-                lambda view: cancel(view, run, reason, now, compensate=True, definition=definition),
+                lambda view: cancel(
+                    view,
+                    run,
+                    reason,
+                    now,
+                    compensate=True,
+                    definition=definition,
+                    held=pause.get("held"),
+                ),
             )
     t = Transition()
     wf = evolve(workflow, updated_at=now)
     t.workflow = wf
+    error = {"type": "Cancelled", "message": reason or "cancelled"}
+    t.note("workflow_cancelled", reason=reason, compensate=compensate)
+    if (
+        compensate
+        and definition is not None
+        and run is not None
+        and definition.compensation_of(run.step) is not None
+        and compensation.compensated_seq(run) is None
+        and (
+            run.status == StepStatus.RUNNING
+            or (run.status == StepStatus.PENDING and held != run.seq)
+        )
+    ):  # out: its outcome decides whether it is undone; its deadline still runs
+        wf.status = WorkflowStatus.COMPENSATING
+        wf.error = error
+        wf.wait = None
+        t.note("compensation_started", error="Cancelled", waiting_for=run.seq)
+        return t
     if run is not None and run.status in ACTIVE_RUN:
         current = evolve(run, status=StepStatus.CANCELLED, finished_at=now)
         t.runs.append(current)
-    error = {"type": "Cancelled", "message": reason or "cancelled"}
-    t.note("workflow_cancelled", reason=reason, compensate=compensate)
     if compensate and definition is not None:
         clear_timer(wf)
         give_up_workflow(t, wf, definition, error, now, status=WorkflowStatus.CANCELLED)

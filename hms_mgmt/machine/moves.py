@@ -53,6 +53,9 @@ def succeed(
     if compensation.compensated_seq(run) is not None:
         compensated(t, wf, run, result, now)
         return
+    if wf.status == WorkflowStatus.COMPENSATING:  # a step out at a cancel with compensate
+        drained(t, wf, run, now, output=data)
+        return
     next_step = result.get("next_step")
     message = definition.bad_next_step(next_step, handler or f"the handler of {wf.name}.{run.step}")
     if message is not None:
@@ -105,6 +108,9 @@ def fail(
     run.status = status
     run.error = error
     clear_timer(wf)
+    if wf.status == WorkflowStatus.COMPENSATING and compensation.compensated_seq(run) is None:
+        drained(t, wf, run, now, error=error)  # nothing to undo for it, and not retried
+        return
     policy = definition.policy_for(run.step)
     retryable = bool(error.get("retryable", True)) and not policy.is_non_retryable(
         error.get("types") or [str(error.get("type", ""))]
@@ -229,6 +235,35 @@ def compensated(
     )
     if ignored:
         t.note("compensation_result_ignored", seq=run.seq, fields=ignored)
+    compensate_next(wf, now)
+
+
+def drained(
+    t: Transition,
+    wf: Workflow,
+    run: StepRun,
+    now: float,
+    *,
+    output: Any = None,
+    error: dict[str, Any] | None = None,
+) -> None:
+    """The outcome of a step that was out when its workflow was cancelled with compensate:
+    if it succeeded it is compensated with the rest; a failure is not retried. Either way
+    the chain starts now."""
+    if error is None:
+        run.status = StepStatus.SUCCEEDED
+        run.output = output
+        t.note("step_succeeded", seq=run.seq, step=run.step, attempt=run.attempt)
+    else:
+        t.note(
+            "step_timed_out" if run.status == StepStatus.TIMED_OUT else "step_failed",
+            seq=run.seq,
+            step=run.step,
+            attempt=run.attempt,
+            error_type=error.get("type"),
+            message=error.get("message"),
+        )
+    clear_timer(wf)
     compensate_next(wf, now)
 
 
