@@ -312,6 +312,26 @@ async def test_prune_deletes_finished_workflows_with_their_rows(store: Store) ->
     assert len(await store.history("wf3")) == 2
 
 
+async def test_prune_deletes_compensated_workflows_and_keeps_compensating_ones(
+    store: Store,
+) -> None:
+    for i in range(2):
+        await store.commit(started(f"wf{i}"))
+    loaded = await store.load(["wf0", "wf1"])
+    at = {"updated_at": 20.0}
+    await store.commit(
+        Batch(
+            workflows={
+                "wf0": evolve(loaded["wf0"][0], status=WorkflowStatus.COMPENSATED, **at),
+                "wf1": evolve(loaded["wf1"][0], status=WorkflowStatus.COMPENSATING, **at),
+            }
+        )
+    )
+    assert await store.count_by_status() == {"compensated": 1, "compensating": 1}
+    assert await store.prune(25.0, limit=10) == 1
+    assert set(await store.load(["wf0", "wf1"])) == {"wf1"}
+
+
 async def test_business_keys_are_written_with_the_batch_and_searched(
     store: Store, url: str
 ) -> None:
