@@ -278,11 +278,19 @@ def workflow_start(
 @workflow_group.command("cancel")
 @click.argument("workflow_id")
 @click.option("--reason", help="Recorded with the cancellation.")
+@click.option(
+    "--compensate",
+    is_flag=True,
+    help="Run the compensations of the steps that succeeded first (it ends compensated).",
+)
 @output_option
 @click.pass_obj
-def workflow_cancel(obj: Context, workflow_id: str, reason: str | None) -> None:
+def workflow_cancel(obj: Context, workflow_id: str, reason: str | None, compensate: bool) -> None:
     """Cancel a workflow that has not finished."""
-    result = obj.api.post(f"/api/workflows/{quote(workflow_id)}/cancel", {"reason": reason})
+    body: dict[str, object] = {"reason": reason}
+    if compensate:
+        body["compensate"] = True
+    result = obj.api.post(f"/api/workflows/{quote(workflow_id)}/cancel", body)
     obj.emit(result, printable(f"{result['workflow_id']}: {result['status']}"))
 
 

@@ -181,7 +181,12 @@ def attributes_text(attributes: Any) -> str:
 def step_row(step: dict[str, Any]) -> dict[str, Any]:
     return {
         "seq": step["seq"],
-        "step": step["step"],
+        "step": step["step"]
+        + (
+            f" (undoes {step['undoes']['step']} #{step['undoes']['seq']})"
+            if step.get("undoes")
+            else ""
+        ),
         "attempt": step["attempt"],
         "status": step["status"],
         "started": when(step.get("started_at"), date=False),
@@ -195,7 +200,7 @@ STEP_COLUMNS = ["seq", "step", "attempt", "status", "started", "took", "error"]
 
 def show(state: dict[str, Any], *, history: bool = False, now: float | None = None) -> str:
     """One workflow for people: what it is, where it stands, each step run."""
-    finished = state["status"] in ("succeeded", "failed", "cancelled")
+    finished = state["status"] in ("succeeded", "failed", "cancelled", "compensated")
     fields = [
         ("workflow", state["workflow_id"]),
         ("name", state["name"]),

@@ -250,9 +250,16 @@ class Calls:
                     f"workflow {workflow_id} did not finish within {timeout:g}s", workflow_id
                 )
 
-    async def cancel(self, workflow_id: str, reason: str | None = None) -> Any:
+    async def cancel(
+        self, workflow_id: str, reason: str | None = None, *, compensate: bool = False
+    ) -> Any:
+        """Cancel a workflow that has not finished. With ``compensate``, the compensations of
+        its steps that succeeded run first (newest first), and it ends ``compensated``."""
         _check_workflow_id(workflow_id)
-        return await self.request("cancel", {"workflow_id": workflow_id, "reason": reason})
+        body: dict[str, Any] = {"workflow_id": workflow_id, "reason": reason}
+        if compensate:  # left out otherwise: an older engine reads the request as before
+            body["compensate"] = True
+        return await self.request("cancel", body)
 
     async def retry(self, workflow_id: str) -> Any:
         _check_workflow_id(workflow_id)

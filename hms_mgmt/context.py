@@ -24,6 +24,8 @@ class StepContext:
     visit: int
     error: dict[str, Any] | None = None  # for an error step: the failure that led here
     signal: Any = None  # after a wait: the signal's data
+    # for a compensation: the run it undoes, {"step", "seq", "output"} (its input is payload)
+    compensating: dict[str, Any] | None = None
     traceparent: str | None = None  # W3C trace context of the workflow (from start)
     _heartbeat: Callable[[], Awaitable[None]] | None = field(default=None, repr=False)
 

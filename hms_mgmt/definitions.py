@@ -130,6 +130,10 @@ class Step:
     ``concurrency`` slots (runs whose payload lacks it share one group).
     ``rate_limit``: ``"N/s"``, ``"N/m"`` or ``"N/h"``: runs of the step are published at
     most that often (evenly spaced, whatever their key), the others wait as ``queued``.
+    ``compensate``: the step (a name or a :class:`Step`) that undoes this one when the
+    workflow gives up or is cancelled with ``compensate=True``: like an error step, a step
+    outside the ordered list, with its own queue and handler (see the README's
+    "Compensation (sagas)").
     """
 
     name: str
@@ -139,9 +143,23 @@ class Step:
     concurrency: int | None = None
     concurrency_key: str | None = None
     rate_limit: str | None = None
+    compensate: str | Step | None = None
 
     def __post_init__(self) -> None:
         check_name("step", self.name)
+        if isinstance(self.compensate, str):
+            check_name(f"compensation step (of step {self.name!r})", self.compensate)
+            object.__setattr__(self, "compensate", Step(self.compensate))
+        elif self.compensate is not None and not isinstance(self.compensate, Step):
+            raise DefinitionError(
+                f"compensate of step {self.name!r} must be a step name or a Step, "
+                f"not {self.compensate!r}"
+            )
+        if isinstance(self.compensate, Step) and self.compensate.compensate is not None:
+            raise DefinitionError(
+                f"compensation step {self.compensate.name!r} of step {self.name!r} has a "
+                "compensation of its own: a compensation is not compensated"
+            )
         if self.retry is not None and not isinstance(self.retry, RetryPolicy):
             raise DefinitionError(f"retry of step {self.name!r} must be a RetryPolicy")
         if self.timeout is not None and (
@@ -203,11 +221,14 @@ class Step:
             body["concurrency_key"] = self.concurrency_key
         if self.rate_limit is not None:
             body["rate_limit"] = self.rate_limit
+        if isinstance(self.compensate, Step):
+            body["compensate"] = self.compensate.to_json()
         return body
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Step:
         retry = data.get("retry")
+        compensate = data.get("compensate")
         return cls(
             name=data["name"],
             retry=None if retry is None else RetryPolicy.from_json(retry),
@@ -216,7 +237,32 @@ class Step:
             concurrency=data.get("concurrency"),
             concurrency_key=data.get("concurrency_key"),
             rate_limit=data.get("rate_limit"),
+            compensate=None if compensate is None else Step.from_json(compensate),
         )
+
+    @property
+    def compensation(self) -> Step | None:
+        """The step that undoes this one, if it has one."""
+        return self.compensate if isinstance(self.compensate, Step) else None
+
+
+def _check_compensations(workflow: str, steps: Sequence[Step], error_step: Step | None) -> None:
+    """A compensation step is neither an ordinary step nor the error step, and one name
+    means one step (the same settings wherever it compensates)."""
+    ordinary = {step.name for step in steps}
+    seen: dict[str, Step] = {}
+    for step in steps:
+        compensation = step.compensation
+        if compensation is None:
+            continue
+        where = f"compensation step {compensation.name!r} of step {step.name!r} in workflow "
+        if compensation.name in ordinary:
+            raise DefinitionError(f"{where}{workflow!r} is also an ordinary step")
+        if error_step is not None and compensation.name == error_step.name:
+            raise DefinitionError(f"{where}{workflow!r} is also its on_error step")
+        earlier = seen.setdefault(compensation.name, compensation)
+        if earlier != compensation:
+            raise DefinitionError(f"{where}{workflow!r} is declared twice with different settings")
 
 
 RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
@@ -275,6 +321,12 @@ class WorkflowDefinition:
             raise DefinitionError(
                 f"on_error step {error_step.name!r} of workflow {name!r} is also an ordinary step"
             )
+        if error_step is not None and error_step.compensation is not None:
+            raise DefinitionError(
+                f"on_error step {error_step.name!r} of workflow {name!r} has a compensation: "
+                "only ordinary steps are compensated"
+            )
+        _check_compensations(name, built, error_step)
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise DefinitionError(f"retry of workflow {name!r} must be a RetryPolicy")
         return cls(name, built, retry or RetryPolicy(), error_step)
@@ -285,7 +337,28 @@ class WorkflowDefinition:
 
     @property
     def all_steps(self) -> tuple[Step, ...]:
-        return self.steps if self.on_error is None else (*self.steps, self.on_error)
+        """Every step with a queue: the ordinary ones, the error step, the compensations."""
+        extra = () if self.on_error is None else (self.on_error,)
+        return (*self.steps, *extra, *self.compensations)
+
+    @property
+    def compensations(self) -> tuple[Step, ...]:
+        """The compensation steps, each once, in the order of the steps they undo."""
+        found: dict[str, Step] = {}
+        for step in self.steps:
+            if step.compensation is not None:
+                found.setdefault(step.compensation.name, step.compensation)
+        return tuple(found.values())
+
+    def compensation_of(self, step: str) -> str | None:
+        """The name of the step that undoes ordinary step ``step``; None if it has none."""
+        for ordinary in self.steps:
+            if ordinary.name == step:
+                return None if ordinary.compensation is None else ordinary.compensation.name
+        return None
+
+    def is_compensation(self, step: str) -> bool:
+        return any(s.name == step for s in self.compensations)
 
     def step(self, name: str) -> Step | None:
         for step in self.all_steps:
@@ -307,8 +380,17 @@ class WorkflowDefinition:
         The step service checks it before reporting, and the engine again on receipt (a
         step service may run with an older definition, or be written in another language).
         """
-        if next_step is None or (isinstance(next_step, str) and self.step(next_step) is not None):
+        if next_step is None or (
+            isinstance(next_step, str)
+            and self.step(next_step) is not None
+            and not self.is_compensation(next_step)
+        ):
             return None
+        if isinstance(next_step, str) and self.is_compensation(next_step):
+            return (
+                f"{handler} returned next_step {next_step!r}, which is a compensation step of "
+                f"workflow {self.name!r}: compensations run only when the workflow compensates"
+            )
         return (
             f"{handler} returned next_step {next_step!r}, which is not a step of workflow "
             f"{self.name!r} (steps: {', '.join(self.step_names)})"

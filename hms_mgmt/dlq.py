@@ -190,6 +190,8 @@ async def _settled(client: Client, letter: DeadLetter) -> str | None:
     """Why the letter is settled (its workflow no longer stands failed at its run), or None."""
     assert letter.workflow_id is not None
     state = await client.status(letter.workflow_id)
+    if state.status == "compensated":  # it gave up, and undid what it had done
+        return "settled: its workflow compensated (a compensated workflow is not retried)"
     if state.status != "failed":
         return f"settled: retried since, now {state.status}"
     failed_at = (state.error or {}).get("seq")

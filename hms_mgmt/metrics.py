@@ -146,7 +146,7 @@ class EngineMetrics:
         )
         self.finished = Counter(
             "hms_workflows_finished",
-            "Workflows that reached succeeded, failed or cancelled, each counted once per "
+            "Workflows that reached succeeded, failed, cancelled or compensated, each counted once per "
             "status: a retried workflow failing again is in hms_workflows_refailed_total.",
             ["workflow", "status"],
             registry=registry,

@@ -16,9 +16,11 @@ class WorkflowStatus(StrEnum):
     RUNNING = "running"
     WAITING = "waiting"
     PAUSED = "paused"  # held by an operator (``client.pause``) until ``client.resume``
+    COMPENSATING = "compensating"  # running its compensations, newest first
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    COMPENSATED = "compensated"  # gave up or was cancelled, and every compensation succeeded
 
 
 class StepStatus(StrEnum):
@@ -52,7 +54,14 @@ def idempotency_key(workflow_id: str, step: str, visit: int) -> str:
     return f"{workflow_id}:{step}:{visit}"
 
 
-TERMINAL = frozenset({WorkflowStatus.SUCCEEDED, WorkflowStatus.FAILED, WorkflowStatus.CANCELLED})
+TERMINAL = frozenset(
+    {
+        WorkflowStatus.SUCCEEDED,
+        WorkflowStatus.FAILED,
+        WorkflowStatus.CANCELLED,
+        WorkflowStatus.COMPENSATED,
+    }
+)
 ACTIVE_RUN = frozenset(
     {StepStatus.PENDING, StepStatus.SCHEDULED, StepStatus.QUEUED, StepStatus.RUNNING}
 )
@@ -72,7 +81,8 @@ class StepRun:
     created_at: float
     output: Any = None
     error: dict[str, Any] | None = None
-    context: dict[str, Any] | None = None  # ctx.error for an error step, ctx.signal after a wait
+    # ctx.error for an error step, ctx.signal after a wait, ctx.compensating for a compensation
+    context: dict[str, Any] | None = None
     due_at: float | None = None  # when a scheduled run is to start
     started_at: float | None = None
     finished_at: float | None = None
@@ -173,6 +183,20 @@ def why_stuck(workflow: Workflow, run: StepRun | None, now: float, after: float)
     return None
 
 
+def _undoes(run: StepRun) -> dict[str, Any] | None:
+    about = (run.context or {}).get("compensating")
+    if not isinstance(about, dict):
+        return None
+    return {"step": about.get("step"), "seq": about.get("seq")}
+
+
+def _step_json(step: StepRecord) -> dict[str, Any]:
+    values = dict(step.__dict__)
+    if values["undoes"] is None:  # only on compensation runs: older clients read the rest
+        del values["undoes"]
+    return values
+
+
 def summary(workflow: Workflow, attributes: dict[str, str] | None = None) -> dict[str, Any]:
     """A workflow in a list (``hms workflow list``, ``client.list``, ``GET /api/workflows``),
     with its business keys."""
@@ -208,6 +232,7 @@ class StepRecord:
     started_at: float | None
     finished_at: float | None
     deadline_at: float | None = None  # when a started run times out, if its step has a timeout
+    undoes: dict[str, Any] | None = None  # a compensation run's: the step and seq it undoes
 
     @property
     def duration(self) -> float | None:
@@ -281,6 +306,7 @@ class WorkflowState:
                     started_at=r.started_at,
                     finished_at=r.finished_at,
                     deadline_at=r.deadline_at,
+                    undoes=_undoes(r),
                 )
                 for r in runs
             ],
@@ -297,7 +323,7 @@ class WorkflowState:
         # Shallow copies, not dataclasses.asdict: the values are JSON already, and asdict's
         # deep copy cost a third of a millisecond per reply.
         values = dict(self.__dict__)
-        values["steps"] = [dict(step.__dict__) for step in self.steps]
+        values["steps"] = [_step_json(step) for step in self.steps]
         return values
 
     @classmethod
@@ -314,7 +340,8 @@ class WorkflowState:
         lines = [f"workflow {self.workflow_id} ({self.name}): {self.status}"]
         for r in self.steps:
             took = f" in {r.duration * 1000:.2f} ms" if r.duration is not None else ""
-            line = f"  {r.seq:>3}. {r.step} attempt {r.attempt}: {r.status}{took}"
+            undoes = f" (undoes {r.undoes['step']} #{r.undoes['seq']})" if r.undoes else ""
+            line = f"  {r.seq:>3}. {r.step}{undoes} attempt {r.attempt}: {r.status}{took}"
             if r.error:
                 line += f" ({r.error.get('type')}: {r.error.get('message')})"
             lines.append(line)

@@ -318,3 +318,53 @@ grant.define_workflow("rated", [Step("call", rate_limit="20/s")])
 @grant.on_step("rated.call")
 async def rated_call(ctx: hms_mgmt.StepContext) -> None:
     _note(ctx.payload["note"], f"{time.time():.6f}")  # {"note": path}: a line per call
+
+
+# -- compensation (sagas): each step and compensation notes itself in a file --------------------
+
+SAGA = ["creditHold", "reserveFunds", "bookInspection", "payout"]
+SAGA_UNDO = {"creditHold": "releaseHold", "reserveFunds": "releaseFunds"}
+SAGA_UNDO["bookInspection"] = "cancelInspection"
+grant.define_workflow(
+    "saga",
+    [Step(step, compensate=SAGA_UNDO.get(step)) for step in SAGA],
+    retry=RetryPolicy(max_attempts=2, initial_delay=0.1, jitter=False),
+)
+
+
+def _saga_step(name: str) -> Any:
+    async def handler(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+        # {"note": path}: a line per run; {"fail": step}: that step always fails;
+        # {"seconds": s}: each step takes that long.
+        _note(ctx.payload["note"], f"{ctx.workflow_id} {name} {ctx.attempt}")
+        await asyncio.sleep(float(ctx.payload.get("seconds", 0)))
+        if ctx.payload.get("fail") == name:
+            raise RuntimeError(f"{name} refused")
+        return {"data": {**ctx.payload, name: f"{name}-done"}}
+
+    handler.__qualname__ = f"saga_{name}"
+    return handler
+
+
+def _saga_undo(name: str) -> Any:
+    async def handler(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+        # A line per run: the workflow, the compensation, the step it undoes, the output it
+        # got, its idempotency key. It fails while the file {"block": path} exists.
+        about = ctx.compensating or {}
+        output = (about.get("output") or {}).get(about.get("step"))
+        line = f"{ctx.workflow_id} {name} {about.get('step')} {output} {ctx.idempotency_key}"
+        _note(ctx.payload["note"], line)
+        await asyncio.sleep(float(ctx.payload.get("seconds", 0)))
+        block = ctx.payload.get("block")
+        if block and name == "releaseFunds" and await asyncio.to_thread(os.path.exists, block):
+            raise RuntimeError(f"{name} cannot reach the bank")
+        return {"data": {"undone": about.get("step")}, "next_step": "payout"}  # ignored
+
+    handler.__qualname__ = f"saga_{name}"
+    return handler
+
+
+for _name in SAGA:
+    grant.on_step(f"saga.{_name}", _saga_step(_name))
+for _name in SAGA_UNDO.values():
+    grant.on_step(f"saga.{_name}", _saga_undo(_name))

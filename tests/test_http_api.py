@@ -554,6 +554,7 @@ async def test_the_dashboard_pages_counts_and_the_event_stream(
                 "succeeded",
                 "failed",
                 "cancelled",
+                "compensated",
             }
             changes.close()  # as at shutdown: the stream ends
             assert await asyncio.wait_for(stream.content.read(), 2) == b""

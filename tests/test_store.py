@@ -107,9 +107,13 @@ async def test_a_schema_1_file_is_upgraded_in_place(tmp_path: Path) -> None:
     assert (await store.load(["new"]))["new"][0].priority == 1
     await store.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("7",)
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("8",)
         applied = db.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()
-        assert applied == [(2,), (3,), (4,), (5,), (6,), (7,)]  # each one, recorded as applied
+        assert applied == [(2,), (3,), (4,), (5,), (6,), (7,), (8,)]  # each, recorded as applied
+        finished = db.execute(  # schema 8: compensated workflows are finished ones too
+            "SELECT sql FROM sqlite_master WHERE name = 'workflows_finished'"
+        ).fetchone()[0]
+        assert "'compensated'" in finished
         indexes = {
             row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
         }

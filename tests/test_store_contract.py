@@ -312,6 +312,26 @@ async def test_prune_deletes_finished_workflows_with_their_rows(store: Store) ->
     assert len(await store.history("wf3")) == 2
 
 
+async def test_prune_deletes_compensated_workflows_and_keeps_compensating_ones(
+    store: Store,
+) -> None:
+    for i in range(2):
+        await store.commit(started(f"wf{i}"))
+    loaded = await store.load(["wf0", "wf1"])
+    at = {"updated_at": 20.0}
+    await store.commit(
+        Batch(
+            workflows={
+                "wf0": evolve(loaded["wf0"][0], status=WorkflowStatus.COMPENSATED, **at),
+                "wf1": evolve(loaded["wf1"][0], status=WorkflowStatus.COMPENSATING, **at),
+            }
+        )
+    )
+    assert await store.count_by_status() == {"compensated": 1, "compensating": 1}
+    assert await store.prune(25.0, limit=10) == 1
+    assert set(await store.load(["wf0", "wf1"])) == {"wf1"}
+
+
 async def test_business_keys_are_written_with_the_batch_and_searched(
     store: Store, url: str
 ) -> None:
@@ -502,7 +522,7 @@ async def test_store_backup_sends_postgres_to_pg_dump(tmp_path: Path) -> None:
     assert done.returncode == 2 and "pg_dump" in done.stderr, done.stderr
 
 
-@pytest.mark.parametrize("version", [1, 2, 3, 4])
+@pytest.mark.parametrize("version", [1, 2, 3, 4, 5])
 async def test_a_postgres_store_of_an_older_schema_is_migrated_in_order(
     postgres_url: str, version: int
 ) -> None:
@@ -536,6 +556,14 @@ async def test_a_postgres_store_of_an_older_schema_is_migrated_in_order(
     finally:
         await store.close()
     assert await migrations(postgres_url) == list(range(1, postgres.SCHEMA_VERSION + 1))
+    db = await asyncpg.connect(postgres_url)
+    try:  # migration 6: compensated workflows are finished ones too (retention finds them)
+        index = await db.fetchval(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'workflows_finished'"
+        )
+    finally:
+        await db.close()
+    assert "compensated" in index
 
 
 async def test_a_postgres_store_comes_back_after_its_connections_are_cut(

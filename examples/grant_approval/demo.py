@@ -38,11 +38,20 @@ async def main(count: int = 3) -> int:
             for s in started:  # each waits for its site inspection; the report resumes it
                 await inspect(mgmt, s.workflow_id)
             states = [await mgmt.wait(s.workflow_id, timeout=30) for s in started]
+            # One more whose payout fails: the credit hold placed by creditCheck is released.
+            bounced = await mgmt.start(
+                WORKFLOW, {**sample_application(count + 1), "payout_account": "closed"}
+            )
+            await inspect(mgmt, bounced.workflow_id)
+            saga = await mgmt.wait(bounced.workflow_id, timeout=30)
     for state in states:
         print(state.describe())
     succeeded = sum(s.status == "succeeded" for s in states)
     print(f"{succeeded}/{count} grant workflows succeeded (in-memory bus, one process)")
-    return 0 if succeeded == count else 1
+    print(saga.describe())
+    released = saga.steps[-1].output if saga.steps else None
+    print(f"a grant whose payout failed: {saga.status}, credit hold released: {released}")
+    return 0 if succeeded == count and saga.status == "compensated" else 1
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The grant step service: four handlers, one per step.
+"""The grant step service: a handler per step, and one that releases a credit hold.
 
 Run it with ``python -m hms_mgmt.worker examples.grant_approval.service:mgmt``
 (from the repository root), beside ``python -m hms_mgmt.engine``.
@@ -29,8 +29,18 @@ async def validate_app(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
 
 @mgmt.on_step(f"{WORKFLOW}.creditCheck")
 async def credit_check(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
-    # A real service would call a credit bureau here, keyed by ctx.idempotency_key.
-    return {"data": {**ctx.payload, "credit_score": 750}}
+    # A real service would call a credit bureau here and place a hold on the applicant's
+    # credit line for the amount, keyed by ctx.idempotency_key.
+    hold = f"H-{ctx.payload['application_id']}"
+    return {"data": {**ctx.payload, "credit_score": 750, "credit_hold": hold}}
+
+
+@mgmt.on_step(f"{WORKFLOW}.releaseCreditHold")
+async def release_credit_hold(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+    # The compensation of creditCheck: runs when the grant gives up after the hold was
+    # placed. ctx.compensating["output"] is what creditCheck returned.
+    hold = (ctx.compensating or {}).get("output", {}).get("credit_hold")
+    return {"data": {"released": hold}}
 
 
 @mgmt.on_step(f"{WORKFLOW}.scheduleInspection")
@@ -50,4 +60,6 @@ async def schedule_inspection(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
 async def finalize(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
     report = ctx.signal or {}
     approved = ctx.payload.get("credit_score", 0) >= 700 and bool(report.get("passed"))
+    if approved and ctx.payload.get("payout_account") == "closed":  # the bank says no
+        raise hms_mgmt.NonRetryableError("payout refused: the applicant's account is closed")
     return {"data": {**ctx.payload, "inspection_report": report, "approved": approved}}

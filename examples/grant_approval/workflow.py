@@ -5,9 +5,17 @@ from __future__ import annotations
 import asyncio
 
 import hms_mgmt
+from hms_mgmt import Step
 
 WORKFLOW = "grantApproval"
-STEPS = ["validateApp", "creditCheck", "scheduleInspection", "finalize"]
+# The credit check places a hold on the applicant's credit line; if the grant then gives up
+# (the payout in finalize fails), the engine runs releaseCreditHold to undo it.
+STEPS: list[str | Step] = [
+    "validateApp",
+    Step("creditCheck", compensate="releaseCreditHold"),
+    "scheduleInspection",
+    "finalize",
+]
 
 
 def define(mgmt: hms_mgmt.Management) -> None:

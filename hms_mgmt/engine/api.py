@@ -358,8 +358,15 @@ class EngineApi:
 
     async def cancel(self, request: web.Request) -> web.Response:
         workflow_id = _workflow_id(request)
-        reason = (await self._body(request)).get("reason")
-        result = await self.client.cancel(workflow_id, None if reason is None else str(reason))
+        body = await self._body(request)
+        reason, compensate = body.get("reason"), body.get("compensate", False)
+        if not isinstance(compensate, bool):
+            raise ApiError(
+                400, "BadRequest", f"compensate must be true or false, not {short(compensate)}"
+            )
+        result = await self.client.cancel(
+            workflow_id, None if reason is None else str(reason), compensate=compensate
+        )
         return web.json_response(result)
 
     async def retry(self, request: web.Request) -> web.Response:

@@ -386,7 +386,15 @@ class Applier:
                 self._admit(work, found[0][:2], now)
             return
         workflow, run = _loaded(work, event.workflow_id)
-        t = machine.fire_timer(workflow, run, self.registry.of(workflow), event.kind, now)
+        definition = self.registry.of(workflow)
+        if event.kind == machine.TIMER_COMPENSATE:
+            runs = {r.seq: r for r in work.runs_of.get(workflow.id, [])}  # as stored
+            runs.update(  # ... with this batch's changes
+                (seq, r) for (wid, seq), r in work.batch.runs.items() if wid == workflow.id
+            )
+            t = machine.compensate(workflow, run, definition, runs.values(), now)
+        else:
+            t = machine.fire_timer(workflow, run, definition, event.kind, now)
         self.record(work, t, workflow.id, now)
 
     def _tick(self, event: TickEvent, work: Work, now: float) -> None:
@@ -517,7 +525,14 @@ class Applier:
         try:
             workflow, run = _loaded(work, workflow_id)
             if isinstance(request, CancelRequest):
-                t = machine.cancel(workflow, run, request.reason, now)
+                t = machine.cancel(
+                    workflow,
+                    run,
+                    request.reason,
+                    now,
+                    compensate=request.compensate,
+                    definition=self.registry.of(workflow),
+                )
             elif isinstance(request, RetryRequest):
                 seq = (workflow.error or {}).get("seq")
                 failed = (

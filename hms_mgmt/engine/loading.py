@@ -17,7 +17,7 @@ from hms_mgmt.engine.events import Event, RequestEvent, TickEvent, TimerEvent
 from hms_mgmt.engine.registry import Registry
 from hms_mgmt.engine.work import REDELIVERED, Work
 from hms_mgmt.errors import DefinitionError, HmsError, StoreError, error_json
-from hms_mgmt.machine import TIMER_ADMIT, Slots, paused_by
+from hms_mgmt.machine import TIMER_ADMIT, TIMER_COMPENSATE, Slots, paused_by
 from hms_mgmt.machine.limits import ACTIVE, Group
 from hms_mgmt.records import Workflow
 from hms_mgmt.schedules import Schedule
@@ -117,6 +117,8 @@ class Loader:
                 await self._load_last_run(event.workflow_id, event.request.to_step, work)
             if isinstance(event, RequestEvent) and isinstance(event.request, ResumeTypeRequest):
                 await self._load_type_held(event.request.workflow, event.request.step, work)
+            if isinstance(event, TimerEvent) and event.kind == TIMER_COMPENSATE:
+                await self._load_runs(event.workflow_id, work)
 
     def _line_heads(self, workflow_ids: list[str], *, every_key: bool = False) -> list[str]:
         """For each slot group these workflows are in, its first queued runs: as many as
@@ -179,6 +181,14 @@ class Loader:
             run = await self._store.run(workflow_id, seq)
             if run is not None:
                 work.failed_runs[(workflow_id, seq)] = run
+
+    async def _load_runs(self, workflow_id: str, work: Work) -> None:
+        """A compensating workflow's runs, when its ``compensate`` timer fires: its next
+        compensation is derived from them (one read per compensation)."""
+        if workflow_id not in work.state or workflow_id in work.runs_of:
+            return
+        found = await self._store.workflow_with_runs(workflow_id)
+        work.runs_of[workflow_id] = found[1] if found is not None else []
 
     async def _load_last_run(self, workflow_id: str, step: str, work: Work) -> None:
         """A reset runs a step again with the input of its latest run (a rare request: all

@@ -18,7 +18,7 @@ from typing import Any
 from hms_mgmt.metrics import EngineMetrics
 
 MINUTES = 60
-KINDS = ("started", "succeeded", "failed", "cancelled")
+KINDS = ("started", "succeeded", "failed", "cancelled", "compensated")
 
 
 class Stats:

@@ -31,6 +31,9 @@ class Work:
     ticks: dict[str, tuple[list[float], Schedule]] = field(default_factory=dict)  # due ticks
     # (workflow id, seq) -> the ids of the redeliveries of its step message counted so far
     redeliveries: dict[tuple[str, int], set[str]] = field(default_factory=dict)
+    # All the runs of a workflow whose compensate timer fired, by workflow id: the chain's
+    # next compensation is derived from them
+    runs_of: dict[str, list[StepRun]] = field(default_factory=dict)
     # The workflows a type pause holds, oldest first, for its resume: by (workflow, step or "")
     type_held: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     # Made by applying, written in one transaction:

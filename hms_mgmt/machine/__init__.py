@@ -9,10 +9,11 @@ Every function takes the workflow and its current (latest) run and leaves
 them untouched; the transition carries changed copies.
 """
 
-from hms_mgmt.machine import limits
+from hms_mgmt.machine import compensation, limits
 from hms_mgmt.machine.events import (
     apply_outcome,
     cancel,
+    compensate,
     dead_lettered,
     fire_timer,
     reset,
@@ -25,6 +26,7 @@ from hms_mgmt.machine.moves import stale_reason, step_message
 from hms_mgmt.machine.pause import hold_for_type, pause, paused_by, resume
 from hms_mgmt.machine.transition import (
     TIMER_ADMIT,
+    TIMER_COMPENSATE,
     TIMER_DEADLINE,
     TIMER_RUN,
     TIMER_START,
@@ -35,6 +37,7 @@ from hms_mgmt.machine.transition import (
 
 __all__ = (
     "TIMER_ADMIT",
+    "TIMER_COMPENSATE",
     "TIMER_DEADLINE",
     "TIMER_RUN",
     "TIMER_START",
@@ -45,6 +48,8 @@ __all__ = (
     "admit",
     "apply_outcome",
     "cancel",
+    "compensate",
+    "compensation",
     "dead_lettered",
     "fire_timer",
     "hold_for_type",

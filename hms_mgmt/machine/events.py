@@ -3,17 +3,21 @@ to a :class:`~hms_mgmt.machine.transition.Transition`."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.errors import InvalidStateError, UnknownStepError
+from hms_mgmt.machine import compensation
 from hms_mgmt.machine.moves import (
     clear_timer,
+    compensate_next,
     copy,
     enter,
     fail,
     finish,
     give_up,
+    give_up_workflow,
     new_run,
     publish,
     resume,
@@ -23,6 +27,7 @@ from hms_mgmt.machine.moves import (
 )
 from hms_mgmt.machine.pause import FROZEN, HELD, while_paused
 from hms_mgmt.machine.transition import (
+    TIMER_COMPENSATE,
     TIMER_DEADLINE,
     TIMER_RUN,
     TIMER_START,
@@ -220,37 +225,148 @@ def fire_timer(
     return t
 
 
-def cancel(workflow: Workflow, run: StepRun | None, reason: str | None, now: float) -> Transition:
-    """Cancel a workflow that has not finished; later outcomes of its run are ignored."""
+def cancel(
+    workflow: Workflow,
+    run: StepRun | None,
+    reason: str | None,
+    now: float,
+    *,
+    compensate: bool = False,
+    definition: WorkflowDefinition | None = None,
+    held: int | None = None,
+) -> Transition:
+    """Cancel a workflow that has not finished; later outcomes of its run are ignored.
+
+    With ``compensate`` (and its ``definition``), it compensates the steps that succeeded
+    before it ends (``compensated``), if a step with a compensation was entered. A run of a
+    step with a compensation that is out (published or started) is let finish first, so
+    that its effect, if it succeeded, is undone too; any other run is cancelled. A paused
+    workflow stays paused, its chain held until resume (``held``: the seq of the run a
+    pause held unpublished). A plain cancel of a compensating workflow stops its chain:
+    ``cancelled``."""
     if workflow.terminal:
         raise InvalidStateError(
             f"workflow {workflow.id} is already {workflow.status}; cannot cancel it"
         )
+    if compensate:
+        if definition is None:
+            raise InvalidStateError("a cancel with compensate needs the workflow's definition")
+        status = (workflow.pause or {}).get("status") or workflow.status
+        if status == WorkflowStatus.COMPENSATING:
+            raise InvalidStateError(
+                f"workflow {workflow.id} is already compensating; a cancel without "
+                "compensate stops its compensations"
+            )
+        if workflow.status == WorkflowStatus.PAUSED:
+            pause = workflow.pause or {}
+            return while_paused(
+                workflow,
+                now,
+                lambda view: cancel(
+                    view,
+                    run,
+                    reason,
+                    now,
+                    compensate=True,
+                    definition=definition,
+                    held=pause.get("held"),
+                ),
+            )
     t = Transition()
     wf = evolve(workflow, updated_at=now)
     t.workflow = wf
+    error = {"type": "Cancelled", "message": reason or "cancelled"}
+    t.note("workflow_cancelled", reason=reason, compensate=compensate)
+    if (
+        compensate
+        and definition is not None
+        and run is not None
+        and definition.compensation_of(run.step) is not None
+        and compensation.compensated_seq(run) is None
+        and (
+            run.status == StepStatus.RUNNING
+            or (run.status == StepStatus.PENDING and held != run.seq)
+        )
+    ):  # out: its outcome decides whether it is undone; its deadline still runs
+        wf.status = WorkflowStatus.COMPENSATING
+        wf.error = error
+        wf.wait = None
+        t.note("compensation_started", error="Cancelled", waiting_for=run.seq)
+        return t
     if run is not None and run.status in ACTIVE_RUN:
         current = evolve(run, status=StepStatus.CANCELLED, finished_at=now)
         t.runs.append(current)
-    finish(
-        t,
-        wf,
-        WorkflowStatus.CANCELLED,
-        error={"type": "Cancelled", "message": reason or "cancelled"},
-    )
-    t.note("workflow_cancelled", reason=reason)
+    if compensate and definition is not None:
+        clear_timer(wf)
+        give_up_workflow(t, wf, definition, error, now, status=WorkflowStatus.CANCELLED)
+    else:
+        finish(t, wf, WorkflowStatus.CANCELLED, error=error)
+    return t
+
+
+def compensate(
+    workflow: Workflow,
+    run: StepRun | None,
+    definition: WorkflowDefinition,
+    runs: Iterable[StepRun],
+    now: float,
+) -> Transition:
+    """The ``compensate`` timer fired: start the next compensation (see
+    :mod:`~hms_mgmt.machine.compensation`), or end the chain. ``runs``: all the workflow's
+    runs, as stored with this batch's changes."""
+    t = Transition()
+    if (
+        workflow.status != WorkflowStatus.COMPENSATING
+        or workflow.timer_kind != TIMER_COMPENSATE
+        or workflow.timer_at is None
+        or workflow.timer_at > now
+        or (run is not None and run.status in ACTIVE_RUN)
+    ):
+        return t  # left over from an earlier state, or frozen by a pause
+    runs = list(runs)
+    wf = evolve(workflow, updated_at=now)
+    t.workflow = wf
+    clear_timer(wf)
+    found = compensation.next_compensation(wf, definition, runs)
+    if found is not None:
+        step, target, visit, context = found
+        t.note("compensating", step=step, compensated_step=target.step, compensated_seq=target.seq)
+        new_run(t, wf, definition, step, target.input, now, visit=visit, attempt=1, context=context)
+    elif run is not None and compensation.compensated_seq(run) is not None:
+        t.note("compensation_finished")
+        finish(t, wf, WorkflowStatus.COMPENSATED, error=wf.error)
+    else:  # no step with a compensation succeeded: it ends as it would have without
+        t.note("compensation_finished", nothing=True)
+        cancelled = (wf.error or {}).get("type") == "Cancelled"
+        status = WorkflowStatus.CANCELLED if cancelled else WorkflowStatus.FAILED
+        finish(t, wf, status, error=wf.error)
     return t
 
 
 def retry(
     workflow: Workflow, failed_run: StepRun, definition: WorkflowDefinition, now: float
 ) -> Transition:
-    """Resume a failed workflow from its failed step with a fresh series of attempts."""
+    """Resume a failed workflow from its failed step with a fresh series of attempts; one
+    whose compensation gave up resumes its compensations, from that one."""
     if workflow.status != WorkflowStatus.FAILED:
         raise InvalidStateError(
             f"workflow {workflow.id} is {workflow.status}; only a failed workflow can be retried"
         )
     t = Transition()
+    error = workflow.error or {}
+    if error.get("reason") == compensation.COMPENSATION_FAILED:
+        original = error.get("original")
+        wf = evolve(
+            workflow,
+            updated_at=now,
+            status=WorkflowStatus.COMPENSATING,
+            error=original if isinstance(original, dict) else None,
+            retries=workflow.retries + 1,
+        )
+        t.workflow = wf
+        t.note("workflow_retried", step=error.get("step"), from_seq=error.get("seq"))
+        compensate_next(wf, now)
+        return t
     wf = evolve(
         workflow,
         updated_at=now,
@@ -339,7 +455,13 @@ def reset(
         )
     ordinary = [step.name for step in definition.steps]
     if to_step not in ordinary:
-        what = "its error step" if to_step in definition.step_names else "no step"
+        what = (
+            "its compensation step"
+            if definition.is_compensation(to_step)
+            else "its error step"
+            if to_step in definition.step_names
+            else "no step"
+        )
         raise UnknownStepError(
             f"cannot reset workflow {workflow.id} to {to_step!r}: {definition.name} "
             f"v{definition.version} has {what} {to_step!r}; its steps are {', '.join(ordinary)}"

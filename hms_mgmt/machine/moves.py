@@ -7,7 +7,9 @@ import hashlib
 from typing import Any
 
 from hms_mgmt.definitions import WorkflowDefinition
+from hms_mgmt.machine import compensation
 from hms_mgmt.machine.transition import (
+    TIMER_COMPENSATE,
     TIMER_DEADLINE,
     TIMER_RUN,
     TIMER_START,
@@ -48,6 +50,12 @@ def succeed(
     now: float,
 ) -> None:
     data = result.get("data")
+    if compensation.compensated_seq(run) is not None:
+        compensated(t, wf, run, result, now)
+        return
+    if wf.status == WorkflowStatus.COMPENSATING:  # a step out at a cancel with compensate
+        drained(t, wf, run, now, output=data)
+        return
     next_step = result.get("next_step")
     message = definition.bad_next_step(next_step, handler or f"the handler of {wf.name}.{run.step}")
     if message is not None:
@@ -76,7 +84,7 @@ def succeed(
     if next_step is None:
         if error_step:
             t.note("error_path_finished", step=run.step)
-            finish(t, wf, WorkflowStatus.FAILED, error=wf.error)
+            give_up_workflow(t, wf, definition, wf.error or {}, now)
             return
         next_step = definition.next_after(run.step)
         if next_step is None:
@@ -100,6 +108,9 @@ def fail(
     run.status = status
     run.error = error
     clear_timer(wf)
+    if wf.status == WorkflowStatus.COMPENSATING and compensation.compensated_seq(run) is None:
+        drained(t, wf, run, now, error=error)  # nothing to undo for it, and not retried
+        return
     policy = definition.policy_for(run.step)
     retryable = bool(error.get("retryable", True)) and not policy.is_non_retryable(
         error.get("types") or [str(error.get("type", ""))]
@@ -155,6 +166,13 @@ def give_up(
     *,
     dead_letter: bool,
 ) -> None:
+    if compensation.compensated_seq(run) is not None:  # a compensation gave up
+        finish(t, wf, WorkflowStatus.FAILED, error=compensation.failure(wf, run, failure))
+        if dead_letter:
+            t.dead_letters.append(
+                DeadLetter(run, wf.name, compensation.COMPENSATION_FAILED, run.attempt, run.error)
+            )
+        return
     error_step = definition.on_error
     if error_step is not None and run.step != error_step.name:
         wf.error = failure
@@ -173,11 +191,85 @@ def give_up(
         return
     if wf.error is not None and run.step == getattr(error_step, "name", None):
         failure = {**wf.error, "error_path": failure}
-    finish(t, wf, WorkflowStatus.FAILED, error=failure)
-    if dead_letter:
+    if dead_letter:  # the engine gave up on this run, whether the workflow compensates or not
         t.dead_letters.append(
             DeadLetter(run, wf.name, str(failure.get("reason")), run.attempt, run.error)
         )
+    give_up_workflow(t, wf, definition, failure, now)
+
+
+def give_up_workflow(
+    t: Transition,
+    wf: Workflow,
+    definition: WorkflowDefinition,
+    error: dict[str, Any],
+    now: float,
+    *,
+    status: WorkflowStatus = WorkflowStatus.FAILED,
+) -> None:
+    """The workflow gives up (``failed``, or ``cancelled`` with compensation asked for): it
+    goes ``compensating`` if a step with a compensation was entered, the first
+    compensation due when its ``compensate`` timer fires; else it ends with ``status``."""
+    if not compensation.may_compensate(wf, definition):
+        finish(t, wf, status, error=error)
+        return
+    wf.status = WorkflowStatus.COMPENSATING
+    wf.error = error
+    wf.output = None
+    wf.wait = None
+    compensate_next(wf, now)
+    t.note("compensation_started", error=error.get("type"), reason=error.get("reason"))
+
+
+def compensated(
+    t: Transition, wf: Workflow, run: StepRun, result: dict[str, Any], now: float
+) -> None:
+    """A compensation succeeded: the next one is due (when the ``compensate`` timer fires).
+    Its handler's ``data`` is its output; what else it returned (``next_step``,
+    ``complete``, ``wait_for``, a delay) is ignored, and said so in the history."""
+    run.status = StepStatus.SUCCEEDED
+    run.output = result.get("data")
+    t.note("step_succeeded", seq=run.seq, step=run.step, attempt=run.attempt)
+    ignored = sorted(
+        key for key in ("next_step", "complete", "wait_for", "delay", "run_at") if result.get(key)
+    )
+    if ignored:
+        t.note("compensation_result_ignored", seq=run.seq, fields=ignored)
+    compensate_next(wf, now)
+
+
+def drained(
+    t: Transition,
+    wf: Workflow,
+    run: StepRun,
+    now: float,
+    *,
+    output: Any = None,
+    error: dict[str, Any] | None = None,
+) -> None:
+    """The outcome of a step that was out when its workflow was cancelled with compensate:
+    if it succeeded it is compensated with the rest; a failure is not retried. Either way
+    the chain starts now."""
+    if error is None:
+        run.status = StepStatus.SUCCEEDED
+        run.output = output
+        t.note("step_succeeded", seq=run.seq, step=run.step, attempt=run.attempt)
+    else:
+        t.note(
+            "step_timed_out" if run.status == StepStatus.TIMED_OUT else "step_failed",
+            seq=run.seq,
+            step=run.step,
+            attempt=run.attempt,
+            error_type=error.get("type"),
+            message=error.get("message"),
+        )
+    clear_timer(wf)
+    compensate_next(wf, now)
+
+
+def compensate_next(wf: Workflow, now: float) -> None:
+    """Arm the ``compensate`` timer, due at once: the next compensation, or the chain's end."""
+    wf.timer_at, wf.timer_kind = now, TIMER_COMPENSATE
 
 
 def wait(
@@ -231,7 +323,7 @@ def resume(
             "step": next_step,
             "reason": "payload too large",
         }
-        finish(t, wf, WorkflowStatus.FAILED, error=failure)
+        give_up_workflow(t, wf, definition, failure, now)
         return
     enter(t, definition, next_step, wait["data"], now, workflow=wf, context={"signal": signal_data})
 

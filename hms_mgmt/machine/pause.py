@@ -23,12 +23,18 @@ from typing import Any
 from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.errors import InvalidStateError
 from hms_mgmt.machine.moves import clear_timer, publish
-from hms_mgmt.machine.transition import TIMER_RUN, TIMER_START, TIMER_WAIT, Transition
+from hms_mgmt.machine.transition import (
+    TIMER_COMPENSATE,
+    TIMER_RUN,
+    TIMER_START,
+    TIMER_WAIT,
+    Transition,
+)
 from hms_mgmt.records import StepRun, StepStatus, TypePause, Workflow, WorkflowStatus, evolve
 
-FROZEN = (TIMER_RUN, TIMER_WAIT)
-"""Timers that freeze while paused: they start new work. A run's deadline and its
-schedule-to-start limit keep running: they end work already out."""
+FROZEN = (TIMER_RUN, TIMER_WAIT, TIMER_COMPENSATE)
+"""Timers that freeze while paused: they start new work (a compensation chain's next one
+too). A run's deadline and its schedule-to-start limit keep running: they end work out."""
 HELD = "run is held while the workflow is paused: its step was never published"
 
 

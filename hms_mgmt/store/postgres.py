@@ -420,7 +420,7 @@ class PostgresStore:
             "SELECT w.id FROM workflows w JOIN step_runs r "
             "ON r.workflow_id = w.id AND r.seq = w.seq "
             "WHERE w.name = $1 AND r.step = $2 "
-            "AND w.status NOT IN ('succeeded', 'failed', 'cancelled') "
+            "AND w.status NOT IN ('succeeded', 'failed', 'cancelled', 'compensated') "
             "AND r.status IN ('pending', 'running', 'queued')",
             name,
             step,

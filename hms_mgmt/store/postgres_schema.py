@@ -38,7 +38,8 @@ MIGRATIONS: dict[int, list[str]] = {
         "CREATE INDEX workflows_timer ON workflows (timer_at) WHERE timer_at IS NOT NULL",
         "CREATE INDEX workflows_status ON workflows (status, created_at)",
         "CREATE INDEX workflows_created ON workflows (created_at)",
-        f"CREATE INDEX workflows_finished ON workflows (updated_at) WHERE {FINISHED}",
+        "CREATE INDEX workflows_finished ON workflows (updated_at) "
+        "WHERE status IN ('succeeded', 'failed', 'cancelled')",  # as it was: see 6
         "CREATE TABLE step_runs (workflow_id TEXT NOT NULL, seq BIGINT NOT NULL, step TEXT NOT NULL, "
         "visit BIGINT NOT NULL, attempt BIGINT NOT NULL, status TEXT NOT NULL, input TEXT, "
         "output TEXT, error TEXT, context TEXT, created_at DOUBLE PRECISION NOT NULL, "
@@ -229,6 +230,12 @@ MIGRATIONS[5] = [
     "ALTER TABLE workflows ADD COLUMN priority BIGINT NOT NULL DEFAULT 3",
     f"DROP FUNCTION hms_commit({', '.join(_signature(PARTS_4))})",
     _commit_function(PARTS),
+]
+# 6: compensated is a terminal status too: retention deletes compensated workflows, found
+# through the partial index of the finished ones.
+MIGRATIONS[6] = [
+    "DROP INDEX IF EXISTS workflows_finished",
+    f"CREATE INDEX workflows_finished ON workflows (updated_at) WHERE {FINISHED}",
 ]
 SCHEMA_VERSION = max(MIGRATIONS)
 ARGUMENTS = 1 + sum(len(types.split()) for _, types in PARTS)  # the owner, then the arrays

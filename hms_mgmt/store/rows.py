@@ -27,7 +27,8 @@ WORKFLOW_AND_RUN = ", ".join(
     + [f"r.{c.strip()}" for c in RUN_COLUMNS.split(",")]
 )
 WORKFLOW_WIDTH = len(WORKFLOW_COLUMNS.split(","))
-FINISHED = "status IN ('succeeded', 'failed', 'cancelled')"  # matches the partial index
+# Terminal statuses: matches the partial index (SQLite schema 8, PostgreSQL migration 6)
+FINISHED = "status IN ('succeeded', 'failed', 'cancelled', 'compensated')"
 
 
 def as_json(value: Any) -> str | None:

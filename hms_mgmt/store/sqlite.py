@@ -515,7 +515,7 @@ class SQLiteStore:
             "SELECT w.id FROM workflows w JOIN step_runs r "
             "ON r.workflow_id = w.id AND r.seq = w.seq "
             "WHERE w.name = ? AND r.step = ? "
-            "AND w.status NOT IN ('succeeded', 'failed', 'cancelled') "
+            "AND w.status NOT IN ('succeeded', 'failed', 'cancelled', 'compensated') "
             "AND r.status IN ('pending', 'running', 'queued')",
             (name, step),
         )

@@ -16,7 +16,7 @@ from hms_mgmt.errors import StoreError
 from hms_mgmt.store.base import Batch, StoreIdentity
 from hms_mgmt.store.rows import RUN_COLUMNS, WORKFLOW_COLUMNS, as_json, run_row, workflow_row
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 # How the schema changes: a new file gets SCHEMA (which always has everything); a file of an
 # older version gets MIGRATIONS[v] for each v after its own, in order, in one transaction at
@@ -74,11 +74,14 @@ MIGRATIONS: dict[int, list[str]] = {
     6: ["ALTER TABLE workflows ADD COLUMN pause TEXT"],
     # a workflow's priority (start(priority=1..5)): the order of its queued runs
     7: ["ALTER TABLE workflows ADD COLUMN priority INTEGER NOT NULL DEFAULT 3"],
+    # compensated is terminal too: the partial index of finished workflows, made again by
+    # INDEXES with it (retention finds compensated workflows through it)
+    8: ["DROP INDEX IF EXISTS workflows_finished"],
 }
 INDEXES = """
 CREATE INDEX IF NOT EXISTS workflows_created ON workflows (created_at);
 CREATE INDEX IF NOT EXISTS workflows_finished ON workflows (updated_at)
-    WHERE status IN ('succeeded', 'failed', 'cancelled');
+    WHERE status IN ('succeeded', 'failed', 'cancelled', 'compensated');
 CREATE INDEX IF NOT EXISTS requests_at ON requests (at);
 """
 MIN_FREE_BYTES = 16 * 1024 * 1024  # less free space than this is a full disk

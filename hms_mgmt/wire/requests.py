@@ -146,6 +146,20 @@ class _AboutWithReason(_About):
 @dataclass(frozen=True, kw_only=True)
 class CancelRequest(_AboutWithReason):
     kind = "cancel"
+    compensate: bool = False  # compensate the steps that succeeded, then end compensated
+
+    @classmethod
+    def parse(cls, data: dict[str, Any], **common: Any) -> Request:
+        compensate = data.get("compensate", False)
+        if not isinstance(compensate, bool):
+            raise InvalidMessageError(f"compensate must be true or false, not {compensate!r}")
+        reason = data.get("reason")
+        return cls(
+            workflow_id=ident(data, "workflow_id"),
+            reason=None if reason is None else str(reason)[:1000],
+            compensate=compensate,
+            **common,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)

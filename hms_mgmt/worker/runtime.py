@@ -311,6 +311,7 @@ class Worker:
             visit=message.visit,
             error=context.get("error"),
             signal=context.get("signal"),
+            compensating=context.get("compensating"),
             traceparent=message.traceparent,
             _heartbeat=heartbeat,
         )

@@ -48,6 +48,7 @@ COLUMNS = (
     "case",
     "started",
     "succeeded",
+    "compensated",
     "failed_by_design",
     "in_dlq",
     "lost",

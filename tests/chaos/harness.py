@@ -23,10 +23,11 @@ from typing import Any
 import hms_mgmt
 from bus_adapters.rabbitmq import RabbitMQBus
 from tests.chaos.node import RabbitNode
-from tests.chaos.service import GRANT, chaos
+from tests.chaos.service import GRANT, SAGA, SAGA_UNDO, chaos
 
 ROOT = Path(__file__).resolve().parents[2]
 TRANSITIONS = ("step_succeeded", "step_failed", "step_timed_out")
+TERMINAL = ("succeeded", "failed", "cancelled", "compensated")
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Report:
     case: str
     started: int = 0
     succeeded: int = 0
+    compensated: int = 0  # sagas that gave up and undid what they had done, by design
     failed_by_design: int = 0
     in_dlq: int = 0
     lost: int = 0
@@ -170,7 +172,7 @@ class Case:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             statuses = await asyncio.to_thread(self.statuses)
-            if all(statuses.get(i) in ("succeeded", "failed", "cancelled") for i in wanted):
+            if all(statuses.get(i) in TERMINAL for i in wanted):
                 return
             self.ensure_worker()
             await asyncio.sleep(0.2)
@@ -210,6 +212,8 @@ class Case:
             status = statuses.get(workflow_id)
             if status == "succeeded":
                 report.succeeded += 1
+            elif status == "compensated":
+                report.compensated += 1
             elif status == "failed" and workflow_id in designed:
                 report.failed_by_design += 1
             elif status == "failed" and workflow_id in dead_workflows:
@@ -219,6 +223,10 @@ class Case:
                 report.notes.append(f"lost {workflow_id}: status {status}")
         report.in_dlq = max(report.in_dlq, sum(v for k, v in dlq.items() if k.startswith("poison")))
         report.duplicate_transitions = await asyncio.to_thread(self._duplicates, ids, statuses)
+        wrong, checked = await asyncio.to_thread(self._compensations, ids)
+        report.duplicate_transitions += wrong
+        if checked:
+            report.notes.append(f"{checked} compensations checked: each once, newest first")
         report.extra_executions = self._extra_executions()
         if self.worker_restarts:
             report.notes.append(f"step service restarted {self.worker_restarts} times")
@@ -258,6 +266,32 @@ class Case:
             if succeeded and len(succeeded) != len(GRANT) and statuses[workflow_id] == "succeeded":
                 duplicates += 1
         return duplicates
+
+    def _compensations(self, ids: list[str]) -> tuple[int, int]:
+        """Sagas whose compensations did not each run once, newest first: one for each succeeded
+        forward run of a step with a compensation (counted as duplicate transitions); and how
+        many compensations were checked."""
+        runs: dict[str, list[tuple[str, str, str | None]]] = {}
+        for workflow_id, step, status, context in self.query(
+            "SELECT r.workflow_id, r.step, r.status, r.context FROM step_runs r JOIN workflows w "
+            "ON w.id = r.workflow_id WHERE w.name = 'saga' ORDER BY r.workflow_id, r.seq"
+        ):
+            runs.setdefault(workflow_id, []).append((step, status, context))
+        wrong = checked = 0
+        for workflow_id in ids:
+            if workflow_id not in runs:
+                continue
+            done = [s for s, status, _ in runs[workflow_id] if status == "succeeded"]
+            forward = [s for s in done if s in SAGA_UNDO]
+            undone = [
+                json.loads(context)["compensating"]["step"]
+                for step, status, context in runs[workflow_id]
+                if status == "succeeded" and step not in SAGA
+            ]
+            checked += len(undone)
+            if undone != list(reversed(forward)):
+                wrong += 1
+        return wrong, checked
 
     def _extra_executions(self) -> int:
         if not self.exec_log.exists():

@@ -94,3 +94,34 @@ chaos.define_workflow("hog", ["block"])
 async def block(ctx: hms_mgmt.StepContext) -> None:
     record(ctx)
     time.sleep(float(ctx.payload.get("block", 0)))  # noqa: ASYNC251 - the point of the case
+
+
+# A saga whose last step always fails: its three compensations run newest first, each once
+# (the chaos case kills the engine in the middle of the chains).
+SAGA = ["creditHold", "reserveFunds", "bookInspection", "payout"]
+SAGA_UNDO = {
+    "creditHold": "releaseHold",
+    "reserveFunds": "releaseFunds",
+    "bookInspection": "cancelInspection",
+}
+chaos.define_workflow(
+    "saga",
+    [Step(step, compensate=SAGA_UNDO.get(step)) for step in SAGA],
+    retry=RetryPolicy(max_attempts=2, initial_delay=0.1, max_delay=0.5),
+)
+
+
+def _saga_step(name: str) -> Any:
+    async def handler(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+        record(ctx)
+        await asyncio.sleep(ctx.payload.get("sleep", 0))
+        if name == "payout":
+            raise RuntimeError("the payout bounced")
+        return {"data": {**ctx.payload, name: ctx.attempt}}
+
+    handler.__qualname__ = f"saga_{name}"
+    return handler
+
+
+for _step in [*SAGA, *SAGA_UNDO.values()]:
+    chaos.on_step(f"saga.{_step}", _saga_step(_step))

@@ -296,3 +296,38 @@ async def test_bad_input_is_dead_lettered_on_first_delivery(case: Case) -> None:
         ids, notes=[f"{3 * len(BAD_BODIES) + 1} bad messages, all dead-lettered"]
     )
     passed(report)
+
+
+async def test_engine_killed_in_the_middle_of_compensation_chains(case: Case) -> None:
+    """Sagas whose payout always fails, the engine killed (-9) while their compensation
+    chains run: each compensation runs once (as a transition), newest first, and every saga
+    ends compensated."""
+    case.start_engine()
+    case.start_worker()
+
+    def compensating() -> int:
+        rows = case.query("SELECT count(*) FROM workflows WHERE status = 'compensating'")
+        return int(rows[0][0]) if rows else 0
+
+    kills = 0
+    async with case.client() as client:
+        ids = await case.start_many(client, 150, workflow="saga", sleep=0.02)
+        for _ in range(4):
+            try:
+                await wait_until(
+                    lambda: asyncio.to_thread(compensating), timeout=30, what="chains under way"
+                )
+            except AssertionError:
+                break  # every chain has ended
+            await asyncio.sleep(random.uniform(0.05, 0.4))
+            case.kill(case.engine)
+            kills += 1
+            case.start_engine()
+        await case.wait_terminal(ids, timeout=120)
+    assert await case.wait_outbox_empty() == 0
+    report = await case.report(
+        ids, notes=[f"engine kill -9 x{kills} while compensation chains ran, restarted"]
+    )
+    passed(report)
+    assert report.compensated == len(ids), report
+    assert kills >= 1

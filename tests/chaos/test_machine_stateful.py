@@ -1,10 +1,12 @@
 """A hypothesis state machine against the pure workflow state machine.
 
 Random starts, outcomes (current, stale, duplicated, reordered), timers, cancels,
-retries, signals, pauses, resumes, resets, and crash-and-reload (the state round-tripped
-through the store's row encoding). Invariants: terminal states stay terminal (only an
-operator's retry or reset moves a finished workflow on), attempts never exceed the policy,
-a paused workflow has no delay, backoff or wait timer armed, and replaying the events
+retries, signals, pauses, resumes, resets, cancels with compensate, compensate timers, and
+crash-and-reload (the state round-tripped through the store's row encoding). Invariants:
+terminal states stay terminal (only an operator's retry or reset moves a finished workflow
+on), attempts never exceed the policy, a paused workflow has no delay, backoff, wait or
+compensate timer armed, a succeeded run is compensated at most once and only if it
+succeeded, a compensated workflow has nothing left to compensate, and replaying the events
 applied so far from scratch gives the current state.
 """
 
@@ -40,8 +42,13 @@ DEFINITIONS = {
         retry=RetryPolicy(max_attempts=2, non_retryable=["KeyError"]),
         on_error="recover",
     ).with_version(1),
+    "saga": WorkflowDefinition.build(
+        "saga",
+        [Step("a", compensate="undoA"), Step("b", compensate="undoB", timeout=5.0), "c"],
+        retry=RetryPolicy(max_attempts=1),
+    ).with_version(1),
 }
-TERMINAL = {"succeeded", "failed", "cancelled"}
+TERMINAL = {"succeeded", "failed", "cancelled", "compensated"}
 
 results = st.sampled_from(
     [
@@ -139,7 +146,14 @@ class WorkflowMachine(RuleBasedStateMachine):
 
     @rule(
         workflow_id=workflows,
-        kind=st.sampled_from([machine.TIMER_RUN, machine.TIMER_DEADLINE, machine.TIMER_WAIT]),
+        kind=st.sampled_from(
+            [
+                machine.TIMER_RUN,
+                machine.TIMER_DEADLINE,
+                machine.TIMER_WAIT,
+                machine.TIMER_COMPENSATE,
+            ]
+        ),
         late=st.booleans(),
     )
     def timer(self, workflow_id: str, kind: str, late: bool) -> None:
@@ -151,6 +165,51 @@ class WorkflowMachine(RuleBasedStateMachine):
     @rule(workflow_id=workflows)
     def cancel(self, workflow_id: str) -> None:
         self._apply(workflow_id, "cancel", "operator")
+
+    @rule(workflow_id=workflows)
+    def compensate_due(self, workflow_id: str) -> None:
+        """A compensate timer, due at once when armed: a rule of its own, so that chains
+        move on often (one kind among the timer rule's four comes too seldom)."""
+        self._apply(workflow_id, "timer", machine.TIMER_COMPENSATE)
+
+    @rule(data=st.data(), steps=st.integers(1, 10))
+    def a_saga_moves_on(self, data: st.DataObject, steps: int) -> None:
+        """Up to ``steps`` ordinary events on one saga that has not finished: its due timer
+        fires, or its run out succeeds (three times in four) or fails. Random
+        events on random workflows seldom take a saga through a whole chain; this does."""
+        sagas = sorted(i for i, (w, _) in self.state.items() if w.name == "saga" and not w.terminal)
+        if not sagas:
+            return
+        workflow_id = data.draw(st.sampled_from(sagas))
+        for _ in range(steps):
+            workflow, runs = self.state[workflow_id]
+            run = runs[workflow.seq]
+            if workflow.terminal or workflow.status == "paused":
+                return
+            if workflow.timer_kind is not None and run.status not in ("pending", "running"):
+                if workflow.timer_at is not None:
+                    self.now = max(self.now, workflow.timer_at)
+                self._apply(workflow_id, "timer", workflow.timer_kind)
+                continue
+            if run.status not in ("pending", "running"):
+                return
+            ok = data.draw(st.sampled_from([True, True, True, False]))
+            event = Outcome(
+                workflow_id,
+                run.seq,
+                "succeeded" if ok else "failed",
+                step=run.step,
+                attempt=run.attempt,
+                result={"data": run.step} if ok else None,
+                error=None if ok else {"type": "RuntimeError", "message": "no"},
+                handler="h",
+            )
+            self.outcomes_seen[workflow_id].append(event)
+            self._apply(workflow_id, "outcome", event)
+
+    @rule(workflow_id=workflows)
+    def cancel_with_compensate(self, workflow_id: str) -> None:
+        self._apply(workflow_id, "cancel_compensate", "operator")
 
     @rule(workflow_id=workflows)
     def retry(self, workflow_id: str) -> None:
@@ -186,7 +245,7 @@ class WorkflowMachine(RuleBasedStateMachine):
     def terminal_states_stay_terminal(self) -> None:
         for workflow_id, (workflow, _) in self.state.items():
             before = self.was_terminal.get(workflow_id)
-            if before in ("succeeded", "cancelled"):
+            if before in ("succeeded", "cancelled", "compensated"):
                 assert workflow.status == before, (workflow_id, before, workflow.status)
             if before == "failed" and workflow.status not in TERMINAL:
                 assert self.log[workflow_id][-1][0] in ("retry", "timer", "outcome", "signal")
@@ -201,9 +260,29 @@ class WorkflowMachine(RuleBasedStateMachine):
         for workflow, _ in self.state.values():
             if workflow.status == "paused":
                 assert workflow.pause is not None
-                assert workflow.timer_kind not in (machine.TIMER_RUN, machine.TIMER_WAIT)
+                assert workflow.timer_kind not in (
+                    machine.TIMER_RUN,
+                    machine.TIMER_WAIT,
+                    machine.TIMER_COMPENSATE,
+                )
             else:
                 assert workflow.pause is None
+
+    @invariant()
+    def each_succeeded_run_is_compensated_at_most_once(self) -> None:
+        for workflow, runs in self.state.values():
+            definition = DEFINITIONS[workflow.name]
+            undone = [
+                machine.compensation.compensated_seq(run)
+                for run in runs.values()
+                if run.status == "succeeded" and machine.compensation.compensated_seq(run)
+            ]
+            assert len(undone) == len(set(undone)), (workflow.id, undone)
+            for seq in undone:
+                assert seq is not None and runs[seq].status == "succeeded"
+                assert definition.compensation_of(runs[seq].step) is not None
+            if workflow.status == "compensated":
+                assert machine.compensation.to_compensate(runs.values(), definition) == []
 
     @invariant()
     def attempts_never_exceed_the_policy(self) -> None:
@@ -240,10 +319,14 @@ def _step(
     try:
         if kind == "outcome":
             t = machine.apply_outcome(workflow, run, definition, value, now)
+        elif kind == "timer" and value == machine.TIMER_COMPENSATE:
+            t = machine.compensate(workflow, run, definition, runs.values(), now)
         elif kind == "timer":
             t = machine.fire_timer(workflow, run, definition, value, now)
         elif kind == "cancel":
             t = machine.cancel(workflow, run, value, now)
+        elif kind == "cancel_compensate":
+            t = machine.cancel(workflow, run, value, now, compensate=True, definition=definition)
         elif kind == "retry":
             seq = (workflow.error or {}).get("seq")
             failed = runs.get(seq, run) if isinstance(seq, int) else run

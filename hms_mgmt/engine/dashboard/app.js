@@ -4,7 +4,7 @@
 "use strict";
 
 const TOKEN_KEY = "hms-token";
-const STATUSES = ["pending", "scheduled", "running", "waiting", "paused", "succeeded", "failed", "cancelled"];
+const STATUSES = ["pending", "scheduled", "running", "waiting", "paused", "compensating", "succeeded", "failed", "cancelled", "compensated"];
 const main = document.getElementById("main");
 let current = null; // the page shown: {refresh()}
 let refreshTimer = null;
@@ -126,7 +126,7 @@ async function act(what, call) {
 
 // A line chart of the per-minute figures, as SVG built node by node.
 const SVG = "http://www.w3.org/2000/svg";
-const SERIES = { started: "#2457c5", succeeded: "#1b7f3b", failed: "#b42318", cancelled: "#98a2b3" };
+const SERIES = { started: "#2457c5", succeeded: "#1b7f3b", failed: "#b42318", cancelled: "#98a2b3", compensated: "#b54708" };
 
 function svg(tag, attrs, ...children) {
   const node = document.createElementNS(SVG, tag);
@@ -429,7 +429,7 @@ function workflowPage(workflowId) {
         fill(facts, h("dt", {}, "error"), h("dd", { className: "error" }, error.message));
         return;
       }
-      const end = state.status === "succeeded" || state.status === "failed" || state.status === "cancelled" ? state.updated_at : Date.now() / 1000;
+      const end = ["succeeded", "failed", "cancelled", "compensated"].includes(state.status) ? state.updated_at : Date.now() / 1000;
       const rows = [
         ["name", state.name], ["status", statusBadge(state.status)],
         ["created", when(state.created_at)], ["updated", when(state.updated_at)],
@@ -451,7 +451,7 @@ function workflowPage(workflowId) {
         bar.style.left = `${left}%`;
         bar.style.width = `${width}%`;
         return h("tr", { "data-step": s.step, "data-attempt": s.attempt },
-          h("td", {}, s.seq), h("td", {}, s.step), h("td", {}, s.attempt), h("td", {}, statusBadge(s.status)),
+          h("td", {}, s.seq), h("td", {}, s.undoes ? `${s.step} (undoes ${s.undoes.step} #${s.undoes.seq})` : s.step), h("td", {}, s.attempt), h("td", {}, statusBadge(s.status)),
           h("td", {}, when(s.started_at)), h("td", {}, took(s.started_at && s.finished_at ? s.finished_at - s.started_at : null)),
           h("td", { className: "bar-cell" }, h("div", { className: "bar-track", title: `${when(start)} → ${when(stop)}` }, bar)),
           h("td", { className: "error" }, s.error ? [
