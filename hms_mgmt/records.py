@@ -119,6 +119,11 @@ class Workflow:
     # whose step message is held until resume (``held``). None when not paused.
     pause: dict[str, Any] | None = None
     priority: int = 3  # 1 (first) to 5 (last): the order of its queued runs and held start
+    # A child workflow's parent: {"id", "step", "seq", "index", "close"} (see machine.children)
+    parent: dict[str, Any] | None = None
+    # The latest group of child workflows a step of it started: {"step", "seq", "ids",
+    # "close", "next_step", "many", "done": {id: {"status", "output", "error"}}}
+    children: dict[str, Any] | None = None
 
     @property
     def terminal(self) -> bool:

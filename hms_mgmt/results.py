@@ -6,7 +6,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from hms_mgmt.bounds import check_attributes, check_delay, check_run_at, short
+from hms_mgmt.bounds import check_attributes, check_delay, check_run_at, child_problem, short
 from hms_mgmt.wire.outcomes import RESULT_KEYS
 
 
@@ -136,6 +136,10 @@ def normalise_result(value: Any, *, payload: Any, describe: Callable[[], str]) -
                 raise ValueError(
                     f"{describe()} returned {key} {short(result[key])}; {exc}"
                 ) from None
+    if result.get("child") is not None:
+        problem = child_problem(result["child"])
+        if problem is not None:
+            raise ValueError(f"{describe()} returned a bad child: {problem}")
     attributes = result.get("attributes")
     if attributes is not None:
         try:

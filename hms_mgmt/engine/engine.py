@@ -30,6 +30,7 @@ from hms_mgmt.engine.answers import Answers
 from hms_mgmt.engine.apply import Applier
 from hms_mgmt.engine.cache import InFlight
 from hms_mgmt.engine.events import Received
+from hms_mgmt.engine.family import follow_up
 from hms_mgmt.engine.health import WATCH_EVERY, StoreHealth, watch_store
 from hms_mgmt.engine.intake import Access, Intake
 from hms_mgmt.engine.loading import Loader
@@ -446,6 +447,7 @@ class Engine(EngineReads):
             await self.loader.load(events, work, now)
             for event in events:
                 self.applier.apply(event, work, now)
+            await follow_up(self.loader, self.applier, work, now)  # children and parents
             await self.store.commit(work.batch)
         except Exception as exc:
             self._rolled_back(events, work)

@@ -9,7 +9,7 @@ Every function takes the workflow and its current (latest) run and leaves
 them untouched; the transition carries changed copies.
 """
 
-from hms_mgmt.machine import limits
+from hms_mgmt.machine import children, limits
 from hms_mgmt.machine.events import (
     apply_outcome,
     cancel,
@@ -29,7 +29,12 @@ from hms_mgmt.machine.transition import (
     TIMER_RUN,
     TIMER_START,
     TIMER_WAIT,
+    CancelChild,
+    ChildFinished,
     DeadLetter,
+    FollowUp,
+    RetryChild,
+    StartChild,
     Transition,
 )
 
@@ -39,12 +44,18 @@ __all__ = (
     "TIMER_RUN",
     "TIMER_START",
     "TIMER_WAIT",
+    "CancelChild",
+    "ChildFinished",
     "DeadLetter",
+    "FollowUp",
+    "RetryChild",
     "Slots",
+    "StartChild",
     "Transition",
     "admit",
     "apply_outcome",
     "cancel",
+    "children",
     "dead_lettered",
     "fire_timer",
     "hold_for_type",

@@ -7,6 +7,7 @@ from typing import Any
 
 from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.errors import InvalidStateError, UnknownStepError
+from hms_mgmt.machine import children
 from hms_mgmt.machine.moves import (
     clear_timer,
     copy,
@@ -239,6 +240,7 @@ def cancel(workflow: Workflow, run: StepRun | None, reason: str | None, now: flo
         error={"type": "Cancelled", "message": reason or "cancelled"},
     )
     t.note("workflow_cancelled", reason=reason)
+    children.cascade(t, workflow, reason)
     return t
 
 
@@ -250,6 +252,8 @@ def retry(
         raise InvalidStateError(
             f"workflow {workflow.id} is {workflow.status}; only a failed workflow can be retried"
         )
+    if children.failed_by_child(workflow):  # its children are retried, not its step
+        return children.retry_parent(workflow, definition, now)
     t = Transition()
     wf = evolve(
         workflow,
