@@ -112,7 +112,15 @@ async def test_a_schema_1_file_is_upgraded_in_place(tmp_path: Path) -> None:
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("8",)
         applied = db.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()
-        assert applied == [(2,), (3,), (4,), (5,), (6,), (7,), (8,)]  # each one, recorded as applied
+        assert applied == [
+            (2,),
+            (3,),
+            (4,),
+            (5,),
+            (6,),
+            (7,),
+            (8,),
+        ]  # each one, recorded as applied
         indexes = {
             row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
         }
