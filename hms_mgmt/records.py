@@ -178,6 +178,24 @@ def why_stuck(workflow: Workflow, run: StepRun | None, now: float, after: float)
     return None
 
 
+def children_of(workflow: Workflow) -> list[dict[str, Any]]:
+    """The child workflows a workflow's latest such step started, as its status shows them:
+    id, workflow, status (None while not finished, as far as the parent knows), parent_close."""
+    group = workflow.children
+    if not group:
+        return []
+    done = group.get("done", {})
+    return [
+        {
+            "workflow_id": child,
+            "workflow": name,
+            "status": done.get(child, {}).get("status"),
+            "parent_close": close,
+        }
+        for child, name, close in zip(group["ids"], group["workflows"], group["close"], strict=True)
+    ]
+
+
 def summary(workflow: Workflow, attributes: dict[str, str] | None = None) -> dict[str, Any]:
     """A workflow in a list (``hms workflow list``, ``client.list``, ``GET /api/workflows``),
     with its business keys."""
@@ -241,6 +259,10 @@ class WorkflowState:
     stuck: str | None = None  # why the workflow seems stuck, when it does
     attributes: dict[str, str] = field(default_factory=dict)  # business keys
     paused: dict[str, Any] | None = None  # while paused: since, reason, the status it resumes to
+    parent: dict[str, Any] | None = None  # a child workflow's parent: id, name, step, index
+    # The child workflows its latest such step started: workflow_id, workflow, status
+    # (None while not finished), parent_close
+    children: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def terminal(self) -> bool:
@@ -296,6 +318,8 @@ class WorkflowState:
             stuck=stuck,
             attributes=dict(attributes or {}),
             paused=workflow.pause,
+            parent=workflow.parent,
+            children=children_of(workflow),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -328,6 +352,13 @@ class WorkflowState:
         if self.attributes:
             keys = ", ".join(f"{k}={v}" for k, v in sorted(self.attributes.items()))
             lines.append(f"  attributes: {keys}")
+        if self.parent:
+            lines.append(f"  parent: {self.parent.get('id')} (step {self.parent.get('step')})")
+        if self.children:
+            listed = ", ".join(f"{c['workflow_id']} ({c['status'] or 'running'})" for c in
+                               self.children[:10])  # fmt: skip
+            more = f" and {len(self.children) - 10} more" if len(self.children) > 10 else ""
+            lines.append(f"  children: {listed}{more}")
         if self.waiting_for:
             lines.append(f"  waiting for {self.waiting_for.get('event')!r}")
         if self.paused:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from hms_mgmt import machine
+from hms_mgmt.cli_format import show
 from hms_mgmt.definitions import RetryPolicy, Step, WorkflowDefinition
 from hms_mgmt.engine.apply import Applier
 from hms_mgmt.engine.cache import InFlight
@@ -135,7 +136,21 @@ async def test_a_child_starts_with_the_step_and_its_end_resumes_the_parent_in_on
     parent = await driver.workflow("p1")
     assert parent.status == "waiting" and parent.wait is not None
     assert parent.wait["children"] == [child]
-    assert "child workflow p1.inspect.1.0" in (await driver.state("p1")).describe()
+    waiting = await driver.state("p1")
+    assert "child workflow p1.inspect.1.0" in waiting.describe()
+    assert waiting.children == [
+        {
+            "workflow_id": child,
+            "workflow": "inspection",
+            "status": None,
+            "parent_close": "terminate",
+        }
+    ]
+    shown = show(waiting.to_json(), now=driver.now)
+    assert "for child workflow p1.inspect.1.0" in shown and f"{child} -" in shown
+    child_state = await driver.state(child)
+    assert child_state.parent is not None and child_state.parent["id"] == "p1"
+    assert "parent    p1 (step inspect)" in show(child_state.to_json(), now=driver.now)
     started = await driver.workflow(child)
     assert started.parent is not None and started.parent["id"] == "p1"
     assert driver.message(child, "visit")["payload"] == {"site": "S-1"}
@@ -143,6 +158,7 @@ async def test_a_child_starts_with_the_step_and_its_end_resumes_the_parent_in_on
     assert (await driver.workflow("p1")).status == "waiting"
     work = await driver.answer(child, "report", data={"passed": True})
     assert set(work.batch.workflows) == {"p1", child}  # the child's end and the resume
+    assert (await driver.state("p1")).children[0]["status"] == "succeeded"
     assert (await driver.workflow(child)).status == "succeeded"
     assert (await driver.workflow("p1")).status == "running"
     assert driver.message("p1", "finalize")["payload"] == {"passed": True}

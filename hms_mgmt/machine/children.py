@@ -323,19 +323,3 @@ def retry_parent(workflow: Workflow, definition: WorkflowDefinition, now: float)
     if all(done.get(i, {}).get("status") == "succeeded" for i in group["ids"]):
         _resume(t, wf, definition, group, now)  # they all succeeded since (retried alone)
     return t
-
-
-def describe_children(group: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """A parent's latest children as its status shows them: id, workflow, status (``None``
-    while not finished, as far as the parent knows)."""
-    if group is None:
-        return []
-    return [
-        {
-            "workflow_id": child,
-            "workflow": name,
-            "status": group["done"].get(child, {}).get("status"),
-            "parent_close": close,
-        }
-        for child, name, close in zip(group["ids"], group["workflows"], group["close"], strict=True)
-    ]
