@@ -355,8 +355,8 @@ class WorkflowState:
         if self.parent:
             lines.append(f"  parent: {self.parent.get('id')} (step {self.parent.get('step')})")
         if self.children:
-            listed = ", ".join(f"{c['workflow_id']} ({c['status'] or 'running'})" for c in
-                               self.children[:10])  # fmt: skip
+            shown = self.children[:10]
+            listed = ", ".join(f"{c['workflow_id']} ({c['status'] or 'running'})" for c in shown)
             more = f" and {len(self.children) - 10} more" if len(self.children) > 10 else ""
             lines.append(f"  children: {listed}{more}")
         if self.waiting_for:

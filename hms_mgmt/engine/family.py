@@ -73,8 +73,10 @@ def apply(applier: Applier, event: FollowUp, work: Work, now: float) -> None:
         work.started += 1
         return
     if found is None:
-        work.log("warning", "follow-up for a workflow not found", workflow_id=event.workflow_id,
-                 kind=type(event).__name__)  # fmt: skip
+        kind = type(event).__name__
+        work.log(
+            "warning", "follow-up for a missing workflow", workflow_id=event.workflow_id, kind=kind
+        )
         return
     workflow, run = found
     if isinstance(event, ChildFinished):

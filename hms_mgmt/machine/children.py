@@ -118,10 +118,10 @@ def spawn(
             "index": index,
             "close": spec.get("parent_close", TERMINATE),
         }
-        t.follow.append(
-            StartChild(ids[index], spec["workflow"], spec.get("data"), parent, wf.traceparent,
-                       wf.priority)
-        )  # fmt: skip
+        start = StartChild(
+            ids[index], spec["workflow"], spec.get("data"), parent, wf.traceparent, wf.priority
+        )
+        t.follow.append(start)
     t.note("children_started", step=run.step, seq=run.seq, children=ids)
 
 
@@ -238,8 +238,14 @@ def _fail_step(
     }
     wf.wait = None
     wf.status = WorkflowStatus.RUNNING
-    t.note("step_failed", seq=run.seq, step=run.step, attempt=run.attempt,
-           error_type=CHILD_FAILED, message=failure["message"])  # fmt: skip
+    t.note(
+        "child_failed",
+        seq=run.seq,
+        step=run.step,
+        attempt=run.attempt,
+        error_type=CHILD_FAILED,
+        message=failure["message"],
+    )
     # Not retried, and not dead-lettered: the child had its own retries, and its own
     # message is in its step's .dlq.
     give_up(t, wf, run, definition, failure, now, dead_letter=False)
@@ -278,11 +284,14 @@ def cascade(t: Transition, workflow: Workflow, reason: str | None) -> None:
     if group is None:
         return
     why = f"parent {workflow.id} cancelled" + (f": {reason}" if reason else "")
-    for child, close in zip(group["ids"], group["close"], strict=True):
-        if child not in group["done"] and close == TERMINATE:
-            t.follow.append(CancelChild(child, why))
-    t.note("children_cancelled", children=[f.workflow_id for f in t.follow if
-                                           isinstance(f, CancelChild)])  # fmt: skip
+    cancelled = [
+        child
+        for child, close in zip(group["ids"], group["close"], strict=True)
+        if child not in group["done"] and close == TERMINATE
+    ]
+    t.follow += [CancelChild(child, why) for child in cancelled]
+    if cancelled:
+        t.note("children_cancelled", children=cancelled)
 
 
 def failed_by_child(workflow: Workflow) -> bool:
