@@ -400,3 +400,39 @@ def test_a_bad_child_shape_is_refused_by_the_step_service_and_on_the_wire(
         Outcome.from_json(
             {"workflow_id": "w", "seq": 1, "kind": "succeeded", "result": {"child": value}}
         )
+
+
+async def test_a_paused_parent_records_its_child_and_moves_on_only_when_resumed(
+    driver: Driver,
+) -> None:
+    await driver.request(type="start", workflow_id="p1", workflow="grant", payload={})
+    await driver.answer("p1", "validate")
+    await driver.answer("p1", "inspect", **INSPECT)
+    child = "p1.inspect.1.0"
+    await driver.request(type="pause", workflow_id="p1", reason="audit")
+    await driver.answer(child, "visit")
+    await driver.answer(child, "report", data={"passed": True})
+    paused = await driver.workflow("p1")
+    assert paused.status == "paused" and paused.pause is not None
+    assert paused.children is not None and paused.children["done"][child]["status"] == "succeeded"
+    assert not [m for m in driver.out if m["workflow_id"] == "p1"]  # its next step is held
+    await driver.request(type="resume", workflow_id="p1")
+    assert driver.message("p1", "finalize")["payload"] == {"passed": True}
+
+
+async def test_a_reset_of_a_waiting_parent_cancels_its_children_and_starts_new_ones(
+    driver: Driver,
+) -> None:
+    await driver.request(type="start", workflow_id="p1", workflow="grant", payload={})
+    await driver.answer("p1", "validate")
+    await driver.answer("p1", "inspect", **INSPECT)
+    await driver.request(type="reset", workflow_id="p1", to_step="inspect")
+    first = await driver.workflow("p1.inspect.1.0")
+    assert first.status == "cancelled" and first.error is not None
+    assert "parent p1 reset to 'inspect'" in first.error["message"]
+    assert (await driver.workflow("p1")).status == "running"  # not cancelled by its child
+    await driver.answer("p1", "inspect", **INSPECT)
+    second = "p1.inspect.2.0"  # a new visit: new children
+    await driver.answer(second, "visit")
+    await driver.answer(second, "report", data={"second": True})
+    assert driver.message("p1", "finalize")["payload"] == {"second": True}

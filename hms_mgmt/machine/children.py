@@ -277,13 +277,15 @@ def _resume(
     enter(t, definition, next_step, payload, now, workflow=wf)
 
 
-def cascade(t: Transition, workflow: Workflow, reason: str | None) -> None:
-    """A cancelled parent cancels its children that have not finished, but for those
-    started with ``parent_close="abandon"``."""
+def cascade(
+    t: Transition, workflow: Workflow, reason: str | None, *, how: str = "cancelled"
+) -> None:
+    """A cancelled parent (or one reset while it waits for them) cancels its children that
+    have not finished, but for those started with ``parent_close="abandon"``."""
     group = workflow.children
     if group is None:
         return
-    why = f"parent {workflow.id} cancelled" + (f": {reason}" if reason else "")
+    why = f"parent {workflow.id} {how}" + (f": {reason}" if reason else "")
     cancelled = [
         child
         for child, close in zip(group["ids"], group["close"], strict=True)

@@ -397,4 +397,6 @@ def reset(
         reason=reason,
     )
     enter(t, definition, to_step, payload, now, workflow=wf, context=context)
+    if children.waits_for(workflow, workflow.children):  # their outputs would go nowhere
+        children.cascade(t, workflow, reason, how=f"reset to {to_step!r}")
     return t
