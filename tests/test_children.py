@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hms_mgmt import machine
 from hms_mgmt.cli_format import show
@@ -436,3 +438,78 @@ async def test_a_reset_of_a_waiting_parent_cancels_its_children_and_starts_new_o
     await driver.answer(second, "visit")
     await driver.answer(second, "report", data={"second": True})
     assert driver.message("p1", "finalize")["payload"] == {"second": True}
+
+
+# -- the pure machine: any order of the children's ends, duplicates, reloads ---------------
+
+
+def _through_a_row(workflow: Workflow) -> Workflow:
+    """The workflow as the store gives it back: a reload between two transitions."""
+    from hms_mgmt.store.rows import workflow_of, workflow_row
+
+    return workflow_of(workflow_row(workflow))
+
+
+def _waiting_parent(count: int) -> tuple[Workflow, Any, list[str]]:
+    t = machine.start(GRANT, "p1", {}, 1.0)
+    assert t.workflow is not None
+    wf, run = t.workflow, t.runs[-1]
+    for seq, result in ((1, {"data": {}}), (2, {"child": [{"workflow": "inspection"}] * count})):
+        outcome = Outcome("p1", seq, "succeeded", step=run.step, result=result)
+        t = machine.apply_outcome(wf, run, GRANT, outcome, 2.0 + seq)
+        assert t.workflow is not None
+        wf, run = t.workflow, t.runs[-1]
+    ids = [f.workflow_id for f in t.follow if isinstance(f, machine.StartChild)]
+    assert wf.status == "waiting" and len(ids) == count
+    return wf, run, ids
+
+
+@given(data=st.data(), count=st.integers(1, 6), reload=st.booleans())
+@settings(max_examples=150, deadline=None)
+def test_any_order_of_ends_with_duplicates_resumes_the_parent_once_in_item_order(
+    data: st.DataObject, count: int, reload: bool
+) -> None:
+    wf, run, ids = _waiting_parent(count)
+    order = data.draw(st.permutations(range(count)))
+    repeats = data.draw(st.lists(st.integers(0, count - 1), max_size=4))
+    events = list(order) + repeats  # a child's end told again changes nothing more
+    published: list[Any] = []
+    resumed = 0
+    for now, index in enumerate(events, start=10):
+        told = machine.ChildFinished("p1", ids[index], run.seq, "succeeded", {"i": index}, None)
+        t = machine.children.child_finished(wf, run, GRANT, told, float(now))
+        resumed += sum(kind == "resumed" for kind, _ in t.history)
+        published += t.steps
+        if t.workflow is not None:
+            wf = _through_a_row(t.workflow) if reload else t.workflow
+            run = next((r for r in t.runs if r.seq == wf.seq), run)
+    assert resumed == 1
+    [step] = published
+    assert step.step == "finalize" and step.payload == [{"i": i} for i in range(count)]
+
+
+@given(data=st.data(), count=st.integers(2, 6))
+@settings(max_examples=100, deadline=None)
+def test_the_first_failure_fails_the_step_once_and_a_retry_asks_only_for_the_failed(
+    data: st.DataObject, count: int
+) -> None:
+    wf, run, ids = _waiting_parent(count)
+    order = data.draw(st.permutations(range(count)))
+    failing = set(data.draw(st.lists(st.integers(0, count - 1), min_size=1, unique=True)))
+    failures = 0
+    for now, index in enumerate(order, start=10):
+        status = "failed" if index in failing else "succeeded"
+        error = {"type": "RuntimeError", "message": f"child {index}"} if index in failing else None
+        told = machine.ChildFinished("p1", ids[index], run.seq, status, {"i": index}, error)
+        t = machine.children.child_finished(wf, run, GRANT, told, float(now))
+        failures += sum(kind == "child_failed" for kind, _ in t.history)
+        assert not t.steps  # never resumes
+        if t.workflow is not None:
+            wf = _through_a_row(t.workflow)
+    first = ids[next(i for i in order if i in failing)]
+    assert failures == 1 and wf.status == "failed" and wf.error is not None
+    assert wf.error["child"] == first
+    t = machine.retry(wf, run, GRANT, 100.0)
+    retried = [f.workflow_id for f in t.follow if isinstance(f, machine.RetryChild)]
+    assert retried == [ids[i] for i in sorted(failing)]
+    assert t.workflow is not None and t.workflow.status == "waiting"
