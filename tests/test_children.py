@@ -36,7 +36,7 @@ from hms_mgmt.wire.requests import parse_request
 ONCE = RetryPolicy(max_attempts=1)
 GRANT = WorkflowDefinition.build("grant", ["validate", "inspect", "finalize"]).with_version(1)
 GRANT_ON_ERROR = WorkflowDefinition.build(
-    "grantSafe", ["validate", "inspect", "finalize"], on_error="apologise"
+    "grantSafe", [Step("validate", retry=ONCE), "inspect", "finalize"], on_error="apologise"
 ).with_version(1)
 INSPECTION = WorkflowDefinition.build(
     "inspection", ["visit", Step("report", retry=ONCE)]
@@ -348,7 +348,10 @@ async def test_a_grandchilds_end_resumes_its_parent_and_grandparent_in_one_commi
             "child workflow 'nope', which is not defined",
         ),
         ({"child": {"workflow": "inspection"}, "next_step": "nope"}, "next_step 'nope'"),
-        ({"child": {"workflow": "inspection"}, "wait_for": "x"}, "both 'child' and 'wait_for'"),
+        (
+            {"child": {"workflow": "inspection"}, "wait_for": "x"},
+            "returned both 'child' and 'wait_for'; a step that starts children waits for them",
+        ),
     ],
 )
 async def test_children_that_cannot_start_fail_the_step_naming_what_is_wrong(
@@ -513,3 +516,12 @@ def test_the_first_failure_fails_the_step_once_and_a_retry_asks_only_for_the_fai
     retried = [f.workflow_id for f in t.follow if isinstance(f, machine.RetryChild)]
     assert retried == [ids[i] for i in sorted(failing)]
     assert t.workflow is not None and t.workflow.status == "waiting"
+
+
+async def test_an_error_step_cannot_start_children(driver: Driver) -> None:
+    await driver.request(type="start", workflow_id="p1", workflow="grantSafe", payload={})
+    await driver.answer("p1", "validate", fail=True)  # one attempt, then the error step
+    await driver.answer("p1", "apologise", **INSPECT)
+    state = await driver.state("p1")
+    assert state.status == "failed" and state.error is not None
+    assert "an error step cannot start child workflows" in state.error["error_path"]["message"]

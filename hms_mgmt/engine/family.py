@@ -107,7 +107,8 @@ def checked(
     """A succeeded outcome whose children cannot start (a workflow not defined, a bad
     shape) becomes a failed one, not retried, naming what is wrong: as a bad next_step."""
     handler = outcome.handler or f"the handler of {definition.name}.{run.step}"
-    problem = machine.children.problem(outcome.result or {}, known, handler)
+    error_step = definition.on_error is not None and run.step == definition.on_error.name
+    problem = machine.children.problem(outcome.result or {}, known, handler, error_step=error_step)
     if problem is None:
         return outcome
     error = {"type": INVALID_CHILD, "message": problem, "retryable": False}

@@ -29,6 +29,7 @@ the same state.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Collection
 from typing import Any
 
 from hms_mgmt.bounds import ID_PATTERN, child_problem
@@ -51,19 +52,30 @@ CHILD_FAILED = "ChildFailed"
 TERMINATE, ABANDON = "terminate", "abandon"
 
 
-def problem(result: dict[str, Any], known: Any, handler: str) -> str | None:
+def problem(
+    result: dict[str, Any],
+    known: Collection[str],
+    handler: str,
+    *,
+    error_step: bool = False,
+) -> str | None:
     """Why a result's children cannot start, naming the handler; None if they can.
-    ``known``: the names of the workflows defined."""
+    ``known``: the names of the workflows defined; ``error_step``: the result is of the
+    workflow's ``on_error`` step, which ends the workflow and so cannot wait for children."""
     value = result.get("child")
     if value is None:
         return None
     shape = child_problem(value)
     if shape is not None:
         return f"{handler} returned a bad child: {shape}"
+    if error_step:
+        return f"{handler} returned a child, but an error step cannot start child workflows"
     for key in ("wait_for", "complete", "delay", "run_at"):
         if result.get(key):
-            return f"{handler} returned both 'child' and {key!r}; a step that starts children "
-            "waits for them"
+            return (
+                f"{handler} returned both 'child' and {key!r}; a step that starts children "
+                "waits for them"
+            )
     for spec in value if isinstance(value, list) else [value]:
         if spec["workflow"] not in known:
             names = ", ".join(sorted(known)) or "none"
