@@ -5,12 +5,13 @@ The step service notes each run of a child's step in a file, so a test counts wh
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 import hms_mgmt
-from tests.conftest import Processes, wait_until
+from tests.conftest import Processes, hms, http_get, wait_until
 
 pytestmark = pytest.mark.broker
 
@@ -66,6 +67,16 @@ async def test_a_failed_child_is_retried_through_its_parent_without_rerunning_it
             ("report", "succeeded"),
         ]
     assert [s.step for s in done.steps] == ["open", "review", "close"]
+    status, body = await http_get(f"{daemons.engine_url}/api/workflows/{parent}")
+    assert status == 200, body
+    shown = json.loads(body)
+    assert [(c["workflow_id"], c["status"]) for c in shown["children"]] == [
+        (child_id, "succeeded") for child_id in ids
+    ]
+    status, body = await http_get(f"{daemons.engine_url}/api/workflows/{ids[0]}")
+    assert json.loads(body)["parent"]["id"] == parent
+    shown_by_cli = await hms("workflow", "show", parent, env={"HMS_ENGINE_URL": daemons.engine_url})
+    assert f"{ids[0]} succeeded, {ids[1]} succeeded" in shown_by_cli.stdout
 
 
 async def test_cancelling_a_parent_cancels_its_children_but_not_the_abandoned(
