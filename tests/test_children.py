@@ -525,3 +525,21 @@ async def test_an_error_step_cannot_start_children(driver: Driver) -> None:
     state = await driver.state("p1")
     assert state.status == "failed" and state.error is not None
     assert "an error step cannot start child workflows" in state.error["error_path"]["message"]
+
+
+def test_step_result_child_makes_the_result_and_refuses_a_bad_one() -> None:
+    from hms_mgmt import StepResult
+
+    one = StepResult.child("inspection", {"site": 1}, next_step="finalize")
+    assert one.to_result() == {
+        "child": {"workflow": "inspection", "data": {"site": 1}},
+        "next_step": "finalize",
+    }
+    left = StepResult.child("inspection", parent_close="abandon").to_result()
+    assert left["child"]["parent_close"] == "abandon"
+    many = StepResult.child([{"workflow": "a"}, {"workflow": "b", "data": 2}]).to_result()
+    assert many == {"child": [{"workflow": "a"}, {"workflow": "b", "data": 2}]}
+    with pytest.raises(ValueError, match=r"StepResult\.child: .*parent_close 'stay'"):
+        StepResult.child("inspection", parent_close="stay")
+    with pytest.raises(ValueError, match="a list of 0 children"):
+        StepResult.child([])
