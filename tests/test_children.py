@@ -22,8 +22,8 @@ from hms_mgmt.cli_format import show
 from hms_mgmt.definitions import RetryPolicy, Step, WorkflowDefinition
 from hms_mgmt.engine.apply import Applier
 from hms_mgmt.engine.cache import InFlight
+from hms_mgmt.engine.engine import follow_up
 from hms_mgmt.engine.events import Event, OutcomeEvent, RequestEvent
-from hms_mgmt.engine.family import follow_up
 from hms_mgmt.engine.loading import Loader
 from hms_mgmt.engine.registry import Registry
 from hms_mgmt.engine.work import Work

@@ -2,11 +2,12 @@
 
 A step that starts child workflows, a child that ends, a parent cancelled or retried: each
 transition lists what it asks of the other workflows (:data:`~hms_mgmt.machine.FollowUp`).
-After the batch's events are applied, the engine loads the workflows those follow-ups
-name (those it has not loaded already) and applies them, round after round (a follow-up
-may cause more: a grandchild's end ends a child, which tells its parent), all before the
-one commit. So a child's end and its parent's resume, or a parent's cancel and its
-children's, are one transaction: no crash can come between them.
+After the batch's events are applied, the engine (:func:`~hms_mgmt.engine.engine.follow_up`)
+loads the workflows those follow-ups name (those it has not loaded already) and applies
+them here, round after round (a follow-up may cause more: a grandchild's end ends a child,
+which tells its parent), all before the one commit. So a child's end and its parent's
+resume, or a parent's cancel and its children's, are one transaction: no crash can come
+between them. Pure, like the apply stage that calls it.
 """
 
 from __future__ import annotations
@@ -30,32 +31,8 @@ from hms_mgmt.wire.outcomes import Outcome
 
 if TYPE_CHECKING:
     from hms_mgmt.engine.apply import Applier
-    from hms_mgmt.engine.loading import Loader
 
 FOLLOW_UPS = (StartChild, ChildFinished, CancelChild, RetryChild)
-MAX_ROUNDS = 100
-"""Rounds of follow-ups in one batch at most: as deep as children may nest."""
-
-
-async def follow_up(loader: Loader, applier: Applier, work: Work, now: float) -> None:
-    """Apply the batch's follow-ups, and theirs, until there are none left."""
-    for _ in range(MAX_ROUNDS):
-        if not work.follow:
-            return
-        pending, work.follow = work.follow, []
-        await loader.load_more([f.workflow_id for f in pending], work)
-        for event in pending:
-            if isinstance(event, RetryChild):
-                await loader.load_failed_run(event.workflow_id, work)
-        for event in pending:
-            applier.apply(event, work, now)
-    work.log(
-        "error",
-        "child workflows nested deeper than the engine follows in one batch: left undone",
-        rounds=MAX_ROUNDS,
-        left=[f.workflow_id for f in work.follow[:20]],
-    )
-    work.follow = []
 
 
 def apply(applier: Applier, event: FollowUp, work: Work, now: float) -> None:
