@@ -188,3 +188,32 @@ def check_priority(value: Any, what: str, error: type[Exception] = ValueError) -
     if isinstance(value, bool) or not isinstance(value, int) or value not in PRIORITIES:
         raise error(f"{what} must be a whole number from 1 (first) to 5 (last), not {value!r}")
     return value
+
+
+MAX_CHILDREN = 1000
+"""Child workflows one step may start."""
+PARENT_CLOSE = ("terminate", "abandon")
+CHILD_KEYS = frozenset({"workflow", "data", "parent_close"})
+
+
+def child_problem(value: Any) -> str | None:
+    """What is wrong with a step result's ``child`` value, or None: a child is
+    ``{"workflow": name, "data": ..., "parent_close": "terminate" | "abandon"}``, and
+    ``child`` is one of them or a list of 1 to :data:`MAX_CHILDREN` of them."""
+    specs = value if isinstance(value, list) else [value]
+    if not specs or len(specs) > MAX_CHILDREN:
+        return f"'child' is a list of {len(specs)} children; a step starts 1 to {MAX_CHILDREN}"
+    for index, spec in enumerate(specs):
+        where = f"child {index}" if isinstance(value, list) else "'child'"
+        if not isinstance(spec, dict):
+            return f"{where} is {short(spec)}; expected {{'workflow': name, 'data': ...}}"
+        unknown = set(spec) - CHILD_KEYS
+        if unknown:
+            return f"{where} has unknown keys {sorted(unknown)}; expected {sorted(CHILD_KEYS)}"
+        name = spec.get("workflow")
+        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+            return f"{where} names workflow {short(name)}, which is not a workflow name"
+        close = spec.get("parent_close", "terminate")
+        if close not in PARENT_CLOSE:
+            return f"{where} has parent_close {short(close)}; expected 'terminate' or 'abandon'"
+    return None

@@ -221,7 +221,16 @@ def show(state: dict[str, Any], *, history: bool = False, now: float | None = No
         if until is not None:
             soon = relative(until, time.time() if now is None else now)
             deadline = f" until {when(until)}" + (f" ({soon})" if soon else "")
-        fields.append(("waiting", f"for signal {event!r}{deadline}"))
+        children = waiting.get("children") if isinstance(waiting, dict) else None
+        fields.append(
+            ("waiting", f"for {event}" if children else f"for signal {event!r}{deadline}")
+        )
+    parent = state.get("parent")
+    if isinstance(parent, dict):
+        fields.append(("parent", f"{parent.get('id')} (step {parent.get('step')})"))
+    if state.get("children"):
+        listed = [f"{c['workflow_id']} {c.get('status') or '-'}" for c in state["children"]]
+        fields.append(("children", ", ".join(listed)))
     paused = state.get("paused")
     if isinstance(paused, dict):
         fields.append(("paused", paused_text(paused)))

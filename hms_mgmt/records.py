@@ -129,6 +129,11 @@ class Workflow:
     # whose step message is held until resume (``held``). None when not paused.
     pause: dict[str, Any] | None = None
     priority: int = 3  # 1 (first) to 5 (last): the order of its queued runs and held start
+    # A child workflow's parent: {"id", "step", "seq", "index", "close"} (see machine.children)
+    parent: dict[str, Any] | None = None
+    # The latest group of child workflows a step of it started: {"step", "seq", "ids",
+    # "close", "next_step", "many", "done": {id: {"status", "output", "error"}}}
+    children: dict[str, Any] | None = None
 
     @property
     def terminal(self) -> bool:
@@ -197,6 +202,24 @@ def _step_json(step: StepRecord) -> dict[str, Any]:
     return values
 
 
+def children_of(workflow: Workflow) -> list[dict[str, Any]]:
+    """The child workflows a workflow's latest such step started, as its status shows them:
+    id, workflow, status (None while not finished, as far as the parent knows), parent_close."""
+    group = workflow.children
+    if not group:
+        return []
+    done = group.get("done", {})
+    return [
+        {
+            "workflow_id": child,
+            "workflow": name,
+            "status": done.get(child, {}).get("status"),
+            "parent_close": close,
+        }
+        for child, name, close in zip(group["ids"], group["workflows"], group["close"], strict=True)
+    ]
+
+
 def summary(workflow: Workflow, attributes: dict[str, str] | None = None) -> dict[str, Any]:
     """A workflow in a list (``hms workflow list``, ``client.list``, ``GET /api/workflows``),
     with its business keys."""
@@ -261,6 +284,10 @@ class WorkflowState:
     stuck: str | None = None  # why the workflow seems stuck, when it does
     attributes: dict[str, str] = field(default_factory=dict)  # business keys
     paused: dict[str, Any] | None = None  # while paused: since, reason, the status it resumes to
+    parent: dict[str, Any] | None = None  # a child workflow's parent: id, name, step, index
+    # The child workflows its latest such step started: workflow_id, workflow, status
+    # (None while not finished), parent_close
+    children: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def terminal(self) -> bool:
@@ -317,6 +344,8 @@ class WorkflowState:
             stuck=stuck,
             attributes=dict(attributes or {}),
             paused=workflow.pause,
+            parent=workflow.parent,
+            children=children_of(workflow),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -350,6 +379,13 @@ class WorkflowState:
         if self.attributes:
             keys = ", ".join(f"{k}={v}" for k, v in sorted(self.attributes.items()))
             lines.append(f"  attributes: {keys}")
+        if self.parent:
+            lines.append(f"  parent: {self.parent.get('id')} (step {self.parent.get('step')})")
+        if self.children:
+            shown = self.children[:10]
+            listed = ", ".join(f"{c['workflow_id']} ({c['status'] or 'running'})" for c in shown)
+            more = f" and {len(self.children) - 10} more" if len(self.children) > 10 else ""
+            lines.append(f"  children: {listed}{more}")
         if self.waiting_for:
             lines.append(f"  waiting for {self.waiting_for.get('event')!r}")
         if self.paused:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from hms_mgmt.bounds import check_attributes, check_delay, check_run_at, short
+from hms_mgmt.bounds import check_attributes, check_delay, check_run_at, child_problem, short
 from hms_mgmt.wire.outcomes import RESULT_KEYS
 
 
@@ -76,6 +76,35 @@ class StepResult:
             result._result["timeout"] = timeout
         return result
 
+    @classmethod
+    def child(
+        cls,
+        workflow: str | list[dict[str, Any]],
+        data: Any = None,
+        *,
+        next_step: str | None = None,
+        parent_close: str = "terminate",
+        attributes: dict[str, str] | None = None,
+    ) -> StepResult:
+        """Start child workflow ``workflow`` with ``data`` and wait for it; ``next_step``
+        (or the next in order) then runs with its output as payload. ``workflow`` may be a
+        list of children (``{"workflow", "data", "parent_close"}``): the next step then gets
+        their outputs, in order. ``parent_close="abandon"``: cancelling this workflow leaves
+        the child running."""
+        if isinstance(workflow, list):
+            children: Any = workflow
+        else:
+            children = {"workflow": workflow, "data": data}
+            if parent_close != "terminate":
+                children["parent_close"] = parent_close
+        problem = child_problem(children)
+        if problem is not None:
+            raise ValueError(f"StepResult.child: {problem}")
+        result = cls(None, next_step=next_step, attributes=attributes)
+        del result._result["data"]
+        result._result["child"] = children
+        return result
+
     def to_result(self) -> dict[str, Any]:
         return dict(self._result)
 
@@ -136,6 +165,10 @@ def normalise_result(value: Any, *, payload: Any, describe: Callable[[], str]) -
                 raise ValueError(
                     f"{describe()} returned {key} {short(result[key])}; {exc}"
                 ) from None
+    if result.get("child") is not None:
+        problem = child_problem(result["child"])
+        if problem is not None:
+            raise ValueError(f"{describe()} returned a bad child: {problem}")
     attributes = result.get("attributes")
     if attributes is not None:
         try:

@@ -368,3 +368,53 @@ for _name in SAGA:
     grant.on_step(f"saga.{_name}", _saga_step(_name))
 for _name in SAGA_UNDO.values():
     grant.on_step(f"saga.{_name}", _saga_undo(_name))
+# -- child workflows: a parent's step starts siteVisit children, each run noted in a file ----
+
+grant.define_workflow("withChildren", ["open", "review", "close"])
+grant.define_workflow("siteVisit", ["visit", Step("report", retry=ONCE)])
+
+
+@grant.on_step("withChildren.open")
+async def open_file(ctx: hms_mgmt.StepContext) -> None:
+    return None
+
+
+@grant.on_step("withChildren.review")
+async def start_site_visits(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+    # {"children": n} site visits, those listed in {"abandon": [...]} left to run on if the
+    # parent is cancelled; the rest of the payload goes to each.
+    abandoned = ctx.payload.get("abandon", [])
+    children = [
+        {
+            "workflow": "siteVisit",
+            "data": {**ctx.payload, "site": i},
+            "parent_close": "abandon" if i in abandoned else "terminate",
+        }
+        for i in range(ctx.payload.get("children", 1))
+    ]
+    return {"child": children, "next_step": "close"}
+
+
+@grant.on_step("withChildren.close")
+async def close_file(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+    return {"data": {"reports": ctx.payload}}
+
+
+@grant.on_step("siteVisit.visit")
+def visit_site(ctx: hms_mgmt.StepContext) -> dict[str, Any]:  # runs in a thread
+    # {"hold": path}: runs until that file exists (at most a minute)
+    _note(ctx.payload["note"], f"{ctx.workflow_id} visit {ctx.attempt}")
+    release = ctx.payload.get("hold")
+    until = time.monotonic() + 60
+    while release and not Path(release).exists() and time.monotonic() < until:
+        time.sleep(0.05)
+    return {"data": ctx.payload}
+
+
+@grant.on_step("siteVisit.report")
+def report_site(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+    # fails (once: its policy) until the file {"unlock": path} exists
+    _note(ctx.payload["note"], f"{ctx.workflow_id} report {ctx.attempt}")
+    if not Path(ctx.payload["unlock"]).exists():
+        raise RuntimeError("the inspector's report was rejected")
+    return {"data": {"site": ctx.payload["site"], "passed": True}}

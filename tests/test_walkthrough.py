@@ -25,14 +25,20 @@ def walkthrough() -> list[str]:
 
 
 async def waiting(workflow_id: str, env: dict[str, str]) -> bool:
+    """The grant waits for its site inspection, which waits for the report."""
+    inspection = f"{workflow_id}.scheduleInspection.1.0"
     shown = await hms("workflow", "show", workflow_id, env=env)
+    if f"waiting   for child workflow {inspection}" not in shown.stdout:
+        return False
+    shown = await hms("workflow", "show", inspection, env=env)
     return "waiting   for signal 'inspectionReport'" in shown.stdout
 
 
 def test_the_walkthrough_is_what_the_test_expects() -> None:
     lines = walkthrough()
     assert lines[0].startswith("hms engine --http-port 8080") and lines[0].endswith("&")
-    assert any(line.startswith("hms workflow signal $ID inspectionReport") for line in lines)
+    signal = "hms workflow signal $ID.scheduleInspection.1.0 inspectionReport"
+    assert any(line.startswith(signal) for line in lines)
     assert lines[-1] == "hms workflow show $ID --follow"
 
 

@@ -1,4 +1,5 @@
-"""The grant step service: a handler per step, and one that releases a credit hold.
+"""The grant step service: a handler per step of the grant and of its site inspection, and
+one that releases a credit hold.
 
 Run it with ``python -m hms_mgmt.worker examples.grant_approval.service:mgmt``
 (from the repository root), beside ``python -m hms_mgmt.engine``.
@@ -10,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import hms_mgmt
-from examples.grant_approval.workflow import WORKFLOW, define
+from examples.grant_approval.workflow import INSPECTION, WORKFLOW, define
 
 INSPECTION_DEADLINE = 14 * 24 * 3600  # no report in two weeks: the workflow fails
 
@@ -45,21 +46,33 @@ async def release_credit_hold(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
 
 @mgmt.on_step(f"{WORKFLOW}.scheduleInspection")
 async def schedule_inspection(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
-    # Book a site inspection for later, then wait (holding no worker, message or memory)
-    # for the inspector's report: ``signal(workflow_id, "inspectionReport", report)``.
+    # The site inspection is a workflow of its own (its id: <grant id>.scheduleInspection.1.0),
+    # with its own steps and history; the grant waits for it, and finalize gets its output.
+    return {"child": {"workflow": INSPECTION, "data": ctx.payload}, "next_step": "finalize"}
+
+
+@mgmt.on_step(f"{INSPECTION}.bookInspection")
+async def book_inspection(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+    # Book the visit for later, then wait (holding no worker, message or memory) for the
+    # inspector's report: ``signal(inspection_id, "inspectionReport", report)``.
     booked = (datetime.now(UTC) + timedelta(days=3)).replace(microsecond=0).isoformat()
     return {
         "wait_for": "inspectionReport",
         "timeout": INSPECTION_DEADLINE,
-        "next_step": "finalize",
+        "next_step": "recordReport",
         "data": {**ctx.payload, "inspection_booked_for": booked},
     }
 
 
+@mgmt.on_step(f"{INSPECTION}.recordReport")
+async def record_report(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+    return {"data": {**ctx.payload, "inspection_report": ctx.signal or {}}}
+
+
 @mgmt.on_step(f"{WORKFLOW}.finalize")
 async def finalize(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
-    report = ctx.signal or {}
+    report = ctx.payload.get("inspection_report") or {}
     approved = ctx.payload.get("credit_score", 0) >= 700 and bool(report.get("passed"))
     if approved and ctx.payload.get("payout_account") == "closed":  # the bank says no
         raise hms_mgmt.NonRetryableError("payout refused: the applicant's account is closed")
-    return {"data": {**ctx.payload, "inspection_report": report, "approved": approved}}
+    return {"data": {**ctx.payload, "approved": approved}}

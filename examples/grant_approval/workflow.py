@@ -16,10 +16,18 @@ STEPS: list[str | Step] = [
     "scheduleInspection",
     "finalize",
 ]
+INSPECTION = "siteInspection"  # a child workflow of scheduleInspection
+INSPECTION_STEPS = ["bookInspection", "recordReport"]
 
 
 def define(mgmt: hms_mgmt.Management) -> None:
     mgmt.define_workflow(WORKFLOW, STEPS)
+    mgmt.define_workflow(INSPECTION, INSPECTION_STEPS)
+
+
+def inspection_of(workflow_id: str) -> str:
+    """The id of a grant's site inspection: derived from the step that starts it."""
+    return f"{workflow_id}.scheduleInspection.1.0"
 
 
 def sample_application(number: int) -> dict[str, object]:
@@ -31,15 +39,17 @@ def sample_application(number: int) -> dict[str, object]:
 
 
 async def inspect(mgmt: hms_mgmt.Management, workflow_id: str, timeout: float = 30) -> None:
-    """Play the inspector: once the workflow waits for the report, send it."""
+    """Play the inspector: once the grant waits for its site inspection (a child workflow),
+    send the report to the inspection, which waits for it."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         state = await mgmt.status(workflow_id)
-        if state.status == "waiting":
+        if state.status == "waiting":  # its inspection has started, in the same commit
             break
         if state.terminal or asyncio.get_running_loop().time() > deadline:
             raise RuntimeError(
                 f"workflow {workflow_id} never waited for its inspection: {state.status}"
             )
         await asyncio.sleep(0.05)
-    await mgmt.signal(workflow_id, "inspectionReport", {"passed": True, "inspector": "R. Diaz"})
+    report = {"passed": True, "inspector": "R. Diaz"}
+    await mgmt.signal(inspection_of(workflow_id), "inspectionReport", report)

@@ -63,9 +63,16 @@ class Answers:
         if found is None:
             return None
         attributes = (await self._store.attributes([workflow_id])).get(workflow_id)
-        return WorkflowState.of(
+        state = WorkflowState.of(
             *found, now=self._clock(), stuck_after=self.stuck_after, attributes=attributes
         )
+        running = [c["workflow_id"] for c in state.children if c["status"] is None]
+        if running:  # children not finished: their own status, read from the store
+            loaded = await self._store.load(running)
+            for child in state.children:
+                if child["workflow_id"] in loaded:
+                    child["status"] = str(loaded[child["workflow_id"]][0].status)
+        return state
 
     async def summaries(
         self,

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from hms_mgmt import machine, schedules, tracing
+from hms_mgmt.engine import family
 from hms_mgmt.engine.events import (
     DeadLetterEvent,
     Event,
@@ -104,9 +105,11 @@ class Applier:
         # Concurrency slots, as committed; a batch changes its own copy (work.slots).
         self.slots = machine.Slots() if slots is None else slots
 
-    def apply(self, event: Event, work: Work, now: float) -> None:
+    def apply(self, event: Event | machine.FollowUp, work: Work, now: float) -> None:
         try:
-            if isinstance(event, RequestEvent):
+            if isinstance(event, family.FOLLOW_UPS):
+                family.apply(self, event, work, now)
+            elif isinstance(event, RequestEvent):
                 self._request(event.request, work, now)
             elif isinstance(event, OutcomeEvent):
                 self._outcome(event, work, now)
@@ -119,7 +122,9 @@ class Applier:
         except Exception as exc:
             self._refused(event, exc, work, now)
 
-    def _refused(self, event: Event, exc: Exception, work: Work, now: float) -> None:
+    def _refused(
+        self, event: Event | machine.FollowUp, exc: Exception, work: Work, now: float
+    ) -> None:
         """One bad event is refused alone: answered, dead-lettered or logged."""
         if not isinstance(exc, HmsError):
             work.log(
@@ -170,6 +175,7 @@ class Applier:
                 machine.queue(t, now)  # over its step's limits: waits to be admitted
         for kind, detail in t.history:
             batch.history.append((workflow_id, now, kind, detail))
+        work.follow.extend(t.follow)
         wf = t.workflow
         if wf is None:
             return
@@ -315,7 +321,10 @@ class Applier:
             work.batch.history.append((workflow.id, now, "outcome_ignored", detail))
             self._malformed(event, work, run, "step mismatch")
             return
-        t = machine.apply_outcome(workflow, run, self.registry.of(workflow), outcome, now)
+        definition = self.registry.of(workflow)
+        if outcome.kind == "succeeded" and (outcome.result or {}).get("child") is not None:
+            outcome = family.checked(outcome, definition, self.registry.latest, run)
+        t = machine.apply_outcome(workflow, run, definition, outcome, now)
         ignored = None
         if t.history and t.history[0][0] == "outcome_ignored":
             ignored = str(t.history[0][1]["reason"])

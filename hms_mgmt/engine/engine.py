@@ -51,6 +51,7 @@ from hms_mgmt.faults import Faults
 from hms_mgmt.logs import get_logger
 from hms_mgmt.machine import TIMER_ADMIT, Slots
 from hms_mgmt.machine.limits import Group
+from hms_mgmt.machine.transition import RetryChild
 from hms_mgmt.records import StepRun, TypePause, Workflow
 from hms_mgmt.schedules import Schedule
 from hms_mgmt.store.base import Batch, OutboxRow, Store
@@ -68,6 +69,9 @@ log = get_logger("engine")
 
 START_THROUGH_DROPS = 60.0  # seconds start-up waits out a broker that dropped it half-way
 TIMER_SCAN_LIMIT = 10_000
+
+FOLLOW_UP_ROUNDS = 100
+"""Rounds of follow-ups in one batch at most: as deep as child workflows may nest."""
 
 EXIT_STORE_LOST = 4  # the store failed for longer than the grace period
 EXIT_REFUSED = 5  # another engine serves the vhost, or took over the store
@@ -446,6 +450,7 @@ class Engine(EngineReads):
             await self.loader.load(events, work, now)
             for event in events:
                 self.applier.apply(event, work, now)
+            await follow_up(self.loader, self.applier, work, now)  # children and parents
             await self.store.commit(work.batch)
         except Exception as exc:
             self._rolled_back(events, work)
@@ -597,3 +602,26 @@ class Engine(EngineReads):
         task = asyncio.get_running_loop().create_task(coroutine)
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
+
+
+async def follow_up(loader: Loader, applier: Applier, work: Work, now: float) -> None:
+    """Apply the batch's follow-ups (child workflows started, cancelled or retried,
+    parents told; see :mod:`~hms_mgmt.engine.family`), and theirs, until none are left:
+    loaded and applied before the batch's one commit."""
+    for _ in range(FOLLOW_UP_ROUNDS):
+        if not work.follow:
+            return
+        pending, work.follow = work.follow, []
+        await loader.load_more([f.workflow_id for f in pending], work)
+        for event in pending:
+            if isinstance(event, RetryChild):
+                await loader.load_failed_run(event.workflow_id, work)
+        for event in pending:
+            applier.apply(event, work, now)
+    work.log(
+        "error",
+        "child workflows nested deeper than the engine follows in one batch: left undone",
+        rounds=FOLLOW_UP_ROUNDS,
+        left=[f.workflow_id for f in work.follow[:20]],
+    )
+    work.follow = []

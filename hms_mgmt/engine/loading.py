@@ -120,6 +120,25 @@ class Loader:
             if isinstance(event, TimerEvent) and event.kind == TIMER_COMPENSATE:
                 await self._load_runs(event.workflow_id, work)
 
+    async def load_more(self, workflow_ids: list[str], work: Work) -> None:
+        """Workflows a batch's follow-ups need (children, parents) that it has not loaded:
+        from the cache, else the store. What the batch has loaded (and changed) stays."""
+        wanted = []
+        for workflow_id in dict.fromkeys(workflow_ids):
+            if workflow_id in work.state:
+                continue
+            cached = self._cache.get(workflow_id)
+            if cached is None:
+                wanted.append(workflow_id)
+            else:
+                work.state[workflow_id] = cached
+        for start in range(0, len(wanted), TYPE_PAGE):
+            work.state.update(await self._store.load(wanted[start : start + TYPE_PAGE]))
+
+    async def load_failed_run(self, workflow_id: str, work: Work) -> None:
+        """The failed run a retry of ``workflow_id`` resumes (a child retried with its parent)."""
+        await self._load_failed_run(workflow_id, work)
+
     def _line_heads(self, workflow_ids: list[str], *, every_key: bool = False) -> list[str]:
         """For each slot group these workflows are in, its first queued runs: as many as
         these workflows may free (and one more, for a paused one). The rest, if a batch

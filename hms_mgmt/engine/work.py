@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hms_mgmt.machine.limits import Group, Slots
+from hms_mgmt.machine.transition import FollowUp
 from hms_mgmt.records import StepRun, TypePause, Workflow
 from hms_mgmt.schedules import Schedule
 from hms_mgmt.store.base import Batch
@@ -51,6 +52,8 @@ class Work:
     admitting: set[tuple[str, str]] = field(default_factory=set)  # steps being admitted
     publishing: list[StepMessage] = field(default_factory=list)  # what the transition
     # being recorded publishes
+    follow: list[FollowUp] = field(default_factory=list)  # for other workflows, applied
+    # before the commit (children started, cancelled or retried; parents told)
     logs: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)  # level, event
     started: int = 0
     dead_lettered: int = 0

@@ -9,7 +9,7 @@ Every function takes the workflow and its current (latest) run and leaves
 them untouched; the transition carries changed copies.
 """
 
-from hms_mgmt.machine import compensation, limits
+from hms_mgmt.machine import children, compensation, limits
 from hms_mgmt.machine.events import (
     apply_outcome,
     cancel,
@@ -31,7 +31,12 @@ from hms_mgmt.machine.transition import (
     TIMER_RUN,
     TIMER_START,
     TIMER_WAIT,
+    CancelChild,
+    ChildFinished,
     DeadLetter,
+    FollowUp,
+    RetryChild,
+    StartChild,
     Transition,
 )
 
@@ -42,12 +47,18 @@ __all__ = (
     "TIMER_RUN",
     "TIMER_START",
     "TIMER_WAIT",
+    "CancelChild",
+    "ChildFinished",
     "DeadLetter",
+    "FollowUp",
+    "RetryChild",
     "Slots",
+    "StartChild",
     "Transition",
     "admit",
     "apply_outcome",
     "cancel",
+    "children",
     "compensate",
     "compensation",
     "dead_lettered",

@@ -8,7 +8,7 @@ from typing import Any
 
 from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.errors import InvalidStateError, UnknownStepError
-from hms_mgmt.machine import compensation
+from hms_mgmt.machine import children, compensation
 from hms_mgmt.machine.moves import (
     clear_timer,
     compensate_next,
@@ -301,6 +301,7 @@ def cancel(
         give_up_workflow(t, wf, definition, error, now, status=WorkflowStatus.CANCELLED)
     else:
         finish(t, wf, WorkflowStatus.CANCELLED, error=error)
+    children.cascade(t, workflow, reason)
     return t
 
 
@@ -367,6 +368,8 @@ def retry(
         t.note("workflow_retried", step=error.get("step"), from_seq=error.get("seq"))
         compensate_next(wf, now)
         return t
+    if children.failed_by_child(workflow):  # its children are retried, not its step
+        return children.retry_parent(workflow, definition, now)
     wf = evolve(
         workflow,
         updated_at=now,
@@ -515,4 +518,6 @@ def reset(
         reason=reason,
     )
     enter(t, definition, to_step, payload, now, workflow=wf, context=context)
+    if children.waits_for(workflow, workflow.children):  # their outputs would go nowhere
+        children.cascade(t, workflow, reason, how=f"reset to {to_step!r}")
     return t

@@ -81,6 +81,11 @@ def succeed(
     if result.get("wait_for"):
         wait(t, wf, run, definition, result, now)
         return
+    if result.get("child") is not None:
+        from hms_mgmt.machine.children import spawn  # children builds on these moves
+
+        spawn(t, wf, run, definition, result, now)
+        return
     if next_step is None:
         if error_step:
             t.note("error_path_finished", step=run.step)
@@ -453,6 +458,12 @@ def finish(
         output=output is not None,
         error=None if error is None else error.get("type"),
     )
+    if wf.parent is not None:  # a child workflow: its parent learns of it in this batch
+        from hms_mgmt.machine.children import finished
+
+        told = finished(wf)
+        if told is not None:
+            t.follow.append(told)
 
 
 def due(result: dict[str, Any], now: float) -> float | None:

@@ -28,6 +28,49 @@ class DeadLetter:
     error: dict[str, Any] | None
 
 
+@dataclass(frozen=True)
+class StartChild:
+    """Start a child workflow (``workflow_id``, derived from its parent's step run)."""
+
+    workflow_id: str
+    workflow: str
+    data: Any
+    parent: dict[str, Any]
+    traceparent: str | None
+    priority: int
+
+
+@dataclass(frozen=True)
+class ChildFinished:
+    """A child workflow ended: its parent (``workflow_id``) records it, and may resume."""
+
+    workflow_id: str
+    child_id: str
+    seq: int  # the parent's step run that started the child
+    status: str
+    output: Any
+    error: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class CancelChild:
+    """Its parent was cancelled: cancel this child (``parent_close="terminate"``)."""
+
+    workflow_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RetryChild:
+    """Its parent was retried: retry this failed child from its failed step."""
+
+    workflow_id: str
+
+
+FollowUp = StartChild | ChildFinished | CancelChild | RetryChild
+"""What a transition asks of another workflow, applied in the same batch (and commit)."""
+
+
 @dataclass
 class Transition:
     """What an event changed: the new workflow, runs created or changed, history, messages,
@@ -39,6 +82,7 @@ class Transition:
     steps: list[StepMessage] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     attributes: dict[str, str] = field(default_factory=dict)  # business keys to set
+    follow: list[FollowUp] = field(default_factory=list)  # events for parents and children
 
     @property
     def changed(self) -> bool:

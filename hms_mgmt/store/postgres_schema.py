@@ -82,14 +82,16 @@ COMMAND_TIMEOUT = 15.0  # a statement longer than this fails (the batch is held,
 
 # The workflows' columns up to schema 3, as hms_commit took them then (migrations 2 and 3
 # made and replaced it with these; 4 drops that signature), and since schema 4 (``pause``).
-WORKFLOW_COLUMNS_4 = WORKFLOW_COLUMNS.removesuffix(", priority")  # schema 5 adds priority
+WORKFLOW_COLUMNS_5 = WORKFLOW_COLUMNS.removesuffix(", parent, children")  # schema 6 adds them
+WORKFLOW_COLUMNS_4 = WORKFLOW_COLUMNS_5.removesuffix(", priority")  # schema 5 adds priority
 WORKFLOW_COLUMNS_3 = WORKFLOW_COLUMNS_4.removesuffix(", pause")
 WORKFLOW_TYPES_3 = (
     "text text int8 text text text text int8 text float8 text text text text float8 float8 "
     "text int8"
 )
 WORKFLOW_TYPES_4 = WORKFLOW_TYPES_3 + " text"
-WORKFLOW_TYPES = WORKFLOW_TYPES_4 + " int8"
+WORKFLOW_TYPES_5 = WORKFLOW_TYPES_4 + " int8"
+WORKFLOW_TYPES = WORKFLOW_TYPES_5 + " text text"
 RUN_TYPES = "text int8 text int8 int8 text text text text text float8 float8 float8 float8 float8"
 
 
@@ -108,6 +110,7 @@ def _upsert(table: str, columns: str, types: str, key: str) -> str:
 
 UPSERT_WORKFLOWS_3 = _upsert("workflows", WORKFLOW_COLUMNS_3, WORKFLOW_TYPES_3, "id")
 UPSERT_WORKFLOWS_4 = _upsert("workflows", WORKFLOW_COLUMNS_4, WORKFLOW_TYPES_4, "id")
+UPSERT_WORKFLOWS_5 = _upsert("workflows", WORKFLOW_COLUMNS_5, WORKFLOW_TYPES_5, "id")
 UPSERT_WORKFLOWS = _upsert("workflows", WORKFLOW_COLUMNS, WORKFLOW_TYPES, "id")
 UPSERT_RUNS = _upsert("step_runs", RUN_COLUMNS, RUN_TYPES, "workflow_id, seq")
 INSERT_HISTORY = (
@@ -165,7 +168,8 @@ PARTS_4 = (  # schema 4: workflows' pause, and paused workflow types
     (UPSERT_TYPE_PAUSES, "text text float8 text"),
     (DELETE_TYPE_PAUSES, "text text"),
 )
-PARTS = ((UPSERT_WORKFLOWS, WORKFLOW_TYPES), *PARTS_4[1:])  # schema 5: workflows' priority
+PARTS_5 = ((UPSERT_WORKFLOWS_5, WORKFLOW_TYPES_5), *PARTS_4[1:])  # schema 5: workflows' priority
+PARTS = ((UPSERT_WORKFLOWS, WORKFLOW_TYPES), *PARTS_4[1:])  # schema 7: parent and children
 TAKEN = "HM001"  # the SQLSTATE hms_commit raises when another engine owns the store
 
 
@@ -229,13 +233,21 @@ MIGRATIONS[4] = [
 MIGRATIONS[5] = [
     "ALTER TABLE workflows ADD COLUMN priority BIGINT NOT NULL DEFAULT 3",
     f"DROP FUNCTION hms_commit({', '.join(_signature(PARTS_4))})",
-    _commit_function(PARTS),
+    _commit_function(PARTS_5),
 ]
 # 6: compensated is a terminal status too: retention deletes compensated workflows, found
 # through the partial index of the finished ones.
 MIGRATIONS[6] = [
     "DROP INDEX IF EXISTS workflows_finished",
     f"CREATE INDEX workflows_finished ON workflows (updated_at) WHERE {FINISHED}",
+]
+# 7: child workflows: a child's parent and the group of children a parent's step started
+# (JSON), columns of workflows that hms_commit writes.
+MIGRATIONS[7] = [
+    "ALTER TABLE workflows ADD COLUMN parent TEXT",
+    "ALTER TABLE workflows ADD COLUMN children TEXT",
+    f"DROP FUNCTION hms_commit({', '.join(_signature(PARTS_5))})",
+    _commit_function(PARTS),
 ]
 SCHEMA_VERSION = max(MIGRATIONS)
 ARGUMENTS = 1 + sum(len(types.split()) for _, types in PARTS)  # the owner, then the arrays

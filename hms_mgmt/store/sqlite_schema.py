@@ -16,7 +16,7 @@ from hms_mgmt.errors import StoreError
 from hms_mgmt.store.base import Batch, StoreIdentity
 from hms_mgmt.store.rows import RUN_COLUMNS, WORKFLOW_COLUMNS, as_json, run_row, workflow_row
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 # How the schema changes: a new file gets SCHEMA (which always has everything); a file of an
 # older version gets MIGRATIONS[v] for each v after its own, in order, in one transaction at
@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS workflows (
     input TEXT, output TEXT, error TEXT, seq INTEGER NOT NULL, visits TEXT NOT NULL,
     timer_at REAL, timer_kind TEXT, wait TEXT, signals TEXT NOT NULL, idempotency_key TEXT UNIQUE,
     created_at REAL NOT NULL, updated_at REAL NOT NULL, traceparent TEXT,
-    retries INTEGER NOT NULL DEFAULT 0, pause TEXT, priority INTEGER NOT NULL DEFAULT 3);
+    retries INTEGER NOT NULL DEFAULT 0, pause TEXT, priority INTEGER NOT NULL DEFAULT 3,
+    parent TEXT, children TEXT);
 CREATE INDEX IF NOT EXISTS workflows_timer ON workflows (timer_at) WHERE timer_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS workflows_status ON workflows (status, created_at);
 CREATE TABLE IF NOT EXISTS step_runs (
@@ -77,6 +78,11 @@ MIGRATIONS: dict[int, list[str]] = {
     # compensated is terminal too: the partial index of finished workflows, made again by
     # INDEXES with it (retention finds compensated workflows through it)
     8: ["DROP INDEX IF EXISTS workflows_finished"],
+    # child workflows: a child's parent, and the group of children a parent's step started
+    9: [
+        "ALTER TABLE workflows ADD COLUMN parent TEXT",
+        "ALTER TABLE workflows ADD COLUMN children TEXT",
+    ],
 }
 INDEXES = """
 CREATE INDEX IF NOT EXISTS workflows_created ON workflows (created_at);

@@ -9,7 +9,7 @@ from dataclasses import field as field_
 from typing import Any
 
 from bus_adapters.base import Delivery, Message
-from hms_mgmt.bounds import check_attributes, check_delay, check_run_at
+from hms_mgmt.bounds import check_attributes, check_delay, check_run_at, child_problem
 from hms_mgmt.errors import InvalidMessageError
 from hms_mgmt.topology import RESULTS_EXCHANGE, RESULTS_QUEUE
 from hms_mgmt.wire.codec import batch_body, dumps, new_id
@@ -17,7 +17,17 @@ from hms_mgmt.wire.fields import Refused, decode_items, field, ident, name, posi
 
 OUTCOME_KINDS = frozenset({"started", "heartbeat", "succeeded", "failed"})
 RESULT_KEYS = frozenset(
-    {"next_step", "data", "complete", "delay", "run_at", "wait_for", "timeout", "attributes"}
+    {
+        "next_step",
+        "data",
+        "complete",
+        "delay",
+        "run_at",
+        "wait_for",
+        "timeout",
+        "attributes",
+        "child",
+    }
 )
 
 
@@ -164,6 +174,10 @@ def _check_result(result: dict[str, Any]) -> None:
         if result.get(key) is not None:
             name(result, key)
     field(result, "complete", bool, optional=True)
+    if result.get("child") is not None:
+        problem = child_problem(result["child"])
+        if problem is not None:
+            raise InvalidMessageError(f"result field 'child': {problem}")
     if result.get("attributes") is not None:
         check_attributes(result["attributes"], "result field 'attributes'", InvalidMessageError)
 

@@ -125,3 +125,24 @@ def _saga_step(name: str) -> Any:
 
 for _step in [*SAGA, *SAGA_UNDO.values()]:
     chaos.on_step(f"saga.{_step}", _saga_step(_step))
+# A parent whose step starts three grant workflows as children, then closes with their
+# outputs: the engine killed while children finish must resume each parent once.
+chaos.define_workflow("family", ["open", "spawn", "close"])
+
+
+@chaos.on_step("family.open")
+async def open_family(ctx: hms_mgmt.StepContext) -> None:
+    record(ctx)
+
+
+@chaos.on_step("family.spawn")
+async def spawn(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+    record(ctx)
+    children = [{"workflow": "grant", "data": {**ctx.payload, "child": i}} for i in range(3)]
+    return {"child": children, "next_step": "close"}
+
+
+@chaos.on_step("family.close")
+async def close_family(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+    record(ctx)
+    return {"data": {"children": [output["child"] for output in ctx.payload]}}

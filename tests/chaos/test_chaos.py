@@ -9,8 +9,10 @@ beyond one. Pass: nothing lost, nothing applied twice.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
+from collections import Counter
 
 import aio_pika
 import pytest
@@ -73,6 +75,39 @@ async def test_engine_killed_at_random(case: Case) -> None:
         await case.wait_terminal(ids, timeout=120)
     assert await case.wait_outbox_empty() == 0
     passed(await case.report(ids, notes=["engine kill -9 x4 at random, restarted each time"]))
+
+
+async def test_engine_killed_while_child_workflows_finish(case: Case) -> None:
+    """Parents of three grant children each; the engine killed -9 four times while the
+    children run and finish: every parent resumes once, with its children's outputs in
+    order, and no child starts twice."""
+    case.start_engine()
+    case.start_worker()
+    async with case.client() as client:
+        starting = asyncio.ensure_future(case.start_many(client, 60, workflow="family", sleep=0.1))
+        for _ in range(4):
+            await asyncio.sleep(random.uniform(0.3, 0.8))
+            case.kill(case.engine)
+            case.start_engine()
+        parents = await starting
+        children = [f"{p}.spawn.1.{i}" for p in parents for i in range(3)]
+        await case.wait_terminal(parents + children, timeout=150)
+    assert await case.wait_outbox_empty() == 0
+    resumed = Counter(
+        row[0] for row in case.query("SELECT workflow_id FROM history WHERE kind = 'resumed'")
+    )
+    closes = dict(
+        case.query(
+            "SELECT workflow_id, input FROM step_runs WHERE step = 'close' AND status = 'succeeded'"
+        )
+    )
+    for parent in parents:
+        assert resumed[parent] == 1, f"{parent} resumed {resumed[parent]} times"
+        assert [c["child"] for c in json.loads(closes[parent])] == [0, 1, 2]
+    report = await case.report(
+        parents + children, notes=["60 parents x 3 children; engine kill -9 x4 at random"]
+    )
+    passed(report)
 
 
 async def test_broker_restarts_and_dropped_connections(case: Case) -> None:

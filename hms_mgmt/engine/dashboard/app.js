@@ -327,7 +327,9 @@ function waitingText(state) {
   const parts = [];
   const wait = state.waiting_for;
   const run = state.steps.length ? state.steps[state.steps.length - 1] : null;
-  if (wait) {
+  if (wait && wait.children) {
+    parts.push(`${wait.children.length === 1 ? "child workflow" : `${wait.children.length} child workflows`} (below)`);
+  } else if (wait) {
     const until = wait.timeout_at || wait.until;
     parts.push(`signal '${wait.event}'` + (until ? ` until ${when(until)} (${inTime(until)})` : ", no timeout"));
   } else if (state.scheduled_at && run) {
@@ -435,6 +437,8 @@ function workflowPage(workflowId) {
         ["created", when(state.created_at)], ["updated", when(state.updated_at)],
         ["took", took(end - state.created_at)], ["waiting for", waitingText(state)],
         ["paused", pausedText(state)],
+        ["parent", state.parent ? link(`/workflows/${encodeURIComponent(state.parent.id)}`, `${state.parent.id} (step ${state.parent.step})`) : "-"],
+        ["children", state.children && state.children.length ? h("span", {}, ...state.children.map((c, i) => h("span", {}, i ? ", " : "", link(`/workflows/${encodeURIComponent(c.workflow_id)}`, c.workflow_id), ` ${c.status || "-"}`))) : "-"],
         ["business keys", Object.entries(state.attributes || {}).map(([k, v]) => `${k}=${v}`).join(", ") || "-"],
         ["trace_id", state.trace_id || "-"],
       ];
