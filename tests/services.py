@@ -358,7 +358,7 @@ def _saga_undo(name: str) -> Any:
         block = ctx.payload.get("block")
         if block and name == "releaseFunds" and await asyncio.to_thread(os.path.exists, block):
             raise RuntimeError(f"{name} cannot reach the bank")
-        return {"data": {"undone": about.get("step")}, "next_step": "payout"}  # ignored
+        return {"data": {"undone": about.get("step")}, "next_step": "nowhere"}  # ignored
 
     handler.__qualname__ = f"saga_{name}"
     return handler

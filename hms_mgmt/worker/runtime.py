@@ -483,9 +483,9 @@ class Worker:
         definition = self.definitions.get(message.workflow)
         bad = (
             None
-            if definition is None
+            if definition is None or "compensating" in (message.context or {})
             else definition.bad_next_step(result.get("next_step"), describe())
-        )
+        )  # a compensation's next_step is ignored by the engine, whatever it names
         if bad is not None:
             raise ValueError(bad)
 
