@@ -353,7 +353,7 @@ def test_a_compensation_that_gives_up_fails_the_workflow_and_retry_resumes_there
     assert "releaseFunds" in error["message"] and "reserveFunds" in error["message"]
     assert error["original"]["step"] == "payout"  # why it was compensating
     assert [d.run.step for d in s.dead] == ["payout", "releaseFunds"]
-    assert s.dead[-1].reason == "compensation_failed"
+    assert s.dead[-1].reason == "compensation_failed: attempts exhausted"  # x-hms-reason
     failed_seq = error["seq"]
     assert s.runs[failed_seq].step == "releaseFunds"
 
