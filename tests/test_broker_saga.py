@@ -179,3 +179,25 @@ async def post(url: str, body: dict[str, object]) -> tuple[int, str]:
             return exc.code, exc.read().decode()
 
     return await asyncio.to_thread(send)
+
+
+async def test_replaying_a_failed_compensations_dead_letter_resumes_the_chain(
+    client: hms_mgmt.Management, daemons: Processes, tmp_path: Path
+) -> None:
+    env = {"HMS_ENGINE_URL": str(daemons.engine_url)}
+    note, block = tmp_path / "saga.log", tmp_path / "bank-down"
+    block.touch()
+    payload = {"note": str(note), "fail": "payout", "block": str(block)}
+    workflow_id = (await client.start("saga", payload)).workflow_id
+    state = await client.wait(workflow_id, timeout=60)
+    assert (state.error or {}).get("reason") == "compensation_failed", state.describe()
+    listed = await hms("dlq", "list", "saga.releaseFunds", "-o", "json", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert "compensation_failed: attempts exhausted" in listed.stdout
+    block.unlink()
+    replayed = await hms("dlq", "replay", "saga.releaseFunds", "--all", env=env)
+    assert replayed.returncode == 0, replayed.stderr
+    assert "resumed" in replayed.stdout
+    state = await client.wait(workflow_id, timeout=60)
+    assert state.status == "compensated", state.describe()
+    assert undone(note, workflow_id)[-2:] == [UNDO[1], UNDO[2]]  # from releaseFunds on

@@ -353,7 +353,7 @@ def test_a_compensation_that_gives_up_fails_the_workflow_and_retry_resumes_there
     assert "releaseFunds" in error["message"] and "reserveFunds" in error["message"]
     assert error["original"]["step"] == "payout"  # why it was compensating
     assert [d.run.step for d in s.dead] == ["payout", "releaseFunds"]
-    assert s.dead[-1].reason == "compensation_failed"
+    assert s.dead[-1].reason == "compensation_failed: attempts exhausted"  # x-hms-reason
     failed_seq = error["seq"]
     assert s.runs[failed_seq].step == "releaseFunds"
 
@@ -665,3 +665,18 @@ def test_a_cancel_with_compensate_anywhere_undoes_exactly_what_succeeded(
     ]
     assert s.compensations() == [(SAGA.compensation_of(step), step) for step in reversed(succeeded)]
     assert s.workflow.terminal
+
+
+def test_a_compensation_too_large_to_send_fails_the_workflow_naming_it() -> None:
+    s = Saga()
+    s.outcome(result={"data": {"blob": "x" * 600_000}})  # creditHold's output
+    s.outcome(result={"data": {"blob": "y" * 600_000}})  # reserveFunds: input + output > 1 MiB
+    s.outcome()  # notify
+    s.outcome("failed", error={"type": "E", "message": "m", "retryable": False})  # bookInspection
+    s.timer()
+    assert s.workflow.status == WorkflowStatus.FAILED
+    error = s.workflow.error or {}
+    assert error["type"] == "PayloadError" and error["reason"] == "compensation_failed"
+    assert "releaseFunds" in error["message"] and "reserveFunds" in error["message"]
+    assert error["original"]["step"] == "bookInspection"
+    assert not [step for step, _ in s.published if step in COMPENSATIONS]

@@ -199,6 +199,7 @@ GOOD_REQUESTS: list[dict[str, Any]] = [
     {"type": "pause_type", "request_id": "r16", "workflow": "grantApproval",
      "step": "creditCheck", "reason": "bureau down"},
     {"type": "resume_type", "request_id": "r17", "workflow": "grantApproval", "step": None},
+    {"type": "cancel", "request_id": "r18", "workflow_id": "wf-1", "compensate": True},
 ]  # fmt: skip
 
 BAD_VALUES: list[Any] = [

@@ -31,6 +31,7 @@ from typing import Any
 
 from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.records import StepRun, StepStatus, Workflow
+from hms_mgmt.wire.codec import MAX_PAYLOAD_BYTES, dumps
 
 COMPENSATION_FAILED = "compensation_failed"
 """The ``reason`` in the error of a workflow whose compensation gave up."""
@@ -87,6 +88,37 @@ def next_compensation(
     visit = earlier[-1].visit if earlier else wf.visits.get(step, 0) + 1
     context = {"compensating": {"step": target.step, "seq": target.seq, "output": target.output}}
     return step, target, visit, context
+
+
+def too_large(step: str, target: StepRun) -> str | None:
+    """Why compensation ``step`` of ``target`` cannot be sent: the run's input and output
+    together past what a step message carries. None if it can."""
+    size = len(dumps(target.input)) + len(dumps(target.output))
+    if size <= MAX_PAYLOAD_BYTES:
+        return None
+    return (
+        f"compensation {step!r} of step {target.step!r} (run {target.seq}) would carry its "
+        f"input and output, {size} bytes of JSON; a step message carries at most "
+        f"{MAX_PAYLOAD_BYTES}: make the step's output smaller (a reference to the data)"
+    )
+
+
+def unsent(wf: Workflow, step: str, target: StepRun, why: str) -> dict[str, Any]:
+    """The error of a workflow whose next compensation cannot be sent (:func:`too_large`)."""
+    return {
+        "type": "PayloadError",
+        "message": why,
+        "step": step,
+        "reason": COMPENSATION_FAILED,
+        "compensation": {
+            "step": step,
+            "compensated_step": target.step,
+            "compensated_seq": target.seq,
+            "error_type": "PayloadError",
+            "why": "payload too large",
+        },
+        "original": wf.error,
+    }
 
 
 def failure(wf: Workflow, run: StepRun, failed: dict[str, Any]) -> dict[str, Any]:

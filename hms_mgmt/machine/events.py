@@ -331,6 +331,12 @@ def compensate(
     found = compensation.next_compensation(wf, definition, runs)
     if found is not None:
         step, target, visit, context = found
+        too_large = compensation.too_large(step, target)
+        if too_large is not None:  # its step message could not carry both
+            finish(
+                t, wf, WorkflowStatus.FAILED, error=compensation.unsent(wf, step, target, too_large)
+            )
+            return t
         t.note("compensating", step=step, compensated_step=target.step, compensated_seq=target.seq)
         new_run(t, wf, definition, step, target.input, now, visit=visit, attempt=1, context=context)
     elif run is not None and compensation.compensated_seq(run) is not None:

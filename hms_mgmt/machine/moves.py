@@ -174,9 +174,8 @@ def give_up(
     if compensation.compensated_seq(run) is not None:  # a compensation gave up
         finish(t, wf, WorkflowStatus.FAILED, error=compensation.failure(wf, run, failure))
         if dead_letter:
-            t.dead_letters.append(
-                DeadLetter(run, wf.name, compensation.COMPENSATION_FAILED, run.attempt, run.error)
-            )
+            why = f"{compensation.COMPENSATION_FAILED}: {failure.get('reason')}"
+            t.dead_letters.append(DeadLetter(run, wf.name, why, run.attempt, run.error))
         return
     error_step = definition.on_error
     if error_step is not None and run.step != error_step.name:
