@@ -186,6 +186,7 @@ class Calls:
         idempotency_key: str | None = None,
         traceparent: str | None = None,
         attributes: dict[str, str] | None = None,
+        priority: int | None = None,
     ) -> WorkflowState:
         """Start a workflow and return its state once it ends, in one round trip.
 
@@ -196,7 +197,7 @@ class Calls:
         ``request_timeout`` (an engine that does not answer is ``EngineUnavailableError``).
         """
         fields = _start_fields(
-            workflow, payload, None, None, idempotency_key, traceparent, attributes
+            workflow, payload, None, None, idempotency_key, traceparent, attributes, priority
         )
         workflow_id = fields["workflow_id"]
         deadline = None if timeout is None else time.time() + timeout

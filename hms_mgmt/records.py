@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any, TypeVar
 
 from hms_mgmt import tracing
+from hms_mgmt.bounds import DEFAULT_PRIORITY
 
 
 class WorkflowStatus(StrEnum):
@@ -118,7 +119,8 @@ class Workflow:
     # ({"kind", "remaining"}: a delay, a backoff or a wait's timeout) and the seq of a run
     # whose step message is held until resume (``held``). None when not paused.
     pause: dict[str, Any] | None = None
-    priority: int = 3  # 1 (first) to 5 (last): the order of its queued runs and held start
+    priority: int = DEFAULT_PRIORITY  # 1 (first) to 5 (last): the order of its queued runs
+    # and of its start held by a type pause
 
     @property
     def terminal(self) -> bool:
@@ -188,6 +190,7 @@ def summary(workflow: Workflow, attributes: dict[str, str] | None = None) -> dic
         else None,
         "trace_id": tracing.trace_id(workflow.traceparent),
         "attributes": attributes or {},
+        "priority": workflow.priority,
     }
 
 
@@ -236,6 +239,8 @@ class WorkflowState:
     stuck: str | None = None  # why the workflow seems stuck, when it does
     attributes: dict[str, str] = field(default_factory=dict)  # business keys
     paused: dict[str, Any] | None = None  # while paused: since, reason, the status it resumes to
+    priority: int = DEFAULT_PRIORITY  # 1 (first) to 5 (last): the order of its queued runs
+    # and of its start held by a type pause
 
     @property
     def terminal(self) -> bool:
@@ -291,6 +296,7 @@ class WorkflowState:
             stuck=stuck,
             attributes=dict(attributes or {}),
             paused=workflow.pause,
+            priority=workflow.priority,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -302,7 +308,8 @@ class WorkflowState:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> WorkflowState:
-        values = dict(data)
+        known = {f.name for f in fields(cls)}  # a newer engine's fields are left out
+        values = {k: v for k, v in data.items() if k in known}
         values["status"] = WorkflowStatus(values["status"])
         values["steps"] = [
             StepRecord(**{**s, "status": StepStatus(s["status"])}) for s in values["steps"]
@@ -323,6 +330,8 @@ class WorkflowState:
         if self.attributes:
             keys = ", ".join(f"{k}={v}" for k, v in sorted(self.attributes.items()))
             lines.append(f"  attributes: {keys}")
+        if self.priority != DEFAULT_PRIORITY:
+            lines.append(f"  priority: {self.priority}")
         if self.waiting_for:
             lines.append(f"  waiting for {self.waiting_for.get('event')!r}")
         if self.paused:

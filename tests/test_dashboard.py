@@ -189,6 +189,7 @@ async def test_overview_live_table_search_steps_and_script_payloads(
     await expect(page.locator('[data-payload="output"]')).to_contain_text('"creditCheck": 2')
     await expect(page.locator("#history")).to_contain_text("workflow_started")
     await expect(page.locator('[data-fact="business keys"]')).to_have_text("application_id=A-17")
+    await expect(page.locator('[data-fact="priority"]')).to_have_text("3")  # the default
     await shot(page, "workflow")
 
     # A payload with <script> is shown as text, and nothing in it ran.

@@ -435,6 +435,7 @@ function workflowPage(workflowId) {
         ["created", when(state.created_at)], ["updated", when(state.updated_at)],
         ["took", took(end - state.created_at)], ["waiting for", waitingText(state)],
         ["paused", pausedText(state)],
+        ["priority", String(state.priority ?? 3)],
         ["business keys", Object.entries(state.attributes || {}).map(([k, v]) => `${k}=${v}`).join(", ") || "-"],
         ["trace_id", state.trace_id || "-"],
       ];
