@@ -318,3 +318,15 @@ grant.define_workflow("rated", [Step("call", rate_limit="20/s")])
 @grant.on_step("rated.call")
 async def rated_call(ctx: hms_mgmt.StepContext) -> None:
     _note(ctx.payload["note"], f"{time.time():.6f}")  # {"note": path}: a line per call
+
+
+# -- priorities: one check at a time; each notes its tag when it starts --------------------
+
+grant.define_workflow("prioritized", [Step("check", concurrency=1)])
+
+
+@grant.on_step("prioritized.check")
+async def prioritized_check(ctx: hms_mgmt.StepContext) -> None:
+    # {"note": path, "tag": t, "seconds": s}: a line "<tag>" per run as it starts
+    _note(ctx.payload["note"], str(ctx.payload["tag"]))
+    await asyncio.sleep(float(ctx.payload.get("seconds", 0)))
