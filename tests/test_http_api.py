@@ -377,6 +377,12 @@ async def test_pause_resume_and_reset_over_http(memory_url: str, store_url: str)
                 ("visit", "pending", {"again": 1}),
             ]
             assert any(entry["kind"] == "workflow_reset" for entry in shown["history"])
+            # No data: the step's last input; "data": null: a null input, not "no data".
+            for body, expected in (({}, {"again": 1}), ({"data": None}, None)):
+                reset = await client.post(f"{path}/reset", json={"to_step": "visit", **body})
+                assert reset.status == 200, await reset.text()
+                shown = await (await client.get(path)).json()
+                assert shown["steps"][-1]["input"] == expected, (body, shown["steps"])
             gone = await client.post("/api/workflows/nope/pause", json={})
             assert gone.status == 404
     finally:

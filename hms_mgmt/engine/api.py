@@ -432,7 +432,8 @@ class EngineApi:
 
     async def reset(self, request: web.Request) -> web.Response:
         """Back to a step: ``{"to_step": S, "data": ..., "signals": "keep"|"drop",
-        "reason": R}``; without ``data``, the step's last input. 400 names an unknown step.
+        "reason": R}``; without ``data``, the step's last input (``"data": null`` is a null
+        input). 400 names an unknown step.
         A failed workflow's dead letters leave their ``.dlq``, as on a retry."""
         workflow_id = _workflow_id(request)
         body = await self._body(request)
@@ -457,6 +458,7 @@ class EngineApi:
                 body.get("data"),
                 signals=signals,
                 reason=None if reason is None else str(reason),
+                has_data="data" in body,
             )
         )
         # A failed workflow's dead letters are settled by the reset, as by a retry.
