@@ -73,6 +73,7 @@ class World:
 
     def __init__(self, definition: WorkflowDefinition = GRANT) -> None:
         self.definition = definition
+        self.limit = definition.step("check").concurrency  # type: ignore[union-attr]
         self.registry = Registry(bus=None, store=None)  # type: ignore[arg-type]  # no I/O here
         self.registry.remember(definition)
         self.store: dict[str, tuple[Workflow, StepRun | None]] = {}
@@ -178,8 +179,8 @@ class World:
         slots = self.applier.slots
         assert slots.of == expected.of
         for group, members in expected.active.items():
-            assert len(members) <= LIMIT, f"{group}: {sorted(members)} out at once"
-        open_lines = [g for g in slots.queued if slots.taken(g) < LIMIT]
+            assert len(members) <= self.limit, f"{group}: {sorted(members)} out at once"
+        open_lines = [g for g in slots.queued if slots.taken(g) < self.limit]
         if open_lines and not self.admits:
             armed = [
                 i
@@ -224,7 +225,7 @@ class World:
                 break
         slots = self.applier.slots
         for group in slots.queued:
-            assert slots.taken(group) >= LIMIT, f"{group} has a free slot and a line"
+            assert slots.taken(group) >= self.limit, f"{group} has a free slot and a line"
 
 
 def _versions_of(registry: Registry) -> Callable[[Workflow], WorkflowDefinition | None]:
@@ -335,7 +336,15 @@ REGIONS = st.sampled_from(["eu", "us", None])
 PRIORITIES = st.integers(1, 5)
 
 
-@pytest.mark.parametrize("definition", [GRANT, RATED], ids=["concurrency", "and-rate"])
+ROUND = WorkflowDefinition.build(  # one check a minute, shared by every key: what the round
+    "grant",  # robin is for (each key has its own concurrency slots, plenty of them here)
+    ["validate", Step("check", concurrency=10, concurrency_key="region", rate_limit="1/m")],
+).with_version(1)
+
+
+@pytest.mark.parametrize(
+    "definition", [GRANT, RATED, ROUND], ids=["concurrency", "and-rate", "rate-shared-by-keys"]
+)
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_across_any_interleaving_the_limit_holds_and_no_slot_leaks(
@@ -492,12 +501,6 @@ def test_a_priority_survives_a_crash_the_line_rebuilt_in_the_same_order() -> Non
     assert world.applier.slots.line(("grant", "check", "")) == ["w3", "w2"]
     world.batch([world.outcome("w0", "succeeded", result={"data": {}})])
     assert _checks(world)[-1] == "w3"
-
-
-ROUND = WorkflowDefinition.build(  # one check a minute, shared by every key: what the round
-    "grant",  # robin is for (each key has its own concurrency slots, plenty of them here)
-    ["validate", Step("check", concurrency=10, concurrency_key="region", rate_limit="1/m")],
-).with_version(1)
 
 
 def _run_admissions(world: World) -> None:
