@@ -275,19 +275,34 @@ class Applier:
             work.admitting.discard(key)
 
     def _admit_loop(self, work: Work, key: tuple[str, str], now: float) -> None:
+        """Each group has its own slots, so without a rate limit the groups admit each its
+        own line, and one whose first run was not loaded waits for the next batch. Under a
+        rate limit, which the step's keys share, the order across them matters: if the run
+        whose turn it is was not loaded, nobody else goes first; the next batch loads the
+        first of every key's line and admits it."""
         slots = self._slots(work)
+        latest = self.registry.latest.get(key[0])
+        rated = latest is not None and machine.limits.interval_of(latest, key[1]) is not None
         for _ in range(10_000):  # bounded: each turn admits or drops one, or stops
-            open_groups = []
+            open_groups, unloaded = [], set()
             for group in slots.groups_of(key):
                 head = slots.line(group)[0]
-                if head not in work.state:
-                    work.stalled.add(group)
+                definition = self.registry.of(work.state[head][0]) if head in work.state else latest
+                if definition is None or not slots.free(
+                    group, machine.limits.limit_of(definition, key[1])
+                ):
                     continue
-                definition = self.registry.of(work.state[head][0])
-                if slots.free(group, machine.limits.limit_of(definition, key[1])):
-                    open_groups.append(group)
+                if head not in work.state:
+                    unloaded.add(group)
+                    if not rated:
+                        work.stalled.add(group)
+                        continue
+                open_groups.append(group)
             chosen = slots.next_turn(open_groups)
             if chosen is None:
+                return
+            if chosen in unloaded:  # its turn, but not loaded: admitted by the next batch
+                work.stalled.add(chosen)
                 return
             group, head = chosen, slots.line(chosen)[0]
             workflow, run = work.state[head]
