@@ -213,6 +213,12 @@ def _input(value: str, option: str = "--input") -> Any:
 )
 @click.option("--idempotency-key", help="Start at most one workflow for this key.")
 @click.option(
+    "--priority",
+    type=click.IntRange(1, 5),
+    help="1 (first) to 5 (last), 3 by default: the order in which its runs waiting for a "
+    "concurrency or rate limit are admitted, and its start released by a type resume.",
+)
+@click.option(
     "--attr",
     "attrs",
     multiple=True,
@@ -239,6 +245,7 @@ def workflow_start(
     name: str,
     payload: str,
     idempotency_key: str | None,
+    priority: int | None,
     attrs: tuple[str, ...],
     wait: bool,
     wait_timeout: float,
@@ -254,6 +261,8 @@ def workflow_start(
     body: dict[str, Any] = {"workflow": name, "input": value}
     if idempotency_key is not None:
         body["idempotency_key"] = idempotency_key
+    if priority is not None:
+        body["priority"] = priority
     if attrs:
         body["attributes"] = _attributes(attrs)
     if not wait:

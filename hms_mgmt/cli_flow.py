@@ -72,7 +72,8 @@ def workflow_resume_type(obj: Context, name: str, step: str | None) -> None:
 @click.option("--to-step", "to_step", required=True, help="The step to run again.")
 @click.option(
     "--data",
-    help="Its input: JSON, or @file (@- for stdin). Default: the input of its last run.",
+    help="Its input: JSON (null included), or @file (@- for stdin). Default: the input of "
+    "its last run.",
 )
 @click.option(
     "--signals",

@@ -209,6 +209,8 @@ def show(state: dict[str, Any], *, history: bool = False, now: float | None = No
         ("updated", when(state["updated_at"])),
         ("took", took(state["created_at"], state["updated_at"]) if finished else "-"),
     ]
+    if state.get("priority") is not None:
+        fields.append(("priority", _text(state["priority"])))
     if state.get("current_step"):
         fields.append(("current", state["current_step"]))
     if state.get("scheduled_at"):

@@ -186,6 +186,7 @@ class Calls:
         idempotency_key: str | None = None,
         traceparent: str | None = None,
         attributes: dict[str, str] | None = None,
+        priority: int | None = None,
     ) -> WorkflowState:
         """Start a workflow and return its state once it ends, in one round trip.
 
@@ -196,7 +197,7 @@ class Calls:
         ``request_timeout`` (an engine that does not answer is ``EngineUnavailableError``).
         """
         fields = _start_fields(
-            workflow, payload, None, None, idempotency_key, traceparent, attributes
+            workflow, payload, None, None, idempotency_key, traceparent, attributes, priority
         )
         workflow_id = fields["workflow_id"]
         deadline = None if timeout is None else time.time() + timeout
@@ -286,11 +287,13 @@ class Calls:
         *,
         signals: str = "keep",
         reason: str | None = None,
+        has_data: bool | None = None,
     ) -> Any:
         """Run the workflow again from ``to_step`` (a new visit of it, with a new idempotency
-        key), with ``data``, or, when ``data`` is None, the input of that step's last run.
-        Whatever it was doing is left: a running step's late outcome is ignored. Kept
-        signals are kept, or dropped with ``signals="drop"``."""
+        key), with ``data``, or, when ``data`` is None, the input of that step's last run
+        (``has_data=True`` with ``data=None``: with a JSON null as its input). Whatever it was
+        doing is left: a running step's late outcome is ignored. Kept signals are kept, or
+        dropped with ``signals="drop"``."""
         _check_workflow_id(workflow_id)
         check_name("step", to_step)
         if signals not in ("keep", "drop"):
@@ -301,7 +304,7 @@ class Calls:
             "signals": signals,
             "reason": reason,
         }
-        if data is not None:
+        if data is not None or has_data:
             encode_payload(data, what="reset data")
             fields["data"] = data
         return await self.request("reset", fields)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any, TypeVar
 
 from hms_mgmt import tracing
+from hms_mgmt.bounds import DEFAULT_PRIORITY
 
 
 class WorkflowStatus(StrEnum):
@@ -128,7 +129,8 @@ class Workflow:
     # ({"kind", "remaining"}: a delay, a backoff or a wait's timeout) and the seq of a run
     # whose step message is held until resume (``held``). None when not paused.
     pause: dict[str, Any] | None = None
-    priority: int = 3  # 1 (first) to 5 (last): the order of its queued runs and held start
+    priority: int = DEFAULT_PRIORITY  # 1 (first) to 5 (last): the order of its queued runs
+    # and of its start held by a type pause
     # A child workflow's parent: {"id", "step", "seq", "index", "close"} (see machine.children)
     parent: dict[str, Any] | None = None
     # The latest group of child workflows a step of it started: {"step", "seq", "ids",
@@ -235,6 +237,7 @@ def summary(workflow: Workflow, attributes: dict[str, str] | None = None) -> dic
         else None,
         "trace_id": tracing.trace_id(workflow.traceparent),
         "attributes": attributes or {},
+        "priority": workflow.priority,
     }
 
 
@@ -288,6 +291,8 @@ class WorkflowState:
     # The child workflows its latest such step started: workflow_id, workflow, status
     # (None while not finished), parent_close
     children: list[dict[str, Any]] = field(default_factory=list)
+    priority: int = DEFAULT_PRIORITY  # 1 (first) to 5 (last): the order of its queued runs
+    # and of its start held by a type pause
 
     @property
     def terminal(self) -> bool:
@@ -346,6 +351,7 @@ class WorkflowState:
             paused=workflow.pause,
             parent=workflow.parent,
             children=children_of(workflow),
+            priority=workflow.priority,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -357,7 +363,8 @@ class WorkflowState:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> WorkflowState:
-        values = dict(data)
+        known = {f.name for f in fields(cls)}  # a newer engine's fields are left out
+        values = {k: v for k, v in data.items() if k in known}
         values["status"] = WorkflowStatus(values["status"])
         values["steps"] = [
             StepRecord(**{**s, "status": StepStatus(s["status"])}) for s in values["steps"]
@@ -386,6 +393,8 @@ class WorkflowState:
             listed = ", ".join(f"{c['workflow_id']} ({c['status'] or 'running'})" for c in shown)
             more = f" and {len(self.children) - 10} more" if len(self.children) > 10 else ""
             lines.append(f"  children: {listed}{more}")
+        if self.priority != DEFAULT_PRIORITY:
+            lines.append(f"  priority: {self.priority}")
         if self.waiting_for:
             lines.append(f"  waiting for {self.waiting_for.get('event')!r}")
         if self.paused:

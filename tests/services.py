@@ -418,3 +418,15 @@ def report_site(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
     if not Path(ctx.payload["unlock"]).exists():
         raise RuntimeError("the inspector's report was rejected")
     return {"data": {"site": ctx.payload["site"], "passed": True}}
+
+
+# -- priorities: one check at a time; each notes its tag when it starts --------------------
+
+grant.define_workflow("prioritized", [Step("check", concurrency=1)])
+
+
+@grant.on_step("prioritized.check")
+async def prioritized_check(ctx: hms_mgmt.StepContext) -> None:
+    # {"note": path, "tag": t, "seconds": s}: a line "<tag>" per run as it starts
+    _note(ctx.payload["note"], str(ctx.payload["tag"]))
+    await asyncio.sleep(float(ctx.payload.get("seconds", 0)))

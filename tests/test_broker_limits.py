@@ -116,3 +116,56 @@ async def test_a_rate_limit_of_20_a_second_holds_within_ten_percent_over_200_run
     )
     assert busiest <= 22, busiest
     assert "Traceback" not in daemons.log("engine")
+
+
+async def test_priority_1_starts_overtake_a_backlog_of_priority_5(
+    client: hms_mgmt.Management, daemons: Processes, tmp_path: Path
+) -> None:
+    """On a ``concurrency=1`` step, priority 1 starts made behind a queued backlog of
+    priority 5 run next, in the order they were made, before the rest of the backlog:
+    the order of the step's starts as the step service notes them."""
+    note = tmp_path / "checks"
+    seconds = 0.4
+
+    def payload(tag: str) -> dict[str, object]:
+        return {"note": str(note), "tag": tag, "seconds": seconds}
+
+    async def defined() -> str | None:
+        try:
+            return (await client.start("prioritized", payload("low-0"), priority=5)).workflow_id
+        except UnknownWorkflowError:
+            return None
+
+    lows = [await wait_until(defined, timeout=60, what="the prioritized workflow defined")]
+    for i in range(1, 20):
+        lows.append(
+            (await client.start("prioritized", payload(f"low-{i}"), priority=5)).workflow_id
+        )
+
+    async def backlog() -> bool:  # the last of them waits as queued
+        state = await client.status(lows[-1])
+        return bool(state.steps) and state.steps[-1].status == "queued"
+
+    await wait_until(backlog, timeout=60, what="a backlog of priority 5 queued")
+    highs = [
+        (await client.start("prioritized", payload(f"high-{i}"), priority=1)).workflow_id
+        for i in range(5)
+    ]
+    noted = len(note.read_text().split()) if note.exists() else 0  # lows started by now
+    assert noted < 15, f"{noted} of the backlog ran before the priority 1 starts: too slow"
+    states = await asyncio.gather(*(client.wait(i, timeout=120) for i in lows + highs))
+    assert [s.status for s in states] == ["succeeded"] * 25
+    assert (await client.status(highs[0])).priority == 1
+    order = note.read_text().split()
+    assert sorted(order) == sorted(
+        [f"low-{i}" for i in range(20)] + [f"high-{i}" for i in range(5)]
+    )
+    first_high = order.index("high-0")
+    print(f"prioritized: {noted} of the backlog started before the highs; order {order}")
+    # At most one low was out (or admitted) when the last high was recorded: the highs come
+    # next, in the order they were made, and the rest of the backlog after them.
+    assert first_high <= noted + 1, (noted, order)
+    assert order[first_high : first_high + 5] == [f"high-{i}" for i in range(5)], order
+    assert order[first_high + 5 :] == [f"low-{i}" for i in range(first_high, 20)], order
+    assert order[:first_high] == [f"low-{i}" for i in range(first_high)], order
+    assert "Traceback" not in daemons.log("engine")

@@ -189,6 +189,7 @@ async def test_overview_live_table_search_steps_and_script_payloads(
     await expect(page.locator('[data-payload="output"]')).to_contain_text('"creditCheck": 2')
     await expect(page.locator("#history")).to_contain_text("workflow_started")
     await expect(page.locator('[data-fact="business keys"]')).to_have_text("application_id=A-17")
+    await expect(page.locator('[data-fact="priority"]')).to_have_text("3")  # the default
     await shot(page, "workflow")
 
     # A payload with <script> is shown as text, and nothing in it ran.
@@ -310,6 +311,41 @@ async def test_pause_resume_and_reset_buttons(
         ("second", "scheduled"),
     ]
     assert state.steps[2].input["n"] == 2
+
+
+async def test_pause_and_resume_a_workflow_type_s_step_from_its_page(
+    ops: Ops, client: hms_mgmt.Management, page: Page, tmp_path: Path
+) -> None:
+    note = str(tmp_path / "runs.txt")
+    warm = await client.start("noted", {"note": note})  # the type is defined
+    assert (await client.wait(warm.workflow_id, timeout=30)).status == "succeeded"
+    await page.goto(f"{ops.engine_url}/")
+    await page.click('header nav a[href="/types"]')
+    await expect(page).to_have_url(f"{ops.engine_url}/types")
+    row = page.locator('#types tr[data-type="noted"]')
+    await expect(row.locator("[data-paused]")).to_have_text("-")
+    await live(page)
+    await row.locator('select[name="type-step"]').select_option("second")
+    await row.locator('input[name="type-reason"]').fill("bureau down")
+    await row.locator('[data-action="pause-type"]').click()
+    await expect(row.locator("[data-paused]")).to_contain_text("step second since")
+    await expect(row.locator("[data-paused]")).to_contain_text("(bureau down)")
+    await shot(page, "types-paused")
+
+    started = await client.start("noted", {"note": note})
+
+    async def held() -> bool:  # first ran; second is held, the workflow paused by its type
+        state = await client.status(started.workflow_id)
+        return state.status == "paused" and [s.step for s in state.steps] == ["first", "second"]
+
+    await wait_until(held, timeout=30, what="second held by the type pause")
+    await row.locator('[data-action="pause-type"]').click()  # again: refused, and says why
+    await expect(page.locator("#notice")).to_contain_text("noted.second is already paused")
+    await row.locator('[data-action="resume-type"]').click()
+    await expect(page.locator("#notice")).to_contain_text('"released":1')
+    await expect(row.locator("[data-paused]")).to_have_text("-")
+    state = await client.wait(started.workflow_id, timeout=30)
+    assert state.status == "succeeded"
 
 
 async def _state(ops: Ops, workflow_id: str, attempts: int) -> dict[str, Any] | None:

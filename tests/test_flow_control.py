@@ -533,6 +533,11 @@ async def test_hms_workflow_pause_resume_and_reset_one_or_many(
             ("validate", "cancelled", {"n": 1}),
             ("validate", "pending", {"n": 9}),
         ]
+        null = await hms(
+            "workflow", "reset", ids[1], "--to-step", "validate", "--data", "null", env=env
+        )  # a null input, not "no data"
+        assert null.returncode == 0, null.stderr
+        assert (await api.client.status(ids[1])).steps[-1].input is None
         unknown = await hms("workflow", "reset", ids[1], "--to-step", "nope", env=env)
         assert unknown.returncode == 1 and "has no step 'nope'" in unknown.stderr
 

@@ -28,7 +28,7 @@ from hms_mgmt.metrics import EngineMetrics
 from hms_mgmt.settings import Settings
 from hms_mgmt.store import open_store
 from hms_mgmt.store.base import Batch
-from tests.conftest import wait_until
+from tests.conftest import hms, wait_until
 
 
 async def _client(
@@ -160,6 +160,9 @@ async def test_request_bodies_are_checked_like_messages_and_never_give_a_500(
         (b'{"workflow": "\xff\xfe"}', "not UTF-8"),
         (b'{"workflow": "w", "idempotency_key": 7}', "idempotency_key must be a string, not 7"),
         (b'{"workflow": "w", "idempotency_key": "a\\nb"}', "'a\\nb' must be 1-200 printable"),
+        (b'{"workflow": "w", "priority": 0}', "priority must be a whole number from 1 (first)"),
+        (b'{"workflow": "w", "priority": "1"}', "priority must be a whole number from 1"),
+        (b'{"workflow": "w", "priority": 1.5, "wait": 1}', "priority must be a whole number"),
     ]
     for body, message in cases:
         response = await loopback.post("/api/workflows", data=body)
@@ -374,6 +377,12 @@ async def test_pause_resume_and_reset_over_http(memory_url: str, store_url: str)
                 ("visit", "pending", {"again": 1}),
             ]
             assert any(entry["kind"] == "workflow_reset" for entry in shown["history"])
+            # No data: the step's last input; "data": null: a null input, not "no data".
+            for body, expected in (({}, {"again": 1}), ({"data": None}, None)):
+                reset = await client.post(f"{path}/reset", json={"to_step": "visit", **body})
+                assert reset.status == 200, await reset.text()
+                shown = await (await client.get(path)).json()
+                assert shown["steps"][-1]["input"] == expected, (body, shown["steps"])
             gone = await client.post("/api/workflows/nope/pause", json={})
             assert gone.status == 404
     finally:
@@ -461,6 +470,52 @@ async def test_business_keys_over_http(memory_url: str, store_url: str) -> None:
                 await api.client.list(until=datetime(2026, 1, 1))
             with pytest.raises(PayloadError, match="since must be seconds since the epoch"):
                 await api.client.list(since=float("nan"))
+    finally:
+        engine.stop()
+        await running
+
+
+async def test_a_start_s_priority_over_http_and_the_command_line(
+    memory_url: str, store_url: str
+) -> None:
+    """``POST /api/workflows`` and ``hms workflow start --priority``: the workflow's state
+    (``GET``, ``hms workflow show``, ``status()``) and the list show it; a bad one is refused
+    naming ``priority``."""
+    engine = Engine(open_bus(memory_url), open_store(store_url))
+    running = asyncio.ensure_future(engine.run())
+    await asyncio.wait_for(engine.ready.wait(), 10)
+    api = EngineApi(engine, EngineMetrics())
+    server = TestServer(api.app(), host="127.0.0.1")
+    try:
+        async with TestClient(server) as client:
+            await api.client.connect()
+            await api.client.define(WorkflowDefinition.build("grant", ["check"]))
+            started = await client.post("/api/workflows", json={"workflow": "grant", "priority": 1})
+            assert started.status == 201
+            urgent = (await started.json())["workflow_id"]
+            plain = (
+                await (await client.post("/api/workflows", json={"workflow": "grant"})).json()
+            )["workflow_id"]
+            shown = await (await client.get(f"/api/workflows/{urgent}")).json()
+            assert shown["priority"] == 1
+            assert (await api.client.status(plain)).priority == 3  # the default
+            listed = {
+                w["workflow_id"]: w["priority"]
+                for w in await (await client.get("/api/workflows")).json()
+            }
+            assert listed == {urgent: 1, plain: 3}
+
+            env = {"HMS_ENGINE_URL": str(server.make_url("")).rstrip("/")}
+            cli = await hms("workflow", "start", "grant", "--priority", "5", env=env)
+            assert cli.returncode == 0, cli.stderr
+            assert (await api.client.status(cli.stdout.strip())).priority == 5
+            show = await hms("workflow", "show", cli.stdout.strip(), env=env)
+            assert show.returncode == 0, show.stderr
+            assert [
+                line.split() for line in show.stdout.splitlines() if line.startswith("priority")
+            ] == [["priority", "5"]]
+            bad = await hms("workflow", "start", "grant", "--priority", "0", env=env)
+            assert bad.returncode == 2 and "--priority" in bad.stderr, bad.stderr
     finally:
         engine.stop()
         await running

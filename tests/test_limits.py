@@ -73,6 +73,7 @@ class World:
 
     def __init__(self, definition: WorkflowDefinition = GRANT) -> None:
         self.definition = definition
+        self.limit = definition.step("check").concurrency  # type: ignore[union-attr]
         self.registry = Registry(bus=None, store=None)  # type: ignore[arg-type]  # no I/O here
         self.registry.remember(definition)
         self.store: dict[str, tuple[Workflow, StepRun | None]] = {}
@@ -98,11 +99,12 @@ class World:
             if isinstance(e, TimerEvent) and e.kind == machine.TIMER_ADMIT:
                 ids.update(self.loader._line_heads([e.workflow_id], every_key=True))
         work.state = {i: self.store[i] for i in ids if i in self.store}
-        key = ("grant", "check")
-        if any(isinstance(e, RequestEvent) and e.request.kind == "resume_type" for e in events):
-            held = [i for i, (w, _) in self.store.items() if machine.paused_by(w, key)]
-            work.type_held[key] = held
-            work.state.update({i: self.store[i] for i in held})
+        for e in events:
+            if isinstance(e, RequestEvent) and e.request.kind == "resume_type":
+                key = (e.request.workflow, e.request.step or "")  # type: ignore[attr-defined]
+                held = [i for i, (w, _) in self.store.items() if machine.paused_by(w, key)]
+                work.type_held[key] = held
+                work.state.update({i: self.store[i] for i in held})
         for event in events:
             self.applier.apply(event, work, self.now)
         for workflow_id in work.batch.workflows:
@@ -130,10 +132,14 @@ class World:
         body = {"request_id": f"r{self.requests}", **fields}
         return RequestEvent(parse_request(body, reply_to="client"))
 
-    def start(self, workflow_id: str, region: str | None) -> Work:
+    def start(self, workflow_id: str, region: str | None, priority: int = 3) -> Work:
         payload = {} if region is None else {"region": region}
         event = self.request(
-            type="start", workflow_id=workflow_id, workflow="grant", payload=payload
+            type="start",
+            workflow_id=workflow_id,
+            workflow="grant",
+            payload=payload,
+            priority=priority,
         )
         return self.batch([event])
 
@@ -166,12 +172,23 @@ class World:
         self.admits = [line[0] for line in map(slots.line, slots.queued) if line]
 
     def check(self) -> None:
-        """The limit holds, and the slots are exactly what the stored runs say."""
+        """The limit holds, the slots are exactly what the stored runs say, and no line with
+        a free slot is forgotten (liveness): its admission is due in the next batch, or a
+        durable timer in line waits for the rate limit."""
         expected = Slots.build(list(self.store.values()), lambda w: self.definition)
         slots = self.applier.slots
         assert slots.of == expected.of
         for group, members in expected.active.items():
-            assert len(members) <= LIMIT, f"{group}: {sorted(members)} out at once"
+            assert len(members) <= self.limit, f"{group}: {sorted(members)} out at once"
+        open_lines = [g for g in slots.queued if slots.taken(g) < self.limit]
+        if open_lines and not self.admits:
+            armed = [
+                i
+                for g in open_lines
+                for i in slots.queued[g]
+                if self.store[i][0].timer_kind == machine.TIMER_ADMIT
+            ]
+            assert armed, f"{open_lines}: free slots and a line, but no admission armed"
         interval = self.definition.step("check").rate_interval  # type: ignore[union-attr]
         if interval is not None:  # publications of check keep to the rate: n of them span at
             # least n - 2 intervals (one may go early to make up for a late timer)
@@ -208,7 +225,7 @@ class World:
                 break
         slots = self.applier.slots
         for group in slots.queued:
-            assert slots.taken(group) >= LIMIT, f"{group} has a free slot and a line"
+            assert slots.taken(group) >= self.limit, f"{group} has a free slot and a line"
 
 
 def _versions_of(registry: Registry) -> Callable[[Workflow], WorkflowDefinition | None]:
@@ -315,7 +332,19 @@ ACTIONS = st.sampled_from(
 )  # fmt: skip
 
 
-@pytest.mark.parametrize("definition", [GRANT, RATED], ids=["concurrency", "and-rate"])
+REGIONS = st.sampled_from(["eu", "us", None])
+PRIORITIES = st.integers(1, 5)
+
+
+ROUND = WorkflowDefinition.build(  # one check a minute, shared by every key: what the round
+    "grant",  # robin is for (each key has its own concurrency slots, plenty of them here)
+    ["validate", Step("check", concurrency=10, concurrency_key="region", rate_limit="1/m")],
+).with_version(1)
+
+
+@pytest.mark.parametrize(
+    "definition", [GRANT, RATED, ROUND], ids=["concurrency", "and-rate", "rate-shared-by-keys"]
+)
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_across_any_interleaving_the_limit_holds_and_no_slot_leaks(
@@ -333,14 +362,14 @@ def test_across_any_interleaving_the_limit_holds_and_no_slot_leaks(
         if action == "to_check":  # a new workflow straight on to check
             workflow_id = f"w{len(ids)}"
             ids.append(workflow_id)
-            world.start(workflow_id, data.draw(st.sampled_from(["eu", "us", None])))
+            world.start(workflow_id, data.draw(REGIONS), data.draw(PRIORITIES))
             _to_check(world, workflow_id)
             world.check()
             continue
         if action == "start" or not ids:
             workflow_id = f"w{len(ids)}"
             ids.append(workflow_id)
-            world.start(workflow_id, data.draw(st.sampled_from(["eu", "us", None])))
+            world.start(workflow_id, data.draw(REGIONS), data.draw(PRIORITIES))
             continue
         workflow_id = data.draw(st.sampled_from(ids))
         workflow, _run = world.store[workflow_id]
@@ -444,3 +473,100 @@ def test_a_start_s_priority_is_checked_where_it_is_given() -> None:
             parse_request({**body, "priority": bad})
         with pytest.raises(PayloadError, match="priority must be a whole number from 1"):
             _start_fields("grant", {}, None, None, None, None, None, bad)  # type: ignore[arg-type]
+
+
+def _checks(world: World) -> list[str]:
+    """The workflows whose check was published, in order."""
+    return [w for w, _, step, _ in world.published if step == "check"]
+
+
+def test_a_queued_run_of_a_better_priority_is_admitted_first_however_new() -> None:
+    world = World()
+    for i, priority in enumerate([3, 3, 5, 3, 1]):
+        world.start(f"w{i}", "eu", priority)
+        _to_check(world, f"w{i}")
+    assert world.applier.slots.line(("grant", "check", "eu")) == ["w4", "w3", "w2"]
+    for i in (0, 1, 4):
+        world.batch([world.outcome(f"w{i}", "succeeded", result={"data": {}})])
+    assert _checks(world) == ["w0", "w1", "w4", "w3", "w2"]
+    world.check()
+
+
+def test_a_priority_survives_a_crash_the_line_rebuilt_in_the_same_order() -> None:
+    world = World()
+    for i, priority in enumerate([3, 3, 5, 1]):
+        world.start(f"w{i}", None, priority)
+        _to_check(world, f"w{i}")
+    world.crash()
+    assert world.applier.slots.line(("grant", "check", "")) == ["w3", "w2"]
+    world.batch([world.outcome("w0", "succeeded", result={"data": {}})])
+    assert _checks(world)[-1] == "w3"
+
+
+def _run_admissions(world: World) -> None:
+    """Every admission in turn: those due in the next batch, then the timers."""
+    while world.admits or world.fire_next_admission():
+        if world.admits:
+            world.batch([])
+
+
+def test_a_rate_limit_shared_by_keys_admits_them_in_turn_so_no_backlog_starves_a_key() -> None:
+    world = World(ROUND)
+    for i, region in enumerate(["eu", "eu", "eu", "eu", "us", "us"]):
+        world.start(f"w{i}", region)
+        _to_check(world, f"w{i}")
+    _run_admissions(world)
+    # w0 went at once; then us (never served) and eu take turns, each its oldest first
+    assert _checks(world) == ["w0", "w4", "w1", "w5", "w2", "w3"]
+
+
+def test_priority_goes_before_the_turn_of_keys_and_the_turn_before_age() -> None:
+    world = World(ROUND)
+    world.start("w0", "eu")
+    _to_check(world, "w0")  # published: the rate is spent
+    for i, (region, priority) in enumerate(
+        [("eu", 1), ("us", 3), ("eu", 1), ("asia", 3), ("us", 2)], start=1
+    ):
+        world.start(f"w{i}", region, priority)
+        _to_check(world, f"w{i}")
+    _run_admissions(world)
+    # priority 1 (both eu), then 2 (us), then 3: asia, never served, before us
+    assert _checks(world) == ["w0", "w1", "w3", "w5", "w4", "w2"]
+
+
+def test_a_type_pause_releases_the_starts_it_held_by_priority_then_oldest() -> None:
+    world = World()
+    world.batch([world.request(type="pause_type", workflow="grant")])
+    for i, priority in enumerate([5, 3, 1, 3]):
+        world.start(f"w{i}", f"k{i}", priority)
+    assert [w for w, _, _, _ in world.published] == []  # held
+    world.batch([world.request(type="resume_type", workflow="grant")])
+    assert [w for w, _, _, _ in world.published] == ["w2", "w1", "w3", "w0"]
+
+
+def test_an_admission_timer_that_fires_out_of_turn_is_spent_not_left_armed() -> None:
+    """The regression behind a liveness failure of the property with priorities: a timer
+    that fired before the rate was due, while another run's turn was next, stayed armed in
+    the store (in the past) until its run was admitted."""
+    world = World(RATED)
+    world.start("w0", "eu")
+    _to_check(world, "w0")  # published: the next check in a minute
+    world.start("w1", "eu")
+    _to_check(world, "w1")  # queued: the timer of the next admission
+    due = world.store["w1"][0].timer_at
+    assert due is not None
+    world.start("w2", "us", priority=1)
+    _to_check(world, "w2")  # its turn comes first: it holds a timer too
+    assert world.store["w2"][0].timer_at == due
+    world.crash()  # the rate starts afresh, a minute from now: after w1's timer
+    world.batch([])  # the lines' heads admitted after the restart: the rate is not due
+    assert world.store["w2"][0].timer_at == world.applier.slots.next_at[("grant", "check")]
+    assert world.store["w1"][0].timer_at == due < world.applier.slots.next_at[("grant", "check")]
+    world.now = due
+    world.batch([TimerEvent("w1", machine.TIMER_ADMIT)])  # fires out of turn, too early
+    assert world.store["w1"][0].timer_kind is None  # spent, not left armed in the past
+    assert world.store["w1"][1].status == "queued"  # type: ignore[union-attr]
+    world.check()  # w2's timer still holds the next admission
+    world.settled()
+    assert _checks(world) == ["w0", "w2", "w1"]
+    world.check()

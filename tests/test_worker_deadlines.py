@@ -234,3 +234,90 @@ async def test_the_deadline_counts_from_the_start_not_from_the_delivery(
     assert [s.status for s in states] == ["succeeded", "succeeded"]
     assert failures(mgmt) == []
     assert time.monotonic() - begun >= 0.8  # one after the other
+
+
+async def test_a_copy_of_a_step_message_that_is_running_here_is_not_run_again(
+    memory_url: str, store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine sends again what it had not marked sent when it crashed (at least once):
+    a copy that comes while its run is running in this step service waits for that run and
+    is settled with it, without taking a slot; the handler runs once."""
+    mgmt = hms_mgmt.init(service_name="t", broker_url=memory_url, store_url=store_url)
+    async with mgmt:
+        await _copied(mgmt, monkeypatch)
+
+
+async def _copied(mgmt: hms_mgmt.Management, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bus_adapters.base import Message
+    from bus_adapters.memory import MemoryBus
+
+    sent = MemoryBus.publish
+
+    async def twice(self: MemoryBus, message: Message, *, confirm: bool = True) -> None:
+        await sent(self, message, confirm=confirm)
+        if message.routing_key == "copied.work":  # as a restarted engine's outbox would
+            await sent(self, message, confirm=confirm)
+
+    monkeypatch.setattr(MemoryBus, "publish", twice)
+    runs: list[int] = []
+    mgmt.define_workflow("copied", ["work"])
+    mgmt.define_workflow("plain", ["warm"])
+
+    @mgmt.on_step("copied.work")
+    async def work(ctx: hms_mgmt.StepContext) -> None:
+        runs.append(ctx.attempt)
+        worker = mgmt._worker  # until the copy has come in, so that it comes while this runs
+        await wait_until(lambda: worker.stats["copies"] >= 1, timeout=10, what="the copy")
+
+    @mgmt.on_step("plain.warm")
+    async def warm(ctx: hms_mgmt.StepContext) -> None:
+        return None
+
+    await mgmt.serve()
+    warmed = await mgmt.start("plain", {})  # off probation: more than one delivery at once
+    assert (await mgmt.wait(warmed.workflow_id, timeout=10)).status == "succeeded"
+    started = await mgmt.start("copied", {})
+    state = await mgmt.wait(started.workflow_id, timeout=10)
+    assert state.status == "succeeded" and len(state.steps) == 1
+    assert runs == [1]
+    assert mgmt._worker.stats["copies"] == 1
+
+
+async def test_a_copy_of_a_step_message_run_and_reported_here_is_acked_not_run(
+    memory_url: str, store_url: str
+) -> None:
+    """A copy that comes after its run was reported (the engine restarted and sent it
+    again, while the run went on without it) is acked and not run: beside the runs a
+    concurrency limit admits next, it would be one more at once."""
+    from bus_adapters.base import Message
+    from bus_adapters.memory import MemoryBus
+
+    mgmt = hms_mgmt.init(service_name="t", broker_url=memory_url, store_url=store_url)
+    runs: list[int] = []
+    mgmt.define_workflow("again", ["work"])
+
+    @mgmt.on_step("again.work")
+    async def work(ctx: hms_mgmt.StepContext) -> None:
+        runs.append(ctx.attempt)
+
+    async with mgmt:
+        bus = MemoryBus(memory_url)
+        sent: list[Message] = []
+        publish = bus.broker.enqueue
+
+        def keep(queue: str, stored: Any) -> None:
+            if queue == "again.work":
+                sent.append(stored.message)
+            publish(queue, stored)
+
+        bus.broker.enqueue = keep  # type: ignore[method-assign]
+        await mgmt.serve()
+        started = await mgmt.start("again", {})
+        assert (await mgmt.wait(started.workflow_id, timeout=10)).status == "succeeded"
+        [message] = sent
+        await bus.publish(message)  # the copy, as a restarted engine's outbox sends it
+        await wait_until(
+            lambda: mgmt._worker.stats["copies"] == 1, timeout=10, what="the copy settled"
+        )
+        assert runs == [1]
+        assert await bus.queue_length("again.work") == 0

@@ -30,6 +30,7 @@ from hms_mgmt.bounds import (
     MAX_DELAY,
     NAME_PATTERN,
     check_attributes,
+    check_priority,
     parse_time,
     short,
     valid_id,
@@ -313,6 +314,12 @@ class EngineApi:
         key = body.get("idempotency_key")
         if key is not None and not isinstance(key, str):
             raise ApiError(400, "BadRequest", f"idempotency_key must be a string, not {short(key)}")
+        priority = body.get("priority")
+        if priority is not None:
+            try:
+                check_priority(priority, "priority")
+            except ValueError as exc:
+                raise ApiError(400, "BadRequest", str(exc)) from None
         traceparent = tracing.checked(request.headers.get("traceparent"))
         if "wait" in body:
             return await self._execute(name, body, key, traceparent)
@@ -322,6 +329,7 @@ class EngineApi:
             idempotency_key=key,
             traceparent=traceparent,
             attributes=body.get("attributes"),
+            priority=priority,
         )
         return web.json_response(
             {"workflow_id": started.workflow_id, "existing": started.existing},
@@ -348,6 +356,7 @@ class EngineApi:
                 idempotency_key=key,
                 traceparent=traceparent,
                 attributes=body.get("attributes"),
+                priority=body.get("priority"),
             )
         except WorkflowTimeoutError as exc:
             going = await self.engine.state(exc.workflow_id)
@@ -430,7 +439,8 @@ class EngineApi:
 
     async def reset(self, request: web.Request) -> web.Response:
         """Back to a step: ``{"to_step": S, "data": ..., "signals": "keep"|"drop",
-        "reason": R}``; without ``data``, the step's last input. 400 names an unknown step.
+        "reason": R}``; without ``data``, the step's last input (``"data": null`` is a null
+        input). 400 names an unknown step.
         A failed workflow's dead letters leave their ``.dlq``, as on a retry."""
         workflow_id = _workflow_id(request)
         body = await self._body(request)
@@ -455,6 +465,7 @@ class EngineApi:
                 body.get("data"),
                 signals=signals,
                 reason=None if reason is None else str(reason),
+                has_data="data" in body,
             )
         )
         # A failed workflow's dead letters are settled by the reset, as by a retry.

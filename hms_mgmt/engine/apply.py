@@ -251,6 +251,7 @@ class Applier:
             and run.status == StepStatus.PENDING
             and any(step.seq == run.seq for step in work.publishing)
         ):
+            slots.serve(after[0])  # its key's turn goes to the back
             interval = machine.limits.interval_of(definition, run.step)
             if interval is not None:
                 slots.consume(after[0][:2], interval, now)
@@ -266,10 +267,11 @@ class Applier:
             # gets the timer of the next admission
 
     def _admit(self, work: Work, key: tuple[str, str], now: float) -> None:
-        """Admit the runs in line for a step (``key``: workflow type, step), oldest first
-        among its groups with a free slot, while its rate limit allows; past that, the first
-        in line gets a durable timer for the next admission. A run not loaded for this batch
-        stops it: the engine admits it in the next (``work.stalled``)."""
+        """Admit the runs in line for a step (``key``: workflow type, step), in the order of
+        :meth:`~hms_mgmt.machine.limits.Slots.next_turn` among its groups with a free slot,
+        while its rate limit allows; past that, the next to go gets a durable timer for the
+        next admission. A run not loaded for this batch stops its group: the engine admits
+        it in the next (``work.stalled``)."""
         if key in work.admitting:
             return  # admitting already, further up the stack
         work.admitting.add(key)
@@ -279,22 +281,38 @@ class Applier:
             work.admitting.discard(key)
 
     def _admit_loop(self, work: Work, key: tuple[str, str], now: float) -> None:
+        """Each group has its own slots, so without a rate limit the groups admit each its
+        own line, and one whose first run was not loaded waits for the next batch. Under a
+        rate limit, which the step's keys share, the order across them matters: if the run
+        whose turn it is was not loaded, nobody else goes first; the next batch loads the
+        first of every key's line and admits it."""
         slots = self._slots(work)
+        latest = self.registry.latest.get(key[0])
+        rated = latest is not None and machine.limits.interval_of(latest, key[1]) is not None
         for _ in range(10_000):  # bounded: each turn admits or drops one, or stops
-            candidates = []
+            open_groups, unloaded = [], set()
             for group in slots.groups_of(key):
-                line = slots.line(group)
-                head = line[0]
-                if head not in work.state:
-                    work.stalled.add(group)
+                head = slots.line(group)[0]
+                definition = self.registry.of(work.state[head][0]) if head in work.state else latest
+                if definition is None or not slots.free(
+                    group, machine.limits.limit_of(definition, key[1])
+                ):
                     continue
-                definition = self.registry.of(work.state[head][0])
-                if slots.free(group, machine.limits.limit_of(definition, key[1])):
-                    candidates.append((slots.queued[group][head], head, group, definition))
-            if not candidates:
+                if head not in work.state:
+                    unloaded.add(group)
+                    if not rated:
+                        work.stalled.add(group)
+                        continue
+                open_groups.append(group)
+            chosen = slots.next_turn(open_groups)
+            if chosen is None:
                 return
-            _, head, group, definition = min(candidates)
+            if chosen in unloaded:  # its turn, but not loaded: admitted by the next batch
+                work.stalled.add(chosen)
+                return
+            group, head = chosen, slots.line(chosen)[0]
             workflow, run = work.state[head]
+            definition = self.registry.of(workflow)
             interval = machine.limits.interval_of(definition, key[1])
             if interval is not None and not slots.rate_allows(key, now):
                 due = slots.next_at[key]
@@ -393,6 +411,10 @@ class Applier:
             found = self._slots(work).of.get(event.workflow_id)  # left with free slots
             if found is not None and found[1] == machine.limits.QUEUED:
                 self._admit(work, found[0][:2], now)
+            workflow = work.state[event.workflow_id][0]  # not admitted, not armed again:
+            t = machine.limits.disarm(workflow, now)  # its timer is spent
+            if t.changed:
+                self.record(work, t, workflow.id, now)
             return
         workflow, run = _loaded(work, event.workflow_id)
         definition = self.registry.of(workflow)
@@ -638,12 +660,16 @@ class Applier:
             raise InvalidStateError(f"{what} is not paused; cannot resume it")
         work.type_pauses[key] = None
         work.batch.type_pauses[key] = None
-        # What it held, oldest first: loaded, and any held by this batch so far.
+        # What it held (loaded, and any held by this batch so far): released by priority.
         held = set(work.type_held.get(key, []))
         held.update(i for i, (wf, _) in work.state.items() if machine.paused_by(wf, key))
-        order = sorted((work.state[i][0].created_at, i) for i in held if i in work.state)
+        order = sorted(  # by priority, then oldest first
+            (work.state[i][0].priority, work.state[i][0].created_at, i)
+            for i in held
+            if i in work.state
+        )
         released = 0
-        for _, workflow_id in order:
+        for _, _, workflow_id in order:
             workflow, run = work.state[workflow_id]
             if not machine.paused_by(workflow, key):
                 continue

@@ -154,7 +154,7 @@ class Loader:
             if found is not None:
                 group = found[0]
                 counts[group] = counts.get(group, 0) + (1 if found[1] == ACTIVE else 0)
-        if every_key:  # an admission picks the oldest first in line of all the step's keys
+        if every_key:  # an admission picks among the heads of all the step's keys
             for group in list(counts):
                 for sibling in slots.groups_of(group[:2]):
                     counts.setdefault(sibling, 0)
@@ -221,7 +221,7 @@ class Loader:
                 return
 
     async def _load_type_held(self, name: str, step: str | None, work: Work) -> None:
-        """The workflows a type pause holds, oldest first: its resume releases them in order.
+        """The workflows a type pause holds, oldest first (its resume releases them by priority).
         Read page by page (keyset), then loaded with their current runs."""
         key = (name, step or "")
         if key in work.type_held:

@@ -62,7 +62,7 @@ class Dashboard:
     def add_routes(self, app: web.Application, reading: Callable[[Handler], Handler]) -> None:
         get = app.router.add_get
         # One page for every linkable URL; its script reads the JSON API.
-        for path in ("/", "/workflows", "/workflows/{id}", "/dlq"):
+        for path in ("/", "/workflows", "/workflows/{id}", "/dlq", "/types"):
             get(path, self.page)
         get("/dashboard/{file}", self.asset)
         get("/api/events", reading(self.events))

@@ -13,11 +13,24 @@ are never counted on their own.
 
 A run about to be published into a group whose slots are all taken (or behind others
 queued there) is ``queued`` instead: nothing is published. When a slot of the group frees,
-its oldest queued run is admitted (published) in the same batch.
+its first queued run is admitted (published) in the same batch.
 
-A step's ``rate_limit`` spaces its publications evenly (``next_at``): a run due before
-then is queued too, and the run first in line gets a durable timer (kind ``admit``) for
-``next_at``, which admits it.
+A step's ``rate_limit`` spaces its publications evenly (``next_at``), one rate per step
+whatever the key: a run due before then is queued too, and the run first in line gets a
+durable timer (kind ``admit``) for ``next_at``, which admits it.
+
+The order of admission (:meth:`Slots.next_turn`):
+
+- within a group, its line is ordered by (priority, creation time of the run): a
+  priority 1 run goes before every priority 2 run, however old;
+- among the step's groups with a free slot (several at once only when a rate limit, shared
+  by the step's keys, is what holds them back), the best priority at the head of a line
+  goes first; among heads of the same priority, the key served longest ago (round-robin:
+  a key with a backlog cannot starve the others), then the oldest.
+
+Which key was served last is kept in memory only (:attr:`Slots.served`), for keys with runs
+in line or out: after a restart the turns start again from the oldest. It orders the
+turns, never counts a slot.
 """
 
 from __future__ import annotations
@@ -75,17 +88,25 @@ def state_of(workflow: Workflow, run: StepRun | None) -> str | None:
     return ACTIVE
 
 
+Place = tuple[int, float]
+"""A run's place in its group's line: its workflow's priority (1 first), the run's creation."""
+
+
 @dataclass
 class Slots:
     """Each workflow's current limited run: its group, whether it is active or queued, and
     (queued) its place in line. Built from the store's runs, never from counters."""
 
-    of: dict[str, tuple[Group, str, float]] = field(default_factory=dict)  # id -> group,
-    # state, queued since
+    of: dict[str, tuple[Group, str, Place]] = field(default_factory=dict)  # id -> group,
+    # state, place in line
     active: dict[Group, set[str]] = field(default_factory=dict)
-    queued: dict[Group, dict[str, float]] = field(default_factory=dict)
+    queued: dict[Group, dict[str, Place]] = field(default_factory=dict)
     # (workflow type, step) -> when its rate limit next admits a run
     next_at: dict[tuple[str, str], float] = field(default_factory=dict)
+    # The round-robin between a step's keys: group -> the turn it was last served at. Not
+    # rebuilt at start-up, and not compared: slots are equal when their runs are.
+    served: dict[Group, int] = field(default_factory=dict, compare=False)
+    turn: int = field(default=0, compare=False)
 
     @classmethod
     def build(
@@ -112,11 +133,12 @@ class Slots:
         group = group_of(definition, run)
         if group is None:
             return
-        self.of[workflow.id] = (group, state, run.created_at)
+        place = (workflow.priority, run.created_at)
+        self.of[workflow.id] = (group, state, place)
         if state == ACTIVE:
             self.active.setdefault(group, set()).add(workflow.id)
         else:
-            self.queued.setdefault(group, {})[workflow.id] = run.created_at
+            self.queued.setdefault(group, {})[workflow.id] = place
 
     def forget(self, workflow_id: str) -> tuple[Group, str] | None:
         found = self.of.pop(workflow_id, None)
@@ -135,6 +157,8 @@ class Slots:
                 line.pop(workflow_id, None)
                 if not line:
                     del self.queued[group]
+        if group not in self.active and group not in self.queued:
+            self.served.pop(group, None)  # a key with nothing out or in line starts afresh
         return group, state
 
     def taken(self, group: Group) -> int:
@@ -159,9 +183,31 @@ class Slots:
         return [g for g in self.queued if g[:2] == key]
 
     def line(self, group: Group) -> list[str]:
-        """The runs queued in a group, oldest first."""
+        """The runs queued in a group in the order of admission: by priority, then oldest."""
         found = self.queued.get(group, {})
-        return [i for _, i in sorted((since, i) for i, since in found.items())]
+        return [i for _, i in sorted((place, i) for i, place in found.items())]
+
+    def next_turn(self, groups: Iterable[Group]) -> Group | None:
+        """Of these groups with a line (and a free slot), the one whose head goes next: the
+        best priority at the head of a line; among those, the key served longest ago
+        (round-robin); then the oldest head."""
+        best: tuple[int, int, float, str] | None = None
+        chosen = None
+        for group in groups:
+            line = self.queued.get(group)
+            if not line:
+                continue
+            head = min((place, i) for i, place in line.items())
+            (priority, created), workflow_id = head
+            rank = (priority, self.served.get(group, -1), created, workflow_id)
+            if best is None or rank < best:
+                best, chosen = rank, group
+        return chosen
+
+    def serve(self, group: Group) -> None:
+        """A run of this group was published: its key's turn goes to the back."""
+        self.served[group] = self.turn
+        self.turn += 1
 
     def waiting(self) -> int:
         return sum(len(line) for line in self.queued.values())
@@ -172,6 +218,8 @@ class Slots:
             {g: set(m) for g, m in self.active.items()},
             {g: dict(line) for g, line in self.queued.items()},
             dict(self.next_at),
+            dict(self.served),
+            self.turn,
         )
 
 
@@ -198,7 +246,7 @@ def must_queue(
     if interval_of(definition, run.step) is not None and not slots.rate_allows(group[:2], now):
         return True
     limit = limit_of(definition, run.step)
-    if limit is not None and slots.of.get(wf.id, (None, None, 0.0))[:2] == (group, ACTIVE):
+    if limit is not None and slots.of.get(wf.id, (None, None, (0, 0.0)))[:2] == (group, ACTIVE):
         return False  # published again (a retry at once), still in its slot
     others = [i for i in slots.queued.get(group, {}) if i != wf.id]
     return not slots.free(group, limit) or (bool(others) and not admitting)
@@ -242,6 +290,19 @@ def admit(
         return t
     t.note("step_admitted", seq=current.seq, step=current.step, held=False)
     publish(t, wf, current, definition, now)
+    return t
+
+
+def disarm(workflow: Workflow, now: float) -> Transition:
+    """An admission timer that fired and did not admit its run (another's turn came first,
+    or the rate was not yet due): cleared, so that no stale timer stays armed in the
+    store. The run next in line holds the timer of the next admission."""
+    t = Transition()
+    if workflow.timer_kind != TIMER_ADMIT or workflow.timer_at is None or workflow.timer_at > now:
+        return t
+    wf = evolve(workflow, updated_at=now)
+    clear_timer(wf)
+    t.workflow = wf
     return t
 
 

@@ -14,7 +14,8 @@ TIMER_DEADLINE = "deadline"  # a started run has not finished in time
 TIMER_WAIT = "wait"  # a wait for a signal has run out
 TIMER_START = "start"  # a published run has not been started by any step service in time
 TIMER_COMPENSATE = "compensate"  # a compensating workflow's next compensation is due
-TIMER_ADMIT = "admit"  # in memory only: a concurrency group has free slots and a line
+TIMER_ADMIT = "admit"  # a queued run's admission: durable for a rate limit's next one,
+# in memory only for a line left with free slots
 
 
 @dataclass

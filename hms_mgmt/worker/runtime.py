@@ -24,6 +24,7 @@ import functools
 import inspect
 import time
 import traceback
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from types import FrameType
 from typing import Any
@@ -55,6 +56,7 @@ log = get_logger("worker")
 
 CANCEL_GRACE = 1.0  # seconds a timed-out handler has to wind up after its cancellation
 GUARD_TIMEOUT = 300.0  # seconds the poison guard waits for the engine's verdict
+REMEMBERED = 10_000  # runs reported lately whose copies are not run again (about 2 MB)
 
 Ask = Callable[..., Awaitable[Any]]
 """A request to the engine: ``ask(kind, fields, timeout=...)``, its answer (Client.request)."""
@@ -118,7 +120,11 @@ class Worker:
         self._orphans: set[asyncio.Task[Any]] = set()  # timed out, ignoring their cancellation
         self._subscriptions: list[Subscription] = []
         self._stopping = asyncio.Event()
-        self.stats = {"succeeded": 0, "failed": 0, "invalid": 0, "guarded": 0}
+        self.stats = {"succeeded": 0, "failed": 0, "invalid": 0, "guarded": 0, "copies": 0}
+        # The runs this service is running, by (workflow id, seq, attempt), and the last
+        # ones it ran and reported: a copy of one's step message is not run again.
+        self._inside: dict[tuple[str, int, int], asyncio.Future[bool]] = {}
+        self._reported: OrderedDict[tuple[str, int, int], None] = OrderedDict()
         self._reporter = OutcomeReporter(bus, faults)
         self._probation = True
 
@@ -268,7 +274,42 @@ class Worker:
         return running
 
     async def _run_one(self, handler: Handler, message: StepMessage) -> bool:
-        """Run one step and have its outcome confirmed; False if stopping before it started."""
+        """Run one step and have its outcome confirmed; False if stopping before it started.
+
+        A copy of a step message (the engine sends again what it had sent but not marked sent
+        when it crashed: at least once) whose run this service is running, or has run and
+        reported lately, is not run again: it waits for the run and is acked with it (or goes
+        back with it); the outcome is the run's own, already on its way to the engine. So a
+        copy does not run beside the runs a concurrency limit admits next. (A copy delivered
+        to another step service still runs, and its outcome is ignored.)
+        """
+        key = (message.workflow_id, message.seq, message.attempt)
+        running = self._inside.get(key)
+        if running is not None or key in self._reported:
+            self.stats["copies"] += 1
+            log.info(
+                "a copy of a step message run here: not run again",
+                workflow_id=message.workflow_id,
+                step=message.step,
+                attempt=message.attempt,
+                running=running is not None,
+            )
+            return True if running is None else await asyncio.shield(running)
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._inside[key] = done
+        ran = False
+        try:
+            ran = await self._run_reported(handler, message)
+        finally:
+            del self._inside[key]
+            done.set_result(ran)
+        if ran:
+            self._reported[key] = None
+            if len(self._reported) > REMEMBERED:
+                self._reported.popitem(last=False)
+        return ran
+
+    async def _run_reported(self, handler: Handler, message: StepMessage) -> bool:
         async with self._slots:
             if self._stopping.is_set():
                 return False

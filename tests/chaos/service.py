@@ -146,3 +146,37 @@ async def spawn(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
 async def close_family(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
     record(ctx)
     return {"data": {"children": [output["child"] for output in ctx.payload]}}
+
+
+# A step with a concurrency limit: each run notes how many of its step's runs this step
+# service had inside at once as it came in (one process, so the count is exact).
+LIMIT = 3
+chaos.define_workflow("limited", ["admit", Step("inspect", concurrency=LIMIT), "close"])
+_inside = 0
+
+
+@chaos.on_step("limited.admit")
+async def limited_admit(ctx: hms_mgmt.StepContext) -> None:
+    record(ctx)
+
+
+@chaos.on_step("limited.inspect")
+async def limited_inspect(ctx: hms_mgmt.StepContext) -> None:
+    # {"inside": path, "sleep": s}: a line per run, the count of runs inside with it
+    global _inside
+    record(ctx)
+    _inside += 1
+    try:
+        fd = os.open(ctx.payload["inside"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, f"{_inside}\n".encode())
+        finally:
+            os.close(fd)
+        await asyncio.sleep(float(ctx.payload.get("sleep", 0)))
+    finally:
+        _inside -= 1
+
+
+@chaos.on_step("limited.close")
+async def limited_close(ctx: hms_mgmt.StepContext) -> None:
+    record(ctx)

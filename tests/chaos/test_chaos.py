@@ -23,6 +23,7 @@ from hms_mgmt.faults import CRASH_EXIT_CODE as EXIT_CODE
 from hms_mgmt.topology import RESULTS_QUEUE, STEPS_EXCHANGE
 from hms_mgmt.wire.outcomes import Outcome, outcomes_message
 from tests.chaos.harness import Case, Report
+from tests.chaos.service import LIMIT
 from tests.conftest import wait_until
 
 pytestmark = [pytest.mark.chaos, pytest.mark.broker]
@@ -366,3 +367,47 @@ async def test_engine_killed_in_the_middle_of_compensation_chains(case: Case) ->
     passed(report)
     assert report.compensated == len(ids), report
     assert kills >= 1
+
+
+async def test_engine_killed_while_every_slot_of_a_limit_is_taken(case: Case) -> None:
+    """The engine killed -9 (twice) while every slot of a ``concurrency=3`` step is taken
+    and more runs wait as ``queued``: after each restart it rebuilds the slots from the
+    store; the step service never has more than 3 of the step's runs inside at once, and
+    every workflow finishes."""
+    case.start_engine()
+    case.start_worker()
+    inside = case.tmp_path / "inside"
+
+    def slots() -> tuple[int, int]:  # the step's runs out (pending or running), and queued
+        rows = case.query(
+            "SELECT r.status, count(*) FROM step_runs r JOIN workflows w ON w.id = r.workflow_id"
+            " WHERE w.name = 'limited' AND r.step = 'inspect' AND w.status = 'running'"
+            " GROUP BY r.status"
+        )
+        counts = dict(rows)
+        return counts.get("pending", 0) + counts.get("running", 0), counts.get("queued", 0)
+
+    lines: list[int] = []
+    async with case.client() as client:
+        ids = await case.start_many(client, 40, workflow="limited", sleep=0.4, inside=str(inside))
+        for kill in range(2):  # once before any has finished, once midway
+
+            def full(finished: int = 9 * kill) -> bool:
+                out, waiting = slots()
+                return out == LIMIT and waiting >= 5 and case.count_succeeded() >= finished
+
+            await wait_until(full, timeout=60, what="every slot taken and a line")
+            lines.append(slots()[1])
+            case.kill(case.engine)  # kill -9 with every slot taken
+            case.start_engine()
+        await case.wait_terminal(ids, timeout=120)
+    seen = [int(line) for line in inside.read_text().split()]
+    assert max(seen) <= LIMIT, f"{max(seen)} runs of limited.inspect inside at once"
+    assert "concurrency slots rebuilt from the store" in case.log("engine")
+    note = (
+        f"engine kill -9 x2 with {LIMIT}/{LIMIT} slots taken and {lines} queued; at most "
+        f"{max(seen)} inside at once over {len(seen)} runs"
+    )
+    report = await case.report(ids, notes=[note])
+    passed(report)
+    assert report.succeeded == len(ids)

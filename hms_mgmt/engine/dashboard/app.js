@@ -439,6 +439,7 @@ function workflowPage(workflowId) {
         ["paused", pausedText(state)],
         ["parent", state.parent ? link(`/workflows/${encodeURIComponent(state.parent.id)}`, `${state.parent.id} (step ${state.parent.step})`) : "-"],
         ["children", state.children && state.children.length ? h("span", {}, ...state.children.map((c, i) => h("span", {}, i ? ", " : "", link(`/workflows/${encodeURIComponent(c.workflow_id)}`, c.workflow_id), ` ${c.status || "-"}`))) : "-"],
+        ["priority", String(state.priority ?? 3)],
         ["business keys", Object.entries(state.attributes || {}).map(([k, v]) => `${k}=${v}`).join(", ") || "-"],
         ["trace_id", state.trace_id || "-"],
       ];
@@ -519,6 +520,48 @@ function dlqPage() {
   };
 }
 
+function typePauseText(paused) {
+  if (!paused.length) return "-";
+  return paused.map((p) => `${p.step ? `step ${p.step}` : "the whole type"} since ${when(p.since)}` + (p.reason ? ` (${p.reason})` : "")).join("; ");
+}
+
+function typesPage() {
+  const body = h("tbody");
+  const rows = new Map(); // type -> its paused cell: the controls are built once, kept across refreshes
+  fill(main,
+    h("h1", {}, "Workflow types"),
+    h("p", { className: "muted" }, "Pause a workflow type, or one step of it: its new starts, cron ticks and the next steps of its workflows are held, each workflow paused, until it is resumed, which releases them by priority, then oldest first. Steps already out run on."),
+    h("table", { id: "types" },
+      h("thead", {}, h("tr", {}, ["type", "version", "steps", "paused", ""].map((c) => h("th", {}, c)))),
+      body));
+
+  function row(d) {
+    const step = h("select", { name: "type-step" }, h("option", { value: "" }, "the whole type"), d.steps.map((s) => h("option", { value: s }, `step ${s}`)));
+    const reason = h("input", { name: "type-reason", placeholder: "reason (optional)", size: 16 });
+    const target = `/api/definitions/${encodeURIComponent(d.name)}`;
+    const chosen = () => (step.value ? { step: step.value } : {});
+    const paused = h("td", { "data-paused": "" });
+    body.append(h("tr", { "data-type": d.name },
+      h("td", { className: "mono" }, d.name),
+      h("td", { "data-version": "" }, d.version),
+      h("td", {}, d.steps.join(" > ")),
+      paused,
+      h("td", {}, step, " ", reason, " ",
+        h("button", { "data-action": "pause-type", onclick: () => act(`pause ${d.name}`, () => api(`${target}/pause`, { method: "POST", body: { ...chosen(), ...(reason.value ? { reason: reason.value } : {}) } })) }, "Pause"), " ",
+        h("button", { className: "primary", "data-action": "resume-type", onclick: () => act(`resume ${d.name}`, () => api(`${target}/resume`, { method: "POST", body: chosen() })) }, "Resume"))));
+    return paused;
+  }
+
+  return {
+    async refresh() {
+      for (const d of await api("/api/definitions")) {
+        if (!rows.has(d.name)) rows.set(d.name, row(d));
+        fill(rows.get(d.name), typePauseText(d.paused));
+      }
+    },
+  };
+}
+
 // -- routing and live updates ----------------------------------------------------------------
 
 function route() {
@@ -531,6 +574,7 @@ function route() {
   if (path === "/workflows") return workflowsPage();
   if (path.startsWith("/workflows/")) return workflowPage(decodeURIComponent(path.slice("/workflows/".length)));
   if (path === "/dlq") return dlqPage();
+  if (path === "/types") return typesPage();
   fill(main, h("h1", {}, "Not found"), h("p", {}, link("/", "Overview")));
   return null;
 }
