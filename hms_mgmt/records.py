@@ -49,9 +49,17 @@ def evolve(record: R, **changes: Any) -> R:
     return copy
 
 
-def idempotency_key(workflow_id: str, step: str, visit: int) -> str:
-    """The same across redeliveries and retries of one visit of a step; the next visit's differs."""
-    return f"{workflow_id}:{step}:{visit}"
+def idempotency_key(workflow_id: str, step: str, visit: int, branch: int | None = None) -> str:
+    """The same across redeliveries and retries of one visit of a step; the next visit's differs.
+    A branch of a fan-out (``branch``: its index) has its own, ending in its index."""
+    key = f"{workflow_id}:{step}:{visit}"
+    return key if branch is None else f"{key}:{branch}"
+
+
+def branch_of(context: dict[str, Any] | None) -> int | None:
+    """The index of the fan-out branch a run is (from its context), or None."""
+    about = (context or {}).get("branch")
+    return about.get("index") if isinstance(about, dict) else None
 
 
 TERMINAL = frozenset(
@@ -90,7 +98,7 @@ class StepRun:
 
     @property
     def idempotency_key(self) -> str:
-        return idempotency_key(self.workflow_id, self.step, self.visit)
+        return idempotency_key(self.workflow_id, self.step, self.visit, branch_of(self.context))
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -134,6 +142,10 @@ class Workflow:
     # The latest group of child workflows a step of it started: {"step", "seq", "ids",
     # "close", "next_step", "many", "done": {id: {"status", "output", "error"}}}
     children: dict[str, Any] | None = None
+    # The latest fan-out a step of it made: {"step", "seq", "join", "tolerate",
+    # "max_concurrency", "state", "branches": [each branch's latest run, or a waiting one]}
+    # (see machine.branches)
+    branches: dict[str, Any] | None = None
 
     @property
     def terminal(self) -> bool:
