@@ -56,6 +56,10 @@ TIMED = WorkflowDefinition.build(
     "timed", ["split", Step("score", retry=ONCE, timeout=10.0), "join"]
 ).with_version(1)
 
+SAGA = WorkflowDefinition.build(
+    "saga", [Step("hold", compensate="release"), "split", Step("score", retry=ONCE), "join"]
+).with_version(1)
+
 FOUR = {
     "fan_out": [
         {"step": "creditCheck", "data": {"n": 0}},
@@ -85,7 +89,7 @@ class Driver:
         self.store = SQLiteStore(self.url)
         await self.store.open()
         registry = Registry(bus=None, store=None)  # type: ignore[arg-type]  # no I/O here
-        for definition in (GRANT, GRANT_ON_ERROR, RETRIED, TIMED):
+        for definition in (GRANT, GRANT_ON_ERROR, RETRIED, TIMED, SAGA):
             registry.remember(definition)
         self.cache = InFlight()
         self.applier = Applier(registry, {}, Signer(b"s" * 32))
@@ -475,3 +479,18 @@ def test_tolerate_and_a_retry_that_runs_only_the_failed_branches(
     t = machine.retry(wf, run, GRANT, 100.0)
     assert sorted(s.payload for s in t.steps) == sorted(again)
     assert again >= {i for i in failing if statuses[i] == "failed"}
+
+
+async def test_a_failed_fan_out_compensates_what_succeeded_before_it(driver: Driver) -> None:
+    await driver.start("saga")
+    await driver.answer("hold", data="held")
+    await driver.answer("split", **mapping([1, 2]))
+    await driver.answer("score", fail=True)
+    wf = await driver.workflow()
+    assert wf.status == "compensating" and wf.timer_kind == machine.TIMER_COMPENSATE
+    await driver.batch([TimerEvent("w1", machine.TIMER_COMPENSATE)])
+    release = driver.taken("release")
+    assert release["context"]["compensating"]["step"] == "hold"
+    await driver.report(release, data="released")
+    await driver.batch([TimerEvent("w1", machine.TIMER_COMPENSATE)])
+    assert (await driver.workflow()).status == "compensated"

@@ -163,6 +163,10 @@ def fan_out(
     _advance(t, wf, definition, now)
 
 
+def is_open(workflow: Workflow) -> bool:
+    return workflow.branches is not None and workflow.branches["state"] == OPEN
+
+
 def owns(workflow: Workflow, seq: int) -> int | None:
     """The index of the branch whose latest run is ``seq``, if any."""
     group = workflow.branches
@@ -198,7 +202,11 @@ def outcome(
     stale = stale_reason(workflow, report.seq)
     if stale is None and report.kind == "started" and run.status != StepStatus.PENDING:
         stale = "run has already started"
-    if stale is None and (workflow.terminal or group["state"] != OPEN):
+    if stale is None and (
+        workflow.terminal
+        or group["state"] != OPEN
+        or workflow.status == WorkflowStatus.COMPENSATING
+    ):
         if report.kind in ("started", "heartbeat"):
             stale = f"the fan-out is {group['state']}"
         else:

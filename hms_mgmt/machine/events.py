@@ -292,6 +292,7 @@ def cancel(
         and run is not None
         and definition.compensation_of(run.step) is not None
         and compensation.compensated_seq(run) is None
+        and not branches.is_open(workflow)  # a fan-out's branches are cancelled, not awaited
         and (
             run.status == StepStatus.RUNNING
             or (run.status == StepStatus.PENDING and held != run.seq)

@@ -110,6 +110,36 @@ async def test_engine_killed_while_child_workflows_finish(case: Case) -> None:
     passed(report)
 
 
+async def test_engine_killed_between_branch_outcomes_and_the_join(case: Case) -> None:
+    """Maps of six branches, three out at once; the engine killed -9 four times while
+    branches report: every workflow joins once, with its results in item order, and no
+    branch's outcome is applied twice."""
+    case.start_engine()
+    case.start_worker()
+    async with case.client() as client:
+        starting = asyncio.ensure_future(case.start_many(client, 60, workflow="fanned", sleep=0.1))
+        for _ in range(4):
+            await asyncio.sleep(random.uniform(0.3, 0.8))
+            case.kill(case.engine)
+            case.start_engine()
+        ids = await starting
+        await case.wait_terminal(ids, timeout=150)
+    assert await case.wait_outbox_empty() == 0
+    joined = Counter(
+        row[0] for row in case.query("SELECT workflow_id FROM history WHERE kind = 'joined'")
+    )
+    joins = dict(
+        case.query(
+            "SELECT workflow_id, input FROM step_runs WHERE step = 'join' AND status = 'succeeded'"
+        )
+    )
+    for workflow_id in ids:
+        assert joined[workflow_id] == 1, f"{workflow_id} joined {joined[workflow_id]} times"
+        assert json.loads(joins[workflow_id])["results"] == [i * 10 for i in range(6)]
+    report = await case.report(ids, notes=["60 maps x 6 branches (3 at once); engine kill -9 x4"])
+    passed(report)
+
+
 async def test_broker_restarts_and_dropped_connections(case: Case) -> None:
     case.start_engine()
     case.start_worker()
