@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hms_mgmt import machine
-from hms_mgmt.definitions import RetryPolicy, Step, WorkflowDefinition
+from hms_mgmt.definitions import Parallel, RetryPolicy, Step, WorkflowDefinition
 from hms_mgmt.engine.apply import Applier
 from hms_mgmt.engine.cache import InFlight
 from hms_mgmt.engine.engine import follow_up
@@ -26,6 +26,7 @@ from hms_mgmt.engine.events import Event, OutcomeEvent, RequestEvent, TimerEvent
 from hms_mgmt.engine.loading import Loader
 from hms_mgmt.engine.registry import Registry
 from hms_mgmt.engine.work import Work
+from hms_mgmt.errors import DefinitionError
 from hms_mgmt.machine.branches import BRANCHES_FAILED, INVALID_FAN_OUT, MAX_BRANCHES
 from hms_mgmt.records import StepRun, Workflow, WorkflowState
 from hms_mgmt.store.sqlite import SQLiteStore
@@ -60,6 +61,18 @@ SAGA = WorkflowDefinition.build(
     "saga", [Step("hold", compensate="release"), "split", Step("score", retry=ONCE), "join"]
 ).with_version(1)
 
+STATIC = WorkflowDefinition.build(
+    "static",
+    [
+        "validate",
+        Parallel("creditCheck", Step("backgroundCheck", retry=ONCE), tolerate=1),
+        "schedule",
+    ],
+).with_version(1)
+STATIC_FIRST = WorkflowDefinition.build(
+    "staticFirst", [Parallel("a", "b", max_concurrency=1), "join"]
+).with_version(1)
+
 FOUR = {
     "fan_out": [
         {"step": "creditCheck", "data": {"n": 0}},
@@ -89,7 +102,7 @@ class Driver:
         self.store = SQLiteStore(self.url)
         await self.store.open()
         registry = Registry(bus=None, store=None)  # type: ignore[arg-type]  # no I/O here
-        for definition in (GRANT, GRANT_ON_ERROR, RETRIED, TIMED, SAGA):
+        for definition in (GRANT, GRANT_ON_ERROR, RETRIED, TIMED, SAGA, STATIC, STATIC_FIRST):
             registry.remember(definition)
         self.cache = InFlight()
         self.applier = Applier(registry, {}, Signer(b"s" * 32))
@@ -494,3 +507,42 @@ async def test_a_failed_fan_out_compensates_what_succeeded_before_it(driver: Dri
     await driver.report(release, data="released")
     await driver.batch([TimerEvent("w1", machine.TIMER_COMPENSATE)])
     assert (await driver.workflow()).status == "compensated"
+
+
+async def test_a_parallel_element_runs_its_steps_as_branches_joined_by_the_next(
+    driver: Driver,
+) -> None:
+    await driver.start("static")
+    await driver.answer("validate", data={"app": 7})
+    assert sorted(item["step"] for item in driver.out) == ["backgroundCheck", "creditCheck"]
+    assert all(item["payload"] == {"app": 7} for item in driver.out)
+    await driver.answer("backgroundCheck", fail=True)  # tolerated
+    await driver.answer("creditCheck", data="ok")
+    join = driver.taken("schedule")
+    assert join["payload"]["results"] == ["ok", None]
+    assert [e["step"] for e in join["payload"]["errors"]] == ["backgroundCheck"]
+
+
+async def test_a_parallel_element_first_fans_out_at_the_start(driver: Driver) -> None:
+    await driver.request(type="start", workflow="staticFirst", workflow_id="w1", payload={"x": 1})
+    assert [item["step"] for item in driver.out] == ["a"]  # max_concurrency=1
+    await driver.answer("a", data=1)
+    await driver.answer("b", data=2)
+    assert driver.taken("join")["payload"] == {"results": [1, 2], "errors": []}
+
+
+def test_a_parallel_element_survives_the_definitions_json_and_is_checked() -> None:
+    again = WorkflowDefinition.from_json(STATIC.to_json(), version=1)
+    assert again == STATIC
+    assert [s.name for s in again.parallel_at("creditCheck") or []] == [
+        "creditCheck",
+        "backgroundCheck",
+    ]
+    with pytest.raises(DefinitionError, match="a step must follow it"):
+        WorkflowDefinition.build("w", ["a", Parallel("b", "c")])
+    with pytest.raises(DefinitionError, match="needs at least one step"):
+        Parallel()
+    with pytest.raises(DefinitionError, match="tolerate"):
+        Parallel("a", tolerate=-1)
+    with pytest.raises(DefinitionError, match="twice"):
+        WorkflowDefinition.build("w", [Parallel("a", "b"), "a"])

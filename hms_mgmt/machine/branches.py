@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hms_mgmt.definitions import WorkflowDefinition
+from hms_mgmt.definitions import Step, WorkflowDefinition
 from hms_mgmt.errors import InvalidStateError
 from hms_mgmt.machine.moves import (
     draw,
@@ -132,15 +132,41 @@ def _specs(result: dict[str, Any]) -> list[tuple[str, Any]] | str:
     return [(mapping["step"], item) for item in mapping["items"]]
 
 
+def fan_out_static(
+    t: Transition,
+    wf: Workflow,
+    definition: WorkflowDefinition,
+    group: list[Step],
+    payload: Any,
+    now: float,
+) -> None:
+    """The workflow enters a Parallel group of its definition: its steps are the branches,
+    each with ``payload``, joined by the step after the group."""
+    assert group[0].parallel is not None
+    name, tolerate, limit = group[0].parallel
+    join = definition.next_after(group[-1].name)
+    assert join is not None  # checked when the definition was built
+    result = {
+        "fan_out": [{"step": step.name, "data": payload} for step in group],
+        "join": join,
+        "tolerate": tolerate,
+        "max_concurrency": limit,
+    }
+    fan_out(t, wf, definition, result, now, origin=name, seq=wf.seq)
+
+
 def fan_out(
     t: Transition,
     wf: Workflow,
-    run: StepRun,
     definition: WorkflowDefinition,
     result: dict[str, Any],
     now: float,
+    *,
+    origin: str,
+    seq: int,
 ) -> None:
-    """The step ``run`` (succeeded) fans out: record the group, publish what may be out."""
+    """Step ``origin`` (run ``seq``, succeeded) fans out, or the workflow enters a Parallel
+    group (``origin`` its first step): record the group, publish what may be out."""
     specs = _specs(result)
     assert not isinstance(specs, str)  # checked by problem() first
     visits: dict[str, int] = {}
@@ -148,8 +174,8 @@ def fan_out(
         visits.setdefault(step, wf.visits.get(step, 0) + 1)
     wf.visits = {**wf.visits, **visits}
     wf.branches = {
-        "step": run.step,
-        "seq": run.seq,
+        "step": origin,
+        "seq": seq,
         "join": result["join"],
         "tolerate": int(result.get("tolerate") or 0),
         "max_concurrency": int(result.get("max_concurrency") or MAX_BRANCHES),
@@ -159,7 +185,7 @@ def fan_out(
             for step, data in specs
         ],
     }
-    t.note("fanned_out", step=run.step, seq=run.seq, branches=len(specs), join=result["join"])
+    t.note("fanned_out", step=origin, seq=seq, branches=len(specs), join=result["join"])
     _advance(t, wf, definition, now)
 
 
@@ -218,6 +244,8 @@ def outcome(
     wf = evolve(workflow, updated_at=now)
     t.workflow = wf
     wf.branches = _copy(group)
+    if wf.status == WorkflowStatus.PENDING:  # a Parallel group first in its workflow
+        wf.status = WorkflowStatus.RUNNING
     if report.kind == "started":
         run.status = StepStatus.RUNNING
         run.started_at = report.started_at or now

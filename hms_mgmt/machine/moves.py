@@ -91,7 +91,7 @@ def succeed(
     if result.get("attributes"):  # business keys the handler adds, written with this transition
         t.attributes.update(result["attributes"])
     if fans_out:
-        branches.fan_out(t, wf, run, definition, result, now)
+        branches.fan_out(t, wf, definition, result, now, origin=run.step, seq=run.seq)
         return
     if result.get("complete"):
         finish(t, wf, WorkflowStatus.SUCCEEDED, output=data)
@@ -362,9 +362,15 @@ def enter(
     workflow: Workflow | None = None,
     context: dict[str, Any] | None = None,
 ) -> None:
-    """Go into a step afresh (a new visit, attempt 1)."""
+    """Go into a step afresh (a new visit, attempt 1); into a Parallel group, its branches."""
     wf = workflow or t.workflow
     assert wf is not None
+    group = definition.parallel_at(step)
+    if group is not None:
+        from hms_mgmt.machine import branches
+
+        branches.fan_out_static(t, wf, definition, group, payload, now)
+        return
     new_run(
         t,
         wf,
