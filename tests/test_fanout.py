@@ -546,3 +546,125 @@ def test_a_parallel_element_survives_the_definitions_json_and_is_checked() -> No
         Parallel("a", tolerate=-1)
     with pytest.raises(DefinitionError, match="twice"):
         WorkflowDefinition.build("w", [Parallel("a", "b"), "a"])
+
+
+FLAKY = WorkflowDefinition.build(
+    "flaky",
+    [
+        "split",
+        Step("score", retry=RetryPolicy(max_attempts=2, initial_delay=1.0, jitter=False)),
+        "join",
+    ],
+).with_version(1)
+ACTIONS = ("succeed", "succeed", "fail", "duplicate", "stale", "timer", "pause")
+
+
+@given(
+    data=st.data(),
+    count=st.integers(0, 6),
+    limit=st.integers(1, 4),
+    tolerate=st.integers(0, 2),
+    reload=st.booleans(),
+)
+@settings(max_examples=200, deadline=None)
+def test_any_interleaving_of_outcomes_retries_timers_and_pauses_joins_at_most_once(
+    data: st.DataObject, count: int, limit: int, tolerate: int, reload: bool
+) -> None:
+    """Outcomes (failures retried after a backoff), duplicates, stale ones, the branch
+    timer and pauses in any order, the workflow reloaded from its row between transitions:
+    never more than ``max_concurrency`` branches out, never a join twice, and in the end
+    either one join with the results in item order or ``BranchesFailed``."""
+    t = machine.start(FLAKY, "w1", {}, 1.0)
+    assert t.workflow is not None
+    wf, run = t.workflow, t.runs[-1]
+    out: dict[int, Any] = {}
+    answered: list[int] = []
+    joins: list[Any] = []
+    now = 2.0
+
+    def apply(t: machine.Transition) -> None:
+        nonlocal wf, run
+        for step in t.steps:
+            if step.step == "join":
+                joins.append(step)
+            else:
+                assert step.seq not in out and step.seq not in answered  # published once
+                out[step.seq] = step
+        if t.workflow is not None:
+            wf = _through_a_row(t.workflow) if reload else t.workflow
+            run = next((r for r in t.runs if r.seq == wf.seq), run)
+        group = wf.branches
+        if group is not None:
+            busy = [
+                e for e in group["branches"] if e["status"] in ("pending", "running", "scheduled")
+            ]
+            assert group["state"] != "open" or len(busy) <= limit
+        assert len(joins) <= 1
+
+    def report(seq: int, ok: bool) -> None:
+        nonlocal now
+        now += 1
+        outcome = (
+            Outcome("w1", seq, "succeeded", result={"data": out_payload.get(seq, -1) * 10})
+            if ok
+            else Outcome("w1", seq, "failed", error={"type": "E", "message": "no"})
+        )
+        apply(machine.apply_outcome(wf, run, FLAKY, outcome, now))
+
+    out_payload: dict[int, int] = {}
+    result = mapping(list(range(count)), max_concurrency=limit, tolerate=tolerate)
+    apply(machine.apply_outcome(wf, run, FLAKY, Outcome("w1", 1, "succeeded", result=result), now))
+    for _ in range(data.draw(st.integers(0, 40))):
+        if wf.terminal or joins:
+            break
+        for seq, step in out.items():
+            out_payload[seq] = step.payload
+        action = data.draw(st.sampled_from(ACTIONS))
+        if action in ("succeed", "fail") and out:
+            seq = data.draw(st.sampled_from(sorted(out)))
+            out.pop(seq)
+            answered.append(seq)
+            report(seq, action == "succeed")
+        elif action == "duplicate" and answered:
+            report(data.draw(st.sampled_from(answered)), True)
+        elif action == "stale":
+            report(999, True)
+        elif action == "timer" and wf.timer_kind == machine.TIMER_BRANCH and wf.timer_at:
+            now = max(now, wf.timer_at)
+            apply(machine.fire_timer(wf, run, FLAKY, machine.TIMER_BRANCH, now))
+        elif action == "pause" and not wf.terminal:
+            now += 1
+            if wf.status == "paused":
+                apply(machine.resume(wf, run, FLAKY, now))
+            else:
+                apply(machine.pause(wf, run, None, now))
+    # drain: resume, then every branch succeeds and every timer fires
+    for _ in range(100):
+        if wf.terminal or joins:
+            break
+        for seq, step in out.items():
+            out_payload[seq] = step.payload
+        if wf.status == "paused":
+            now += 1
+            apply(machine.resume(wf, run, FLAKY, now))
+        elif out:
+            seq = min(out)
+            out.pop(seq)
+            answered.append(seq)
+            report(seq, True)
+        elif wf.timer_kind == machine.TIMER_BRANCH and wf.timer_at:
+            now = max(now, wf.timer_at)
+            apply(machine.fire_timer(wf, run, FLAKY, machine.TIMER_BRANCH, now))
+        else:
+            raise AssertionError(f"stuck: {wf.status} {wf.branches}")
+    group = wf.branches
+    assert group is not None
+    gave_up = [i for i, e in enumerate(group["branches"]) if e["status"] == "failed"]
+    if wf.status == "failed":
+        assert wf.error is not None and wf.error["type"] == BRANCHES_FAILED
+        assert len(gave_up) > tolerate and not joins
+        return
+    [join] = joins
+    assert len(gave_up) <= tolerate
+    assert join.payload["results"] == [None if i in gave_up else i * 10 for i in range(count)]
+    assert [e["index"] for e in join.payload["errors"]] == gave_up

@@ -77,7 +77,8 @@ def apply_outcome(
 ) -> Transition:
     """A worker's report on a run; reports on any run but the current active one are ignored."""
     if workflow.status == WorkflowStatus.PAUSED:  # applied, and what it leads to held
-        if (workflow.pause or {}).get("held") == outcome.seq:
+        pause = workflow.pause or {}
+        if pause.get("held") == outcome.seq or outcome.seq in pause.get("branches", ()):
             t = Transition()
             t.note("outcome_ignored", seq=outcome.seq, kind=outcome.kind, reason=HELD)
             return t
