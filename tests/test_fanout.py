@@ -668,3 +668,20 @@ def test_any_interleaving_of_outcomes_retries_timers_and_pauses_joins_at_most_on
     assert len(gave_up) <= tolerate
     assert join.payload["results"] == [None if i in gave_up else i * 10 for i in range(count)]
     assert [e["index"] for e in join.payload["errors"]] == gave_up
+
+
+async def test_a_running_branch_does_not_hold_up_the_compensations(driver: Driver) -> None:
+    await driver.start("saga")
+    await driver.answer("hold", data="held")
+    await driver.answer("split", **mapping([1, 2]))
+    first, second = driver.taken(), driver.taken()
+    await driver.batch([OutcomeEvent(Outcome("w1", second["seq"], "started", step="score"))])
+    await driver.report(first, fail=True)  # the second, started, runs on
+    await driver.batch([TimerEvent("w1", machine.TIMER_COMPENSATE)])
+    release = driver.taken("release")
+    await driver.report(second, data="late")  # recorded, ignored
+    await driver.report(release, data="released")
+    await driver.batch([TimerEvent("w1", machine.TIMER_COMPENSATE)])
+    wf = await driver.workflow()
+    assert wf.status == "compensated"
+    assert wf.branches is not None and wf.branches["branches"][1]["output"] == "late"

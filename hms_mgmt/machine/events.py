@@ -333,7 +333,11 @@ def compensate(
         or workflow.timer_kind != TIMER_COMPENSATE
         or workflow.timer_at is None
         or workflow.timer_at > now
-        or (run is not None and run.status in ACTIVE_RUN)
+        or (
+            run is not None
+            and run.status in ACTIVE_RUN
+            and branches.owns(workflow, run.seq) is None  # a failed fan-out's late branch
+        )  # is not awaited: its outcome is recorded and ignored
     ):
         return t  # left over from an earlier state, or frozen by a pause
     runs = list(runs)
