@@ -232,6 +232,32 @@ def children_of(workflow: Workflow) -> list[dict[str, Any]]:
     ]
 
 
+def branches_of(workflow: Workflow) -> dict[str, Any] | None:
+    """A workflow's latest fan-out, as its status shows it: the step that fanned out, the
+    join, its state (open, joined, failed, cancelled), and each branch's step, status
+    (``waiting`` before it is published), run (seq) and attempt. None if it has none."""
+    group = workflow.branches
+    if not group:
+        return None
+    return {
+        "step": group["step"],
+        "join": group["join"],
+        "state": group["state"],
+        "tolerate": group["tolerate"],
+        "max_concurrency": group["max_concurrency"],
+        "branches": [
+            {
+                "index": index,
+                "step": entry["step"],
+                "status": str(entry["status"]),
+                "seq": entry.get("seq"),
+                "attempt": entry.get("attempt"),
+            }
+            for index, entry in enumerate(group["branches"])
+        ],
+    }
+
+
 def summary(workflow: Workflow, attributes: dict[str, str] | None = None) -> dict[str, Any]:
     """A workflow in a list (``hms workflow list``, ``client.list``, ``GET /api/workflows``),
     with its business keys."""
@@ -300,6 +326,9 @@ class WorkflowState:
     # The child workflows its latest such step started: workflow_id, workflow, status
     # (None while not finished), parent_close
     children: list[dict[str, Any]] = field(default_factory=list)
+    # Its latest fan-out: step, join, state and each branch's step, status, seq and attempt
+    # (see branches_of); only in the JSON when it has one
+    branches: dict[str, Any] | None = None
 
     @property
     def terminal(self) -> bool:
@@ -358,6 +387,7 @@ class WorkflowState:
             paused=workflow.pause,
             parent=workflow.parent,
             children=children_of(workflow),
+            branches=branches_of(workflow),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -365,6 +395,8 @@ class WorkflowState:
         # deep copy cost a third of a millisecond per reply.
         values = dict(self.__dict__)
         values["steps"] = [_step_json(step) for step in self.steps]
+        if values["branches"] is None:  # only with a fan-out: older clients read the rest
+            del values["branches"]
         return values
 
     @classmethod
@@ -398,6 +430,14 @@ class WorkflowState:
             listed = ", ".join(f"{c['workflow_id']} ({c['status'] or 'running'})" for c in shown)
             more = f" and {len(self.children) - 10} more" if len(self.children) > 10 else ""
             lines.append(f"  children: {listed}{more}")
+        if self.branches:
+            group = self.branches
+            done = sum(b["status"] in ("succeeded", "failed", "timed_out", "cancelled")
+                       for b in group["branches"])  # fmt: skip
+            lines.append(
+                f"  branches of {group['step']}: {done}/{len(group['branches'])} done, "
+                f"{group['state']} (join {group['join']})"
+            )
         if self.waiting_for:
             lines.append(f"  waiting for {self.waiting_for.get('event')!r}")
         if self.paused:

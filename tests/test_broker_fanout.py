@@ -34,6 +34,8 @@ async def test_a_four_way_fan_out_joins_once_with_results_in_order(
     steps = [s.step for s in done.steps]
     assert steps[0] == "split" and steps[-1] == "join" and steps.count("join") == 1
     assert sorted(steps[1:-1]) == ["backgroundCheck", "creditCheck", "score", "score"]
+    assert done.branches is not None and done.branches["state"] == "joined"
+    assert {b["status"] for b in done.branches["branches"]} == {"succeeded"}
     keys = (tmp_path / "keys").read_text().split()
     assert len(keys) == len(set(keys)) == 4  # each branch its own idempotency key
 

@@ -196,6 +196,15 @@ async def test_a_four_way_fan_out_publishes_every_branch_in_one_commit_and_joins
     state = await driver.state()
     assert state.status == "succeeded" and state.output == "done"
     assert [s.step for s in state.steps].count("score") == 2
+    assert state.branches is not None and state.branches["state"] == "joined"
+    assert [b["step"] for b in state.branches["branches"]] == [
+        "creditCheck",
+        "backgroundCheck",
+        "score",
+        "score",
+    ]
+    assert "branches of split: 4/4 done, joined (join join)" in state.describe()
+    assert WorkflowState.from_json(state.to_json()) == state
 
 
 async def test_branches_have_their_own_idempotency_keys() -> None:
