@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hms_mgmt import machine
+from hms_mgmt.cli_format import show
 from hms_mgmt.definitions import Parallel, RetryPolicy, Step, WorkflowDefinition
 from hms_mgmt.engine.apply import Applier
 from hms_mgmt.engine.cache import InFlight
@@ -205,6 +206,8 @@ async def test_a_four_way_fan_out_publishes_every_branch_in_one_commit_and_joins
     ]
     assert "branches of split: 4/4 done, joined (join join)" in state.describe()
     assert WorkflowState.from_json(state.to_json()) == state
+    shown = show(state.to_json())
+    assert "4/4 done, joined (of split, join join)" in shown
 
 
 async def test_branches_have_their_own_idempotency_keys() -> None:
