@@ -408,6 +408,9 @@ async def test_a_join_input_over_the_message_limit_fails_with_payload_error(
     await driver.answer(data=half)
     wf = await driver.workflow()
     assert wf.status == "failed" and wf.error is not None and wf.error["type"] == "PayloadError"
+    work = await driver.request(type="retry", workflow_id="w1")
+    [(_, _, ok, error)] = work.replies
+    assert not ok and "over the message limit" in error["message"]
 
 
 # -- the pure machine: any order of outcomes, duplicates and stale ones, reloads ----------

@@ -355,6 +355,17 @@ def failed_by_branches(workflow: Workflow) -> bool:
     )
 
 
+def join_too_large(workflow: Workflow) -> bool:
+    """Whether the workflow failed because its join's input was over the message limit."""
+    group = workflow.branches
+    error = workflow.error or {}
+    return (
+        group is not None
+        and error.get("type") == "PayloadError"
+        and error.get("fan_seq") == group["seq"]
+    )
+
+
 def retry_group(workflow: Workflow, definition: WorkflowDefinition, now: float) -> Transition:
     """Retry a workflow whose fan-out failed: the branches that gave up or were cancelled
     run again (attempt 1), the outputs that succeeded are kept, and a branch still out
@@ -622,6 +633,7 @@ def _join(t: Transition, wf: Workflow, definition: WorkflowDefinition, now: floa
             "message": f"the results of the {len(entries)} branches of {group['step']!r} come "
             f"to {size} bytes of JSON; the join's message carries at most {MAX_PAYLOAD_BYTES}",
             "step": group["join"],
+            "fan_seq": group["seq"],
             "reason": "payload too large",
         }
         give_up_workflow(t, wf, definition, failure, now)

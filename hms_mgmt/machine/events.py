@@ -386,6 +386,13 @@ def retry(
         return t
     if branches.failed_by_branches(workflow):  # its failed branches run again, not its step
         return branches.retry_group(workflow, definition, now)
+    if branches.join_too_large(workflow):
+        assert workflow.branches is not None
+        raise InvalidStateError(
+            f"cannot retry workflow {workflow.id}: the outputs of its branches are over the "
+            "message limit for its join, and would be again (reset it to step "
+            f"{workflow.branches['step']!r} to fan out afresh)"
+        )
     if children.failed_by_child(workflow):  # its children are retried, not its step
         return children.retry_parent(workflow, definition, now)
     wf = evolve(
