@@ -163,7 +163,7 @@ async def split(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
 @chaos.on_step("fanned.score")
 async def score(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
     record(ctx)
-    await asyncio.sleep(0.02 * (ctx.payload["i"] % 3))
+    await asyncio.sleep(0.1 + 0.1 * (ctx.payload["i"] % 3))  # long enough to kill amid
     return {"data": ctx.payload["i"] * 10}
 
 
