@@ -38,3 +38,25 @@ def payload(number: int) -> dict[str, Any]:
         "expect": number,
         "done": "bench-done",
     }
+
+
+# A 10-way fan-out: split maps ten checks, the join gathers them (12 steps a workflow).
+FANOUT_STEPS = ["split", "check", "join"]
+FANOUT_WIDTH = 10
+service.define_workflow("fanned", FANOUT_STEPS)
+
+
+@service.on_step("fanned.split")
+async def split(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+    items = [{"part": i} for i in range(FANOUT_WIDTH)]
+    return {"map": {"step": "check", "items": items}, "join": "join"}
+
+
+@service.on_step("fanned.check")
+async def check(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+    return {"data": {**ctx.payload, "check": "ok"}}
+
+
+@service.on_step("fanned.join")
+async def join(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+    return {"data": {"checked": len(ctx.payload["results"])}}

@@ -11,7 +11,7 @@ the step runtime and aio-pika with it.
 from typing import TYPE_CHECKING, Any
 
 from hms_mgmt.context import StepContext
-from hms_mgmt.definitions import RetryPolicy, Step, WorkflowDefinition
+from hms_mgmt.definitions import Parallel, RetryPolicy, Step, WorkflowDefinition
 from hms_mgmt.errors import (
     BrokerUnavailableError,
     DefinitionError,
@@ -61,6 +61,7 @@ __all__ = (
     "InvalidStateError",
     "Management",
     "NonRetryableError",
+    "Parallel",
     "PayloadError",
     "Retry",
     "RetryPolicy",

@@ -233,6 +233,19 @@ def show(state: dict[str, Any], *, history: bool = False, now: float | None = No
     if state.get("children"):
         listed = [f"{c['workflow_id']} {c.get('status') or '-'}" for c in state["children"]]
         fields.append(("children", ", ".join(listed)))
+    group = state.get("branches")
+    if isinstance(group, dict):
+        entries = group.get("branches") or []
+        done = sum(
+            b.get("status") in ("succeeded", "failed", "timed_out", "cancelled") for b in entries
+        )
+        fields.append(
+            (
+                "branches",
+                f"{done}/{len(entries)} done, {group.get('state')} "
+                f"(of {group.get('step')}, join {group.get('join')})",
+            )
+        )
     paused = state.get("paused")
     if isinstance(paused, dict):
         fields.append(("paused", paused_text(paused)))

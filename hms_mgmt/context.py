@@ -27,12 +27,13 @@ class StepContext:
     # for a compensation: the run it undoes, {"step", "seq", "output"} (its input is payload)
     compensating: dict[str, Any] | None = None
     traceparent: str | None = None  # W3C trace context of the workflow (from start)
+    branch: int | None = None  # for a fan-out branch: its index (in the fan-out or the items)
     _heartbeat: Callable[[], Awaitable[None]] | None = field(default=None, repr=False)
 
     @property
     def idempotency_key(self) -> str:
         """The same across redeliveries and retries of this step run; use it for side effects."""
-        return idempotency_key(self.workflow_id, self.step, self.visit)
+        return idempotency_key(self.workflow_id, self.step, self.visit, self.branch)
 
     @property
     def trace_id(self) -> str | None:

@@ -144,6 +144,8 @@ class Step:
     concurrency_key: str | None = None
     rate_limit: str | None = None
     compensate: str | Step | None = None
+    # A member of a Parallel group: (the group's first step, tolerate, max_concurrency)
+    parallel: tuple[str, int, int | None] | None = None
 
     def __post_init__(self) -> None:
         check_name("step", self.name)
@@ -223,12 +225,16 @@ class Step:
             body["rate_limit"] = self.rate_limit
         if isinstance(self.compensate, Step):
             body["compensate"] = self.compensate.to_json()
+        if self.parallel is not None:
+            group, tolerate, limit = self.parallel
+            body["parallel"] = {"group": group, "tolerate": tolerate, "max_concurrency": limit}
         return body
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Step:
         retry = data.get("retry")
         compensate = data.get("compensate")
+        parallel = data.get("parallel")
         return cls(
             name=data["name"],
             retry=None if retry is None else RetryPolicy.from_json(retry),
@@ -238,6 +244,9 @@ class Step:
             concurrency_key=data.get("concurrency_key"),
             rate_limit=data.get("rate_limit"),
             compensate=None if compensate is None else Step.from_json(compensate),
+            parallel=None
+            if parallel is None
+            else (parallel["group"], parallel["tolerate"], parallel["max_concurrency"]),
         )
 
     @property
@@ -286,6 +295,56 @@ def rate_interval(rate: Any, step: str) -> float:
     return RATE_UNITS[unit] / number
 
 
+class Parallel:
+    """Static branches in a workflow's step list: ``Parallel("creditCheck",
+    "backgroundCheck")`` runs these steps at once, each with the payload the workflow
+    enters the group with, and the next step in order joins them (its payload
+    ``{"results": [...], "errors": [...]}``), as a handler's ``fan_out`` would (see the
+    README's "Fan-out and join"). ``tolerate`` and ``max_concurrency`` as there."""
+
+    def __init__(
+        self, *steps: str | Step, tolerate: int = 0, max_concurrency: int | None = None
+    ) -> None:
+        if not steps:
+            raise DefinitionError("Parallel() needs at least one step")
+        for key, value, least in (
+            ("tolerate", tolerate, 0),
+            ("max_concurrency", max_concurrency, 1),
+        ):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < least
+            ):
+                raise DefinitionError(
+                    f"{key} of Parallel{tuple(_name_of(s) for s in steps)} must be a whole "
+                    f"number >= {least}, not {value!r}"
+                )
+        built = [s if isinstance(s, Step) else Step(check_name("step", s)) for s in steps]
+        group = (built[0].name, tolerate, max_concurrency)
+        self.steps = tuple(replace(step, parallel=group) for step in built)
+
+
+def _name_of(step: str | Step) -> str:
+    return step.name if isinstance(step, Step) else str(step)
+
+
+def _check_parallel(workflow: str, steps: Sequence[Step]) -> None:
+    """A Parallel group's steps come together, and a step follows them to join them."""
+    seen: set[str] = set()
+    previous: str | None = None
+    for step in steps:
+        group = None if step.parallel is None else step.parallel[0]
+        if group is not None and group != previous and group in seen:
+            raise DefinitionError(f"Parallel group {group!r} of workflow {workflow!r} is split")
+        if group is not None:
+            seen.add(group)
+        previous = group
+    if previous is not None:
+        raise DefinitionError(
+            f"a Parallel group ({previous!r}) is the last element of workflow {workflow!r}: "
+            "a step must follow it to join its branches"
+        )
+
+
 @dataclass(frozen=True)
 class WorkflowDefinition:
     """A named workflow: its ordered steps, default retry policy and error step."""
@@ -300,7 +359,7 @@ class WorkflowDefinition:
     def build(
         cls,
         name: str,
-        steps: Sequence[str | Step],
+        steps: Sequence[str | Step | Parallel],
         *,
         retry: RetryPolicy | None = None,
         on_error: str | Step | None = None,
@@ -310,7 +369,16 @@ class WorkflowDefinition:
             raise DefinitionError(f"steps of workflow {name!r} must be a list of step names")
         if not steps:
             raise DefinitionError(f"workflow {name!r} has no steps")
-        built = tuple(s if isinstance(s, Step) else Step(check_name("step", s)) for s in steps)
+        built = tuple(
+            member
+            for s in steps
+            for member in (
+                s.steps
+                if isinstance(s, Parallel)
+                else (s if isinstance(s, Step) else Step(check_name("step", s)),)
+            )
+        )
+        _check_parallel(name, built)
         seen: set[str] = set()
         for step in built:
             if step.name in seen:
@@ -365,6 +433,11 @@ class WorkflowDefinition:
             if step.name == name:
                 return step
         return None
+
+    def parallel_at(self, name: str) -> list[Step] | None:
+        """The steps of the Parallel group that starts with step ``name``; None if none does."""
+        members = [s for s in self.steps if s.parallel is not None and s.parallel[0] == name]
+        return members or None
 
     def next_after(self, name: str) -> str | None:
         """The step after ``name`` in order; None after the last (and after the error step)."""

@@ -20,7 +20,7 @@ from bus_adapters import open_bus
 from bus_adapters.base import Bus
 from hms_mgmt.client import Calls, Client
 from hms_mgmt.context import Handler
-from hms_mgmt.definitions import RetryPolicy, Step, WorkflowDefinition, split_topic
+from hms_mgmt.definitions import Parallel, RetryPolicy, Step, WorkflowDefinition, split_topic
 from hms_mgmt.errors import DefinitionError, HmsError
 from hms_mgmt.faults import Faults
 from hms_mgmt.logs import get_logger
@@ -74,7 +74,7 @@ class Management(Calls):
     def define_workflow(
         self,
         name: str,
-        steps: Sequence[str | Step],
+        steps: Sequence[str | Step | Parallel],
         *,
         retry: RetryPolicy | None = None,
         on_error: str | Step | None = None,

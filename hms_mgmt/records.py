@@ -50,9 +50,17 @@ def evolve(record: R, **changes: Any) -> R:
     return copy
 
 
-def idempotency_key(workflow_id: str, step: str, visit: int) -> str:
-    """The same across redeliveries and retries of one visit of a step; the next visit's differs."""
-    return f"{workflow_id}:{step}:{visit}"
+def idempotency_key(workflow_id: str, step: str, visit: int, branch: int | None = None) -> str:
+    """The same across redeliveries and retries of one visit of a step; the next visit's differs.
+    A branch of a fan-out (``branch``: its index) has its own, ending in its index."""
+    key = f"{workflow_id}:{step}:{visit}"
+    return key if branch is None else f"{key}:{branch}"
+
+
+def branch_of(context: dict[str, Any] | None) -> int | None:
+    """The index of the fan-out branch a run is (from its context), or None."""
+    about = (context or {}).get("branch")
+    return about.get("index") if isinstance(about, dict) else None
 
 
 TERMINAL = frozenset(
@@ -91,7 +99,7 @@ class StepRun:
 
     @property
     def idempotency_key(self) -> str:
-        return idempotency_key(self.workflow_id, self.step, self.visit)
+        return idempotency_key(self.workflow_id, self.step, self.visit, branch_of(self.context))
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -136,6 +144,10 @@ class Workflow:
     # The latest group of child workflows a step of it started: {"step", "seq", "ids",
     # "close", "next_step", "many", "done": {id: {"status", "output", "error"}}}
     children: dict[str, Any] | None = None
+    # The latest fan-out a step of it made: {"step", "seq", "join", "tolerate",
+    # "max_concurrency", "state", "branches": [each branch's latest run, or a waiting one]}
+    # (see machine.branches)
+    branches: dict[str, Any] | None = None
 
     @property
     def terminal(self) -> bool:
@@ -222,6 +234,32 @@ def children_of(workflow: Workflow) -> list[dict[str, Any]]:
     ]
 
 
+def branches_of(workflow: Workflow) -> dict[str, Any] | None:
+    """A workflow's latest fan-out, as its status shows it: the step that fanned out, the
+    join, its state (open, joined, failed, cancelled), and each branch's step, status
+    (``waiting`` before it is published), run (seq) and attempt. None if it has none."""
+    group = workflow.branches
+    if not group:
+        return None
+    return {
+        "step": group["step"],
+        "join": group["join"],
+        "state": group["state"],
+        "tolerate": group["tolerate"],
+        "max_concurrency": group["max_concurrency"],
+        "branches": [
+            {
+                "index": index,
+                "step": entry["step"],
+                "status": str(entry["status"]),
+                "seq": entry.get("seq"),
+                "attempt": entry.get("attempt"),
+            }
+            for index, entry in enumerate(group["branches"])
+        ],
+    }
+
+
 def summary(workflow: Workflow, attributes: dict[str, str] | None = None) -> dict[str, Any]:
     """A workflow in a list (``hms workflow list``, ``client.list``, ``GET /api/workflows``),
     with its business keys."""
@@ -293,6 +331,9 @@ class WorkflowState:
     children: list[dict[str, Any]] = field(default_factory=list)
     priority: int = DEFAULT_PRIORITY  # 1 (first) to 5 (last): the order of its queued runs
     # and of its start held by a type pause
+    # Its latest fan-out: step, join, state and each branch's step, status, seq and attempt
+    # (see branches_of); only in the JSON when it has one
+    branches: dict[str, Any] | None = None
 
     @property
     def terminal(self) -> bool:
@@ -352,6 +393,7 @@ class WorkflowState:
             parent=workflow.parent,
             children=children_of(workflow),
             priority=workflow.priority,
+            branches=branches_of(workflow),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -359,6 +401,8 @@ class WorkflowState:
         # deep copy cost a third of a millisecond per reply.
         values = dict(self.__dict__)
         values["steps"] = [_step_json(step) for step in self.steps]
+        if values["branches"] is None:  # only with a fan-out: older clients read the rest
+            del values["branches"]
         return values
 
     @classmethod
@@ -395,6 +439,14 @@ class WorkflowState:
             lines.append(f"  children: {listed}{more}")
         if self.priority != DEFAULT_PRIORITY:
             lines.append(f"  priority: {self.priority}")
+        if self.branches:
+            group = self.branches
+            done = sum(b["status"] in ("succeeded", "failed", "timed_out", "cancelled")
+                       for b in group["branches"])  # fmt: skip
+            lines.append(
+                f"  branches of {group['step']}: {done}/{len(group['branches'])} done, "
+                f"{group['state']} (join {group['join']})"
+            )
         if self.waiting_for:
             lines.append(f"  waiting for {self.waiting_for.get('event')!r}")
         if self.paused:

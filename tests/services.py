@@ -430,3 +430,59 @@ async def prioritized_check(ctx: hms_mgmt.StepContext) -> None:
     # {"note": path, "tag": t, "seconds": s}: a line "<tag>" per run as it starts
     _note(ctx.payload["note"], str(ctx.payload["tag"]))
     await asyncio.sleep(float(ctx.payload.get("seconds", 0)))
+
+
+# -- fan-out and join: branches note themselves; score notes how many run at once --------------
+
+grant.define_workflow("fanned", ["split", "creditCheck", "backgroundCheck", "score", "join"])
+
+
+@grant.on_step("fanned.split")
+async def fan_out(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+    # {"dir": path, "items": n, "max_concurrency": k}: a map of n scores; no items: four ways
+    folder = ctx.payload["dir"]
+    (Path(folder) / "running").mkdir(exist_ok=True)
+    limit = ctx.payload.get("max_concurrency", 10)
+    if "items" in ctx.payload:
+        items = [{"i": i, "dir": folder} for i in range(ctx.payload["items"])]
+        return {"map": {"step": "score", "items": items}, "join": "join", "max_concurrency": limit}
+    branches = [
+        {"step": "creditCheck", "data": {"i": 0, "dir": folder}},
+        {"step": "backgroundCheck", "data": {"i": 1, "dir": folder}},
+        {"step": "score", "data": {"i": 2, "dir": folder}},
+        {"step": "score", "data": {"i": 3, "dir": folder}},
+    ]
+    return {"fan_out": branches, "join": "join", "tolerate": 0, "max_concurrency": limit}
+
+
+def _check(name: str) -> Any:
+    async def handler(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+        _note(str(Path(ctx.payload["dir"]) / "keys"), ctx.idempotency_key)
+        return {"data": {"check": name, "i": ctx.payload["i"], "branch": ctx.branch}}
+
+    handler.__qualname__ = name
+    return handler
+
+
+grant.on_step("fanned.creditCheck", _check("creditCheck"))
+grant.on_step("fanned.backgroundCheck", _check("backgroundCheck"))
+
+
+@grant.on_step("fanned.score")
+async def score(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+    folder = Path(ctx.payload["dir"])
+    _note(str(folder / "keys"), ctx.idempotency_key)
+    mine = folder / "running" / f"{ctx.workflow_id}-{ctx.seq}"
+    mine.touch()
+    try:
+        await asyncio.sleep(0.05)
+        _note(str(folder / "counts"), str(len(list((folder / "running").iterdir()))))
+        await asyncio.sleep(0.05)
+    finally:
+        mine.unlink()
+    return {"data": {"score": ctx.payload["i"] * 2, "branch": ctx.branch}}
+
+
+@grant.on_step("fanned.join")
+async def join(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+    return {"data": ctx.payload, "complete": True}

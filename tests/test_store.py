@@ -95,11 +95,13 @@ async def test_a_schema_1_file_is_upgraded_in_place(tmp_path: Path) -> None:
     assert workflow.status == "succeeded" and workflow.traceparent is None
     assert workflow.priority == 3  # schema 7: a workflow from before has the default priority
     assert workflow.parent is None and workflow.children is None  # schema 9: no family
+    assert workflow.branches is None  # schema 10: no fan-out
     tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     t = machine.start(DEFINITION, "new", None, 10.0, traceparent=tp, priority=1)
     assert t.workflow is not None
     t.workflow.retries = 2
     t.workflow.parent = {"id": "old", "step": "a", "seq": 1, "index": 0, "close": "terminate"}
+    t.workflow.branches = {"step": "a", "seq": 1, "state": "open", "branches": []}
     await store.commit(
         Batch(workflows={"new": t.workflow}, attributes={("new", "application_id"): "A-17"})
     )
@@ -108,11 +110,12 @@ async def test_a_schema_1_file_is_upgraded_in_place(tmp_path: Path) -> None:
     assert [w.id for w in found] == ["new"]
     new = (await store.load(["new"]))["new"][0]
     assert new.priority == 1 and new.parent is not None and new.parent["id"] == "old"
+    assert new.branches == t.workflow.branches  # schema 10: a fan-out's branches
     await store.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("9",)
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("10",)
         applied = db.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()
-        assert applied == [(2,), (3,), (4,), (5,), (6,), (7,), (8,), (9,)]  # each, recorded
+        assert applied == [(v,) for v in range(2, 11)]  # each, recorded
         finished = db.execute(  # schema 8: compensated workflows are finished ones too
             "SELECT sql FROM sqlite_master WHERE name = 'workflows_finished'"
         ).fetchone()[0]

@@ -522,7 +522,7 @@ async def test_store_backup_sends_postgres_to_pg_dump(tmp_path: Path) -> None:
     assert done.returncode == 2 and "pg_dump" in done.stderr, done.stderr
 
 
-@pytest.mark.parametrize("version", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("version", [1, 2, 3, 4, 5, 6, 7])
 async def test_a_postgres_store_of_an_older_schema_is_migrated_in_order(
     postgres_url: str, version: int
 ) -> None:
@@ -554,9 +554,11 @@ async def test_a_postgres_store_of_an_older_schema_is_migrated_in_order(
         child = started("wf2").workflows["wf2"]
         child.parent = {"id": "wf1", "step": "a", "seq": 1, "index": 0, "close": "abandon"}
         child.children = {"ids": [], "done": {}}
+        child.branches = {"step": "a", "seq": 1, "state": "open", "branches": []}
         await store.commit(Batch(workflows={"wf2": child}))
         loaded = (await store.load(["wf2"]))["wf2"][0]  # schema 7: parent and children
         assert loaded.parent == child.parent and loaded.children == child.children
+        assert loaded.branches == child.branches  # schema 8: a fan-out's branches
         found = await store.list_workflows(attributes={"application_id": "A-17"})
         assert [w.id for w in found] == ["wf1"]
     finally:

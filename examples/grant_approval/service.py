@@ -1,5 +1,5 @@
-"""The grant step service: a handler per step of the grant and of its site inspection, and
-one that releases a credit hold.
+"""The grant step service: a handler per step of the grant (its credit and background
+checks run at once) and of its site inspection, and one that releases a credit hold.
 
 Run it with ``python -m hms_mgmt.worker examples.grant_approval.service:mgmt``
 (from the repository root), beside ``python -m hms_mgmt.engine``.
@@ -36,6 +36,12 @@ async def credit_check(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
     return {"data": {**ctx.payload, "credit_score": 750, "credit_hold": hold}}
 
 
+@mgmt.on_step(f"{WORKFLOW}.backgroundCheck")
+async def background_check(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+    # Runs at the same time as creditCheck, with the same payload (a Parallel group).
+    return {"data": {"background_clear": True}}
+
+
 @mgmt.on_step(f"{WORKFLOW}.releaseCreditHold")
 async def release_credit_hold(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
     # The compensation of creditCheck: runs when the grant gives up after the hold was
@@ -46,9 +52,12 @@ async def release_credit_hold(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
 
 @mgmt.on_step(f"{WORKFLOW}.scheduleInspection")
 async def schedule_inspection(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+    # The join of the two checks: ctx.payload is {"results": [credit, background], "errors"}.
     # The site inspection is a workflow of its own (its id: <grant id>.scheduleInspection.1.0),
     # with its own steps and history; the grant waits for it, and finalize gets its output.
-    return {"child": {"workflow": INSPECTION, "data": ctx.payload}, "next_step": "finalize"}
+    credit, background = ctx.payload["results"]
+    checked = {**credit, **background}
+    return {"child": {"workflow": INSPECTION, "data": checked}, "next_step": "finalize"}
 
 
 @mgmt.on_step(f"{INSPECTION}.bookInspection")

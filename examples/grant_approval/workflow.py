@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 
 import hms_mgmt
-from hms_mgmt import Step
+from hms_mgmt import Parallel, Step
 
 WORKFLOW = "grantApproval"
-# The credit check places a hold on the applicant's credit line; if the grant then gives up
-# (the payout in finalize fails), the engine runs releaseCreditHold to undo it.
-STEPS: list[str | Step] = [
+# The credit and background checks run at once (scheduleInspection joins them). The credit
+# check places a hold on the applicant's credit line; if the grant then gives up (the
+# payout in finalize fails), the engine runs releaseCreditHold to undo it.
+STEPS: list[str | Step | Parallel] = [
     "validateApp",
-    Step("creditCheck", compensate="releaseCreditHold"),
+    Parallel(Step("creditCheck", compensate="releaseCreditHold"), "backgroundCheck"),
     "scheduleInspection",
     "finalize",
 ]

@@ -9,7 +9,7 @@ Every function takes the workflow and its current (latest) run and leaves
 them untouched; the transition carries changed copies.
 """
 
-from hms_mgmt.machine import children, compensation, limits
+from hms_mgmt.machine import branches, children, compensation, limits
 from hms_mgmt.machine.events import (
     apply_outcome,
     cancel,
@@ -26,6 +26,7 @@ from hms_mgmt.machine.moves import stale_reason, step_message
 from hms_mgmt.machine.pause import hold_for_type, pause, paused_by, resume
 from hms_mgmt.machine.transition import (
     TIMER_ADMIT,
+    TIMER_BRANCH,
     TIMER_COMPENSATE,
     TIMER_DEADLINE,
     TIMER_RUN,
@@ -42,6 +43,7 @@ from hms_mgmt.machine.transition import (
 
 __all__ = (
     "TIMER_ADMIT",
+    "TIMER_BRANCH",
     "TIMER_COMPENSATE",
     "TIMER_DEADLINE",
     "TIMER_RUN",
@@ -57,6 +59,7 @@ __all__ = (
     "Transition",
     "admit",
     "apply_outcome",
+    "branches",
     "cancel",
     "children",
     "compensate",

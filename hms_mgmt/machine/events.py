@@ -8,7 +8,7 @@ from typing import Any
 
 from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.errors import InvalidStateError, UnknownStepError
-from hms_mgmt.machine import children, compensation
+from hms_mgmt.machine import branches, children, compensation
 from hms_mgmt.machine.moves import (
     clear_timer,
     compensate_next,
@@ -27,6 +27,7 @@ from hms_mgmt.machine.moves import (
 )
 from hms_mgmt.machine.pause import FROZEN, HELD, while_paused
 from hms_mgmt.machine.transition import (
+    TIMER_BRANCH,
     TIMER_COMPENSATE,
     TIMER_DEADLINE,
     TIMER_RUN,
@@ -76,13 +77,17 @@ def apply_outcome(
 ) -> Transition:
     """A worker's report on a run; reports on any run but the current active one are ignored."""
     if workflow.status == WorkflowStatus.PAUSED:  # applied, and what it leads to held
-        if (workflow.pause or {}).get("held") == outcome.seq:
+        pause = workflow.pause or {}
+        if pause.get("held") == outcome.seq or outcome.seq in pause.get("branches", ()):
             t = Transition()
             t.note("outcome_ignored", seq=outcome.seq, kind=outcome.kind, reason=HELD)
             return t
         return while_paused(
             workflow, now, lambda view: apply_outcome(view, run, definition, outcome, now)
         )
+    fanned = branches.outcome(workflow, definition, outcome, now)
+    if fanned is not None:  # a fan-out's branch, whatever the workflow's latest run
+        return fanned
     t = Transition()
     stale = stale_reason(workflow, run, outcome.seq)
     if stale is None and outcome.kind == "started" and run.status != StepStatus.PENDING:
@@ -131,13 +136,6 @@ def dead_lettered(
         return while_paused(
             workflow, now, lambda view: dead_lettered(view, run, definition, seq, reason, now)
         )
-    t = Transition()
-    stale = stale_reason(workflow, run, seq)
-    if stale is not None:
-        t.note("dead_letter_ignored", seq=seq, reason=stale, broker_reason=reason)
-        return t
-    wf, current = copy(workflow, run, t, now)
-    current.finished_at = now
     error = {
         "type": "DeliveryLimitExceeded"
         if reason in ("delivery_limit", "poison_guard")
@@ -149,6 +147,16 @@ def dead_lettered(
         "(poison guard): its worker crashed on every delivery",
         "retryable": True,
     }
+    t = Transition()
+    stale = stale_reason(workflow, run, seq)
+    if stale is not None:
+        t.note("dead_letter_ignored", seq=seq, reason=stale, broker_reason=reason)
+        return t
+    fanned = branches.dead_lettered(workflow, definition, seq, error, now)
+    if fanned is not None:
+        return fanned
+    wf, current = copy(workflow, run, t, now)
+    current.finished_at = now
     fail(t, wf, current, definition, error, now)
     return t
 
@@ -163,6 +171,8 @@ def fire_timer(
         return while_paused(
             workflow, now, lambda view: fire_timer(view, run, definition, kind, now)
         )
+    if kind == TIMER_BRANCH:
+        return branches.fire(workflow, definition, now)
     t = Transition()
     if workflow.terminal or workflow.timer_kind != kind or workflow.timer_at is None:
         return t  # a timer left over from an earlier state
@@ -283,6 +293,7 @@ def cancel(
         and run is not None
         and definition.compensation_of(run.step) is not None
         and compensation.compensated_seq(run) is None
+        and not branches.is_open(workflow)  # a fan-out's branches are cancelled, not awaited
         and (
             run.status == StepStatus.RUNNING
             or (run.status == StepStatus.PENDING and held != run.seq)
@@ -296,6 +307,7 @@ def cancel(
     if run is not None and run.status in ACTIVE_RUN:
         current = evolve(run, status=StepStatus.CANCELLED, finished_at=now)
         t.runs.append(current)
+    branches.close(t, wf, now, why=f"cancelled: {reason}" if reason else "cancelled")
     if compensate and definition is not None:
         clear_timer(wf)
         give_up_workflow(t, wf, definition, error, now, status=WorkflowStatus.CANCELLED)
@@ -321,7 +333,11 @@ def compensate(
         or workflow.timer_kind != TIMER_COMPENSATE
         or workflow.timer_at is None
         or workflow.timer_at > now
-        or (run is not None and run.status in ACTIVE_RUN)
+        or (
+            run is not None
+            and run.status in ACTIVE_RUN
+            and branches.owns(workflow, run.seq) is None  # a failed fan-out's late branch
+        )  # is not awaited: its outcome is recorded and ignored
     ):
         return t  # left over from an earlier state, or frozen by a pause
     runs = list(runs)
@@ -374,6 +390,15 @@ def retry(
         t.note("workflow_retried", step=error.get("step"), from_seq=error.get("seq"))
         compensate_next(wf, now)
         return t
+    if branches.failed_by_branches(workflow):  # its failed branches run again, not its step
+        return branches.retry_group(workflow, definition, now)
+    if branches.join_too_large(workflow):
+        assert workflow.branches is not None
+        raise InvalidStateError(
+            f"cannot retry workflow {workflow.id}: the outputs of its branches are over the "
+            "message limit for its join, and would be again (reset it to step "
+            f"{workflow.branches['step']!r} to fan out afresh)"
+        )
     if children.failed_by_child(workflow):  # its children are retried, not its step
         return children.retry_parent(workflow, definition, now)
     wf = evolve(
@@ -514,6 +539,7 @@ def reset(
                 error={"type": "Reset", "message": f"superseded by a reset to {to_step!r}"},
             )
         )
+    branches.close(t, wf, now, why=f"superseded by a reset to {to_step!r}")
     t.note(
         "workflow_reset",
         to_step=to_step,

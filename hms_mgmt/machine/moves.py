@@ -25,6 +25,11 @@ from hms_mgmt.wire.steps import StepMessage
 def stale_reason(workflow: Workflow, run: StepRun, seq: int) -> str | None:
     if workflow.terminal:
         return f"workflow is {workflow.status}"
+    if seq != run.seq and workflow.branches is not None:  # a fan-out's branch: any may be out
+        from hms_mgmt.machine import branches
+
+        if branches.owns(workflow, seq) is not None:
+            return branches.stale_reason(workflow, seq)
     if seq != run.seq:
         return f"run {seq} is not the current run ({run.seq})"
     if run.status not in (StepStatus.PENDING, StepStatus.RUNNING):
@@ -68,13 +73,26 @@ def succeed(
             now,
         )
         return
+    from hms_mgmt.machine import branches  # branches builds on these moves
+
+    error_step = definition.on_error is not None and run.step == definition.on_error.name
+    fans_out = branches.requested(result)
+    if fans_out:
+        name = handler or f"the handler of {wf.name}.{run.step}"
+        problem = branches.problem(result, definition, name, error_step=error_step)
+        if problem is not None:
+            error = {"type": branches.INVALID_FAN_OUT, "message": problem, "retryable": False}
+            fail(t, wf, run, definition, error, now)
+            return
     run.status = StepStatus.SUCCEEDED
     run.output = data
     clear_timer(wf)
     t.note("step_succeeded", seq=run.seq, step=run.step, attempt=run.attempt)
     if result.get("attributes"):  # business keys the handler adds, written with this transition
         t.attributes.update(result["attributes"])
-    error_step = definition.on_error is not None and run.step == definition.on_error.name
+    if fans_out:
+        branches.fan_out(t, wf, definition, result, now, origin=run.step, seq=run.seq)
+        return
     if result.get("complete"):
         finish(t, wf, WorkflowStatus.SUCCEEDED, output=data)
         return
@@ -343,9 +361,15 @@ def enter(
     workflow: Workflow | None = None,
     context: dict[str, Any] | None = None,
 ) -> None:
-    """Go into a step afresh (a new visit, attempt 1)."""
+    """Go into a step afresh (a new visit, attempt 1); into a Parallel group, its branches."""
     wf = workflow or t.workflow
     assert wf is not None
+    group = definition.parallel_at(step)
+    if group is not None:
+        from hms_mgmt.machine import branches
+
+        branches.fan_out_static(t, wf, definition, group, payload, now)
+        return
     new_run(
         t,
         wf,

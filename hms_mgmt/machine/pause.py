@@ -30,7 +30,15 @@ from hms_mgmt.machine.transition import (
     TIMER_WAIT,
     Transition,
 )
-from hms_mgmt.records import StepRun, StepStatus, TypePause, Workflow, WorkflowStatus, evolve
+from hms_mgmt.records import (
+    StepRun,
+    StepStatus,
+    TypePause,
+    Workflow,
+    WorkflowStatus,
+    branch_of,
+    evolve,
+)
 
 FROZEN = (TIMER_RUN, TIMER_WAIT, TIMER_COMPENSATE)
 """Timers that freeze while paused: they start new work (a compensation chain's next one
@@ -89,6 +97,10 @@ def resume(
         t.runs.append(current)
         publish(t, wf, current, definition, now)
         released = current.step
+    if pause.get("branches"):  # a fan-out's branches it held
+        from hms_mgmt.machine.branches import release_held
+
+        release_held(t, wf, definition, pause["branches"])
     t.note(
         "workflow_resumed",
         paused_for=round(now - float(pause.get("since", now)), 3),
@@ -149,8 +161,12 @@ def hold(t: Transition, wf: Workflow, pause: dict[str, Any], now: float) -> None
     """Pause ``wf`` (a copy the transition carries): hold the step it would publish and
     freeze the timer that would start new work."""
     held = pause.get("held")
+    fanned = [s.seq for s in t.steps if branch_of(s.context) is not None]
+    held_branches = sorted({*pause.get("branches", []), *fanned})  # a fan-out's, held too
+    ordinary = [s for s in t.steps if branch_of(s.context) is None]
+    if ordinary:
+        held = ordinary[-1].seq  # the workflow's current run: at most one is published
     if t.steps:
-        held = t.steps[-1].seq  # the workflow's current run: at most one is published
         t.steps = []
         t.history = [
             ("step_held", detail) if kind == "step_published" else (kind, detail)
@@ -164,6 +180,8 @@ def hold(t: Transition, wf: Workflow, pause: dict[str, Any], now: float) -> None
         clear_timer(wf)
     status = wf.status if wf.status != WorkflowStatus.PAUSED else pause.get("status", "running")
     wf.pause = {**pause, "status": str(status), "timer": timer, "held": held}
+    if held_branches:
+        wf.pause["branches"] = held_branches
     wf.status = WorkflowStatus.PAUSED
 
 

@@ -14,6 +14,7 @@ TIMER_DEADLINE = "deadline"  # a started run has not finished in time
 TIMER_WAIT = "wait"  # a wait for a signal has run out
 TIMER_START = "start"  # a published run has not been started by any step service in time
 TIMER_COMPENSATE = "compensate"  # a compensating workflow's next compensation is due
+TIMER_BRANCH = "branch"  # a fan-out's branch is due (a retry's backoff) or past its deadline
 TIMER_ADMIT = "admit"  # a queued run's admission: durable for a rate limit's next one,
 # in memory only for a line left with free slots
 
@@ -84,6 +85,7 @@ class Transition:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     attributes: dict[str, str] = field(default_factory=dict)  # business keys to set
     follow: list[FollowUp] = field(default_factory=list)  # events for parents and children
+    quiet: bool = False  # records a finished workflow's late branch outcome: ends nothing
 
     @property
     def changed(self) -> bool:
@@ -91,7 +93,7 @@ class Transition:
 
     @property
     def finished(self) -> bool:
-        return self.workflow is not None and self.workflow.terminal
+        return self.workflow is not None and self.workflow.terminal and not self.quiet
 
     def note(self, event: str, /, **detail: Any) -> None:
         self.history.append((event, detail))

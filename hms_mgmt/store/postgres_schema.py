@@ -82,7 +82,8 @@ COMMAND_TIMEOUT = 15.0  # a statement longer than this fails (the batch is held,
 
 # The workflows' columns up to schema 3, as hms_commit took them then (migrations 2 and 3
 # made and replaced it with these; 4 drops that signature), and since schema 4 (``pause``).
-WORKFLOW_COLUMNS_5 = WORKFLOW_COLUMNS.removesuffix(", parent, children")  # schema 6 adds them
+WORKFLOW_COLUMNS_7 = WORKFLOW_COLUMNS.removesuffix(", branches")  # schema 8 adds it
+WORKFLOW_COLUMNS_5 = WORKFLOW_COLUMNS_7.removesuffix(", parent, children")  # schema 6 adds them
 WORKFLOW_COLUMNS_4 = WORKFLOW_COLUMNS_5.removesuffix(", priority")  # schema 5 adds priority
 WORKFLOW_COLUMNS_3 = WORKFLOW_COLUMNS_4.removesuffix(", pause")
 WORKFLOW_TYPES_3 = (
@@ -91,7 +92,8 @@ WORKFLOW_TYPES_3 = (
 )
 WORKFLOW_TYPES_4 = WORKFLOW_TYPES_3 + " text"
 WORKFLOW_TYPES_5 = WORKFLOW_TYPES_4 + " int8"
-WORKFLOW_TYPES = WORKFLOW_TYPES_5 + " text text"
+WORKFLOW_TYPES_7 = WORKFLOW_TYPES_5 + " text text"
+WORKFLOW_TYPES = WORKFLOW_TYPES_7 + " text"
 RUN_TYPES = "text int8 text int8 int8 text text text text text float8 float8 float8 float8 float8"
 
 
@@ -111,6 +113,7 @@ def _upsert(table: str, columns: str, types: str, key: str) -> str:
 UPSERT_WORKFLOWS_3 = _upsert("workflows", WORKFLOW_COLUMNS_3, WORKFLOW_TYPES_3, "id")
 UPSERT_WORKFLOWS_4 = _upsert("workflows", WORKFLOW_COLUMNS_4, WORKFLOW_TYPES_4, "id")
 UPSERT_WORKFLOWS_5 = _upsert("workflows", WORKFLOW_COLUMNS_5, WORKFLOW_TYPES_5, "id")
+UPSERT_WORKFLOWS_7 = _upsert("workflows", WORKFLOW_COLUMNS_7, WORKFLOW_TYPES_7, "id")
 UPSERT_WORKFLOWS = _upsert("workflows", WORKFLOW_COLUMNS, WORKFLOW_TYPES, "id")
 UPSERT_RUNS = _upsert("step_runs", RUN_COLUMNS, RUN_TYPES, "workflow_id, seq")
 INSERT_HISTORY = (
@@ -169,7 +172,8 @@ PARTS_4 = (  # schema 4: workflows' pause, and paused workflow types
     (DELETE_TYPE_PAUSES, "text text"),
 )
 PARTS_5 = ((UPSERT_WORKFLOWS_5, WORKFLOW_TYPES_5), *PARTS_4[1:])  # schema 5: workflows' priority
-PARTS = ((UPSERT_WORKFLOWS, WORKFLOW_TYPES), *PARTS_4[1:])  # schema 7: parent and children
+PARTS_7 = ((UPSERT_WORKFLOWS_7, WORKFLOW_TYPES_7), *PARTS_4[1:])  # schema 7: parent, children
+PARTS = ((UPSERT_WORKFLOWS, WORKFLOW_TYPES), *PARTS_4[1:])  # schema 8: branches
 TAKEN = "HM001"  # the SQLSTATE hms_commit raises when another engine owns the store
 
 
@@ -247,6 +251,13 @@ MIGRATIONS[7] = [
     "ALTER TABLE workflows ADD COLUMN parent TEXT",
     "ALTER TABLE workflows ADD COLUMN children TEXT",
     f"DROP FUNCTION hms_commit({', '.join(_signature(PARTS_5))})",
+    _commit_function(PARTS_7),
+]
+# 8: fan-out and join: the latest fan-out a workflow's step made, with its branches' runs
+# (JSON), a column of workflows that hms_commit writes.
+MIGRATIONS[8] = [
+    "ALTER TABLE workflows ADD COLUMN branches TEXT",
+    f"DROP FUNCTION hms_commit({', '.join(_signature(PARTS_7))})",
     _commit_function(PARTS),
 ]
 SCHEMA_VERSION = max(MIGRATIONS)

@@ -16,7 +16,7 @@ from hms_mgmt.wire.codec import dumps
 WORKFLOW_COLUMNS = (
     "id, name, version, status, input, output, error, seq, visits, timer_at, timer_kind, "
     "wait, signals, idempotency_key, created_at, updated_at, traceparent, retries, pause, "
-    "priority, parent, children"
+    "priority, parent, children, branches"
 )
 RUN_COLUMNS = (
     "workflow_id, seq, step, visit, attempt, status, input, output, error, context, "
@@ -44,7 +44,7 @@ def workflow_row(w: Workflow) -> tuple[Any, ...]:
         w.id, w.name, w.version, str(w.status), as_json(w.input), as_json(w.output), as_json(w.error),
         w.seq, as_json(w.visits), w.timer_at, w.timer_kind, as_json(w.wait), as_json(w.signals),
         w.idempotency_key, w.created_at, w.updated_at, w.traceparent, w.retries, as_json(w.pause),
-        w.priority, as_json(w.parent), as_json(w.children),
+        w.priority, as_json(w.parent), as_json(w.children), as_json(w.branches),
     )  # fmt: skip
 
 
@@ -55,7 +55,7 @@ def workflow_of(row: Sequence[Any]) -> Workflow:
         visits=unjson(row[8]), timer_at=row[9], timer_kind=row[10], wait=unjson(row[11]),
         signals=unjson(row[12]), idempotency_key=row[13], created_at=row[14], updated_at=row[15],
         traceparent=row[16], retries=row[17], pause=unjson(row[18]), priority=row[19],
-        parent=unjson(row[20]), children=unjson(row[21]),
+        parent=unjson(row[20]), children=unjson(row[21]), branches=unjson(row[22]),
     )  # fmt: skip
 
 

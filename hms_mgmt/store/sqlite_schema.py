@@ -16,7 +16,7 @@ from hms_mgmt.errors import StoreError
 from hms_mgmt.store.base import Batch, StoreIdentity
 from hms_mgmt.store.rows import RUN_COLUMNS, WORKFLOW_COLUMNS, as_json, run_row, workflow_row
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 # How the schema changes: a new file gets SCHEMA (which always has everything); a file of an
 # older version gets MIGRATIONS[v] for each v after its own, in order, in one transaction at
@@ -35,7 +35,7 @@ CREATE TABLE IF NOT EXISTS workflows (
     timer_at REAL, timer_kind TEXT, wait TEXT, signals TEXT NOT NULL, idempotency_key TEXT UNIQUE,
     created_at REAL NOT NULL, updated_at REAL NOT NULL, traceparent TEXT,
     retries INTEGER NOT NULL DEFAULT 0, pause TEXT, priority INTEGER NOT NULL DEFAULT 3,
-    parent TEXT, children TEXT);
+    parent TEXT, children TEXT, branches TEXT);
 CREATE INDEX IF NOT EXISTS workflows_timer ON workflows (timer_at) WHERE timer_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS workflows_status ON workflows (status, created_at);
 CREATE TABLE IF NOT EXISTS step_runs (
@@ -83,6 +83,8 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE workflows ADD COLUMN parent TEXT",
         "ALTER TABLE workflows ADD COLUMN children TEXT",
     ],
+    # fan-out and join: the latest fan-out a workflow's step made, its branches' runs (JSON)
+    10: ["ALTER TABLE workflows ADD COLUMN branches TEXT"],
 }
 INDEXES = """
 CREATE INDEX IF NOT EXISTS workflows_created ON workflows (created_at);

@@ -27,6 +27,11 @@ RESULT_KEYS = frozenset(
         "timeout",
         "attributes",
         "child",
+        "fan_out",
+        "map",
+        "join",
+        "tolerate",
+        "max_concurrency",
     }
 )
 

@@ -8,7 +8,7 @@ from typing import Any
 from bus_adapters.base import Delivery, Message
 from hms_mgmt import tracing
 from hms_mgmt.errors import InvalidMessageError
-from hms_mgmt.records import idempotency_key
+from hms_mgmt.records import branch_of, idempotency_key
 from hms_mgmt.topology import DEAD_EXCHANGE, STEPS_EXCHANGE
 from hms_mgmt.wire.codec import batch_body, decode_body, dumps
 from hms_mgmt.wire.fields import field, ident, items, name, positive, token
@@ -47,7 +47,7 @@ class StepMessage:
 
     @property
     def idempotency_key(self) -> str:
-        return idempotency_key(self.workflow_id, self.step, self.visit)
+        return idempotency_key(self.workflow_id, self.step, self.visit, branch_of(self.context))
 
     def encode(self, token: str | None = None) -> bytes:
         """This run as one item of a step message, signed with ``token`` if given."""

@@ -44,6 +44,7 @@ from hms_mgmt.errors import (
 )
 from hms_mgmt.faults import Faults
 from hms_mgmt.logs import get_logger
+from hms_mgmt.records import branch_of
 from hms_mgmt.results import normalise_result
 from hms_mgmt.topology import DEFAULT_STEP_QUEUE_TYPE, declare_core, declare_step
 from hms_mgmt.wire.codec import MAX_PAYLOAD_BYTES, check_finite, new_id, why_not_json
@@ -354,6 +355,7 @@ class Worker:
             signal=context.get("signal"),
             compensating=context.get("compensating"),
             traceparent=message.traceparent,
+            branch=branch_of(context),
             _heartbeat=heartbeat,
         )
         report_started: asyncio.TimerHandle | None = None

@@ -180,3 +180,28 @@ async def limited_inspect(ctx: hms_mgmt.StepContext) -> None:
 @chaos.on_step("limited.close")
 async def limited_close(ctx: hms_mgmt.StepContext) -> None:
     record(ctx)
+
+
+# A map of six scores, three out at once, then a join: the engine killed between branch
+# outcomes and the join must join each workflow once, with the results in item order.
+chaos.define_workflow("fanned", ["split", "score", "join"])
+
+
+@chaos.on_step("fanned.split")
+async def split(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+    record(ctx)
+    items = [{"i": i} for i in range(6)]
+    return {"map": {"step": "score", "items": items}, "join": "join", "max_concurrency": 3}
+
+
+@chaos.on_step("fanned.score")
+async def score(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+    record(ctx)
+    await asyncio.sleep(0.1 + 0.1 * (ctx.payload["i"] % 3))  # long enough to kill amid
+    return {"data": ctx.payload["i"] * 10}
+
+
+@chaos.on_step("fanned.join")
+async def join(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+    record(ctx)
+    return {"data": ctx.payload["results"]}

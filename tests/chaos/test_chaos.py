@@ -111,6 +111,47 @@ async def test_engine_killed_while_child_workflows_finish(case: Case) -> None:
     passed(report)
 
 
+async def test_engine_killed_between_branch_outcomes_and_the_join(case: Case) -> None:
+    """Maps of six branches, three out at once; the engine killed -9 four times while
+    branches report: every workflow joins once, with its results in item order, and no
+    branch's outcome is applied twice."""
+    case.start_engine()
+    case.start_worker()
+
+    def joined_so_far() -> int:
+        rows = case.query("SELECT count(*) FROM history WHERE kind = 'joined'")
+        return int(rows[0][0]) if rows else 0
+
+    kills = 0
+    async with case.client() as client:
+        ids = await case.start_many(client, 60, workflow="fanned")
+        for _ in range(4):
+            await asyncio.sleep(random.uniform(0.3, 0.8))
+            if await asyncio.to_thread(joined_so_far) >= len(ids):
+                break
+            case.kill(case.engine)  # branches out, some reported, joins to come
+            kills += 1
+            case.start_engine()
+        await case.wait_terminal(ids, timeout=150)
+    assert kills >= 2, "the maps ended before the engine could be killed amid them"
+    assert await case.wait_outbox_empty() == 0
+    joined = Counter(
+        row[0] for row in case.query("SELECT workflow_id FROM history WHERE kind = 'joined'")
+    )
+    joins = dict(
+        case.query(
+            "SELECT workflow_id, input FROM step_runs WHERE step = 'join' AND status = 'succeeded'"
+        )
+    )
+    for workflow_id in ids:
+        assert joined[workflow_id] == 1, f"{workflow_id} joined {joined[workflow_id]} times"
+        assert json.loads(joins[workflow_id])["results"] == [i * 10 for i in range(6)]
+    report = await case.report(
+        ids, notes=[f"60 maps x 6 branches (3 at once); engine kill -9 x{kills} amid them"]
+    )
+    passed(report)
+
+
 async def test_broker_restarts_and_dropped_connections(case: Case) -> None:
     case.start_engine()
     case.start_worker()
