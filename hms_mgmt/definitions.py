@@ -93,6 +93,12 @@ class RetryPolicy:
             base = self.max_delay if self.initial_delay else 0.0
         return base * (0.5 + 0.5 * draw) if self.jitter else base
 
+    def retries(self, error: dict[str, Any]) -> bool:
+        """Whether a failed attempt's ``error`` (as reported) may be tried again: neither
+        marked final by its handler (``retryable: false``) nor of a type listed as final."""
+        types = error.get("types") or [str(error.get("type", ""))]
+        return bool(error.get("retryable", True)) and not self.is_non_retryable(types)
+
     def is_non_retryable(self, error_types: Sequence[str]) -> bool:
         """Whether an error whose class hierarchy is ``error_types`` is listed as final."""
         for listed in self.non_retryable:

@@ -500,9 +500,7 @@ def _failed(
     run.status, run.error = status, error
     _save(t, wf, index, run)
     policy = definition.policy_for(run.step)
-    retryable = bool(error.get("retryable", True)) and not policy.is_non_retryable(
-        error.get("types") or [str(error.get("type", ""))]
-    )
+    retryable = policy.retries(error)
     t.note(
         "step_timed_out" if status == StepStatus.TIMED_OUT else "step_failed",
         seq=run.seq,

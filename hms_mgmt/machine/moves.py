@@ -135,9 +135,7 @@ def fail(
         drained(t, wf, run, now, error=error)  # nothing to undo for it, and not retried
         return
     policy = definition.policy_for(run.step)
-    retryable = bool(error.get("retryable", True)) and not policy.is_non_retryable(
-        error.get("types") or [str(error.get("type", ""))]
-    )
+    retryable = policy.retries(error)
     t.note(
         "step_timed_out" if status == StepStatus.TIMED_OUT else "step_failed",
         seq=run.seq,
