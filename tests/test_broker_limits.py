@@ -4,6 +4,7 @@ RabbitMQ (a vhost of the test's own): the engine, not the workers, keeps the lim
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -89,8 +90,13 @@ async def test_the_limit_holds_after_the_engine_is_killed_while_every_slot_is_ta
     assert "concurrency slots rebuilt from the store" in processes.log("engine")
 
 
+def busiest_second(times: list[float]) -> int:
+    """The most of these times in any one-second window."""
+    return max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
+
+
 async def test_a_rate_limit_of_20_a_second_holds_within_ten_percent_over_200_runs(
-    client: hms_mgmt.Management, daemons: Processes, tmp_path: Path
+    client: hms_mgmt.Management, daemons: Processes, tmp_path: Path, store_url: str
 ) -> None:
     note = tmp_path / "calls"
     payload = {"note": str(note)}
@@ -111,10 +117,17 @@ async def test_a_rate_limit_of_20_a_second_holds_within_ten_percent_over_200_run
     rate = (len(calls) - 1) / (calls[-1] - calls[0])
     print(f"rated: {rate:.2f} calls a second over {len(calls)}")
     assert 18.0 <= rate <= 22.0, f"{rate:.2f} calls a second"
-    busiest = max(  # and no second holds more than its share (one more may make up a late one)
-        sum(1 for c in calls if start <= c < start + 1.0) for start in calls
-    )
-    assert busiest <= 22, busiest
+    # The engine admits: no second of its publications holds more than its share (one more
+    # may make up a late one). The handlers' own starts add the broker's delivery jitter
+    # (a delivery late by 100 ms under load lands in the next second), so they are held to
+    # the rate over the whole run above, and to a looser bound per second.
+    with sqlite3.connect(f"file:{store_url.removeprefix('sqlite:///')}?mode=ro", uri=True) as db:
+        published = sorted(
+            at for (at,) in db.execute("SELECT at FROM history WHERE kind = 'step_published'")
+        )
+    assert len(published) == 200
+    assert busiest_second(published) <= 21, busiest_second(published)
+    assert busiest_second(calls) <= 25, busiest_second(calls)
     assert "Traceback" not in daemons.log("engine")
 
 

@@ -277,7 +277,9 @@ async def test_memory_alarm_makes_publishers_wait(case: Case) -> None:
     case.start_worker()
     async with case.client() as client:
         await case.start_many(client, 5)
-        ids = await case.start_many(client, 400, sleep=0.05)
+        # 400 x 4 steps of 0.5 s on 100 handler slots: 8 s of work at the least, so the
+        # alarm (its rabbitmqctl call takes about a second) lands while most of it is to do
+        ids = await case.start_many(client, 400, sleep=0.5)
         await asyncio.to_thread(case.node.memory_alarm, True)
         try:
             await asyncio.sleep(4.0)
