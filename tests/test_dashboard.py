@@ -382,3 +382,15 @@ async def test_beyond_loopback_the_page_needs_the_token(
 
 async def _running(client: hms_mgmt.Management, workflow_id: str) -> bool:
     return str((await client.status(workflow_id)).status) == "running"
+
+
+async def test_a_fan_out_shows_its_branches(
+    ops: Ops, client: hms_mgmt.Management, page: Page, tmp_path: Path
+) -> None:
+    started = await client.start("fanned", {"dir": str(tmp_path), "items": 3})
+    assert (await client.wait(started.workflow_id, timeout=30)).status == "succeeded"
+    await page.goto(f"{ops.engine_url}/workflows/{started.workflow_id}")
+    await expect(page.locator('[data-fact="branches"]')).to_have_text(
+        "3 from split, join join (joined): 3 succeeded"
+    )
+    await shot(page, "workflow-branches")

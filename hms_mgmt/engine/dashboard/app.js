@@ -358,6 +358,17 @@ function pausedText(state) {
   return parts.join("; ");
 }
 
+// A workflow's latest fan-out: what fanned out, its join and state, and a count of its
+// branches by status.
+function branchesText(state) {
+  const group = state.branches;
+  if (!group) return "-";
+  const counts = {};
+  for (const b of group.branches) counts[b.status] = (counts[b.status] || 0) + 1;
+  const tally = Object.entries(counts).map(([status, n]) => `${n} ${status}`).join(", ");
+  return `${group.branches.length} from ${group.step}, join ${group.join} (${group.state})` + (tally ? `: ${tally}` : "");
+}
+
 function inTime(seconds) {
   const left = seconds - Date.now() / 1000;
   return left >= 0 ? `in ${took(left)}` : `${took(-left)} overdue`;
@@ -439,6 +450,7 @@ function workflowPage(workflowId) {
         ["paused", pausedText(state)],
         ["parent", state.parent ? link(`/workflows/${encodeURIComponent(state.parent.id)}`, `${state.parent.id} (step ${state.parent.step})`) : "-"],
         ["children", state.children && state.children.length ? h("span", {}, ...state.children.map((c, i) => h("span", {}, i ? ", " : "", link(`/workflows/${encodeURIComponent(c.workflow_id)}`, c.workflow_id), ` ${c.status || "-"}`))) : "-"],
+        ["branches", branchesText(state)],
         ["priority", String(state.priority ?? 3)],
         ["business keys", Object.entries(state.attributes || {}).map(([k, v]) => `${k}=${v}`).join(", ") || "-"],
         ["trace_id", state.trace_id || "-"],
