@@ -37,10 +37,10 @@ from typing import Any
 from hms_mgmt.definitions import Step, WorkflowDefinition
 from hms_mgmt.errors import InvalidStateError
 from hms_mgmt.machine.moves import (
-    draw,
     enter,
     give_up,
     give_up_workflow,
+    retry_delay,
     step_message,
 )
 from hms_mgmt.machine.transition import TIMER_BRANCH, DeadLetter, Transition
@@ -500,7 +500,6 @@ def _failed(
     run.status, run.error = status, error
     _save(t, wf, index, run)
     policy = definition.policy_for(run.step)
-    retryable = policy.retries(error)
     t.note(
         "step_timed_out" if status == StepStatus.TIMED_OUT else "step_failed",
         seq=run.seq,
@@ -510,17 +509,12 @@ def _failed(
         error_type=error.get("type"),
         message=error.get("message"),
     )
-    if retryable and run.attempt < policy.max_attempts:
-        asked = error.get("retry_delay")
-        delay = (
-            float(asked)
-            if isinstance(asked, int | float) and asked >= 0
-            else policy.delay_after(run.attempt, draw(wf.id, run.seq))
-        )
+    delay = retry_delay(policy, error, wf, run)
+    if delay is not None:
         _new_run(t, wf, definition, index, now, attempt=run.attempt + 1, due_at=now + delay)
         t.note("retry_scheduled", step=run.step, attempt=run.attempt + 1, delay=round(delay, 3))
         return
-    reason = "attempts exhausted" if retryable else "not retryable"
+    reason = "attempts exhausted" if policy.retries(error) else "not retryable"
     t.dead_letters.append(DeadLetter(run, wf.name, reason, run.attempt, run.error))
     t.note("branch_gave_up", seq=run.seq, step=run.step, branch=index, reason=reason)
     assert wf.branches is not None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from hms_mgmt.definitions import WorkflowDefinition
+from hms_mgmt.definitions import RetryPolicy, WorkflowDefinition
 from hms_mgmt.machine import compensation
 from hms_mgmt.machine.transition import (
     TIMER_COMPENSATE,
@@ -135,7 +135,6 @@ def fail(
         drained(t, wf, run, now, error=error)  # nothing to undo for it, and not retried
         return
     policy = definition.policy_for(run.step)
-    retryable = policy.retries(error)
     t.note(
         "step_timed_out" if status == StepStatus.TIMED_OUT else "step_failed",
         seq=run.seq,
@@ -144,13 +143,8 @@ def fail(
         error_type=error.get("type"),
         message=error.get("message"),
     )
-    if retryable and run.attempt < policy.max_attempts:
-        asked = error.get("retry_delay")
-        delay = (
-            float(asked)
-            if isinstance(asked, int | float) and asked >= 0
-            else policy.delay_after(run.attempt, draw(wf.id, run.seq))
-        )
+    delay = retry_delay(policy, error, wf, run)
+    if delay is not None:
         new_run(
             t,
             wf,
@@ -172,7 +166,7 @@ def fail(
         "type": error.get("type"),
         "message": error.get("message"),
         "traceback": error.get("traceback"),
-        "reason": "attempts exhausted" if retryable else "not retryable",
+        "reason": "attempts exhausted" if policy.retries(error) else "not retryable",
     }
     give_up(t, wf, run, definition, failure, now, dead_letter=True)
 
@@ -493,6 +487,20 @@ def due(result: dict[str, Any], now: float) -> float | None:
     if result.get("delay"):
         return now + float(result["delay"])
     return None
+
+
+def retry_delay(
+    policy: RetryPolicy, error: dict[str, Any], wf: Workflow, run: StepRun
+) -> float | None:
+    """Seconds before a failed attempt's next one, or None when it is not tried again (the
+    error is not retryable, or the attempts are used up). A handler's ``retry_delay`` wins
+    over the policy's backoff."""
+    if not policy.retries(error) or run.attempt >= policy.max_attempts:
+        return None
+    asked = error.get("retry_delay")
+    if isinstance(asked, int | float) and asked >= 0:
+        return float(asked)
+    return policy.delay_after(run.attempt, draw(wf.id, run.seq))
 
 
 def draw(workflow_id: str, seq: int) -> float:
