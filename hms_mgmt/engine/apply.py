@@ -567,10 +567,7 @@ class Applier:
                     definition=self.registry.of(workflow),
                 )
             elif isinstance(request, RetryRequest):
-                seq = (workflow.error or {}).get("seq")
-                failed = (
-                    work.failed_runs.get((workflow_id, seq), run) if isinstance(seq, int) else run
-                )
+                failed = work.failed_run(workflow, run)
                 t = machine.retry(workflow, failed, self.registry.of(workflow), now)
             elif isinstance(request, SignalRequest):
                 t = machine.signal(

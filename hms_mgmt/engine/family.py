@@ -68,8 +68,7 @@ def apply(applier: Applier, event: FollowUp, work: Work, now: float) -> None:
             detail = {"reason": f"the child is {workflow.status}, not failed"}
             work.batch.history.append((workflow.id, now, "child_retry_ignored", detail))
             return
-        seq = (workflow.error or {}).get("seq")
-        failed = work.failed_runs.get((workflow.id, seq), run) if isinstance(seq, int) else run
+        failed = work.failed_run(workflow, run)
         t = machine.retry(workflow, failed, applier.registry.of(workflow), now)
     applier.record(work, t, workflow.id, now)
 

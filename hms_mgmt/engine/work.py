@@ -58,6 +58,12 @@ class Work:
     started: int = 0
     dead_lettered: int = 0
 
+    def failed_run(self, workflow: Workflow, run: StepRun) -> StepRun:
+        """The run a failed workflow's error names (what its retry runs again), loaded
+        beside its latest run; the latest when the error names none."""
+        seq = (workflow.error or {}).get("seq")
+        return self.failed_runs.get((workflow.id, seq), run) if isinstance(seq, int) else run
+
     def reply(self, request: Request, ok: bool, value: Any) -> None:
         if request.reply_to:
             self.replies.append((request.reply_to, request.request_id, ok, value))

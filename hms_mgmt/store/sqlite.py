@@ -235,14 +235,18 @@ class SQLiteStore:
         write(db, statements, owner=self._owner)
 
     async def rescue(self) -> str:
-        destination = f"{self.path}.rescued-{time.strftime('%Y%m%dT%H%M%S')}"
+        """A copy of what the (deleted or damaged) store holds, written under a partial name
+        and renamed when whole, so that no one finds and moves back a half-written copy."""
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        destination, partial = f"{self.path}.rescued-{stamp}", f"{self.path}.rescuing-{stamp}"
 
         def copy(db: sqlite3.Connection) -> None:
-            target = sqlite3.connect(destination)
+            target = sqlite3.connect(partial)
             try:
                 db.backup(target)
             finally:
                 target.close()
+            os.replace(partial, destination)
 
         try:
             await self._in_thread(copy)
