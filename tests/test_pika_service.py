@@ -28,15 +28,15 @@ async def test_a_grant_served_by_the_pika_service_succeeds(
     )
     service = processes.spawn("pika", ["-m", "examples.pika_service"], {"HMS_BROKER_URL": vhost})
     await wait_until(
-        lambda: "serving grantApproval." in processes.log("pika") or service.poll() is not None,
+        lambda: "serving simpleGrant." in processes.log("pika") or service.poll() is not None,
         timeout=30,
         what="the pika service",
     )
     assert service.poll() is None, processes.log("pika")
-    assert "defined grantApproval version" in processes.log("pika")
+    assert "defined simpleGrant version" in processes.log("pika")
 
     application = {"application_id": "A-17", "applicant_data": {"name": "Ada"}, "amount": 25_000}
-    started = await client.start("grantApproval", application)
+    started = await client.start("simpleGrant", application)
 
     async def waiting() -> bool:
         return (await client.status(started.workflow_id)).status == "waiting"
@@ -58,7 +58,7 @@ async def test_a_grant_served_by_the_pika_service_succeeds(
         assert run.started_at is not None and run.finished_at is not None
         assert run.started_at <= run.finished_at
     # An application without an id fails at once: the service says not to retry.
-    refused = await client.start("grantApproval", {"amount": 1})
+    refused = await client.start("simpleGrant", {"amount": 1})
     state = await client.wait(refused.workflow_id, timeout=30)
     assert state.status == "failed"
     [run] = state.steps

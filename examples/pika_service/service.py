@@ -1,10 +1,15 @@
-"""The grant approval workflow's four steps, served with pika and json only.
+"""A four-step grant workflow, ``simpleGrant``, served with pika and json only.
+
+It is the grant approval of the Python example (``examples/grant_approval``) without its
+parallel checks, its inspection child workflow and its compensation: those are the same
+messages, only more of them. It has a name of its own, so that running both examples on
+one vhost does not make one redefine the other's workflow.
 
 What a step service does, in order (docs/wire-format.md says why):
 
 1. define the workflow: a ``define`` request to the exchange ``hms.commands``, answered on
    RabbitMQ's direct reply-to once the engine has stored it and declared its step queues;
-2. consume each step queue ``grantApproval.<step>`` (manual acks, a prefetch);
+2. consume each step queue ``simpleGrant.<step>`` (manual acks, a prefetch);
 3. for each step message (``{"steps": [...]}``), for each run in it: report ``started``,
    run the handler, report ``succeeded`` (or ``failed``) with ``started_at``,
    ``finished_at`` and the run's ``token`` echoed, on the exchange ``hms.results``;
@@ -30,7 +35,7 @@ from typing import Any
 import pika
 import pika.exceptions
 
-WORKFLOW = "grantApproval"
+WORKFLOW = "simpleGrant"
 STEPS = ["validateApp", "creditCheck", "scheduleInspection", "finalize"]
 INSPECTION_DEADLINE = 14 * 24 * 3600  # no report in two weeks: the workflow fails
 JSON = "application/json"
@@ -76,7 +81,7 @@ HANDLERS = {
     "finalize": finalize,
 }
 
-DEFINITION: dict[str, Any] = {  # what hms_mgmt's define_workflow("grantApproval", STEPS) sends
+DEFINITION: dict[str, Any] = {  # what hms_mgmt's define_workflow(WORKFLOW, STEPS) sends
     "name": WORKFLOW,
     "steps": [{"name": step, "retry": None, "timeout": None} for step in STEPS],
     "retry": {},  # the default policy: 3 attempts, backoff from 1 s
