@@ -73,6 +73,9 @@ STATIC = WorkflowDefinition.build(
 STATIC_FIRST = WorkflowDefinition.build(
     "staticFirst", [Parallel("a", "b", max_concurrency=1), "join"]
 ).with_version(1)
+LIMITED = WorkflowDefinition.build(  # branches of a step with a concurrency limit of its own
+    "limitedBranches", ["split", Step("score", retry=ONCE, concurrency=1), "join"]
+).with_version(1)
 
 FOUR = {
     "fan_out": [
@@ -103,7 +106,16 @@ class Driver:
         self.store = SQLiteStore(self.url)
         await self.store.open()
         registry = Registry(bus=None, store=None)  # type: ignore[arg-type]  # no I/O here
-        for definition in (GRANT, GRANT_ON_ERROR, RETRIED, TIMED, SAGA, STATIC, STATIC_FIRST):
+        for definition in (
+            GRANT,
+            GRANT_ON_ERROR,
+            RETRIED,
+            TIMED,
+            SAGA,
+            STATIC,
+            STATIC_FIRST,
+            LIMITED,
+        ):
             registry.remember(definition)
         self.cache = InFlight()
         self.applier = Applier(registry, {}, Signer(b"s" * 32))
@@ -121,6 +133,8 @@ class Driver:
         await follow_up(self.loader, self.applier, work, self.now)
         await self.store.commit(work.batch)
         self.cache.update(work.state, self.now + 60)
+        if work.slots is not None:  # committed: as the engine does
+            self.applier.slots = work.slots
         self.out += [json.loads(r.body) for r in work.batch.outbox if r.exchange == "hms.steps"]
         if self.reload:  # a crash after the commit: nothing in memory survives
             await self.close()
@@ -233,6 +247,20 @@ async def test_max_concurrency_holds_the_rest_until_others_finish(driver: Driver
             break
         await driver.report(item, data=item["payload"] * 2)
     assert seen[0] == 2
+
+
+async def test_branches_are_bounded_by_max_concurrency_not_by_their_step_s_limit(
+    driver: Driver,
+) -> None:
+    await driver.start("limitedBranches", "w2")  # w2 runs score as a step: its one slot
+    await driver.answer("split", data={})
+    assert [(item["workflow_id"], item["step"]) for item in driver.out] == [("w2", "score")]
+    await driver.start("limitedBranches", "w1")
+    work = await driver.answer("split", **mapping([1, 2, 3]))
+    assert [(item["workflow_id"], item["step"]) for item in driver.out[1:]] == [
+        ("w1", "score")
+    ] * 3  # published, slot or not
+    assert "step_queued" not in kinds(work)
 
 
 async def test_empty_items_go_straight_to_the_join(driver: Driver) -> None:

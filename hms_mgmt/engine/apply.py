@@ -169,11 +169,9 @@ class Applier:
             by = self._type_pause(work, held.name, t.steps[-1].step)
             if by is not None:
                 machine.hold_for_type(t, held, by, now)
-            elif not any(step.context and "branch" in step.context for step in t.steps) and (
-                machine.must_queue(
-                    t, self._slots(work), self.registry.of(held), now, admitting=admitting
-                )
-            ):  # a fan-out's branches are bounded by its max_concurrency, not the step's
+            elif machine.must_queue(
+                t, self._slots(work), self.registry.of(held), now, admitting=admitting
+            ):
                 machine.queue(t, now)  # over its step's limits: waits to be admitted
         for kind, detail in t.history:
             batch.history.append((workflow_id, now, kind, detail))

@@ -233,9 +233,10 @@ def must_queue(
 ) -> bool:
     """Whether the step this transition would publish has to wait: its rate limit not yet
     due, its group's slots all taken, or (unless this is the admission of the oldest)
-    others already waiting."""
+    others already waiting. A fan-out's branches never wait here: its ``max_concurrency``
+    bounds them, not their step's limits."""
     wf = t.workflow
-    if wf is None or not t.steps:
+    if wf is None or not t.steps or any(s.context and "branch" in s.context for s in t.steps):
         return False
     run = next((r for r in t.runs if r.seq == t.steps[-1].seq), None)
     if run is None:
