@@ -48,8 +48,19 @@ def case(
     cluster_case = ClusterCase(cluster, tmp_path, request.node.name, postgres_url)
     try:
         yield cluster_case
+        failed = getattr(request.node, "rep_call", None)
+        if failed is not None and failed.failed:  # what the broker saw, for the post-mortem
+            (tmp_path / "broker-state.txt").write_text(cluster_case.broker_state())
     finally:
         cluster_case.close()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    report = yield
+    if report.when == "call":
+        item.rep_call = report  # type: ignore[attr-defined]
+    return report
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -131,6 +131,35 @@ class ClusterCase(Case):
         CLUSTER_REPORTS.append(report)
         return report
 
+    def broker_state(self) -> str:
+        """The case's queues (type, leader, members, consumers) and consumers as the running
+        nodes see them, for a failed case's ``broker-state.txt``."""
+        said = []
+        for node in self.cluster.nodes:
+            if node.pid() is None:
+                continue
+            for args in (
+                (
+                    "list_queues",
+                    "name",
+                    "type",
+                    "leader",
+                    "members",
+                    "online",
+                    "messages",
+                    "consumers",
+                    "state",
+                ),
+                ("list_consumers", "queue_name", "channel_pid", "consumer_tag", "active"),
+                ("list_connections", "name", "peer_port", "state"),
+            ):
+                try:
+                    out = node.ctl(*args, "-p", self.vhost, "-q", timeout=30)
+                except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                    out = f"failed: {exc}"
+                said.append(f"== {node.name}: {' '.join(args)}\n{out}")
+        return "\n".join(said)
+
     def close(self) -> None:
         self.stop()
         with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
