@@ -5,6 +5,11 @@ that blocks publishers cannot stall acks. Publishes are persistent, mandatory
 and confirmed; a returned message raises :class:`UnroutableError`. Consumers
 ack manually. Robust connections restore channels, declarations and consumers
 after a reconnect; deliveries unacked at the drop are redelivered.
+
+A nacked publish replaces the confirming channel with a fresh one: on a cluster, a channel
+that first published to a quorum queue while its leader was being re-elected (a node killed)
+can go on nacking every publish to that queue for good (RabbitMQ 3.10), while a new channel
+on the same node is acked at once.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import aio_pika
@@ -217,6 +222,8 @@ class RabbitMQBus:
         self._specs: dict[str, QueueSpec] = {}
         self._exchanges: dict[tuple[bool, str], AbstractExchange] = {}
         self._lock = asyncio.Lock()
+        self._renewing = asyncio.Lock()
+        self._retiring: set[asyncio.Future[None]] = set()  # nacking channels, closing
         self.reconnects = 0  # connections re-established after a drop (for metrics)
         self._lost_at: dict[str, float] = {}  # connection role -> when it dropped (monotonic)
         self._closing = False
@@ -338,6 +345,7 @@ class RabbitMQBus:
         return exchange
 
     async def publish(self, message: Message, *, confirm: bool = True) -> None:
+        channel = self._confirmed if confirm else self._unconfirmed
         exchange = await self._exchange(message.exchange, confirm)
         outgoing = aio_pika.Message(
             message.body,
@@ -369,6 +377,7 @@ class RabbitMQBus:
                 f"on exchange {message.exchange or '(default)'!r}"
             ) from exc
         except DeliveryError as exc:
+            await self._renew_confirmed(channel, message.routing_key)
             raise PublishNotConfirmedError(f"the broker refused the message: {exc}") from exc
         except TimeoutError as exc:
             raise PublishNotConfirmedError(
@@ -376,6 +385,59 @@ class RabbitMQBus:
             ) from exc
         except (aiormq.exceptions.AMQPError, RuntimeError, ConnectionError) as exc:
             raise BusError(f"publish to {message.routing_key!r} failed: {exc!r}") from exc
+
+    async def _renew_confirmed(self, nacked: AbstractChannel | None, routing_key: str) -> None:
+        """A fresh confirming channel in place of ``nacked``, so that the caller's retry goes
+        through a channel the broker has no stale state for (see the module's docstring).
+        Publishes still in flight on the old one get their confirms (or time out) before it
+        is closed. Several publishes nacked together renew it once."""
+        async with self._renewing:
+            connection = self._publish_connection
+            if nacked is None or nacked is not self._confirmed or connection is None:
+                return  # renewed already, or closing
+            try:
+                fresh = await asyncio.wait_for(
+                    connection.channel(publisher_confirms=True, on_return_raises=True),
+                    timeout=self.publish_timeout,
+                )
+            except (TimeoutError, aiormq.exceptions.AMQPError, RuntimeError, OSError) as exc:
+                log.warning(
+                    "broker.channel_renew_failed",
+                    extra={
+                        "component": "bus",
+                        "connection": f"{self.name}:publish",
+                        "error": _describe(exc),
+                    },
+                )
+                return  # the next nack tries again
+            self._confirmed = fresh
+            for key in [key for key in self._exchanges if key[0]]:
+                del self._exchanges[key]
+            log.warning(
+                "broker.channel_renewed",
+                extra={
+                    "component": "bus",
+                    "connection": f"{self.name}:publish",
+                    "broker": connection.node,
+                    "reason": "a publish was nacked",
+                    "routing_key": routing_key,
+                },
+            )
+            retiring = asyncio.ensure_future(self._retire(nacked))
+            self._retiring.add(retiring)
+            retiring.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, channel: AbstractChannel) -> None:
+        """Close a replaced channel once its publishes in flight are settled (or timed out)."""
+        with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError, OSError):
+            underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+            pending = list(underlay.confirmations.values())
+            waiting = [f for f in pending if isinstance(f, asyncio.Future)]
+            if waiting:
+                await asyncio.wait(waiting, timeout=self.publish_timeout)
+        if not channel.is_closed:
+            with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError, OSError):
+                await channel.close()
 
     async def consume(
         self, queue: str, on_delivery: OnDelivery, prefetch: int
@@ -484,6 +546,9 @@ class RabbitMQBus:
             await self._close_connections()
 
     async def _close_connections(self) -> None:
+        for retiring in list(self._retiring):
+            retiring.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         for connection in (self._consume_connection, self._publish_connection):
             if connection is not None and not connection.is_closed:
                 with contextlib.suppress(aiormq.exceptions.AMQPError, OSError, RuntimeError):
