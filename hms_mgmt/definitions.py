@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from hms_mgmt.bounds import NAME_PATTERN, check_delay, short
+from hms_mgmt.bounds import MAX_DELAY, NAME_PATTERN, check_delay, short
 from hms_mgmt.errors import DefinitionError
 
 """Workflow, step, signal and schedule names; match with ``fullmatch``."""
@@ -298,7 +298,13 @@ def rate_interval(rate: Any, step: str) -> float:
         raise DefinitionError(problem) from None
     if unit not in RATE_UNITS or not number > 0 or number == float("inf"):
         raise DefinitionError(problem)
-    return RATE_UNITS[unit] / number
+    interval = RATE_UNITS[unit] / number
+    if interval > MAX_DELAY:  # its admission timer would be due past every timer's bound
+        raise DefinitionError(
+            f"rate_limit of step {step!r} is {rate!r}, one run every {interval:.3g} s: "
+            "it must allow one run in 10 years at least"
+        )
+    return interval
 
 
 class Parallel:
