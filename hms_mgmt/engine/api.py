@@ -368,20 +368,19 @@ class EngineApi:
     async def cancel(self, request: web.Request) -> web.Response:
         workflow_id = _workflow_id(request)
         body = await self._body(request)
-        reason, compensate = body.get("reason"), body.get("compensate", False)
+        reason, compensate = _reason(body), body.get("compensate", False)
         if not isinstance(compensate, bool):
             raise ApiError(
                 400, "BadRequest", f"compensate must be true or false, not {short(compensate)}"
             )
-        result = await self.client.cancel(
-            workflow_id, None if reason is None else str(reason), compensate=compensate
-        )
+        result = await self.client.cancel(workflow_id, reason, compensate=compensate)
         return web.json_response(result)
 
     async def retry(self, request: web.Request) -> web.Response:
         """Retry a failed workflow, and take its failed run's dead letters out of their
         ``.dlq``: they are settled (a replay would find nothing to do)."""
         workflow_id = _workflow_id(request)
+        await self._body(request)  # none is needed, but a malformed one is refused
         before = await self.engine.state(workflow_id)
         result = dict(await self.client.retry(workflow_id))
         result["dead_letters_settled"] = await self._settle(before)
@@ -428,13 +427,15 @@ class EngineApi:
     async def pause(self, request: web.Request) -> web.Response:
         """Pause a workflow that has not finished; 409 if it has, or is paused already."""
         workflow_id = _workflow_id(request)
-        reason = (await self._body(request)).get("reason")
-        result = await self.client.pause(workflow_id, None if reason is None else str(reason))
+        reason = _reason(await self._body(request))
+        result = await self.client.pause(workflow_id, reason)
         return web.json_response(result)
 
     async def resume(self, request: web.Request) -> web.Response:
         """Resume a paused workflow; 409 if it is not paused."""
-        result = await self.client.resume(_workflow_id(request))
+        workflow_id = _workflow_id(request)
+        await self._body(request)  # none is needed, but a malformed one is refused
+        result = await self.client.resume(workflow_id)
         return web.json_response(result)
 
     async def reset(self, request: web.Request) -> web.Response:
@@ -456,7 +457,7 @@ class EngineApi:
             raise ApiError(
                 400, "BadRequest", f"signals must be 'keep' or 'drop', not {short(signals)}"
             )
-        reason = body.get("reason")
+        reason = _reason(body)
         before = await self.engine.state(workflow_id)
         result = dict(
             await self.client.reset(
@@ -464,7 +465,7 @@ class EngineApi:
                 to_step,
                 body.get("data"),
                 signals=signals,
-                reason=None if reason is None else str(reason),
+                reason=reason,
                 has_data="data" in body,
             )
         )
@@ -505,10 +506,7 @@ class EngineApi:
         paused already, 404 for an unknown workflow, 400 for an unknown step."""
         body = await self._body(request)
         name, step = self._type_and_step(request, body)
-        reason = body.get("reason")
-        result = await self.client.pause_type(
-            name, step, reason=None if reason is None else str(reason)
-        )
+        result = await self.client.pause_type(name, step, reason=_reason(body))
         return web.json_response(result)
 
     async def resume_type(self, request: web.Request) -> web.Response:
@@ -603,6 +601,14 @@ def _workflow_id(request: web.Request) -> str:
             400, "BadRequest", f"workflow id {short(workflow_id)} is not valid: ids are {ID_RULE}"
         )
     return workflow_id
+
+
+def _reason(body: dict[str, Any]) -> str | None:
+    """The body's ``reason``: text or absent; anything else is a 400 naming it."""
+    reason = body.get("reason")
+    if reason is not None and not isinstance(reason, str):
+        raise ApiError(400, "BadRequest", f"reason must be a string, not {short(reason)}")
+    return reason
 
 
 def _cursor(raw: str | None) -> tuple[float, str] | None:
