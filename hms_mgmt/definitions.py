@@ -319,6 +319,15 @@ class Parallel:
     ) -> None:
         if not steps:
             raise DefinitionError("Parallel() needs at least one step")
+        if any(isinstance(step, Parallel) for step in steps):
+            raise DefinitionError(
+                "Parallel("
+                + ", ".join(
+                    repr(s) if isinstance(s, Parallel) else repr(_name_of(s)) for s in steps
+                )
+                + ") holds a Parallel group: groups do not nest "
+                "(a branch's handler may return a fan_out of its own)"
+            )
         for key, value, least in (
             ("tolerate", tolerate, 0),
             ("max_concurrency", max_concurrency, 1),
@@ -333,6 +342,10 @@ class Parallel:
         built = [s if isinstance(s, Step) else Step(check_name("step", s)) for s in steps]
         group = (built[0].name, tolerate, max_concurrency)
         self.steps = tuple(replace(step, parallel=group) for step in built)
+
+    def __repr__(self) -> str:
+        steps = getattr(self, "steps", ())
+        return "Parallel(" + ", ".join(repr(step.name) for step in steps) + ")"
 
 
 def _name_of(step: str | Step) -> str:

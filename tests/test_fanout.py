@@ -589,6 +589,9 @@ def test_a_parallel_element_survives_the_definitions_json_and_is_checked() -> No
         Parallel("a", tolerate=-1)
     with pytest.raises(DefinitionError, match="twice"):
         WorkflowDefinition.build("w", [Parallel("a", "b"), "a"])
+    # A group inside a group is refused as such, not as a step named "<Parallel object at 0x…>".
+    with pytest.raises(DefinitionError, match=r"Parallel\('a', Parallel\('b', 'c'\)\) holds "):
+        Parallel("a", Parallel("b", "c"))  # type: ignore[arg-type]
 
 
 FLAKY = WorkflowDefinition.build(
