@@ -353,13 +353,40 @@ def _name_of(step: str | Step) -> str:
 
 
 def _check_parallel(workflow: str, steps: Sequence[Step]) -> None:
-    """A Parallel group's steps come together, and a step follows them to join them."""
+    """A Parallel group's steps come together, and a step follows them to join them; the
+    group is named after its first step and its settings are whole numbers, the same on each
+    of its steps (a definition's JSON from the bus is checked as ``Parallel(...)`` is)."""
     seen: set[str] = set()
     previous: str | None = None
+    settings: tuple[Any, ...] | None = None
     for step in steps:
-        group = None if step.parallel is None else step.parallel[0]
+        parallel = step.parallel
+        group = None if parallel is None else parallel[0]
         if group is not None and group != previous and group in seen:
             raise DefinitionError(f"Parallel group {group!r} of workflow {workflow!r} is split")
+        if parallel is not None and group != previous:
+            if group != step.name:
+                raise DefinitionError(
+                    f"Parallel group {group!r} of workflow {workflow!r} starts with step "
+                    f"{step.name!r}: a group is named after its first step"
+                )
+            settings = parallel
+            for key, value, least in (
+                ("tolerate", parallel[1], 0),
+                ("max_concurrency", parallel[2], 1),
+            ):
+                if (value is not None or key == "tolerate") and (
+                    isinstance(value, bool) or not isinstance(value, int) or value < least
+                ):
+                    raise DefinitionError(
+                        f"{key} of Parallel group {group!r} of workflow {workflow!r} must be "
+                        f"a whole number >= {least}, not {value!r}"
+                    )
+        elif parallel is not None and parallel != settings:
+            raise DefinitionError(
+                f"step {step.name!r} of Parallel group {group!r} of workflow {workflow!r} "
+                "has settings of its own: a group's steps share its tolerate and max_concurrency"
+            )
         if group is not None:
             seen.add(group)
         previous = group
