@@ -398,6 +398,25 @@ def _check_parallel(workflow: str, steps: Sequence[Step]) -> None:
 
 
 @dataclass(frozen=True)
+class UnloadableDefinition:
+    """A stored definition that no longer passes the checks (stored by an earlier version
+    of HMS-MGMT, before a check was added): the engine leaves it out and says why."""
+
+    name: str
+    version: int
+    problem: str
+
+
+def load_stored(body: Any, version: int) -> WorkflowDefinition | UnloadableDefinition:
+    """A definition as stored, or what keeps it from loading."""
+    try:
+        return WorkflowDefinition.from_json(body, version)
+    except DefinitionError as exc:
+        name = body.get("name") if isinstance(body, dict) else None
+        return UnloadableDefinition(str(name), version, str(exc))
+
+
+@dataclass(frozen=True)
 class WorkflowDefinition:
     """A named workflow: its ordered steps, default retry policy and error step."""
 
