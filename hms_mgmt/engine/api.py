@@ -664,6 +664,7 @@ def engine_metrics(engine: Engine, loop_monitor: LoopMonitor | None = None) -> E
         takeovers=lambda: engine.takeovers,
         standby=lambda: engine.role == "standby",
         slots=engine.slot_counts,
+        type_pauses=engine.paused_types,
     )
     engine.on_commit = metrics.on_batch
     if loop_monitor is not None:
