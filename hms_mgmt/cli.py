@@ -25,7 +25,7 @@ from hms_mgmt.cli_api import (
     quote,
 )
 from hms_mgmt.cli_context import Context, output_option
-from hms_mgmt.cli_format import changes, printable, show, summary_rows, table
+from hms_mgmt.cli_format import changes, printable, show, steps_outline, summary_rows, table
 from hms_mgmt.cli_ops import dlq_group, store_group
 from hms_mgmt.records import STATUSES, TERMINAL
 
@@ -382,7 +382,7 @@ def definitions(obj: Context) -> None:
         {
             "name": d["name"],
             "version": d["version"],
-            "steps": " > ".join(d["steps"]),
+            "steps": steps_outline(d.get("definition"), d.get("steps")),
             "on_error": d["on_error"],
             "paused": ", ".join(
                 (p["step"] or "all") + (f" ({p['reason']})" if p.get("reason") else "")

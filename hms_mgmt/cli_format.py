@@ -156,6 +156,30 @@ def paused_text(paused: dict[str, Any]) -> str:
     return " ".join(parts).replace(" ;", ";")
 
 
+def steps_outline(definition: Any, names: Any = ()) -> str:
+    """A definition's ordered steps as they run: ``a > [b (undo c) | d] > e``: a Parallel
+    group in brackets, a compensation beside the step it undoes (it runs only to undo it).
+    ``names`` (every step with a queue) when the definition's JSON is not as expected."""
+    steps = definition.get("steps") if isinstance(definition, dict) else None
+    if not isinstance(steps, list) or not all(isinstance(s, dict) for s in steps):
+        return " > ".join(str(n) for n in names) if isinstance(names, list) else ""
+    parts: list[str] = []
+    group: object = None
+    for step in steps:
+        text = str(step.get("name"))
+        undo = step.get("compensate")
+        if isinstance(undo, dict):
+            text += f" (undo {undo.get('name')})"
+        parallel = step.get("parallel")
+        key = parallel.get("group") if isinstance(parallel, dict) else None
+        if key is not None and key == group:
+            parts[-1] = parts[-1][:-1] + f" | {text}]"
+        else:
+            parts.append(f"[{text}]" if key is not None else text)
+        group = key
+    return " > ".join(parts)
+
+
 def summary_rows(workflows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
         {

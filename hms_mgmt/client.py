@@ -257,6 +257,8 @@ class Calls:
         """Cancel a workflow that has not finished. With ``compensate``, the compensations of
         its steps that succeeded run first (newest first), and it ends ``compensated``."""
         _check_workflow_id(workflow_id)
+        if not isinstance(compensate, bool):  # "no" would be truthy: it would compensate
+            raise PayloadError(f"compensate must be True or False, not {compensate!r}")
         body: dict[str, Any] = {"workflow_id": workflow_id, "reason": reason}
         if compensate:  # left out otherwise: an older engine reads the request as before
             body["compensate"] = True

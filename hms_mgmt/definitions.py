@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from hms_mgmt.bounds import NAME_PATTERN, check_delay, short
+from hms_mgmt.bounds import MAX_DELAY, NAME_PATTERN, check_delay, short
 from hms_mgmt.errors import DefinitionError
 
 """Workflow, step, signal and schedule names; match with ``fullmatch``."""
@@ -298,7 +298,13 @@ def rate_interval(rate: Any, step: str) -> float:
         raise DefinitionError(problem) from None
     if unit not in RATE_UNITS or not number > 0 or number == float("inf"):
         raise DefinitionError(problem)
-    return RATE_UNITS[unit] / number
+    interval = RATE_UNITS[unit] / number
+    if interval > MAX_DELAY:  # its admission timer would be due past every timer's bound
+        raise DefinitionError(
+            f"rate_limit of step {step!r} is {rate!r}, one run every {interval:.3g} s: "
+            "it must allow one run in 10 years at least"
+        )
+    return interval
 
 
 class Parallel:
@@ -313,6 +319,15 @@ class Parallel:
     ) -> None:
         if not steps:
             raise DefinitionError("Parallel() needs at least one step")
+        if any(isinstance(step, Parallel) for step in steps):
+            raise DefinitionError(
+                "Parallel("
+                + ", ".join(
+                    repr(s) if isinstance(s, Parallel) else repr(_name_of(s)) for s in steps
+                )
+                + ") holds a Parallel group: groups do not nest "
+                "(a branch's handler may return a fan_out of its own)"
+            )
         for key, value, least in (
             ("tolerate", tolerate, 0),
             ("max_concurrency", max_concurrency, 1),
@@ -328,19 +343,50 @@ class Parallel:
         group = (built[0].name, tolerate, max_concurrency)
         self.steps = tuple(replace(step, parallel=group) for step in built)
 
+    def __repr__(self) -> str:
+        steps = getattr(self, "steps", ())
+        return "Parallel(" + ", ".join(repr(step.name) for step in steps) + ")"
+
 
 def _name_of(step: str | Step) -> str:
     return step.name if isinstance(step, Step) else str(step)
 
 
 def _check_parallel(workflow: str, steps: Sequence[Step]) -> None:
-    """A Parallel group's steps come together, and a step follows them to join them."""
+    """A Parallel group's steps come together, and a step follows them to join them; the
+    group is named after its first step and its settings are whole numbers, the same on each
+    of its steps (a definition's JSON from the bus is checked as ``Parallel(...)`` is)."""
     seen: set[str] = set()
     previous: str | None = None
+    settings: tuple[Any, ...] | None = None
     for step in steps:
-        group = None if step.parallel is None else step.parallel[0]
+        parallel = step.parallel
+        group = None if parallel is None else parallel[0]
         if group is not None and group != previous and group in seen:
             raise DefinitionError(f"Parallel group {group!r} of workflow {workflow!r} is split")
+        if parallel is not None and group != previous:
+            if group != step.name:
+                raise DefinitionError(
+                    f"Parallel group {group!r} of workflow {workflow!r} starts with step "
+                    f"{step.name!r}: a group is named after its first step"
+                )
+            settings = parallel
+            for key, value, least in (
+                ("tolerate", parallel[1], 0),
+                ("max_concurrency", parallel[2], 1),
+            ):
+                if (value is not None or key == "tolerate") and (
+                    isinstance(value, bool) or not isinstance(value, int) or value < least
+                ):
+                    raise DefinitionError(
+                        f"{key} of Parallel group {group!r} of workflow {workflow!r} must be "
+                        f"a whole number >= {least}, not {value!r}"
+                    )
+        elif parallel is not None and parallel != settings:
+            raise DefinitionError(
+                f"step {step.name!r} of Parallel group {group!r} of workflow {workflow!r} "
+                "has settings of its own: a group's steps share its tolerate and max_concurrency"
+            )
         if group is not None:
             seen.add(group)
         previous = group
@@ -349,6 +395,25 @@ def _check_parallel(workflow: str, steps: Sequence[Step]) -> None:
             f"a Parallel group ({previous!r}) is the last element of workflow {workflow!r}: "
             "a step must follow it to join its branches"
         )
+
+
+@dataclass(frozen=True)
+class UnloadableDefinition:
+    """A stored definition that no longer passes the checks (stored by an earlier version
+    of HMS-MGMT, before a check was added): the engine leaves it out and says why."""
+
+    name: str
+    version: int
+    problem: str
+
+
+def load_stored(body: Any, version: int) -> WorkflowDefinition | UnloadableDefinition:
+    """A definition as stored, or what keeps it from loading."""
+    try:
+        return WorkflowDefinition.from_json(body, version)
+    except DefinitionError as exc:
+        name = body.get("name") if isinstance(body, dict) else None
+        return UnloadableDefinition(str(name), version, str(exc))
 
 
 @dataclass(frozen=True)

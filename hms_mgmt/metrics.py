@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from hms_mgmt.records import TERMINAL, StepStatus, WorkflowStatus
+from hms_mgmt.records import TERMINAL, StepStatus, TypePause, WorkflowStatus
 from hms_mgmt.store.base import Batch
 from hms_mgmt.topology import DEAD_EXCHANGE
 from hms_mgmt.wire.outcomes import Outcome
@@ -82,6 +82,26 @@ class _Slots(Collector):
         yield queued
 
 
+class _TypePauses(Collector):
+    """The workflow types (or steps of them, ``step`` empty for the whole type) an operator
+    has paused, each with the time it was paused since: read at scrape time, so an alert can
+    say that a type has been held too long (``time() - hms_workflow_type_paused_since``)."""
+
+    def __init__(self, read: Callable[[], list[TypePause]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterable[Metric]:
+        paused = GaugeMetricFamily(
+            "hms_workflow_type_paused_since",
+            "Unix time since which a workflow type (step empty) or one of its steps is paused "
+            "(pause_type); no series while it is not.",
+            labels=["workflow", "step"],
+        )
+        for pause in sorted(self._read(), key=lambda p: p.key):
+            paused.add_metric([pause.workflow, pause.step or ""], pause.since)
+        yield paused
+
+
 class _WithoutCreated(Collector):
     """A registry's metrics without the ``*_created`` samples.
 
@@ -138,9 +158,11 @@ class EngineMetrics:
         takeovers: Callable[[], int] = lambda: 0,
         standby: Callable[[], bool] = lambda: False,
         slots: Callable[[], dict[tuple[str, str], tuple[int, int]]] = dict,
+        type_pauses: Callable[[], list[TypePause]] = list,
     ) -> None:
         self.registry = registry = CollectorRegistry()
         registry.register(_Slots(slots))
+        registry.register(_TypePauses(type_pauses))
         self.started = Counter(
             "hms_workflows_started", "Workflows started.", ["workflow"], registry=registry
         )

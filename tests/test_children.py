@@ -372,6 +372,43 @@ async def test_children_that_cannot_start_fail_the_step_naming_what_is_wrong(
         await driver.close()
 
 
+async def test_children_nest_at_most_max_depth_deep_and_the_failure_unwinds_in_one_batch(
+    tmp_path: Path,
+) -> None:
+    """A workflow type whose step starts a child of its own type would nest forever (each
+    child starting the next): the child of a workflow MAX_DEPTH deep is refused as
+    ``InvalidChild``, and its failure reaches the root in the same batch."""
+    from hms_mgmt.machine.children import MAX_DEPTH
+
+    recursive = WorkflowDefinition.build(
+        "recursive", [Step("spawn", retry=ONCE), "done"]
+    ).with_version(1)
+    driver = Driver(tmp_path / "deep.db")
+    await driver.open()
+    driver.applier.registry.remember(recursive)
+    again = {"child": {"workflow": "recursive", "data": {}}, "next_step": "done"}
+    try:
+        await driver.request(type="start", workflow_id="r", workflow="recursive", payload={})
+        family = ["r"]
+        for depth in range(1, MAX_DEPTH + 1):
+            await driver.answer(family[-1], "spawn", **again)
+            family.append(machine.children.child_id(family[-1], "spawn", 1, 0))
+            assert (await driver.workflow(family[-1])).parent["depth"] == depth  # type: ignore[index]
+        await driver.answer(family[-1], "spawn", **again)  # one more level: refused
+        deepest = await driver.state(family[-1])
+        assert deepest.status == "failed" and deepest.error is not None
+        assert deepest.error["type"] == "InvalidChild"
+        assert f"they nest at most {MAX_DEPTH} deep" in deepest.error["message"]
+        root = await driver.state("r")
+        assert root.status == "failed" and root.error is not None
+        assert root.error["type"] == "ChildFailed", root.error
+        statuses = [(await driver.workflow(w)).status for w in family]
+        assert statuses == ["failed"] * len(family)
+        assert len(await driver.store.list_workflows(name="recursive", limit=1000)) == MAX_DEPTH + 1
+    finally:
+        await driver.close()
+
+
 def test_a_childs_id_is_derived_from_the_step_run_and_is_always_a_valid_id() -> None:
     from hms_mgmt.bounds import ID_PATTERN
 

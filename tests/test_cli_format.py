@@ -12,7 +12,17 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from hms_mgmt.bounds import parse_time
-from hms_mgmt.cli_format import ago, cell, changes, printable, show, table, took, when
+from hms_mgmt.cli_format import (
+    ago,
+    cell,
+    changes,
+    printable,
+    show,
+    steps_outline,
+    table,
+    took,
+    when,
+)
 from tests.conftest import hms
 
 RAW = ("\x1b", "\x07", "\x00", "\r", "\x9b")  # ESC, BEL, NUL, CR, CSI
@@ -182,3 +192,27 @@ def test_times_for_list_filters_and_ages_for_people() -> None:
         "3d",
     ]
     assert ago(None, now) == "-" and ago(math.inf, now) == "-" and ago(True, now) == "-"
+
+
+def test_definitions_outline_their_parallel_groups_and_compensations() -> None:
+    """``hms definitions`` shows a compensation beside the step it undoes and a Parallel group
+    bracketed, not as ordered steps after the last one (``s1 > s2 > u2 > u1`` read as a
+    sequence that runs u2 after s2)."""
+    from hms_mgmt.definitions import Parallel, Step, WorkflowDefinition
+
+    grant = WorkflowDefinition.build(
+        "grant",
+        [
+            "validate",
+            Parallel(Step("credit", compensate="release"), "background"),
+            Step("inspect", compensate="cancelInspection"),
+            "finalize",
+        ],
+        on_error="notify",
+    )
+    assert steps_outline(grant.to_json(), grant.step_names) == (
+        "validate > [credit (undo release) | background] > inspect (undo cancelInspection)"
+        " > finalize"
+    )
+    assert steps_outline(None, ["a", "b"]) == "a > b"  # no definition: the names as before
+    assert steps_outline({"steps": "x"}, None) == ""

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 import hms_mgmt
+from hms_mgmt import Parallel, Step
 from tests.conftest import IN_CI, Processes, http_get, wait_until
 from tests.test_operators import Ops, start_ops
 
@@ -324,6 +325,19 @@ async def test_pause_and_resume_a_workflow_type_s_step_from_its_page(
     await expect(page).to_have_url(f"{ops.engine_url}/types")
     row = page.locator('#types tr[data-type="noted"]')
     await expect(row.locator("[data-paused]")).to_have_text("-")
+    # Steps as they run: a group bracketed, a compensation beside what it undoes.
+    client.define_workflow(
+        "outlined", [Parallel("a", "b"), Step("c", compensate="undoC"), "d"], on_error="e"
+    )
+
+    async def outlined_known() -> bool:
+        return '"outlined"' in (await http_get(f"{ops.engine_url}/api/definitions"))[1]
+
+    await wait_until(outlined_known, timeout=10, what="the outlined definition")
+    await page.reload()
+    await expect(page.locator('#types tr[data-type="outlined"] [data-steps]')).to_have_text(
+        "[a | b] > c (undo undoC) > d"
+    )
     await live(page)
     await row.locator('select[name="type-step"]').select_option("second")
     await row.locator('input[name="type-reason"]').fill("bureau down")

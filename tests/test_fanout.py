@@ -589,6 +589,36 @@ def test_a_parallel_element_survives_the_definitions_json_and_is_checked() -> No
         Parallel("a", tolerate=-1)
     with pytest.raises(DefinitionError, match="twice"):
         WorkflowDefinition.build("w", [Parallel("a", "b"), "a"])
+    # A definition's JSON comes from the bus: a forged group is refused as Parallel() is.
+    group = {"group": "a", "tolerate": 0, "max_concurrency": None}
+    for forged, message in (
+        ({"tolerate": "x"}, "tolerate of Parallel group 'a' of workflow 'w' must be a whole"),
+        ({"tolerate": -3}, "tolerate of Parallel group 'a' .* >= 0, not -3"),
+        ({"max_concurrency": 0}, "max_concurrency of Parallel group 'a' .* >= 1, not 0"),
+        ({"max_concurrency": True}, "max_concurrency .* not True"),
+        ({"group": "zzz"}, "group 'zzz' of workflow 'w' starts with step 'a'"),
+    ):
+        steps = [
+            {"name": "a", "parallel": {**group, **forged}},
+            {"name": "b", "parallel": {**group, **forged}},
+            {"name": "j"},
+        ]
+        body = {**WorkflowDefinition.build("w", ["a", "b", "j"]).to_json(), "steps": steps}
+        for step in steps:
+            step.update(retry=None, timeout=None)
+        with pytest.raises(DefinitionError, match=message):
+            WorkflowDefinition.from_json(body, version=1)
+    steps = [
+        {"name": "a", "retry": None, "timeout": None, "parallel": group},
+        {"name": "b", "retry": None, "timeout": None, "parallel": {**group, "tolerate": 5}},
+        {"name": "j", "retry": None, "timeout": None},
+    ]
+    body = {**WorkflowDefinition.build("w", ["a", "b", "j"]).to_json(), "steps": steps}
+    with pytest.raises(DefinitionError, match=r"step 'b' of Parallel group 'a' .* of its own"):
+        WorkflowDefinition.from_json(body, version=1)
+    # A group inside a group is refused as such, not as a step named "<Parallel object at 0x…>".
+    with pytest.raises(DefinitionError, match=r"Parallel\('a', Parallel\('b', 'c'\)\) holds "):
+        Parallel("a", Parallel("b", "c"))  # type: ignore[arg-type]
 
 
 FLAKY = WorkflowDefinition.build(

@@ -852,3 +852,14 @@ def test_workflows_held_by_a_paused_type_publish_nothing_until_it_is_resumed(
         if kind in ("resume_type", "resume_step") and work.replies[-1][2]:
             key = ("grantApproval", "creditCheck" if kind == "resume_step" else "")
             assert not any(machine.paused_by(wf, key) for wf, _ in state.values())
+
+
+async def test_cancel_refuses_a_compensate_that_is_not_a_bool_before_sending() -> None:
+    """``cancel(id, compensate="no")`` would have compensated (a truthy string)."""
+    from hms_mgmt.client import Client
+    from hms_mgmt.errors import PayloadError
+
+    client = Client(None)  # type: ignore[arg-type]  # refused before any I/O
+    for bad in ("no", 1, None):
+        with pytest.raises(PayloadError, match="compensate must be True or False"):
+            await client.cancel("wf-1", compensate=bad)  # type: ignore[arg-type]

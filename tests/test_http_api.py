@@ -327,6 +327,20 @@ async def test_pause_resume_and_reset_over_http(memory_url: str, store_url: str)
             started = await client.post("/api/workflows", json={"workflow": "inspected"})
             workflow_id = (await started.json())["workflow_id"]
             path = f"/api/workflows/{workflow_id}"
+            # A body is checked on every route, the bodyless ones included; a reason is text.
+            for route, body, message in (
+                ("resume", b"{bad", "the request body is not JSON"),
+                ("retry", b"{bad", "the request body is not JSON"),
+                ("pause", b'{"reason": 5}', "reason must be a string, not 5"),
+                ("cancel", b'{"reason": ["x"]}', "reason must be a string, not ['x']"),
+                ("reset", b'{"to_step": "visit", "reason": {}}', "reason must be a string"),
+            ):
+                response = await client.post(f"{path}/{route}", data=body)
+                error = (await response.json())["error"]
+                assert (response.status, message in error["message"]) == (400, True), error
+            typed = await client.post("/api/definitions/inspected/pause", data=b'{"reason": 1}')
+            assert typed.status == 400, await typed.text()
+            assert (await (await client.get(path)).json())["status"] == "pending"
 
             paused = await client.post(f"{path}/pause", json={"reason": "inspectors on strike"})
             assert (paused.status, (await paused.json())["status"]) == (200, "paused")

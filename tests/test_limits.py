@@ -458,6 +458,14 @@ def test_rate_limits_are_checked_with_errors_naming_the_step() -> None:
     assert Step.from_json(Step("c", rate_limit="5/h").to_json()).rate_limit == "5/h"
 
 
+def test_a_rate_slower_than_one_run_in_ten_years_is_refused() -> None:
+    """Its admission timer would be due past every other timer's bound (1e-300/s: 1e300 s)."""
+    for slow in ("1e-300/s", "0.0000001/h"):
+        with pytest.raises(DefinitionError, match="one run in 10 years at least"):
+            Step("check", rate_limit=slow)
+    assert Step("check", rate_limit="0.5/h").rate_interval == pytest.approx(7200.0)
+
+
 # -- priorities ---------------------------------------------------------------------------
 
 

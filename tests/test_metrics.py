@@ -374,3 +374,18 @@ def test_limited_steps_show_their_runs_out_and_queued() -> None:
     assert 'hms_step_runs_limited{step="check",workflow="grant"} 5.0' in text
     assert 'hms_step_runs_queued{step="check",workflow="grant"} 3.0' in text
     assert 'hms_step_runs_queued{step="inspect",workflow="grant"} 0.0' in text
+
+
+def test_paused_workflow_types_show_since_when() -> None:
+    """A type pause (or a step's) is a series with the time it began; none without one."""
+    from hms_mgmt.records import TypePause
+
+    pauses = [
+        TypePause("grant", "check", 1700000000.0, "bureau down"),
+        TypePause("audit", None, 5.0),
+    ]
+    text = EngineMetrics(type_pauses=lambda: pauses).render().decode()
+    assert 'hms_workflow_type_paused_since{step="check",workflow="grant"} 1.7e+09' in text
+    assert 'hms_workflow_type_paused_since{step="",workflow="audit"} 5.0' in text
+    assert "hms_workflow_type_paused_since{" not in EngineMetrics().render().decode()
+    check_with_promtool(EngineMetrics(type_pauses=lambda: pauses).render())

@@ -131,3 +131,36 @@ async def test_a_schema_1_file_is_upgraded_in_place(tmp_path: Path) -> None:
     assert new.traceparent == tp and new.retries == 2
     assert (await again.load(["old"]))["old"][0].retries == 0
     await again.close()
+
+
+async def test_a_stored_definition_that_no_longer_passes_the_checks_is_left_out(
+    tmp_path: Path,
+) -> None:
+    """A definition stored before a check was added (a rate of one run in 1e300 s) loads as
+    what keeps it from loading, and the others load: the engine starts without it, saying
+    why, rather than refusing to start on the whole store."""
+    import json
+    import sqlite3
+
+    from hms_mgmt.definitions import Step, UnloadableDefinition
+
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    store = SQLiteStore(url)
+    await store.open()
+    for name in ("ok", "slow"):
+        definition = WorkflowDefinition.build(name, [Step("a", rate_limit="1/s")])
+        await store.save_definition(definition.with_version(1), 1.0)
+    await store.close()
+    with sqlite3.connect(path_of(url)) as db:
+        (body,) = db.execute("SELECT body FROM definitions WHERE name = 'slow'").fetchone()
+        forged = json.loads(body)
+        forged["steps"][0]["rate_limit"] = "1e-300/s"
+        db.execute("UPDATE definitions SET body = ? WHERE name = 'slow'", (json.dumps(forged),))
+    again = SQLiteStore(url)
+    await again.open()
+    ok, slow = await again.definitions()
+    await again.close()
+    assert isinstance(ok, WorkflowDefinition) and ok.name == "ok"
+    assert isinstance(slow, UnloadableDefinition)
+    assert (slow.name, slow.version) == ("slow", 1)
+    assert "one run in 10 years at least" in slow.problem

@@ -368,20 +368,19 @@ class EngineApi:
     async def cancel(self, request: web.Request) -> web.Response:
         workflow_id = _workflow_id(request)
         body = await self._body(request)
-        reason, compensate = body.get("reason"), body.get("compensate", False)
+        reason, compensate = _reason(body), body.get("compensate", False)
         if not isinstance(compensate, bool):
             raise ApiError(
                 400, "BadRequest", f"compensate must be true or false, not {short(compensate)}"
             )
-        result = await self.client.cancel(
-            workflow_id, None if reason is None else str(reason), compensate=compensate
-        )
+        result = await self.client.cancel(workflow_id, reason, compensate=compensate)
         return web.json_response(result)
 
     async def retry(self, request: web.Request) -> web.Response:
         """Retry a failed workflow, and take its failed run's dead letters out of their
         ``.dlq``: they are settled (a replay would find nothing to do)."""
         workflow_id = _workflow_id(request)
+        await self._body(request)  # none is needed, but a malformed one is refused
         before = await self.engine.state(workflow_id)
         result = dict(await self.client.retry(workflow_id))
         result["dead_letters_settled"] = await self._settle(before)
@@ -428,13 +427,15 @@ class EngineApi:
     async def pause(self, request: web.Request) -> web.Response:
         """Pause a workflow that has not finished; 409 if it has, or is paused already."""
         workflow_id = _workflow_id(request)
-        reason = (await self._body(request)).get("reason")
-        result = await self.client.pause(workflow_id, None if reason is None else str(reason))
+        reason = _reason(await self._body(request))
+        result = await self.client.pause(workflow_id, reason)
         return web.json_response(result)
 
     async def resume(self, request: web.Request) -> web.Response:
         """Resume a paused workflow; 409 if it is not paused."""
-        result = await self.client.resume(_workflow_id(request))
+        workflow_id = _workflow_id(request)
+        await self._body(request)  # none is needed, but a malformed one is refused
+        result = await self.client.resume(workflow_id)
         return web.json_response(result)
 
     async def reset(self, request: web.Request) -> web.Response:
@@ -456,7 +457,7 @@ class EngineApi:
             raise ApiError(
                 400, "BadRequest", f"signals must be 'keep' or 'drop', not {short(signals)}"
             )
-        reason = body.get("reason")
+        reason = _reason(body)
         before = await self.engine.state(workflow_id)
         result = dict(
             await self.client.reset(
@@ -464,7 +465,7 @@ class EngineApi:
                 to_step,
                 body.get("data"),
                 signals=signals,
-                reason=None if reason is None else str(reason),
+                reason=reason,
                 has_data="data" in body,
             )
         )
@@ -505,10 +506,7 @@ class EngineApi:
         paused already, 404 for an unknown workflow, 400 for an unknown step."""
         body = await self._body(request)
         name, step = self._type_and_step(request, body)
-        reason = body.get("reason")
-        result = await self.client.pause_type(
-            name, step, reason=None if reason is None else str(reason)
-        )
+        result = await self.client.pause_type(name, step, reason=_reason(body))
         return web.json_response(result)
 
     async def resume_type(self, request: web.Request) -> web.Response:
@@ -605,6 +603,14 @@ def _workflow_id(request: web.Request) -> str:
     return workflow_id
 
 
+def _reason(body: dict[str, Any]) -> str | None:
+    """The body's ``reason``: text or absent; anything else is a 400 naming it."""
+    reason = body.get("reason")
+    if reason is not None and not isinstance(reason, str):
+        raise ApiError(400, "BadRequest", f"reason must be a string, not {short(reason)}")
+    return reason
+
+
 def _cursor(raw: str | None) -> tuple[float, str] | None:
     """``before=<created_at>,<id>``, the last workflow of a page: the next page's start."""
     if raw is None:
@@ -658,6 +664,7 @@ def engine_metrics(engine: Engine, loop_monitor: LoopMonitor | None = None) -> E
         takeovers=lambda: engine.takeovers,
         standby=lambda: engine.role == "standby",
         slots=engine.slot_counts,
+        type_pauses=engine.paused_types,
     )
     engine.on_commit = metrics.on_batch
     if loop_monitor is not None:

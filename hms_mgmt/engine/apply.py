@@ -341,7 +341,7 @@ class Applier:
             return
         definition = self.registry.of(workflow)
         if outcome.kind == "succeeded" and (outcome.result or {}).get("child") is not None:
-            outcome = family.checked(outcome, definition, self.registry.latest, run)
+            outcome = family.checked(outcome, definition, self.registry.latest, run, workflow)
         t = machine.apply_outcome(workflow, run, definition, outcome, now)
         ignored = None
         if t.history and t.history[0][0] == "outcome_ignored":

@@ -26,7 +26,7 @@ from hms_mgmt.machine.transition import (
     RetryChild,
     StartChild,
 )
-from hms_mgmt.records import StepRun, WorkflowStatus
+from hms_mgmt.records import StepRun, Workflow, WorkflowStatus
 from hms_mgmt.wire.outcomes import Outcome
 
 if TYPE_CHECKING:
@@ -78,13 +78,24 @@ INVALID_CHILD = "InvalidChild"
 
 
 def checked(
-    outcome: Outcome, definition: WorkflowDefinition, known: Collection[str], run: StepRun
+    outcome: Outcome,
+    definition: WorkflowDefinition,
+    known: Collection[str],
+    run: StepRun,
+    workflow: Workflow,
 ) -> Outcome:
     """A succeeded outcome whose children cannot start (a workflow not defined, a bad
-    shape) becomes a failed one, not retried, naming what is wrong: as a bad next_step."""
+    shape, nested too deep) becomes a failed one, not retried, naming what is wrong: as a
+    bad next_step."""
     handler = outcome.handler or f"the handler of {definition.name}.{run.step}"
     error_step = definition.on_error is not None and run.step == definition.on_error.name
-    problem = machine.children.problem(outcome.result or {}, known, handler, error_step=error_step)
+    problem = machine.children.problem(
+        outcome.result or {},
+        known,
+        handler,
+        error_step=error_step,
+        depth=machine.children.depth_of(workflow),
+    )
     if problem is None:
         return outcome
     error = {"type": INVALID_CHILD, "message": problem, "retryable": False}

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from bus_adapters.base import Bus, BusError
-from hms_mgmt.definitions import WorkflowDefinition
+from hms_mgmt.definitions import UnloadableDefinition, WorkflowDefinition
 from hms_mgmt.errors import HmsError, UnknownWorkflowError
 from hms_mgmt.logs import get_logger
 from hms_mgmt.records import Workflow
@@ -40,6 +40,15 @@ class Registry:
     async def load(self) -> None:
         """Every stored version, and the latest ones' queues declared."""
         for definition in await self._store.definitions():
+            if isinstance(definition, UnloadableDefinition):  # the engine starts without it
+                log.error(
+                    "stored definition left out: it no longer passes the checks; "
+                    "define the workflow again to start new ones",
+                    workflow=definition.name,
+                    version=definition.version,
+                    problem=definition.problem,
+                )
+                continue
             self.remember(definition)
         for definition in self.latest.values():
             await declare_workflow(self._bus, definition, self.step_queue_type)

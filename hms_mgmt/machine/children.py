@@ -52,16 +52,34 @@ CHILD_FAILED = "ChildFailed"
 TERMINATE, ABANDON = "terminate", "abandon"
 
 
+MAX_DEPTH = 32
+"""How deep child workflows nest: a child of a workflow at this depth cannot start. It keeps
+a workflow type that starts a child of its own type from nesting forever, and every cascade
+through a family (a cancel, a failure told to each parent) within the rounds the engine
+follows in one batch (``FOLLOW_UP_ROUNDS``, 100)."""
+
+
+def depth_of(workflow: Workflow) -> int:
+    """How deep ``workflow`` is among child workflows: 0 for one that is no child. A child
+    started before depths were recorded counts as 1."""
+    if workflow.parent is None:
+        return 0
+    depth = workflow.parent.get("depth")
+    return depth if isinstance(depth, int) and not isinstance(depth, bool) else 1
+
+
 def problem(
     result: dict[str, Any],
     known: Collection[str],
     handler: str,
     *,
     error_step: bool = False,
+    depth: int = 0,
 ) -> str | None:
     """Why a result's children cannot start, naming the handler; None if they can.
     ``known``: the names of the workflows defined; ``error_step``: the result is of the
-    workflow's ``on_error`` step, which ends the workflow and so cannot wait for children."""
+    workflow's ``on_error`` step, which ends the workflow and so cannot wait for children;
+    ``depth``: the workflow's own (:func:`depth_of`), its children's less one."""
     value = result.get("child")
     if value is None:
         return None
@@ -70,6 +88,11 @@ def problem(
         return f"{handler} returned a bad child: {shape}"
     if error_step:
         return f"{handler} returned a child, but an error step cannot start child workflows"
+    if depth >= MAX_DEPTH:
+        return (
+            f"{handler} returned a child of a workflow {depth} deep among child workflows; "
+            f"they nest at most {MAX_DEPTH} deep"
+        )
     for key in ("wait_for", "complete", "delay", "run_at"):
         if result.get(key):
             return (
@@ -129,6 +152,7 @@ def spawn(
             "seq": run.seq,
             "index": index,
             "close": spec.get("parent_close", TERMINATE),
+            "depth": depth_of(wf) + 1,
         }
         start = StartChild(
             ids[index], spec["workflow"], spec.get("data"), parent, wf.traceparent, wf.priority

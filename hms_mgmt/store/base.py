@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from hms_mgmt.definitions import WorkflowDefinition
+from hms_mgmt.definitions import UnloadableDefinition, WorkflowDefinition
 from hms_mgmt.errors import StoreError
 from hms_mgmt.records import StepRun, TypePause, Workflow
 from hms_mgmt.schedules import Schedule
@@ -141,8 +141,9 @@ class Store(Protocol):
         """Bytes the store takes on disk."""
         ...
 
-    async def definitions(self) -> list[WorkflowDefinition]:
-        """Every stored version of every definition, oldest first."""
+    async def definitions(self) -> list[WorkflowDefinition | UnloadableDefinition]:
+        """Every stored version of every definition, oldest first; one that no longer passes
+        the checks as what keeps it from loading."""
         ...
 
     async def save_definition(self, definition: WorkflowDefinition, now: float) -> None: ...

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from bus_adapters.base import redact_url
-from hms_mgmt.definitions import WorkflowDefinition
+from hms_mgmt.definitions import UnloadableDefinition, WorkflowDefinition, load_stored
 from hms_mgmt.errors import StoreError
 from hms_mgmt.records import StepRun, TypePause, Workflow
 from hms_mgmt.schedules import Schedule
@@ -287,9 +287,9 @@ class PostgresStore:
         async with self._connection() as db:
             return list(await db.fetch(sql, *args))
 
-    async def definitions(self) -> list[WorkflowDefinition]:
+    async def definitions(self) -> list[WorkflowDefinition | UnloadableDefinition]:
         rows = await self._all("SELECT body, version FROM definitions ORDER BY name, version")
-        return [WorkflowDefinition.from_json(unjson(body), version) for body, version in rows]
+        return [load_stored(unjson(body), version) for body, version in rows]
 
     async def load(self, workflow_ids: Sequence[str]) -> dict[str, tuple[Workflow, StepRun | None]]:
         async with self._connection() as db:

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from hms_mgmt.definitions import WorkflowDefinition
+from hms_mgmt.definitions import UnloadableDefinition, WorkflowDefinition, load_stored
 from hms_mgmt.errors import StoreError
 from hms_mgmt.records import StepRun, TypePause, Workflow
 from hms_mgmt.schedules import Schedule
@@ -334,9 +334,9 @@ class SQLiteStore:
         values = tuple(params)
         return await self._in_thread(lambda db: db.execute(sql, values).fetchall())
 
-    async def definitions(self) -> list[WorkflowDefinition]:
+    async def definitions(self) -> list[WorkflowDefinition | UnloadableDefinition]:
         rows = await self._all("SELECT body, version FROM definitions ORDER BY name, version")
-        return [WorkflowDefinition.from_json(json.loads(body), version) for body, version in rows]
+        return [load_stored(json.loads(body), version) for body, version in rows]
 
     async def save_definition(self, definition: WorkflowDefinition, now: float) -> None:
         row = (definition.name, definition.version, as_json(definition.to_json()), now)

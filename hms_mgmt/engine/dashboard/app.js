@@ -537,6 +537,23 @@ function typePauseText(paused) {
   return paused.map((p) => `${p.step ? `step ${p.step}` : "the whole type"} since ${when(p.since)}` + (p.reason ? ` (${p.reason})` : "")).join("; ");
 }
 
+// A definition's ordered steps as they run, as `hms definitions` shows them: a Parallel group
+// in brackets, a compensation beside the step it undoes (not as a step after the last one).
+function outline(d) {
+  const steps = d.definition && Array.isArray(d.definition.steps) ? d.definition.steps : null;
+  if (!steps) return d.steps.join(" > ");
+  const parts = [];
+  let group = null;
+  for (const s of steps) {
+    let text = String(s.name) + (s.compensate ? ` (undo ${s.compensate.name})` : "");
+    const key = s.parallel ? s.parallel.group : null;
+    if (key !== null && key === group) parts[parts.length - 1] = parts[parts.length - 1].slice(0, -1) + ` | ${text}]`;
+    else parts.push(key !== null ? `[${text}]` : text);
+    group = key;
+  }
+  return parts.join(" > ");
+}
+
 function typesPage() {
   const body = h("tbody");
   const rows = new Map(); // type -> its paused cell: the controls are built once, kept across refreshes
@@ -556,7 +573,7 @@ function typesPage() {
     body.append(h("tr", { "data-type": d.name },
       h("td", { className: "mono" }, d.name),
       h("td", { "data-version": "" }, d.version),
-      h("td", {}, d.steps.join(" > ")),
+      h("td", { "data-steps": "" }, outline(d)),
       paused,
       h("td", {}, step, " ", reason, " ",
         h("button", { "data-action": "pause-type", onclick: () => act(`pause ${d.name}`, () => api(`${target}/pause`, { method: "POST", body: { ...chosen(), ...(reason.value ? { reason: reason.value } : {}) } })) }, "Pause"), " ",
