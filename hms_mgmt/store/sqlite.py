@@ -52,6 +52,14 @@ from hms_mgmt.store.thread import StoreThread
 
 T = TypeVar("T")
 
+INLINE_ROWS = 64
+"""A commit of at most this many rows runs on the loop's thread when the store's is idle:
+a lone workflow's commit (6 to 10 rows, well under a millisecond) saves the trip there and
+back, and a busy engine's batches, hundreds of rows, keep the loop free while they commit."""
+
+INLINE_READS = 8
+"""A batch's reads for at most this many workflows, keys and requests run the same way."""
+
 
 def _loaded(
     db: sqlite3.Connection, workflow_ids: Sequence[str]
@@ -326,9 +334,11 @@ class SQLiteStore:
                 with contextlib.suppress(OSError):
                     os.remove(self.path + suffix)
 
-    async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
+    async def _all(
+        self, sql: str, params: Iterable[Any] = (), *, inline: bool = False
+    ) -> list[Any]:
         values = tuple(params)
-        return await self._in_thread(lambda db: db.execute(sql, values).fetchall())
+        return await self._in_thread(lambda db: db.execute(sql, values).fetchall(), inline=inline)
 
     async def definitions(self) -> list[WorkflowDefinition]:
         rows = await self._all("SELECT body, version FROM definitions ORDER BY name, version")
@@ -352,7 +362,8 @@ class SQLiteStore:
                 _loaded(db, workflow_ids), _keyed(db, keys), _answered(db, request_ids)
             )
 
-        return await self._in_thread(read)
+        few = len(workflow_ids) + len(keys) + len(request_ids) <= INLINE_READS  # a lone start's
+        return await self._in_thread(read, inline=few)
 
     async def workflow_with_runs(self, workflow_id: str) -> tuple[Workflow, list[StepRun]] | None:
         def read(db: sqlite3.Connection) -> tuple[list[Any], list[Any]]:
@@ -365,15 +376,18 @@ class SQLiteStore:
             ).fetchall()
             return workflow, runs
 
-        workflow_rows, run_rows = await self._in_thread(read)
+        workflow_rows, run_rows = await self._in_thread(read, inline=True)  # one workflow
         if not workflow_rows:
             return None
         return workflow_of(workflow_rows[0]), [run_of(row) for row in run_rows]
 
-    async def _in_thread(self, work: Callable[[sqlite3.Connection], T]) -> T:
+    async def _in_thread(
+        self, work: Callable[[sqlite3.Connection], T], *, inline: bool = False
+    ) -> T:
         """Run several statements in one trip to the store's thread; SQLite errors as StoreError.
 
-        The first trip opens the connection, there, and it is used only there.
+        The first trip opens the connection, there. ``inline``: small work, run on the
+        loop's thread if the store's is idle (never on both at once: see StoreThread).
         """
         if self._thread is None:
             raise StoreError(f"the store {self.path} is not open")
@@ -384,7 +398,7 @@ class SQLiteStore:
             return work(self._connection)
 
         try:
-            return await self._thread.run(run)
+            return await self._thread.run(run, inline=inline)
         except sqlite3.Error as exc:
             raise store_error(self.path, exc) from None
 
@@ -411,8 +425,10 @@ class SQLiteStore:
         if not batch:
             return
         rows = statements(batch)
-        # One trip to the store's thread for the whole transaction, not one per statement.
-        await self._in_thread(lambda db: self._write(db, rows))
+        # One trip to the store's thread for the whole transaction, not one per statement;
+        # a small one (a lone workflow's) on the loop's thread, without the trip.
+        small = sum(len(values) for _, values in rows) <= INLINE_ROWS
+        await self._in_thread(lambda db: self._write(db, rows), inline=small)
 
     async def unsent(self) -> list[OutboxRow]:
         rows = await self._all(
@@ -441,6 +457,7 @@ class SQLiteStore:
                 "SELECT workflow_id, key, value FROM workflow_attributes "
                 f"WHERE workflow_id IN ({placeholders(len(chunk))}) ORDER BY workflow_id, key",
                 chunk,
+                inline=len(chunk) == 1,  # one workflow's keys (a status or a finished wait)
             )
             for workflow_id, key, value in rows:
                 found.setdefault(workflow_id, {})[key] = value
