@@ -46,6 +46,7 @@ def install() -> None:
     )
     import bus_adapters.rabbitmq as rabbitmq
     import hms_mgmt.client as client
+    import hms_mgmt.engine.answers as answers
     import hms_mgmt.engine.engine as engine
     import hms_mgmt.engine.intake as intake
     import hms_mgmt.store.sqlite as sqlite
@@ -85,6 +86,17 @@ def install() -> None:
     on_call(intake.Intake, "on_outcome", "in.outcome")
     around(engine.Engine, "_process", "process")
     around(sqlite.SQLiteStore, "commit", "commit")
+    around(answers.Answers, "wake", "wake")
+    settle = engine.settle
+
+    async def timed_settle(action: Any) -> None:  # the engine's acks
+        mark("ack>")
+        try:
+            await settle(action)
+        finally:
+            mark("ack<")
+
+    engine.settle = timed_settle  # type: ignore[assignment]
     around(rabbitmq.RabbitMQBus, "publish", "pub", routing)
     on_call(runtime.Worker, "_on_delivery", "w.delivery")
     around(runtime.Worker, "_run", "w.run")
@@ -197,6 +209,24 @@ def commit_split(workflows: list[list[Event]]) -> tuple[list[float], list[float]
     return sql, around
 
 
+def last_batch(workflows: list[list[Event]]) -> dict[str, list[float]]:
+    """The finishing batch after its commit: its ack, and the wake that reads the state the
+    reply carries (ms)."""
+    found: dict[str, list[float]] = collections.defaultdict(list)
+    for events in workflows:
+        marks = [e for e in events if e[1] == "engine"]
+        commits = [e[0] for e in marks if e[2] == "commit<"]
+        if not commits:
+            continue
+        after = [e for e in marks if e[0] >= commits[-1]]
+        for name in ("ack", "wake"):
+            began = next((e[0] for e in after if e[2] == f"{name}>"), None)
+            ended = next((e[0] for e in after if e[2] == f"{name}<"), None)
+            if began is not None and ended is not None:
+                found[name].append((ended - began) / 1e6)
+    return found
+
+
 def p(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -227,6 +257,11 @@ def report(folder: Path) -> str:
         f"commit: its SQL {statistics.median(sql):.3f} ms median ({p(sql, 0.9):.3f} p90); "
         f"the hand-over around it {statistics.median(around):.3f} ({p(around, 0.9):.3f} p90)"
     )
+    for name, values in last_batch(workflows).items():
+        lines.append(
+            f"the finishing batch's {name}: {statistics.median(values):.3f} ms median "
+            f"({p(values, 0.9):.3f} p90)"
+        )
     return "\n".join(lines)
 
 
