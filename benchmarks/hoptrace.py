@@ -1,16 +1,17 @@
 """A lone workflow's time, hop by hop, from timestamps taken in each process at each hop.
 
-``python benchmarks/hoptrace.py --count 150 [--start-wait] [--env KEY=VALUE]`` (from the
-repository root, with the project's virtualenv). Runs lone grant workflows one at a time,
-as ``benchmarks/latency.py`` does, with the client, the engine daemon and the step service
-each writing a line (wall clock, ns) as a message arrives, a batch begins, a commit begins
-and ends, a publish begins and is confirmed, a handler begins and ends. Wrapping is done
+``python benchmarks/hoptrace.py --count 150 [--env KEY=VALUE]`` (from the repository root,
+with the project's virtualenv). Runs lone grant workflows one at a time by ``execute``
+(one request), as ``benchmarks/latency.py`` does, with the client, the engine daemon and
+the step service each writing a line (wall clock, ns) as a message arrives, a batch
+begins, a commit begins and ends, a publish begins and is confirmed, a handler begins and
+ends, and the finishing batch acks and reads the state its reply carries. Wrapping is done
 from outside (``install``, loaded by ``benchmarks/hoptrace_site/sitecustomize.py`` in the
 daemons): the code measured is the code shipped, plus a file write per mark (a few us).
 
 Prints, per hop, how many times a workflow crosses it, the median and p90 of one crossing
 and the median times the count; then the commit split into its SQL and the hand-over
-around it. The first 20 workflows warm up and are left out.
+around it, and the finishing batch's ack and read. The first 20 workflows warm up and are left out.
 """
 
 from __future__ import annotations
@@ -268,7 +269,6 @@ def report(folder: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--count", type=int, default=150)
-    parser.add_argument("--start-wait", action="store_true", help="start, then wait")
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the daemons")
     parser.add_argument("--keep", type=Path, help="write the marks here (default: a temp folder)")
     args = parser.parse_args()
@@ -287,7 +287,7 @@ def main() -> None:
             url,
             "hms-hoptrace-",
             env,
-            lambda daemons: latency.measure(url, daemons, args.count, not args.start_wait),
+            lambda daemons: latency.measure(url, daemons, args.count, True),
         )
     _out.flush()
     print(report(folder))
