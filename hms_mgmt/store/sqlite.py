@@ -52,10 +52,10 @@ from hms_mgmt.store.thread import StoreThread
 
 T = TypeVar("T")
 
-INLINE_ROWS = 64
+INLINE_ROWS = 24
 """A commit of at most this many rows runs on the loop's thread when the store's is idle:
-a lone workflow's commit (6 to 10 rows, well under a millisecond) saves the trip there and
-back, and a busy engine's batches, hundreds of rows, keep the loop free while they commit."""
+a lone workflow's commit (under 10 rows, 0.2 ms) saves the trip there and back, and a busy
+engine's batches, tens to hundreds of rows, keep the loop free while they commit."""
 
 INLINE_READS = 8
 """A batch's reads for at most this many workflows, keys and requests run the same way."""
