@@ -52,13 +52,15 @@ from hms_mgmt.store.thread import StoreThread
 
 T = TypeVar("T")
 
-INLINE_ROWS = 24
+INLINE_ROWS = 8
 """A commit of at most this many rows runs on the loop's thread when the store's is idle:
-a lone workflow's commit (under 10 rows, 0.2 ms) saves the trip there and back, and a busy
-engine's batches, tens to hundreds of rows, keep the loop free while they commit."""
+a lone workflow's commit (4 to 8 rows, 0.2 ms) saves the trip there and back, and a busy
+engine's batches, of two events or more, keep committing beside the loop, which meanwhile
+takes in the next batch's messages."""
 
-INLINE_READS = 8
-"""A batch's reads for at most this many workflows, keys and requests run the same way."""
+INLINE_READS = 3
+"""A batch's reads for at most this many workflows, keys and requests (a lone start's: its
+workflow, its request, an idempotency key) run the same way."""
 
 
 def _loaded(
