@@ -434,9 +434,10 @@ class Engine(EngineReads):
         2. check that the store file is still the one committed to;
         3. keep what is still in flight in memory, and hand the outbox to the relay (publish,
            confirm, delete on the next commit);
-        4. ack what was consumed, only now: a crash before this redelivers it, and every
-           event is applied at most once (stale outcomes and answered requests are ignored);
-        5. answer requests and wake waiters.
+        4. answer requests and wake waiters;
+        5. ack what was consumed, only now: a crash before this redelivers it, and every
+           event is applied at most once (stale outcomes and answered requests are ignored;
+           a request answered already is answered again the same way).
 
         The order is the guarantee: nothing is acked or published before its commit. A batch
         that fails to commit is held and tried again; nothing is acked meanwhile.
@@ -484,7 +485,17 @@ class Engine(EngineReads):
             record_spans(work.batch, begun_ns, time.time_ns())
         self.relay.submit(work.batch.outbox)
         if work.batch.outbox:
-            await asyncio.sleep(0)  # let the next steps go out before the acks and replies
+            await asyncio.sleep(0)  # let the next steps go out before the replies and acks
+        try:
+            for request in work.reads:
+                await self.answers.read(request, work, now)
+            await self.answers.wake(work.finished, work)
+        except Exception:  # a read gone wrong must not stop the engine; its client asks again
+            log.exception("answering a request failed")
+        # Replies before acks: each ack waits for its frame to be written, and a reply needs
+        # only the commit (the last batch of a lone workflow answers 0.16 ms sooner, median,
+        # 1.6 ms at p90, on the busy machine).
+        await self.answers.send(work.replies)
         for item in received:
             if item.delivery is None:
                 continue
@@ -493,13 +504,6 @@ class Engine(EngineReads):
             else:
                 await settle(item.delivery.ack())
         self.faults.reached("after_ack")
-        try:
-            for request in work.reads:
-                await self.answers.read(request, work, now)
-            await self.answers.wake(work.finished, work)
-        except Exception:  # a read gone wrong must not stop the engine; its client asks again
-            log.exception("answering a request failed")
-        await self.answers.send(work.replies)
 
     def _rolled_back(self, events: list[Any], work: Work) -> None:
         for event in events:
