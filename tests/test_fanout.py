@@ -400,6 +400,17 @@ async def test_pause_holds_unpublished_branches_until_resume(driver: Driver) -> 
         ({"map": {"step": "score", "items": [1]}, "join": "nowhere"}, "join 'nowhere'"),
         ({"map": {"step": "nope", "items": [1]}, "join": "join"}, "step 'nope'"),
         ({"fan_out": [{"data": 1}], "join": "join"}, "branch 0 must be a dict"),
+        (
+            {
+                "fan_out": [{"step": "score"}, {"step": "score", "data": 1, "fan_out": []}],
+                "join": "join",
+            },
+            "branch 1 has unknown keys ['fan_out']",
+        ),
+        (
+            {"map": {"step": "score", "items": [1], "data": 2}, "join": "join"},
+            "map: it has unknown keys ['data']",
+        ),
         ({"map": {"step": "score", "items": [1]}, "join": "join", "tolerate": -1}, "tolerate"),
         (
             {"map": {"step": "score", "items": list(range(MAX_BRANCHES + 1))}, "join": "join"},
