@@ -299,6 +299,7 @@ async def test_more_failures_than_tolerated_cancel_the_unstarted_and_fail_the_wo
     assert wf.status == "failed" and wf.error is not None
     assert wf.error["type"] == BRANCHES_FAILED and wf.error["branch"] == 0
     assert "1 of 4 branches" in wf.error["message"]
+    assert wf.error["reason"] == "1 branch gave up"  # not "1 branches"
     statuses = [e["status"] for e in wf.branches["branches"]]  # type: ignore[index]
     assert statuses == ["failed", "running", "cancelled", "cancelled"]
     assert len(work.batch.outbox) == 1  # its step message, into the .dlq

@@ -171,7 +171,9 @@ async def test_request_bodies_are_checked_like_messages_and_never_give_a_500(
         assert message in answer["error"]["message"], (body[:40], answer)
     too_big = await loopback.post("/api/workflows", data=io.BytesIO(b" " * (1024 * 1024 + 1)))
     assert too_big.status == 413
-    assert (await too_big.json())["error"]["type"] == "RequestEntityTooLarge"
+    refused = (await too_big.json())["error"]
+    assert refused["type"] == "RequestEntityTooLarge"
+    assert refused["message"] == "the body is over the 1 MiB limit"
 
 
 async def test_bad_ids_and_query_parameters_are_refused_naming_them(

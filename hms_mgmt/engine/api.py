@@ -105,7 +105,7 @@ class EngineApi:
         )
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors])
+        app = web.Application(middlewares=[self._errors], client_max_size=MAX_MESSAGE_BYTES)
         get, post = app.router.add_get, app.router.add_post
         get("/healthz", self.healthz)
         get("/readyz", self.readyz)
@@ -146,7 +146,7 @@ class EngineApi:
         except web.HTTPException as exc:  # aiohttp's own: no route (404), method (405), size (413)
             if exc.status < 400:
                 raise
-            return http_error(exc)
+            return http_error(exc, body_limit=MAX_MESSAGE_BYTES)
         except Exception:  # a bug: logged, and answered in the documented shape
             log.exception("an http request failed", method=request.method, path=request.path)
             return error_response(

@@ -552,7 +552,7 @@ def _failed(
         "fan_seq": group["seq"],
         "attempts": run.attempt,
         "traceback": error.get("traceback"),
-        "reason": f"{len(gave_up)} branches gave up",
+        "reason": f"{len(gave_up)} {'branch' if len(gave_up) == 1 else 'branches'} gave up",
     }
     give_up(t, wf, run, definition, failure, now, dead_letter=False)  # dead-lettered above
 
