@@ -27,7 +27,7 @@ from hms_mgmt.cli_api import (
 from hms_mgmt.cli_context import Context, output_option
 from hms_mgmt.cli_format import changes, printable, show, steps_outline, summary_rows, table
 from hms_mgmt.cli_ops import dlq_group, store_group
-from hms_mgmt.records import STATUSES, TERMINAL
+from hms_mgmt.records import LIST_FILTERS, TERMINAL
 
 FOLLOW_INTERVAL = 0.5
 
@@ -88,7 +88,11 @@ def workflow_group() -> None:
 
 
 @workflow_group.command("list")
-@click.option("--status", type=click.Choice(STATUSES), help="Only workflows in this status.")
+@click.option(
+    "--status",
+    type=click.Choice(LIST_FILTERS),
+    help="Only workflows in this status; queued: those whose current run waits for a slot.",
+)
 @click.option("--name", help="Only workflows of this definition.")
 @click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
 @click.option(

@@ -385,9 +385,11 @@ class Calls:
         since: float | datetime | None = None,
         until: float | datetime | None = None,
     ) -> list[dict[str, Any]]:
-        """The newest workflows first; with ``attributes``, only those having every one of
-        these business keys (``{"application_id": "A-17"}``); with ``since`` and ``until``
-        (seconds since the epoch, or aware datetimes), only those created in that range."""
+        """The newest workflows first; ``status`` a workflow status, or ``"queued"``: those
+        whose current run waits for a slot (a step's concurrency or rate limit). With
+        ``attributes``, only those having every one of these business keys
+        (``{"application_id": "A-17"}``); with ``since`` and ``until`` (seconds since the
+        epoch, or aware datetimes), only those created in that range."""
         fields: dict[str, Any] = {"status": status, "name": name, "limit": limit}
         if attributes:
             fields["attributes"] = check_attributes(attributes, error=PayloadError)

@@ -32,13 +32,29 @@ def error_response(status: int, kind: str, message: str) -> web.Response:
     return web.json_response({"error": {"type": kind, "message": message}}, status=status)
 
 
-def http_error(exc: web.HTTPException) -> web.Response:
+DEFAULT_BODY_LIMIT = 1024 * 1024
+"""aiohttp's own limit on a request body (``client_max_size``), unless an app sets another."""
+
+
+def http_error(exc: web.HTTPException, *, body_limit: int = DEFAULT_BODY_LIMIT) -> web.Response:
     """aiohttp's own refusals (no route 404, wrong method 405, body too large 413) in the
-    documented shape, ``{"error": {"type", "message"}}``, rather than plain text."""
-    response = error_response(exc.status, exc.reason.replace(" ", ""), exc.reason)
+    documented shape, ``{"error": {"type", "message"}}``, rather than plain text. A 413 says
+    the limit, ``body_limit`` (the app's ``client_max_size``)."""
+    message = exc.reason
+    if exc.status == 413:
+        message = f"the body is over the {size_text(body_limit)} limit"
+    response = error_response(exc.status, exc.reason.replace(" ", ""), message)
     if "Allow" in exc.headers:
         response.headers["Allow"] = exc.headers["Allow"]
     return response
+
+
+def size_text(size: int) -> str:
+    """A byte count as people read it: ``1 MiB``, ``64 KiB``, ``1000 bytes``."""
+    for unit, scale in (("MiB", 1024 * 1024), ("KiB", 1024)):
+        if size >= scale and size % scale == 0:
+            return f"{size // scale} {unit}"
+    return f"{size} bytes"
 
 
 @web.middleware

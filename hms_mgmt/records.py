@@ -37,6 +37,12 @@ class StepStatus(StrEnum):
 
 STATUSES = tuple(str(status) for status in WorkflowStatus)
 """Every workflow status, in the order a workflow may go through them."""
+QUEUED_FILTER = "queued"
+"""A listing's ``status`` filter that is no workflow status: the workflows that have not
+finished whose current run is queued (waiting in line for a slot of its step's
+concurrency or rate limit)."""
+LIST_FILTERS = (*STATUSES, QUEUED_FILTER)
+"""What a workflow listing's ``status`` filter takes: a workflow status, or ``queued``."""
 
 
 R = TypeVar("R")

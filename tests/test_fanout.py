@@ -299,6 +299,7 @@ async def test_more_failures_than_tolerated_cancel_the_unstarted_and_fail_the_wo
     assert wf.status == "failed" and wf.error is not None
     assert wf.error["type"] == BRANCHES_FAILED and wf.error["branch"] == 0
     assert "1 of 4 branches" in wf.error["message"]
+    assert wf.error["reason"] == "1 branch gave up"  # not "1 branches"
     statuses = [e["status"] for e in wf.branches["branches"]]  # type: ignore[index]
     assert statuses == ["failed", "running", "cancelled", "cancelled"]
     assert len(work.batch.outbox) == 1  # its step message, into the .dlq
@@ -400,6 +401,17 @@ async def test_pause_holds_unpublished_branches_until_resume(driver: Driver) -> 
         ({"map": {"step": "score", "items": [1]}, "join": "nowhere"}, "join 'nowhere'"),
         ({"map": {"step": "nope", "items": [1]}, "join": "join"}, "step 'nope'"),
         ({"fan_out": [{"data": 1}], "join": "join"}, "branch 0 must be a dict"),
+        (
+            {
+                "fan_out": [{"step": "score"}, {"step": "score", "data": 1, "fan_out": []}],
+                "join": "join",
+            },
+            "branch 1 has unknown keys ['fan_out']",
+        ),
+        (
+            {"map": {"step": "score", "items": [1], "data": 2}, "join": "join"},
+            "map: it has unknown keys ['data']",
+        ),
         ({"map": {"step": "score", "items": [1]}, "join": "join", "tolerate": -1}, "tolerate"),
         (
             {"map": {"step": "score", "items": list(range(MAX_BRANCHES + 1))}, "join": "join"},

@@ -687,6 +687,48 @@ def test_a_paused_step_of_a_type_holds_only_that_step() -> None:
     assert work.replies[-1][3]["message"] == "grantApproval is not paused; cannot resume it"
 
 
+def test_a_cancel_of_a_workflow_held_by_a_type_pause_clears_the_run_it_held() -> None:
+    """``hms workflow show`` said "holds run 2 until resumed" after ``cancel --compensate``
+    of a workflow a step type pause held, though run 2 was cancelled."""
+    from hms_mgmt.cli_format import paused_text
+    from hms_mgmt.engine.events import OutcomeEvent
+    from hms_mgmt.engine.work import Work
+
+    saga = WorkflowDefinition.build(
+        "saga", [Step("reserve", compensate="release"), "charge", "ship"]
+    ).with_version(1)
+    applier = _applier()
+    applier.registry.remember(saga)
+    work = Work()
+    applier.apply(
+        _request(type="pause_type", request_id="p1", workflow="saga", step="charge"), work, 1.0
+    )
+    applier.apply(_request(type="start", workflow_id="wf", workflow="saga"), work, 2.0)
+    done = Outcome("wf", 1, "succeeded", step="reserve", attempt=1, result={"data": 1})
+    applier.apply(OutcomeEvent(done), work, 3.0)
+    held = work.state["wf"][0]
+    assert held.status == "paused" and held.pause is not None and held.pause["held"] == 2
+    applier.apply(
+        _request(type="cancel", request_id="c1", workflow_id="wf", compensate=True), work, 4.0
+    )
+    assert work.replies[-1][2] is True
+    wf, run = work.state["wf"]
+    assert run is not None and run.seq == 2 and run.status == "cancelled"
+    assert wf.status == "paused" and wf.pause is not None
+    assert wf.pause["status"] == "compensating" and wf.pause["held"] is None
+    assert "holds run" not in paused_text(wf.pause)
+    # the type's resume releases the compensation, not the cancelled run
+    applier.type_pauses = {k: v for k, v in work.type_pauses.items() if v is not None}
+    resume = Work(state=dict(work.state))
+    applier.apply(
+        _request(type="resume_type", request_id="p2", workflow="saga", step="charge"), resume, 5.0
+    )
+    assert resume.replies[-1][3]["released"] == 1
+    resumed = resume.state["wf"][0]
+    assert resumed.status == "compensating" and resumed.timer_kind == machine.TIMER_COMPENSATE
+    assert resume.batch.outbox == []  # nothing republished for the cancelled run
+
+
 async def test_hms_workflow_pause_type_and_resume_type(memory_url: str, store_url: str) -> None:
     import asyncio
 

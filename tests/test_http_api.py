@@ -16,8 +16,8 @@ import structlog.testing
 from aiohttp.test_utils import TestClient, TestServer
 
 from bus_adapters import open_bus
-from hms_mgmt.definitions import WorkflowDefinition
-from hms_mgmt.engine.api import STATUSES, EngineApi
+from hms_mgmt.definitions import Step, WorkflowDefinition
+from hms_mgmt.engine.api import EngineApi
 from hms_mgmt.engine.changes import Changes
 from hms_mgmt.engine.engine import Engine
 from hms_mgmt.engine.stats import _quantile
@@ -25,6 +25,7 @@ from hms_mgmt.errors import PayloadError
 from hms_mgmt.httpserver import is_loopback
 from hms_mgmt.loopwatch import LoopMonitor
 from hms_mgmt.metrics import EngineMetrics
+from hms_mgmt.records import STATUSES
 from hms_mgmt.settings import Settings
 from hms_mgmt.store import open_store
 from hms_mgmt.store.base import Batch
@@ -171,7 +172,9 @@ async def test_request_bodies_are_checked_like_messages_and_never_give_a_500(
         assert message in answer["error"]["message"], (body[:40], answer)
     too_big = await loopback.post("/api/workflows", data=io.BytesIO(b" " * (1024 * 1024 + 1)))
     assert too_big.status == 413
-    assert (await too_big.json())["error"]["type"] == "RequestEntityTooLarge"
+    refused = (await too_big.json())["error"]
+    assert refused["type"] == "RequestEntityTooLarge"
+    assert refused["message"] == "the body is over the 1 MiB limit"
 
 
 async def test_bad_ids_and_query_parameters_are_refused_naming_them(
@@ -399,6 +402,58 @@ async def test_pause_resume_and_reset_over_http(memory_url: str, store_url: str)
                 assert shown["steps"][-1]["input"] == expected, (body, shown["steps"])
             gone = await client.post("/api/workflows/nope/pause", json={})
             assert gone.status == 404
+    finally:
+        engine.stop()
+        await running
+
+
+async def test_workflows_whose_current_run_is_queued_are_listed_by_status_queued(
+    memory_url: str, store_url: str
+) -> None:
+    """``queued`` is a step run's status, not a workflow's: ``status=queued`` lists the
+    workflows waiting for a slot (it was a 400, and ``hms workflow list --status queued``
+    a usage error)."""
+    engine = Engine(open_bus(memory_url), open_store(store_url))
+    running = asyncio.ensure_future(engine.run())
+    await asyncio.wait_for(engine.ready.wait(), 10)
+    api = EngineApi(engine, EngineMetrics())
+    try:
+        async with TestClient(TestServer(api.app())) as client:
+            await api.client.connect()
+            await api.client.define(
+                WorkflowDefinition.build("grant", [Step("check", concurrency=1)])
+            )
+            ids = []
+            for _ in range(3):
+                started = await client.post("/api/workflows", json={"workflow": "grant"})
+                assert started.status == 201
+                ids.append((await started.json())["workflow_id"])
+
+            async def listed(query: str) -> list[str]:
+                response = await client.get(f"/api/workflows?{query}")
+                assert response.status == 200, await response.text()
+                return [w["workflow_id"] for w in await response.json()]
+
+            async def queued_are(expected: list[str]) -> bool:
+                return await listed("status=queued") == expected
+
+            # the first holds the one slot; the two after it wait in line, still pending
+            await wait_until(lambda: queued_are([ids[2], ids[1]]), what="two queued")
+            assert await listed("status=queued&name=grant&limit=1") == [ids[2]]
+            assert await listed("status=queued&name=other") == []
+            assert await listed("status=pending") == [ids[2], ids[1], ids[0]]
+            assert [w["workflow_id"] for w in await api.client.list(status="queued")] == [
+                ids[2],
+                ids[1],
+            ]
+            url = str(client.make_url("")).rstrip("/")
+            cli = await hms(
+                "workflow", "list", "--status", "queued", "-o", "json", env={"HMS_ENGINE_URL": url}
+            )
+            assert cli.returncode == 0, cli.stderr
+            assert [w["workflow_id"] for w in json.loads(cli.stdout)] == [ids[2], ids[1]]
+            await api.client.cancel(ids[1])
+            await wait_until(lambda: queued_are([ids[2]]), what="one queued after a cancel")
     finally:
         engine.stop()
         await running

@@ -288,6 +288,15 @@ async def test_listing_counting_and_stuck_steps(store: Store) -> None:
         w.id for w in await store.list_workflows(since=11.0, before=(13.0, "wf3"), limit=1)
     ] == ["wf2"]
     assert await store.list_workflows(since=14.5) == []
+    # status "queued": not finished, its current run queued for a slot (a step run's status)
+    loaded = await store.load(["wf1", "wf2", "wf3"])
+    line = {i: evolve(loaded[i][1], status=StepStatus.QUEUED) for i in ("wf1", "wf2", "wf3")}
+    again = evolve(loaded["wf3"][0], seq=2)  # wf3 went on: its queued run 1 is not current
+    await store.commit(Batch(workflows={"wf3": again}, runs={(i, 1): r for i, r in line.items()}))
+    assert [w.id for w in await store.list_workflows(status="queued")] == ["wf2", "wf1"]
+    assert [w.id for w in await store.list_workflows(status="queued", limit=1)] == ["wf2"]
+    assert [w.id for w in await store.list_workflows(status="queued", until=12.0)] == ["wf1"]
+    assert await store.list_workflows(status="queued", name="nope") == []
 
 
 async def test_prune_deletes_finished_workflows_with_their_rows(store: Store) -> None:

@@ -186,6 +186,7 @@ GOOD_REQUESTS: list[dict[str, Any]] = [
      "data": [1]},
     {"type": "list", "request_id": "r8", "status": "failed", "name": "g", "limit": 1000,
      "attributes": {"application_id": "A-17"}},
+    {"type": "list", "request_id": "r8q", "status": "queued"},
     {"type": "schedule", "request_id": "r9", "workflow": "nightly", "cron": "0 9 * * *",
      "timezone": "UTC", "payload": None, "catch_up": "all"},
     {"type": "schedule", "request_id": "r10", "workflow": "-dash", "schedule_id": "ok",

@@ -57,7 +57,7 @@ from hms_mgmt.httpserver import (
 from hms_mgmt.logs import get_logger
 from hms_mgmt.loopwatch import LoopCollector, LoopMonitor
 from hms_mgmt.metrics import EngineMetrics
-from hms_mgmt.records import WorkflowState, WorkflowStatus
+from hms_mgmt.records import LIST_FILTERS, WorkflowState, WorkflowStatus
 from hms_mgmt.settings import Settings
 from hms_mgmt.store.base import Batch
 from hms_mgmt.wire.codec import MAX_MESSAGE_BYTES, decode_body
@@ -65,7 +65,6 @@ from hms_mgmt.wire.codec import MAX_MESSAGE_BYTES, decode_body
 log = get_logger("api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-STATUSES = [str(s) for s in WorkflowStatus]
 MAX_LIST = 1000
 MAX_WAIT = 3600  # seconds a start with "wait" may hold its HTTP request (longer: GET it later)
 PROBE_TIMEOUT = 2.0
@@ -105,7 +104,7 @@ class EngineApi:
         )
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors])
+        app = web.Application(middlewares=[self._errors], client_max_size=MAX_MESSAGE_BYTES)
         get, post = app.router.add_get, app.router.add_post
         get("/healthz", self.healthz)
         get("/readyz", self.readyz)
@@ -146,7 +145,7 @@ class EngineApi:
         except web.HTTPException as exc:  # aiohttp's own: no route (404), method (405), size (413)
             if exc.status < 400:
                 raise
-            return http_error(exc)
+            return http_error(exc, body_limit=MAX_MESSAGE_BYTES)
         except Exception:  # a bug: logged, and answered in the documented shape
             log.exception("an http request failed", method=request.method, path=request.path)
             return error_response(
@@ -258,9 +257,11 @@ class EngineApi:
 
     async def list_workflows(self, request: web.Request) -> web.Response:
         status = request.query.get("status") or None
-        if status is not None and status not in STATUSES:
+        if status is not None and status not in LIST_FILTERS:
             raise ApiError(
-                400, "BadRequest", f"unknown status {short(status)}; one of {', '.join(STATUSES)}"
+                400,
+                "BadRequest",
+                f"unknown status {short(status)}; one of {', '.join(LIST_FILTERS)}",
             )
         name = request.query.get("name") or None
         if name is not None and not NAME_PATTERN.fullmatch(name):

@@ -59,6 +59,10 @@ OPEN, JOINED, FAILED, CANCELLED = "open", "joined", "failed", "cancelled"
 OUT = frozenset({StepStatus.PENDING, StepStatus.SCHEDULED, StepStatus.RUNNING})
 GAVE_UP = frozenset({StepStatus.FAILED, StepStatus.TIMED_OUT})
 KEYS = ("fan_out", "map")
+BRANCH_KEYS = frozenset({"step", "data"})
+"""The keys of one branch of a ``fan_out``; any other is refused (InvalidFanOut)."""
+MAP_KEYS = frozenset({"step", "items"})
+"""The keys of a ``map``; any other is refused (InvalidFanOut)."""
 
 
 def requested(result: dict[str, Any]) -> bool:
@@ -120,6 +124,12 @@ def _specs(result: dict[str, Any]) -> list[tuple[str, Any]] | str:
         for index, spec in enumerate(fan_out):
             if not isinstance(spec, dict) or not isinstance(spec.get("step"), str):
                 return f"fan_out: branch {index} must be a dict with a 'step' name"
+            unknown = set(spec) - BRANCH_KEYS
+            if unknown:
+                return (
+                    f"fan_out: branch {index} has unknown keys {sorted(unknown)}; "
+                    f"expected {sorted(BRANCH_KEYS)}"
+                )
             specs.append((spec["step"], spec.get("data")))
         return specs
     mapping = result["map"]
@@ -129,6 +139,9 @@ def _specs(result: dict[str, Any]) -> list[tuple[str, Any]] | str:
         or not isinstance(mapping.get("items"), list)
     ):
         return "map: it must be {'step': name, 'items': [...]}"
+    unknown = set(mapping) - MAP_KEYS
+    if unknown:
+        return f"map: it has unknown keys {sorted(unknown)}; expected {sorted(MAP_KEYS)}"
     return [(mapping["step"], item) for item in mapping["items"]]
 
 
@@ -539,7 +552,7 @@ def _failed(
         "fan_seq": group["seq"],
         "attempts": run.attempt,
         "traceback": error.get("traceback"),
-        "reason": f"{len(gave_up)} branches gave up",
+        "reason": f"{len(gave_up)} {'branch' if len(gave_up) == 1 else 'branches'} gave up",
     }
     give_up(t, wf, run, definition, failure, now, dead_letter=False)  # dead-lettered above
 

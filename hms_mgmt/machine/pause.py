@@ -161,6 +161,8 @@ def hold(t: Transition, wf: Workflow, pause: dict[str, Any], now: float) -> None
     """Pause ``wf`` (a copy the transition carries): hold the step it would publish and
     freeze the timer that would start new work."""
     held = pause.get("held")
+    if any(r.seq == held and r.status != StepStatus.PENDING for r in t.runs):
+        held = None  # the run it held was cancelled (a cancel with compensate): nothing to hold
     fanned = [s.seq for s in t.steps if branch_of(s.context) is not None]
     held_branches = sorted({*pause.get("branches", []), *fanned})  # a fan-out's, held too
     ordinary = [s for s in t.steps if branch_of(s.context) is None]

@@ -10,7 +10,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from hms_mgmt.records import StepRun, StepStatus, Workflow, WorkflowStatus
+from hms_mgmt.records import QUEUED_FILTER, StepRun, StepStatus, Workflow, WorkflowStatus
 from hms_mgmt.wire.codec import dumps
 
 WORKFLOW_COLUMNS = (
@@ -102,6 +102,13 @@ def listing(
     if until is not None:
         where.append("created_at < {}")
         params.append(until)
+    if status == QUEUED_FILTER:  # not finished, its current run in line for a slot
+        where.append(
+            "status NOT IN ('succeeded', 'failed', 'cancelled', 'compensated') AND EXISTS "
+            "(SELECT 1 FROM step_runs r WHERE r.workflow_id = workflows.id "
+            "AND r.seq = workflows.seq AND r.status = 'queued')"
+        )
+        status = None
     for column, value in (("status", status), ("name", name)):
         if value is not None:
             where.append(f"{column} = {{}}")

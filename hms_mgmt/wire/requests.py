@@ -20,7 +20,7 @@ from hms_mgmt.bounds import (
 )
 from hms_mgmt.definitions import WorkflowDefinition
 from hms_mgmt.errors import DefinitionError, InvalidMessageError
-from hms_mgmt.records import STATUSES
+from hms_mgmt.records import LIST_FILTERS
 from hms_mgmt.topology import COMMANDS_EXCHANGE, COMMANDS_QUEUE
 from hms_mgmt.wire.codec import batch_body, dumps, new_id
 from hms_mgmt.wire.fields import Refused, decode_items, field, ident, name, positive, token
@@ -277,8 +277,10 @@ class ListRequest(Request):
     @classmethod
     def parse(cls, data: dict[str, Any], **common: Any) -> Request:
         status = data.get("status")
-        if status is not None and (not isinstance(status, str) or status not in STATUSES):
-            raise InvalidMessageError(f"status {str(status)[:50]!r} is not a workflow status")
+        if status is not None and (not isinstance(status, str) or status not in LIST_FILTERS):
+            raise InvalidMessageError(
+                f"status {str(status)[:50]!r} is not a workflow status (nor 'queued')"
+            )
         limit = field(data, "limit", int, optional=True)
         if limit is not None and not 1 <= limit <= 1000:
             raise InvalidMessageError(f"limit must be 1 to 1000, not {limit}")

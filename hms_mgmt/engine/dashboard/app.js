@@ -240,7 +240,7 @@ function workflowsPage() {
   const form = h("form", { className: "filters", id: "filters" },
     h("label", {}, "Status",
       h("select", { name: "status" }, h("option", { value: "" }, "any"),
-        STATUSES.map((s) => h("option", { value: s, selected: query.get("status") === s }, s)))),
+        [...STATUSES, "queued"].map((s) => h("option", { value: s, selected: query.get("status") === s }, s)))),
     h("label", {}, "Workflow", nameSelect),
     h("label", {}, "Business keys (key=value, comma-separated)",
       h("input", { name: "attr", value: attrs.join(", "), placeholder: "application_id=A-17", size: 30 })),
