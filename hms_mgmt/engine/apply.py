@@ -562,14 +562,22 @@ class Applier:
         workflow_id = request.workflow_id
         try:
             workflow, run = _loaded(work, workflow_id)
-            if isinstance(request, CancelRequest):
+            plain_cancel = isinstance(request, CancelRequest) and not request.compensate
+            if not plain_cancel:  # its version must be loaded: refused before anything is
+                self.registry.of(workflow)  # recorded (a pause needs none, but its slots do)
+            if isinstance(request, CancelRequest):  # a plain cancel needs no definition: a
+                # workflow whose version was left out at start-up can still be ended
                 t = machine.cancel(
                     workflow,
                     run,
                     request.reason,
                     now,
                     compensate=request.compensate,
-                    definition=self.registry.of(workflow),
+                    definition=(
+                        self.registry.of(workflow)
+                        if request.compensate
+                        else self.registry.find(workflow)
+                    ),
                 )
             elif isinstance(request, RetryRequest):
                 failed = work.failed_run(workflow, run)
