@@ -42,6 +42,7 @@ INSPECTION = WorkflowDefinition.build(
     "inspection", ["visit", Step("report", retry=ONCE)]
 ).with_version(1)
 NESTED = WorkflowDefinition.build("region", ["split", "gather"]).with_version(1)
+TREE = WorkflowDefinition.build("tree", [Step("spawn", retry=ONCE), "done"]).with_version(1)
 
 
 class Driver:
@@ -58,7 +59,7 @@ class Driver:
         self.store = SQLiteStore(self.url)
         await self.store.open()
         registry = Registry(bus=None, store=None)  # type: ignore[arg-type]  # no I/O here
-        for definition in (GRANT, GRANT_ON_ERROR, INSPECTION, NESTED):
+        for definition in (GRANT, GRANT_ON_ERROR, INSPECTION, NESTED, TREE):
             registry.remember(definition)
         self.cache = InFlight()
         self.applier = Applier(registry, {}, Signer(b"s" * 32))
@@ -407,6 +408,92 @@ async def test_children_nest_at_most_max_depth_deep_and_the_failure_unwinds_in_o
         assert len(await driver.store.list_workflows(name="recursive", limit=1000)) == MAX_DEPTH + 1
     finally:
         await driver.close()
+
+
+def _spawning(n: int) -> dict[str, Any]:
+    return {"child": [{"workflow": "tree", "data": {}}] * n, "next_step": "done"}
+
+
+async def test_a_family_at_its_cap_refuses_more_children_even_within_one_batch(
+    driver: Driver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A family (a root and all its descendants) holds at most MAX_FAMILY workflows: two
+    steps of one family starting children in the same batch are counted together, and the
+    one that would take it over the cap fails with ``InvalidChild`` naming the cap and the
+    count; its failure reaches the root in that batch."""
+    monkeypatch.setattr(machine.children, "MAX_FAMILY", 6)
+    await driver.request(type="start", workflow_id="t", workflow="tree", payload={})
+    await driver.answer("t", "spawn", **_spawning(3))  # the family: 4
+    kids = [machine.children.child_id("t", "spawn", 1, i) for i in range(3)]
+    assert (await driver.workflow(kids[0])).parent["root"] == "t"  # type: ignore[index]
+    outcomes = []
+    for kid in kids[:2]:
+        item = driver.message(kid, "spawn")
+        driver.out.remove(item)
+        outcomes.append(
+            OutcomeEvent(Outcome(kid, item["seq"], "succeeded", step="spawn", result=_spawning(2)))
+        )
+    work = await driver.batch(outcomes)  # 4 + 2 = 6 is the cap; 6 + 2 is over it
+    first, second = await driver.state(kids[0]), await driver.state(kids[1])
+    assert first.status == "waiting", first.error
+    grandchild = machine.children.child_id(kids[0], "spawn", 1, 0)
+    assert (await driver.workflow(grandchild)).parent["root"] == "t"  # type: ignore[index]
+    assert second.status == "failed" and second.error is not None
+    assert second.error["type"] == "InvalidChild"
+    assert "from 6 to 8 workflows; a family holds at most 6" in second.error["message"]
+    assert (await driver.state("t")).status == "failed"  # ChildFailed, in the same batch
+    assert work.families == {"t": 6}
+    assert len(await driver.store.list_workflows(name="tree", limit=100)) == 6
+    # A grandchild's step counts the family by its root, read from the store (6 already):
+    await driver.answer(grandchild, "spawn", **_spawning(1))
+    refused = await driver.state(grandchild)
+    assert refused.error is not None and refused.error["type"] == "InvalidChild"
+    assert "from 6 to 7 workflows" in refused.error["message"]
+
+
+async def test_a_family_of_max_family_workflows_refuses_one_more(tmp_path: Path) -> None:
+    """The real cap: a root with MAX_FAMILY - 2 descendants stored may start one child, not
+    two more; a workflow outside the family (another root's id) is not counted."""
+    from hms_mgmt.machine.children import MAX_FAMILY
+    from hms_mgmt.records import evolve
+    from hms_mgmt.store.base import Batch
+
+    driver = Driver(tmp_path / "big.db")
+    await driver.open()
+    try:
+        for root in ("big", "bigger", "big-"):
+            await driver.request(type="start", workflow_id=root, workflow="tree", payload={})
+        model = await driver.workflow("big")
+        seeded = Batch()
+        for i in range(MAX_FAMILY - 2):  # descendants as stored, without their steps
+            wid = f"big.seed.1.{i}"
+            seeded.workflows[wid] = evolve(model, id=wid, parent={"id": "big", "root": "big"})
+        await driver.store.commit(seeded)
+        await driver.answer("big", "spawn", **_spawning(2))
+        refused = await driver.state("big")
+        assert refused.error is not None and refused.error["type"] == "InvalidChild"
+        assert (
+            f"from {MAX_FAMILY - 1} to {MAX_FAMILY + 1} workflows; "
+            f"a family holds at most {MAX_FAMILY}" in refused.error["message"]
+        )
+        await driver.answer("bigger", "spawn", **_spawning(2))  # not of big's family
+        assert (await driver.workflow("bigger")).status == "waiting"
+    finally:
+        await driver.close()
+
+
+def test_every_descendant_id_starts_with_its_roots_family_prefix() -> None:
+    """Long ids end in a digest; the descendants of a root still share its family prefix,
+    and the family's size counts the root once."""
+    children = machine.children
+    for root in ("r", "p" * 78, "q" * 79, "s" * 100):
+        prefix = children.family_prefix(root)
+        assert not children.family_prefix("x" + root[1:]).startswith(prefix)
+        wid = root
+        for level in range(4):
+            wid = children.child_id(wid, "spawn", 1, level)
+            assert wid.startswith(prefix), (root, wid)
+        assert children.family_size(root, 0 if len(root) < 79 else 1) == 1
 
 
 def test_a_childs_id_is_derived_from_the_step_run_and_is_always_a_valid_id() -> None:

@@ -125,3 +125,99 @@ def test_backoff_past_what_a_float_holds_stays_at_max_delay() -> None:
     policy = RetryPolicy(max_attempts=5000, initial_delay=1, backoff=10, max_delay=60, jitter=False)
     assert policy.delay_after(4000, 0.5) == 60.0  # 10.0 ** 3999 overflows a float
     assert RetryPolicy(initial_delay=0, backoff=10, jitter=False).delay_after(4000, 0.5) == 0.0
+
+
+async def test_a_workflow_of_a_definition_left_out_at_start_up_can_be_cancelled(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the engine's stages: a stored definition that no longer passes the checks is left
+    out at start-up. Its workflows can be cancelled (without compensation): the run
+    cancelled, nothing published; any other verb is refused saying why (left out, the
+    check that failed) and what to do. A fixed definition gets the next version, never the
+    left-out one's number."""
+    from hms_mgmt import machine
+    from hms_mgmt.definitions import UnloadableDefinition
+    from hms_mgmt.engine import registry as registry_module
+    from hms_mgmt.engine.apply import Applier
+    from hms_mgmt.engine.cache import InFlight
+    from hms_mgmt.engine.events import RequestEvent
+    from hms_mgmt.engine.loading import Loader
+    from hms_mgmt.engine.registry import Registry
+    from hms_mgmt.engine.work import Work
+    from hms_mgmt.store.base import Batch
+    from hms_mgmt.store.sqlite import SQLiteStore
+    from hms_mgmt.tokens import Signer
+    from hms_mgmt.wire.requests import parse_request
+
+    tiny = WorkflowDefinition.build("tiny", [Step("a", concurrency=1), "b"]).with_version(1)
+    store = SQLiteStore(f"sqlite:///{tmp_path / 'left.db'}")
+    await store.open()
+    try:
+        started = Batch()
+        for wid in ("t1", "t2"):
+            t = machine.start(tiny, wid, {}, 1.0)
+            assert t.workflow is not None
+            started.workflows[wid] = t.workflow
+            started.runs.update({(r.workflow_id, r.seq): r for r in t.runs})
+        await store.commit(started)
+        problem = "step 'a': rate_limit '1e-300/s' is too slow"
+
+        class Stored:  # what the store gives at start-up: tiny v1 no longer passes
+            async def definitions(self) -> list[Any]:
+                return [UnloadableDefinition("tiny", 1, problem)]
+
+            async def save_definition(self, definition: WorkflowDefinition, now: float) -> None:
+                await store.save_definition(definition, now)
+
+        registry = Registry(bus=None, store=Stored())  # type: ignore[arg-type]
+        await registry.load()
+        assert registry.versions == {} and ("tiny", 1) in registry.left_out
+        loader = Loader(store, InFlight(), registry, {})
+        applier = Applier(registry, {}, Signer(b"s" * 32))
+
+        async def send(n: int, **fields: Any) -> Work:
+            request = parse_request({"request_id": f"q{n}", **fields}, reply_to="c")
+            work = Work()
+            await loader.load([RequestEvent(request)], work, 2.0 + n)
+            applier.apply(RequestEvent(request), work, 2.0 + n)
+            await store.commit(work.batch)
+            return work
+
+        work = await send(1, type="cancel", workflow_id="t1", reason="left out")
+        assert [r[2:] for r in work.replies] == [
+            (True, {"workflow_id": "t1", "status": "cancelled"})
+        ]
+        assert work.batch.outbox == []  # nothing published
+        found = await store.workflow_with_runs("t1")
+        assert found is not None
+        assert found[0].status == "cancelled"
+        assert [r.status for r in found[1]] == ["cancelled"]
+        assert applier.slots.of == {} and (work.slots is None or work.slots.of == {})
+
+        for n, fields in enumerate(
+            [
+                {"type": "cancel", "workflow_id": "t2", "compensate": True},
+                {"type": "pause", "workflow_id": "t2"},
+                {"type": "reset", "workflow_id": "t2", "to_step": "a"},
+                {"type": "signal", "workflow_id": "t2", "signal": "go"},
+            ],
+            start=2,
+        ):
+            work = await send(n, **fields)
+            ((_, _, ok, error),) = work.replies
+            assert not ok, fields
+            message = error["message"]
+            assert "'tiny' version 1 was left out at start-up" in message, message
+            assert problem in message and "hms workflow cancel t2" in message
+        assert (await store.load(["t2"]))["t2"][0].status == "pending"
+
+        async def declared(*args: Any, **kwargs: Any) -> None:
+            return None
+
+        monkeypatch.setattr(registry_module, "declare_workflow", declared)
+        fixed = WorkflowDefinition.build("tiny", ["a", "b"])
+        assert await registry.define(fixed, 9.0) == {"name": "tiny", "version": 2}
+        stored = await store.definitions()
+        assert [(d.name, d.version) for d in stored] == [("tiny", 2)]  # v1 was never stored
+    finally:
+        await store.close()

@@ -638,3 +638,35 @@ async def test_limited_runs_are_the_current_runs_out_or_queued_of_a_step(store: 
     assert queued is not None and queued.status == "queued"
     assert await store.limited_runs("w", "b") == []
     assert await store.limited_runs("other", "a") == []
+
+
+async def test_ids_are_counted_by_prefix_over_the_keys_range(store: Store, url: str) -> None:
+    """How a family's size is read (machine.children.MAX_FAMILY): the ids that start with
+    ``root.`` are the root's descendants; its neighbours in the key's order are not counted
+    (``r`` itself, ``r-x``, ``r/``-like ids, ``ra.1``), whatever the database's collation."""
+    ids = ["r", "r.a.1.0", "r.a.1.1", "r.a.1.0.b.1.0", "r-x", "r:1", "ra.1", "q.r.1", "r_"]
+    for workflow_id in ids:
+        await store.commit(started(workflow_id))
+    counts = await store.count_prefixed(["r.", "r.a.1.0", "ra", "x.", "r"])
+    assert counts == {"r.": 3, "r.a.1.0": 2, "ra": 1, "x.": 0, "r": 8}
+    assert await store.count_prefixed([]) == {}
+    if url.startswith("postgres"):  # under a C collation, a range scan of the primary key
+        import asyncpg
+
+        db = await asyncpg.connect(url)
+        try:
+            collation = await db.fetchval(
+                "SELECT datcollate FROM pg_database WHERE datname = current_database()"
+            )
+            if collation.split(".")[0] not in ("C", "POSIX"):
+                pytest.fail(f"the test database's collation is {collation}, not C")
+            await db.execute("SET enable_seqscan = off")  # a few rows: ask for the index
+            plan = "\n".join(
+                row[0]
+                for row in await db.fetch(
+                    "EXPLAIN SELECT count(*) FROM workflows WHERE id >= $1 AND id < $2", "r.", "r/"
+                )
+            )
+        finally:
+            await db.close()
+        assert "Index Cond" in plan and "workflows_pkey" in plan, plan

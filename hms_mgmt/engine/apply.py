@@ -176,6 +176,11 @@ class Applier:
         for kind, detail in t.history:
             batch.history.append((workflow_id, now, kind, detail))
         work.follow.extend(t.follow)
+        for follow in t.follow:  # the family's size, for the next step in this batch to start
+            if isinstance(follow, machine.StartChild):  # children (machine.children.MAX_FAMILY)
+                root = follow.parent.get("root")
+                if isinstance(root, str) and root in work.families:
+                    work.families[root] += 1
         wf = t.workflow
         if wf is None:
             return
@@ -341,7 +346,9 @@ class Applier:
             return
         definition = self.registry.of(workflow)
         if outcome.kind == "succeeded" and (outcome.result or {}).get("child") is not None:
-            outcome = family.checked(outcome, definition, self.registry.latest, run, workflow)
+            outcome = family.checked(
+                outcome, definition, self.registry.latest, run, workflow, work.families
+            )
         t = machine.apply_outcome(workflow, run, definition, outcome, now)
         ignored = None
         if t.history and t.history[0][0] == "outcome_ignored":
@@ -555,14 +562,22 @@ class Applier:
         workflow_id = request.workflow_id
         try:
             workflow, run = _loaded(work, workflow_id)
-            if isinstance(request, CancelRequest):
+            plain_cancel = isinstance(request, CancelRequest) and not request.compensate
+            if not plain_cancel:  # its version must be loaded: refused before anything is
+                self.registry.of(workflow)  # recorded (a pause needs none, but its slots do)
+            if isinstance(request, CancelRequest):  # a plain cancel needs no definition: a
+                # workflow whose version was left out at start-up can still be ended
                 t = machine.cancel(
                     workflow,
                     run,
                     request.reason,
                     now,
                     compensate=request.compensate,
-                    definition=self.registry.of(workflow),
+                    definition=(
+                        self.registry.of(workflow)
+                        if request.compensate
+                        else self.registry.find(workflow)
+                    ),
                 )
             elif isinstance(request, RetryRequest):
                 failed = work.failed_run(workflow, run)

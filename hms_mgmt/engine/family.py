@@ -13,7 +13,7 @@ between them. Pure, like the apply stage that calls it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING
 
 from hms_mgmt import machine
@@ -43,6 +43,9 @@ def apply(applier: Applier, event: FollowUp, work: Work, now: float) -> None:
         if found is not None:  # started before: a child's id is its parent's step run's
             detail = {"parent": event.parent["id"], "reason": "already started"}
             work.batch.history.append((event.workflow_id, now, "child_start_ignored", detail))
+            root = event.parent.get("root")
+            if isinstance(root, str) and root in work.families:
+                work.families[root] -= 1  # counted when its start was asked for
             return
         definition = applier.registry.named(event.workflow)
         t = machine.children.started(definition, event, now)
@@ -83,10 +86,12 @@ def checked(
     known: Collection[str],
     run: StepRun,
     workflow: Workflow,
+    families: Mapping[str, int] | None = None,
 ) -> Outcome:
     """A succeeded outcome whose children cannot start (a workflow not defined, a bad
-    shape, nested too deep) becomes a failed one, not retried, naming what is wrong: as a
-    bad next_step."""
+    shape, nested too deep, a family that would grow too big) becomes a failed one, not
+    retried, naming what is wrong: as a bad next_step. ``families``: the size of each
+    family, by its root's id, as loaded and grown in this batch."""
     handler = outcome.handler or f"the handler of {definition.name}.{run.step}"
     error_step = definition.on_error is not None and run.step == definition.on_error.name
     problem = machine.children.problem(
@@ -95,6 +100,7 @@ def checked(
         handler,
         error_step=error_step,
         depth=machine.children.depth_of(workflow),
+        family=(families or {}).get(machine.children.root_of(workflow)),
     )
     if problem is None:
         return outcome

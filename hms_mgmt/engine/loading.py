@@ -2,7 +2,8 @@
 
 The workflows its events are about (from the in-flight cache, else the store), the
 workflows a start's idempotency key already named, the answers given before to requests
-that may be repeated, the failed run a retry resumes, and each due schedule's ticks.
+that may be repeated, the failed run a retry resumes, each due schedule's ticks, and the
+size of each family a step's outcome starts children in.
 Definitions are stored here too, before anything is applied, since storing one declares
 its queues on the broker.
 """
@@ -13,11 +14,11 @@ from collections.abc import Callable, Mapping
 
 from hms_mgmt import schedules
 from hms_mgmt.engine.cache import InFlight
-from hms_mgmt.engine.events import Event, RequestEvent, TickEvent, TimerEvent
+from hms_mgmt.engine.events import Event, OutcomeEvent, RequestEvent, TickEvent, TimerEvent
 from hms_mgmt.engine.registry import Registry
 from hms_mgmt.engine.work import REDELIVERED, Work
 from hms_mgmt.errors import DefinitionError, HmsError, StoreError, error_json
-from hms_mgmt.machine import TIMER_ADMIT, TIMER_COMPENSATE, Slots, paused_by
+from hms_mgmt.machine import TIMER_ADMIT, TIMER_COMPENSATE, Slots, children, paused_by
 from hms_mgmt.machine.limits import ACTIVE, Group
 from hms_mgmt.records import Workflow
 from hms_mgmt.schedules import Schedule
@@ -119,6 +120,7 @@ class Loader:
                 await self._load_type_held(event.request.workflow, event.request.step, work)
             if isinstance(event, TimerEvent) and event.kind == TIMER_COMPENSATE:
                 await self._load_runs(event.workflow_id, work)
+        await self._load_families(events, work)
 
     async def load_more(self, workflow_ids: list[str], work: Work) -> None:
         """Workflows a batch's follow-ups need (children, parents) that it has not loaded:
@@ -176,6 +178,31 @@ class Loader:
             work.reply(request, False, error_json(exc))
             return
         work.reply(request, True, answer)
+
+    async def _load_families(self, events: list[Event], work: Work) -> None:
+        """The size of the family of each workflow whose step's outcome starts children, read
+        by its root's id (a range of the primary key), once per root: the machine refuses
+        children that would take a family over ``MAX_FAMILY``. Only such outcomes cost a
+        read; what this batch starts is added as it is applied (``Applier.record``)."""
+        roots: set[str] = set()
+        for event in events:
+            if not isinstance(event, OutcomeEvent):
+                continue
+            outcome = event.outcome
+            found = work.state.get(outcome.workflow_id)
+            if (
+                found is not None
+                and outcome.kind == "succeeded"
+                and (outcome.result or {}).get("child") is not None
+            ):
+                roots.add(children.root_of(found[0]))
+        roots -= work.families.keys()
+        if not roots:
+            return
+        prefixes = {root: children.family_prefix(root) for root in sorted(roots)}
+        counts = await self._store.count_prefixed(list(prefixes.values()))
+        for root, prefix in prefixes.items():
+            work.families[root] = children.family_size(root, counts.get(prefix, 0))
 
     async def _load_redeliveries(self, request: RedeliveredRequest, work: Work) -> None:
         """The redeliveries of a run's step message counted before (the poison guard): read

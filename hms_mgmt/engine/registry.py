@@ -36,6 +36,9 @@ class Registry:
         self._store = store
         self.versions: dict[tuple[str, int], WorkflowDefinition] = {}
         self.latest: dict[str, WorkflowDefinition] = {}
+        # Stored versions that no longer pass the checks, left out at start-up: their
+        # workflows can only be cancelled (without compensation)
+        self.left_out: dict[tuple[str, int], UnloadableDefinition] = {}
 
     async def load(self) -> None:
         """Every stored version, and the latest ones' queues declared."""
@@ -43,11 +46,12 @@ class Registry:
             if isinstance(definition, UnloadableDefinition):  # the engine starts without it
                 log.error(
                     "stored definition left out: it no longer passes the checks; "
-                    "define the workflow again to start new ones",
+                    "define the workflow again to start new ones, and cancel its workflows",
                     workflow=definition.name,
                     version=definition.version,
                     problem=definition.problem,
                 )
+                self.left_out[(definition.name, definition.version)] = definition
                 continue
             self.remember(definition)
         for definition in self.latest.values():
@@ -63,10 +67,24 @@ class Registry:
         """The version a workflow runs on."""
         found = self.versions.get((workflow.name, workflow.version))
         if found is None:
+            left_out = self.left_out.get((workflow.name, workflow.version))
+            if left_out is not None:
+                raise UnknownWorkflowError(
+                    f"workflow {workflow.name!r} version {workflow.version} was left out at "
+                    f"start-up: its stored definition no longer passes the checks "
+                    f"({left_out.problem}). Workflow {workflow.id} can only be cancelled, "
+                    f"without compensation (hms workflow cancel {workflow.id}); define a fixed "
+                    f"version of {workflow.name!r} to start new ones (a workflow keeps the "
+                    "version it started with)"
+                )
             raise UnknownWorkflowError(
                 f"workflow {workflow.name!r} version {workflow.version} is not stored"
             )
         return found
+
+    def find(self, workflow: Workflow) -> WorkflowDefinition | None:
+        """The version a workflow runs on; None if it is not loaded (left out at start-up)."""
+        return self.versions.get((workflow.name, workflow.version))
 
     def named(self, name: str) -> WorkflowDefinition:
         """The latest version of ``name``: what a new start runs on."""
@@ -83,7 +101,10 @@ class Registry:
         latest = self.latest.get(definition.name)
         if latest is not None and latest.to_json() == definition.to_json():
             return {"name": latest.name, "version": latest.version}
-        version = 1 if latest is None else latest.version + 1
+        # After the latest version loaded, and after any left out: a version number is
+        # never stored twice (the store keeps the first).
+        versions = [v for (name, v) in self.left_out if name == definition.name]
+        version = max([0 if latest is None else latest.version, *versions]) + 1
         definition = definition.with_version(version)
         try:
             await declare_workflow(self._bus, definition, self.step_queue_type)

@@ -37,6 +37,9 @@ class Work:
     runs_of: dict[str, list[StepRun]] = field(default_factory=dict)
     # The workflows a type pause holds, oldest first, for its resume: by (workflow, step or "")
     type_held: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    # The size of each family a step of this batch may start children in, by its root's id:
+    # as stored, then with the children this batch starts (machine.children.MAX_FAMILY)
+    families: dict[str, int] = field(default_factory=dict)
     # Made by applying, written in one transaction:
     batch: Batch = field(default_factory=Batch)
     # ... and let out once it is committed:

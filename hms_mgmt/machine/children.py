@@ -59,6 +59,42 @@ through a family (a cancel, a failure told to each parent) within the rounds the
 follows in one batch (``FOLLOW_UP_ROUNDS``, 100)."""
 
 
+MAX_FAMILY = 10_000
+"""How many workflows one family holds at most: a root (a workflow that is no child) and all
+its descendants. A step whose children would take its family over it fails with
+``InvalidChild``. With ``MAX_DEPTH`` alone, a type whose step starts a thousand children of
+its own type would grow a family without practical bound, and a cancel of the root cascades
+through all of it."""
+
+FAMILY_PREFIX_MAX = 79
+"""A child's id is its parent's, then ``.step.visit.index``; too long for an id, its first 79
+characters and a digest (:func:`child_id`). So every descendant of a root whose id has at most
+78 characters starts with ``root.``, and of a longer root, with its first 79 characters."""
+
+
+def root_of(workflow: Workflow) -> str:
+    """The id of the root of ``workflow``'s family: its own if it is no child. A child
+    started before roots were recorded counts its parent as its root."""
+    if workflow.parent is None:
+        return workflow.id
+    root = workflow.parent.get("root")
+    return root if isinstance(root, str) else str(workflow.parent["id"])
+
+
+def family_prefix(root: str) -> str:
+    """What the ids of ``root``'s descendants start with (:data:`FAMILY_PREFIX_MAX`). Another
+    workflow whose id a client chose to start so is counted with the family too."""
+    if len(root) < FAMILY_PREFIX_MAX:
+        return root + "."
+    return root[:FAMILY_PREFIX_MAX]
+
+
+def family_size(root: str, prefixed: int) -> int:
+    """The workflows in ``root``'s family, from how many ids start with its
+    :func:`family_prefix`: those and the root (counted among them if its id is that long)."""
+    return prefixed if root.startswith(family_prefix(root)) else prefixed + 1
+
+
 def depth_of(workflow: Workflow) -> int:
     """How deep ``workflow`` is among child workflows: 0 for one that is no child. A child
     started before depths were recorded counts as 1."""
@@ -75,11 +111,14 @@ def problem(
     *,
     error_step: bool = False,
     depth: int = 0,
+    family: int | None = None,
 ) -> str | None:
     """Why a result's children cannot start, naming the handler; None if they can.
     ``known``: the names of the workflows defined; ``error_step``: the result is of the
     workflow's ``on_error`` step, which ends the workflow and so cannot wait for children;
-    ``depth``: the workflow's own (:func:`depth_of`), its children's less one."""
+    ``depth``: the workflow's own (:func:`depth_of`), its children's less one; ``family``:
+    how many workflows its family holds (:func:`family_size`, with the children started
+    since), None if not known."""
     value = result.get("child")
     if value is None:
         return None
@@ -99,7 +138,14 @@ def problem(
                 f"{handler} returned both 'child' and {key!r}; a step that starts children "
                 "waits for them"
             )
-    for spec in value if isinstance(value, list) else [value]:
+    specs = value if isinstance(value, list) else [value]
+    if family is not None and family + len(specs) > MAX_FAMILY:
+        return (
+            f"{handler} returned {len(specs)} child workflow{'s' if len(specs) != 1 else ''}, "
+            f"which would take its family (a root and all its descendants) from {family} to "
+            f"{family + len(specs)} workflows; a family holds at most {MAX_FAMILY}"
+        )
+    for spec in specs:
         if spec["workflow"] not in known:
             names = ", ".join(sorted(known)) or "none"
             return (
@@ -153,6 +199,7 @@ def spawn(
             "index": index,
             "close": spec.get("parent_close", TERMINATE),
             "depth": depth_of(wf) + 1,
+            "root": root_of(wf),
         }
         start = StartChild(
             ids[index], spec["workflow"], spec.get("data"), parent, wf.traceparent, wf.priority

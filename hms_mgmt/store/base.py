@@ -83,6 +83,12 @@ class HistoryEntry:
     detail: dict[str, Any]
 
 
+def prefix_range(prefix: str) -> tuple[str, str]:
+    """The ids that start with ``prefix`` (of an id's characters, ASCII) are those in
+    ``[low, high)`` in byte order: ``prefix`` itself, and it with its last character next."""
+    return prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
 class Store(Protocol):
     """Every method raises :class:`hms_mgmt.errors.StoreError` when the store itself fails."""
 
@@ -156,6 +162,11 @@ class Store(Protocol):
         self, workflow_ids: Sequence[str], keys: Sequence[str], request_ids: Sequence[str]
     ) -> BatchReads:
         """:meth:`load`, :meth:`find_by_idempotency_key` and :meth:`request_replies` at once."""
+        ...
+
+    async def count_prefixed(self, prefixes: Sequence[str]) -> dict[str, int]:
+        """For each prefix, how many workflow ids start with it: a range scan of the primary
+        key (:func:`prefix_range`), how a family's size is read."""
         ...
 
     async def find_by_idempotency_key(self, keys: Sequence[str]) -> dict[str, str]:

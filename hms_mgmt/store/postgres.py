@@ -29,7 +29,14 @@ from hms_mgmt.definitions import UnloadableDefinition, WorkflowDefinition, load_
 from hms_mgmt.errors import StoreError
 from hms_mgmt.records import StepRun, TypePause, Workflow
 from hms_mgmt.schedules import Schedule
-from hms_mgmt.store.base import Batch, BatchReads, HistoryEntry, OutboxRow, StoreIdentity
+from hms_mgmt.store.base import (
+    Batch,
+    BatchReads,
+    HistoryEntry,
+    OutboxRow,
+    StoreIdentity,
+    prefix_range,
+)
 from hms_mgmt.store.postgres_schema import (
     COMMAND_TIMEOUT,
     COMMIT,
@@ -67,6 +74,7 @@ class PostgresStore:
         self._pool: Any = None
         self._errors: tuple[type[BaseException], ...] = (OSError, TimeoutError)
         self._owner: str | None = None  # the engine that claimed the store (fencing)
+        self._byte_ordered: bool | None = None  # the database's collation sorts ids by bytes
 
     # -- opening and closing ----------------------------------------------------------------
 
@@ -304,6 +312,23 @@ class PostgresStore:
                 await _keyed(db, keys),
                 await _answered(db, request_ids),
             )
+
+    async def count_prefixed(self, prefixes: Sequence[str]) -> dict[str, int]:
+        """A range of the primary key in byte order: under a database collation that sorts
+        so (C, POSIX, C.UTF-8) an index range scan; under another, the range compared with
+        ``COLLATE "C"``, which is right but reads every id (the index sorts otherwise)."""
+        counts = {}
+        async with self._connection() as db:
+            if self._byte_ordered is None:
+                collation = await db.fetchval(
+                    "SELECT datcollate FROM pg_database WHERE datname = current_database()"
+                )
+                self._byte_ordered = str(collation).split(".")[0] in ("C", "POSIX")
+            collate = "" if self._byte_ordered else ' COLLATE "C"'
+            sql = f"SELECT count(*) FROM workflows WHERE id >= $1{collate} AND id < $2{collate}"
+            for prefix in prefixes:
+                counts[prefix] = await db.fetchval(sql, *prefix_range(prefix))
+        return counts
 
     async def find_by_idempotency_key(self, keys: Sequence[str]) -> dict[str, str]:
         async with self._connection() as db:

@@ -24,7 +24,14 @@ from hms_mgmt.errors import StoreError
 from hms_mgmt.records import StepRun, TypePause, Workflow
 from hms_mgmt.schedules import Schedule
 from hms_mgmt.store import file_lock
-from hms_mgmt.store.base import Batch, BatchReads, HistoryEntry, OutboxRow, StoreIdentity
+from hms_mgmt.store.base import (
+    Batch,
+    BatchReads,
+    HistoryEntry,
+    OutboxRow,
+    StoreIdentity,
+    prefix_range,
+)
 from hms_mgmt.store.rows import (
     FINISHED,
     RUN_COLUMNS,
@@ -401,6 +408,13 @@ class SQLiteStore:
 
         few = len(workflow_ids) + len(keys) + len(request_ids) <= INLINE_READS  # a lone start's
         return await self._in_thread(read, inline=few)
+
+    async def count_prefixed(self, prefixes: Sequence[str]) -> dict[str, int]:
+        def read(db: sqlite3.Connection) -> dict[str, int]:
+            sql = "SELECT count(*) FROM workflows WHERE id >= ? AND id < ?"  # the key's range
+            return {p: db.execute(sql, prefix_range(p)).fetchone()[0] for p in prefixes}
+
+        return await self._in_thread(read, inline=len(prefixes) <= 1)
 
     async def workflow_with_runs(self, workflow_id: str) -> tuple[Workflow, list[StepRun]] | None:
         def read(db: sqlite3.Connection) -> tuple[list[Any], list[Any]]:
