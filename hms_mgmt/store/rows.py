@@ -104,7 +104,7 @@ def listing(
         params.append(until)
     if status == QUEUED_FILTER:  # not finished, its current run in line for a slot
         where.append(
-            "status NOT IN ('succeeded', 'failed', 'cancelled', 'compensated') AND EXISTS "
+            f"NOT ({FINISHED}) AND EXISTS "
             "(SELECT 1 FROM step_runs r WHERE r.workflow_id = workflows.id "
             "AND r.seq = workflows.seq AND r.status = 'queued')"
         )
