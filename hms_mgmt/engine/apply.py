@@ -176,11 +176,9 @@ class Applier:
         for kind, detail in t.history:
             batch.history.append((workflow_id, now, kind, detail))
         work.follow.extend(t.follow)
-        for follow in t.follow:  # the family's size, for the next step in this batch to start
-            if isinstance(follow, machine.StartChild):  # children (machine.children.MAX_FAMILY)
-                root = follow.parent.get("root")
-                if isinstance(root, str) and root in work.families:
-                    work.families[root] += 1
+        for follow in t.follow:  # the family's size (machine.children.MAX_FAMILY)
+            if isinstance(follow, machine.StartChild):
+                work.count_child(follow.parent, 1)
         wf = t.workflow
         if wf is None:
             return

@@ -43,9 +43,7 @@ def apply(applier: Applier, event: FollowUp, work: Work, now: float) -> None:
         if found is not None:  # started before: a child's id is its parent's step run's
             detail = {"parent": event.parent["id"], "reason": "already started"}
             work.batch.history.append((event.workflow_id, now, "child_start_ignored", detail))
-            root = event.parent.get("root")
-            if isinstance(root, str) and root in work.families:
-                work.families[root] -= 1  # counted when its start was asked for
+            work.count_child(event.parent, -1)  # counted when its start was asked for
             return
         definition = applier.registry.named(event.workflow)
         t = machine.children.started(definition, event, now)

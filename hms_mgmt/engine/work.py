@@ -61,6 +61,13 @@ class Work:
     started: int = 0
     dead_lettered: int = 0
 
+    def count_child(self, parent: dict[str, Any], by: int) -> None:
+        """A child start asked for (``by`` 1) or found already made (-1): its family's size,
+        as this batch knows it, for the next step in the batch that starts children."""
+        root = parent.get("root")
+        if isinstance(root, str) and root in self.families:
+            self.families[root] += by
+
     def failed_run(self, workflow: Workflow, run: StepRun) -> StepRun:
         """The run a failed workflow's error names (what its retry runs again), loaded
         beside its latest run; the latest when the error names none."""
