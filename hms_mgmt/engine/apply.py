@@ -571,11 +571,7 @@ class Applier:
                     request.reason,
                     now,
                     compensate=request.compensate,
-                    definition=(
-                        self.registry.of(workflow)
-                        if request.compensate
-                        else self.registry.find(workflow)
-                    ),
+                    definition=self.registry.find(workflow),  # loaded, if it compensates
                 )
             elif isinstance(request, RetryRequest):
                 failed = work.failed_run(workflow, run)

@@ -65,7 +65,7 @@ class Registry:
 
     def of(self, workflow: Workflow) -> WorkflowDefinition:
         """The version a workflow runs on."""
-        found = self.versions.get((workflow.name, workflow.version))
+        found = self.find(workflow)
         if found is None:
             left_out = self.left_out.get((workflow.name, workflow.version))
             if left_out is not None:
