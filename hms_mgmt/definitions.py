@@ -328,17 +328,13 @@ class Parallel:
                 + ") holds a Parallel group: groups do not nest "
                 "(a branch's handler may return a fan_out of its own)"
             )
-        for key, value, least in (
-            ("tolerate", tolerate, 0),
-            ("max_concurrency", max_concurrency, 1),
-        ):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < least
-            ):
-                raise DefinitionError(
-                    f"{key} of Parallel{tuple(_name_of(s) for s in steps)} must be a whole "
-                    f"number >= {least}, not {value!r}"
-                )
+        bad = _bad_group_setting(tolerate, max_concurrency, tolerate_optional=True)
+        if bad is not None:
+            key, value, least = bad
+            raise DefinitionError(
+                f"{key} of Parallel{tuple(_name_of(s) for s in steps)} must be a whole "
+                f"number >= {least}, not {value!r}"
+            )
         built = [s if isinstance(s, Step) else Step(check_name("step", s)) for s in steps]
         group = (built[0].name, tolerate, max_concurrency)
         self.steps = tuple(replace(step, parallel=group) for step in built)
@@ -350,6 +346,23 @@ class Parallel:
 
 def _name_of(step: str | Step) -> str:
     return step.name if isinstance(step, Step) else str(step)
+
+
+def _bad_group_setting(
+    tolerate: Any, max_concurrency: Any, *, tolerate_optional: bool = False
+) -> tuple[str, Any, int] | None:
+    """The first of a Parallel group's settings that is not a whole number at least its
+    least (tolerate 0, max_concurrency 1; max_concurrency may be None): its key, value and
+    least; None if both are good."""
+    for key, value, least, optional in (
+        ("tolerate", tolerate, 0, tolerate_optional),
+        ("max_concurrency", max_concurrency, 1, True),
+    ):
+        if (value is not None or not optional) and (
+            isinstance(value, bool) or not isinstance(value, int) or value < least
+        ):
+            return key, value, least
+    return None
 
 
 def _check_parallel(workflow: str, steps: Sequence[Step]) -> None:
@@ -371,17 +384,13 @@ def _check_parallel(workflow: str, steps: Sequence[Step]) -> None:
                     f"{step.name!r}: a group is named after its first step"
                 )
             settings = parallel
-            for key, value, least in (
-                ("tolerate", parallel[1], 0),
-                ("max_concurrency", parallel[2], 1),
-            ):
-                if (value is not None or key == "tolerate") and (
-                    isinstance(value, bool) or not isinstance(value, int) or value < least
-                ):
-                    raise DefinitionError(
-                        f"{key} of Parallel group {group!r} of workflow {workflow!r} must be "
-                        f"a whole number >= {least}, not {value!r}"
-                    )
+            bad = _bad_group_setting(parallel[1], parallel[2])
+            if bad is not None:
+                key, value, least = bad
+                raise DefinitionError(
+                    f"{key} of Parallel group {group!r} of workflow {workflow!r} must be "
+                    f"a whole number >= {least}, not {value!r}"
+                )
         elif parallel is not None and parallel != settings:
             raise DefinitionError(
                 f"step {step.name!r} of Parallel group {group!r} of workflow {workflow!r} "
