@@ -205,3 +205,19 @@ async def score(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
 async def join(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
     record(ctx)
     return {"data": ctx.payload["results"]}
+
+
+# A type whose step starts a child of its own type, for ever: the engine refuses the one
+# past its depth bound (InvalidChild), and each level above fails in turn (ChildFailed).
+chaos.define_workflow("runaway", ["spawn", "close"])
+
+
+@chaos.on_step("runaway.spawn")
+async def runaway_spawn(ctx: hms_mgmt.StepContext) -> dict[str, Any]:
+    record(ctx)
+    return {"child": {"workflow": "runaway", "data": ctx.payload}, "next_step": "close"}
+
+
+@chaos.on_step("runaway.close")
+async def runaway_close(ctx: hms_mgmt.StepContext) -> None:
+    record(ctx)

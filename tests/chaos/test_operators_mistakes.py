@@ -25,6 +25,7 @@ import pytest
 from bus_adapters.base import Message
 from bus_adapters.rabbitmq import RabbitMQBus
 from hms_mgmt.engine.engine import EXIT_REFUSED, EXIT_STORE_LOST
+from hms_mgmt.machine.children import MAX_DEPTH
 from hms_mgmt.topology import COMMANDS_EXCHANGE, COMMANDS_QUEUE, RESULTS_EXCHANGE, RESULTS_QUEUE
 from hms_mgmt.wire.codec import batch_body, dumps
 from tests.chaos.harness import Case, Report
@@ -385,3 +386,30 @@ async def test_a_blocked_event_loop_is_reported(case: Case) -> None:
     )
     passed(report)
     assert report.succeeded == 3
+
+
+async def test_a_type_that_starts_itself_as_a_child_for_ever_is_bounded(case: Case) -> None:
+    """A step that starts a child of its own type: the one at the depth bound is refused
+    (InvalidChild), every level above fails in turn, and work beside it goes on."""
+    case.start_engine()
+    case.start_worker()
+    async with case.client() as client:
+        grants = asyncio.ensure_future(case.start_many(client, 100, sleep=0.05))
+        roots = await case.start_many(client, 3, workflow="runaway")
+        ids = roots + await grants
+        await case.wait_terminal(ids, timeout=90)
+    family = case.query("SELECT status, count(*) FROM workflows WHERE name = 'runaway' GROUP BY 1")
+    levels = MAX_DEPTH + 1  # a root (depth 0) to the one refused (depth MAX_DEPTH)
+    assert family == [("failed", 3 * levels)], family
+    refused = case.query("SELECT error FROM step_runs WHERE error LIKE '%InvalidChild%'")
+    assert len(refused) == 3 and all(f"{MAX_DEPTH} deep" in e for (e,) in refused), refused
+    report = await case.report(
+        ids,
+        failed_by_design=roots,
+        notes=[
+            f"3 roots of a type that starts itself: {3 * levels} workflows, {levels} deep each, the "
+            f"deepest refused with InvalidChild and every level failed; 100 grants beside"
+        ],
+    )
+    passed(report)
+    assert report.succeeded == 100 and report.failed_by_design == 3
