@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import math
@@ -46,6 +47,24 @@ async def _client(
         yield client
     finally:
         await client.close()
+        engine.stop()
+        await running
+
+
+@contextlib.asynccontextmanager
+async def served(
+    memory_url: str, store_url: str
+) -> AsyncIterator[tuple[TestClient[Any, Any], EngineApi]]:
+    """An engine, its HTTP API under a test client, and the API's own client connected."""
+    engine = Engine(open_bus(memory_url), open_store(store_url))
+    running = asyncio.ensure_future(engine.run())
+    await asyncio.wait_for(engine.ready.wait(), 10)
+    api = EngineApi(engine, EngineMetrics())
+    try:
+        async with TestClient(TestServer(api.app())) as client:
+            await api.client.connect()
+            yield client, api
+    finally:
         engine.stop()
         await running
 
@@ -273,138 +292,119 @@ async def test_healthz_fails_for_a_while_after_a_long_event_loop_stall(
 async def test_signals_over_http(memory_url: str, store_url: str) -> None:
     """``POST /api/workflows/{id}/signal``: kept while not waiting, refused once finished,
     and clear errors for an unknown workflow, a bad body or a bad name."""
-    engine = Engine(open_bus(memory_url), open_store(store_url))
-    running = asyncio.ensure_future(engine.run())
-    await asyncio.wait_for(engine.ready.wait(), 10)
-    api = EngineApi(engine, EngineMetrics())
-    try:
-        async with TestClient(TestServer(api.app())) as client:
-            await api.client.connect()
-            await api.client.define(WorkflowDefinition.build("inspected", ["visit"]))
-            started = await client.post("/api/workflows", json={"workflow": "inspected"})
-            workflow_id = (await started.json())["workflow_id"]
-            path = f"/api/workflows/{workflow_id}/signal"
+    async with served(memory_url, store_url) as (client, api):
+        await api.client.define(WorkflowDefinition.build("inspected", ["visit"]))
+        started = await client.post("/api/workflows", json={"workflow": "inspected"})
+        workflow_id = (await started.json())["workflow_id"]
+        path = f"/api/workflows/{workflow_id}/signal"
 
-            kept = await client.post(path, json={"name": "report", "data": {"passed": True}})
-            assert kept.status == 200
-            answer = await kept.json()
-            assert answer["resumed"] is False and answer["signal"] == "report"
-            assert answer["workflow_id"] == workflow_id
+        kept = await client.post(path, json={"name": "report", "data": {"passed": True}})
+        assert kept.status == 200
+        answer = await kept.json()
+        assert answer["resumed"] is False and answer["signal"] == "report"
+        assert answer["workflow_id"] == workflow_id
 
-            cases = [
-                (path, b"{nope", 400, "the request body is not JSON"),
-                (path, b"{}", 400, "give the signal's name as 'name'"),
-                (path, b'{"name": "a.b"}', 400, "signal name 'a.b' is not valid"),
-                (path, b'{"name": "r", "data": 18446744073709551616}', 400, "outside 64 bits"),
-                ("/api/workflows/nope/signal", b'{"name": "r"}', 404, "no workflow with id"),
-                ("/api/workflows/-x/signal", b'{"name": "r"}', 400, "is not valid: ids are"),
-            ]
-            for where, body, status, message in cases:
-                response = await client.post(where, data=body)
-                error = (await response.json())["error"]
-                assert (response.status, message in error["message"]) == (status, True), error
+        cases = [
+            (path, b"{nope", 400, "the request body is not JSON"),
+            (path, b"{}", 400, "give the signal's name as 'name'"),
+            (path, b'{"name": "a.b"}', 400, "signal name 'a.b' is not valid"),
+            (path, b'{"name": "r", "data": 18446744073709551616}', 400, "outside 64 bits"),
+            ("/api/workflows/nope/signal", b'{"name": "r"}', 404, "no workflow with id"),
+            ("/api/workflows/-x/signal", b'{"name": "r"}', 400, "is not valid: ids are"),
+        ]
+        for where, body, status, message in cases:
+            response = await client.post(where, data=body)
+            error = (await response.json())["error"]
+            assert (response.status, message in error["message"]) == (status, True), error
 
-            await client.post(f"/api/workflows/{workflow_id}/cancel", json={})
-            finished = await client.post(path, json={"name": "report"})
-            error = (await finished.json())["error"]
-            assert (
-                finished.status == 409
-                and "already cancelled; cannot signal it" in (error["message"])
-            )
-    finally:
-        engine.stop()
-        await running
+        await client.post(f"/api/workflows/{workflow_id}/cancel", json={})
+        finished = await client.post(path, json={"name": "report"})
+        error = (await finished.json())["error"]
+        assert (
+            finished.status == 409 and "already cancelled; cannot signal it" in (error["message"])
+        )
 
 
 async def test_pause_resume_and_reset_over_http(memory_url: str, store_url: str) -> None:
     """``POST /api/workflows/{id}/pause``, ``/resume`` and ``/reset``: the status they leave,
     409 in the wrong state, 400 naming a bad body or an unknown step; paused is counted."""
-    engine = Engine(open_bus(memory_url), open_store(store_url))
-    running = asyncio.ensure_future(engine.run())
-    await asyncio.wait_for(engine.ready.wait(), 10)
-    api = EngineApi(engine, EngineMetrics())
-    try:
-        async with TestClient(TestServer(api.app())) as client:
-            await api.client.connect()
-            await api.client.define(WorkflowDefinition.build("inspected", ["visit", "report"]))
-            started = await client.post("/api/workflows", json={"workflow": "inspected"})
-            workflow_id = (await started.json())["workflow_id"]
-            path = f"/api/workflows/{workflow_id}"
-            # A body is checked on every route, the bodyless ones included; a reason is text.
-            for route, body, message in (
-                ("resume", b"{bad", "the request body is not JSON"),
-                ("retry", b"{bad", "the request body is not JSON"),
-                ("pause", b'{"reason": 5}', "reason must be a string, not 5"),
-                ("cancel", b'{"reason": ["x"]}', "reason must be a string, not ['x']"),
-                ("reset", b'{"to_step": "visit", "reason": {}}', "reason must be a string"),
-            ):
-                response = await client.post(f"{path}/{route}", data=body)
-                error = (await response.json())["error"]
-                assert (response.status, message in error["message"]) == (400, True), error
-            typed = await client.post("/api/definitions/inspected/pause", data=b'{"reason": 1}')
-            assert typed.status == 400, await typed.text()
-            assert (await (await client.get(path)).json())["status"] == "pending"
+    async with served(memory_url, store_url) as (client, api):
+        await api.client.define(WorkflowDefinition.build("inspected", ["visit", "report"]))
+        started = await client.post("/api/workflows", json={"workflow": "inspected"})
+        workflow_id = (await started.json())["workflow_id"]
+        path = f"/api/workflows/{workflow_id}"
+        # A body is checked on every route, the bodyless ones included; a reason is text.
+        for route, body, message in (
+            ("resume", b"{bad", "the request body is not JSON"),
+            ("retry", b"{bad", "the request body is not JSON"),
+            ("pause", b'{"reason": 5}', "reason must be a string, not 5"),
+            ("cancel", b'{"reason": ["x"]}', "reason must be a string, not ['x']"),
+            ("reset", b'{"to_step": "visit", "reason": {}}', "reason must be a string"),
+        ):
+            response = await client.post(f"{path}/{route}", data=body)
+            error = (await response.json())["error"]
+            assert (response.status, message in error["message"]) == (400, True), error
+        typed = await client.post("/api/definitions/inspected/pause", data=b'{"reason": 1}')
+        assert typed.status == 400, await typed.text()
+        assert (await (await client.get(path)).json())["status"] == "pending"
 
-            paused = await client.post(f"{path}/pause", json={"reason": "inspectors on strike"})
-            assert (paused.status, (await paused.json())["status"]) == (200, "paused")
+        paused = await client.post(f"{path}/pause", json={"reason": "inspectors on strike"})
+        assert (paused.status, (await paused.json())["status"]) == (200, "paused")
+        shown = await (await client.get(path)).json()
+        assert shown["status"] == "paused"
+        assert shown["paused"]["reason"] == "inspectors on strike"
+        assert shown["paused"]["status"] == "pending"
+
+        async def paused_counted() -> bool:
+            counts = await (await client.get("/api/counts")).json()
+            return bool(counts.get("paused") == 1)
+
+        await wait_until(paused_counted, timeout=5)
+        metrics = await (await client.get("/metrics")).text()
+        assert 'hms_workflows_by_status{status="paused"} 1.0' in metrics
+        listed = await (await client.get("/api/workflows?status=paused")).json()
+        assert [w["workflow_id"] for w in listed] == [workflow_id]
+
+        again = await client.post(f"{path}/pause", json={})
+        error = (await again.json())["error"]
+        assert (again.status, "already paused" in error["message"]) == (409, True)
+        resumed = await client.post(f"{path}/resume")
+        assert (resumed.status, (await resumed.json())["status"]) == (200, "pending")
+        again = await client.post(f"{path}/resume")
+        error = (await again.json())["error"]
+        assert again.status == 409 and "not paused; cannot resume it" in error["message"]
+
+        cases = [
+            (b"{}", 400, "give the step to reset to as 'to_step'"),
+            (b'{"to_step": "a.b"}', 400, "not 'a.b'"),
+            (b'{"to_step": "visit", "signals": "lose"}', 400, "not 'lose'"),
+            (b'{"to_step": "nope"}', 400, "has no step 'nope'; its steps are visit, report"),
+            (b'{"to_step": "report"}', 409, "'report' has not run"),
+        ]
+        for body, status, message in cases:
+            response = await client.post(f"{path}/reset", data=body)
+            error = (await response.json())["error"]
+            assert (response.status, message in error["message"]) == (status, True), error
+        reset = await client.post(
+            f"{path}/reset", json={"to_step": "visit", "data": {"again": 1}, "reason": "r"}
+        )
+        answer = await reset.json()
+        assert reset.status == 200, answer
+        assert (answer["status"], answer["to_step"]) == ("running", "visit")
+        shown = await (await client.get(path)).json()
+        assert [(s["step"], s["status"], s["input"]) for s in shown["steps"]] == [
+            ("visit", "cancelled", None),
+            ("visit", "pending", {"again": 1}),
+        ]
+        assert any(entry["kind"] == "workflow_reset" for entry in shown["history"])
+        # No data: the step's last input; "data": null: a null input, not "no data".
+        for body, expected in (({}, {"again": 1}), ({"data": None}, None)):
+            reset = await client.post(f"{path}/reset", json={"to_step": "visit", **body})
+            assert reset.status == 200, await reset.text()
             shown = await (await client.get(path)).json()
-            assert shown["status"] == "paused"
-            assert shown["paused"]["reason"] == "inspectors on strike"
-            assert shown["paused"]["status"] == "pending"
-
-            async def paused_counted() -> bool:
-                counts = await (await client.get("/api/counts")).json()
-                return bool(counts.get("paused") == 1)
-
-            await wait_until(paused_counted, timeout=5)
-            metrics = await (await client.get("/metrics")).text()
-            assert 'hms_workflows_by_status{status="paused"} 1.0' in metrics
-            listed = await (await client.get("/api/workflows?status=paused")).json()
-            assert [w["workflow_id"] for w in listed] == [workflow_id]
-
-            again = await client.post(f"{path}/pause", json={})
-            error = (await again.json())["error"]
-            assert (again.status, "already paused" in error["message"]) == (409, True)
-            resumed = await client.post(f"{path}/resume")
-            assert (resumed.status, (await resumed.json())["status"]) == (200, "pending")
-            again = await client.post(f"{path}/resume")
-            error = (await again.json())["error"]
-            assert again.status == 409 and "not paused; cannot resume it" in error["message"]
-
-            cases = [
-                (b"{}", 400, "give the step to reset to as 'to_step'"),
-                (b'{"to_step": "a.b"}', 400, "not 'a.b'"),
-                (b'{"to_step": "visit", "signals": "lose"}', 400, "not 'lose'"),
-                (b'{"to_step": "nope"}', 400, "has no step 'nope'; its steps are visit, report"),
-                (b'{"to_step": "report"}', 409, "'report' has not run"),
-            ]
-            for body, status, message in cases:
-                response = await client.post(f"{path}/reset", data=body)
-                error = (await response.json())["error"]
-                assert (response.status, message in error["message"]) == (status, True), error
-            reset = await client.post(
-                f"{path}/reset", json={"to_step": "visit", "data": {"again": 1}, "reason": "r"}
-            )
-            answer = await reset.json()
-            assert reset.status == 200, answer
-            assert (answer["status"], answer["to_step"]) == ("running", "visit")
-            shown = await (await client.get(path)).json()
-            assert [(s["step"], s["status"], s["input"]) for s in shown["steps"]] == [
-                ("visit", "cancelled", None),
-                ("visit", "pending", {"again": 1}),
-            ]
-            assert any(entry["kind"] == "workflow_reset" for entry in shown["history"])
-            # No data: the step's last input; "data": null: a null input, not "no data".
-            for body, expected in (({}, {"again": 1}), ({"data": None}, None)):
-                reset = await client.post(f"{path}/reset", json={"to_step": "visit", **body})
-                assert reset.status == 200, await reset.text()
-                shown = await (await client.get(path)).json()
-                assert shown["steps"][-1]["input"] == expected, (body, shown["steps"])
-            gone = await client.post("/api/workflows/nope/pause", json={})
-            assert gone.status == 404
-    finally:
-        engine.stop()
-        await running
+            assert shown["steps"][-1]["input"] == expected, (body, shown["steps"])
+        gone = await client.post("/api/workflows/nope/pause", json={})
+        assert gone.status == 404
 
 
 async def test_workflows_whose_current_run_is_queued_are_listed_by_status_queued(
@@ -413,135 +413,115 @@ async def test_workflows_whose_current_run_is_queued_are_listed_by_status_queued
     """``queued`` is a step run's status, not a workflow's: ``status=queued`` lists the
     workflows waiting for a slot (it was a 400, and ``hms workflow list --status queued``
     a usage error)."""
-    engine = Engine(open_bus(memory_url), open_store(store_url))
-    running = asyncio.ensure_future(engine.run())
-    await asyncio.wait_for(engine.ready.wait(), 10)
-    api = EngineApi(engine, EngineMetrics())
-    try:
-        async with TestClient(TestServer(api.app())) as client:
-            await api.client.connect()
-            await api.client.define(
-                WorkflowDefinition.build("grant", [Step("check", concurrency=1)])
-            )
-            ids = []
-            for _ in range(3):
-                started = await client.post("/api/workflows", json={"workflow": "grant"})
-                assert started.status == 201
-                ids.append((await started.json())["workflow_id"])
+    async with served(memory_url, store_url) as (client, api):
+        await api.client.define(WorkflowDefinition.build("grant", [Step("check", concurrency=1)]))
+        ids = []
+        for _ in range(3):
+            started = await client.post("/api/workflows", json={"workflow": "grant"})
+            assert started.status == 201
+            ids.append((await started.json())["workflow_id"])
 
-            async def listed(query: str) -> list[str]:
-                response = await client.get(f"/api/workflows?{query}")
-                assert response.status == 200, await response.text()
-                return [w["workflow_id"] for w in await response.json()]
+        async def listed(query: str) -> list[str]:
+            response = await client.get(f"/api/workflows?{query}")
+            assert response.status == 200, await response.text()
+            return [w["workflow_id"] for w in await response.json()]
 
-            async def queued_are(expected: list[str]) -> bool:
-                return await listed("status=queued") == expected
+        async def queued_are(expected: list[str]) -> bool:
+            return await listed("status=queued") == expected
 
-            # the first holds the one slot; the two after it wait in line, still pending
-            await wait_until(lambda: queued_are([ids[2], ids[1]]), what="two queued")
-            assert await listed("status=queued&name=grant&limit=1") == [ids[2]]
-            assert await listed("status=queued&name=other") == []
-            assert await listed("status=pending") == [ids[2], ids[1], ids[0]]
-            assert [w["workflow_id"] for w in await api.client.list(status="queued")] == [
-                ids[2],
-                ids[1],
-            ]
-            url = str(client.make_url("")).rstrip("/")
-            cli = await hms(
-                "workflow", "list", "--status", "queued", "-o", "json", env={"HMS_ENGINE_URL": url}
-            )
-            assert cli.returncode == 0, cli.stderr
-            assert [w["workflow_id"] for w in json.loads(cli.stdout)] == [ids[2], ids[1]]
-            await api.client.cancel(ids[1])
-            await wait_until(lambda: queued_are([ids[2]]), what="one queued after a cancel")
-    finally:
-        engine.stop()
-        await running
+        # the first holds the one slot; the two after it wait in line, still pending
+        await wait_until(lambda: queued_are([ids[2], ids[1]]), what="two queued")
+        assert await listed("status=queued&name=grant&limit=1") == [ids[2]]
+        assert await listed("status=queued&name=other") == []
+        assert await listed("status=pending") == [ids[2], ids[1], ids[0]]
+        assert [w["workflow_id"] for w in await api.client.list(status="queued")] == [
+            ids[2],
+            ids[1],
+        ]
+        url = str(client.make_url("")).rstrip("/")
+        cli = await hms(
+            "workflow", "list", "--status", "queued", "-o", "json", env={"HMS_ENGINE_URL": url}
+        )
+        assert cli.returncode == 0, cli.stderr
+        assert [w["workflow_id"] for w in json.loads(cli.stdout)] == [ids[2], ids[1]]
+        await api.client.cancel(ids[1])
+        await wait_until(lambda: queued_are([ids[2]]), what="one queued after a cancel")
 
 
 async def test_business_keys_over_http(memory_url: str, store_url: str) -> None:
     """``POST /api/workflows`` with ``attributes``, ``GET /api/workflows?attr.<key>=<value>``
     (several ANDed) and the workflow's state with its attributes; bad ones are a 400."""
-    engine = Engine(open_bus(memory_url), open_store(store_url))
-    running = asyncio.ensure_future(engine.run())
-    await asyncio.wait_for(engine.ready.wait(), 10)
-    api = EngineApi(engine, EngineMetrics())
-    try:
-        async with TestClient(TestServer(api.app())) as client:
-            await api.client.connect()
-            await api.client.define(WorkflowDefinition.build("grant", ["check"]))
-            ids = {}
-            for app, region in (("A-17", "north"), ("A-18", "north"), ("A-19", "south")):
-                started = await client.post(
-                    "/api/workflows",
-                    json={
-                        "workflow": "grant",
-                        "attributes": {"application_id": app, "region": region},
-                    },
-                )
-                assert started.status == 201
-                ids[app] = (await started.json())["workflow_id"]
-
-            async def listed(query: str) -> list[str]:
-                response = await client.get(f"/api/workflows?{query}")
-                assert response.status == 200, await response.text()
-                return [w["workflow_id"] for w in await response.json()]
-
-            assert await listed("attr.application_id=A-17") == [ids["A-17"]]
-            assert await listed("attr.region=north") == [ids["A-18"], ids["A-17"]]
-            assert await listed("attr.region=north&attr.application_id=A-18") == [ids["A-18"]]
-            assert await listed("attr.region=south&attr.application_id=A-18") == []
-            assert await listed("attr.region=north&status=succeeded") == []
-            assert await listed("attr.region=north&limit=1") == [ids["A-18"]]
-            [entry] = await (await client.get("/api/workflows?attr.application_id=A-19")).json()
-            assert entry["attributes"] == {"application_id": "A-19", "region": "south"}
-            shown = await (await client.get(f"/api/workflows/{ids['A-17']}")).json()
-            assert shown["attributes"] == {"application_id": "A-17", "region": "north"}
-
-            cases = [
-                ("/api/workflows?attr.a.b=x", "attr key 'a.b' is not a valid key"),
-                ("/api/workflows?attr.k=", "value '' of key 'k'"),
-                ("/api/workflows?attr.k=x&attr.k=y", "'attr.k' is given more than once"),
-                (f"/api/workflows?attr.k={'x' * 201}", "must be a string of 1-200"),
-            ]
-            for path, message in cases:
-                response = await client.get(path)
-                error = (await response.json())["error"]
-                assert (response.status, message in error["message"]) == (400, True), error
-            bad = await client.post(
-                "/api/workflows", json={"workflow": "grant", "attributes": {"a b": "x"}}
+    async with served(memory_url, store_url) as (client, api):
+        await api.client.define(WorkflowDefinition.build("grant", ["check"]))
+        ids = {}
+        for app, region in (("A-17", "north"), ("A-18", "north"), ("A-19", "south")):
+            started = await client.post(
+                "/api/workflows",
+                json={
+                    "workflow": "grant",
+                    "attributes": {"application_id": app, "region": region},
+                },
             )
-            error = (await bad.json())["error"]
-            assert bad.status == 400 and "key 'a b' is not a valid key" in error["message"]
-            assert len(await listed("limit=1000")) == 3  # nothing more was started
+            assert started.status == 201
+            ids[app] = (await started.json())["workflow_id"]
 
-            # A time range on created_at: epoch seconds, ISO 8601, or a time ago.
-            every = await (await client.get("/api/workflows")).json()
-            middle = every[1]["created_at"]
-            assert await listed(f"since={middle}") == [ids["A-19"], ids["A-18"]]
-            assert await listed(f"until={middle}") == [ids["A-17"]]
-            assert await listed(f"since={middle}&attr.region=north") == [ids["A-18"]]
-            assert len(await listed("since=1h")) == 3 and await listed("until=1h") == []
-            assert await listed("since=2999-01-01T00:00:00Z") == []
-            assert len(await listed("until=2999-01-01")) == 3
-            for query in ("since=yesterday", "until=-4", "since=" + "9" * 50):
-                response = await client.get(f"/api/workflows?{query}")
-                error = (await response.json())["error"]
-                assert response.status == 400 and "is not a time: give" in error["message"]
-                assert error["message"].startswith(query.split("=")[0]), error
-            # client.list: the same search over the bus, with numbers or aware datetimes
-            found = await api.client.list(since=middle)
-            assert [w["workflow_id"] for w in found] == [ids["A-19"], ids["A-18"]]
-            halfway = (every[2]["created_at"] + middle) / 2  # a datetime keeps microseconds only
-            found = await api.client.list(until=datetime.fromtimestamp(halfway, UTC))
-            assert [w["workflow_id"] for w in found] == [ids["A-17"]]
-            with pytest.raises(PayloadError, match=r"until .* has no time zone"):
-                await api.client.list(until=datetime(2026, 1, 1))
-            with pytest.raises(PayloadError, match="since must be seconds since the epoch"):
-                await api.client.list(since=float("nan"))
-    finally:
-        engine.stop()
-        await running
+        async def listed(query: str) -> list[str]:
+            response = await client.get(f"/api/workflows?{query}")
+            assert response.status == 200, await response.text()
+            return [w["workflow_id"] for w in await response.json()]
+
+        assert await listed("attr.application_id=A-17") == [ids["A-17"]]
+        assert await listed("attr.region=north") == [ids["A-18"], ids["A-17"]]
+        assert await listed("attr.region=north&attr.application_id=A-18") == [ids["A-18"]]
+        assert await listed("attr.region=south&attr.application_id=A-18") == []
+        assert await listed("attr.region=north&status=succeeded") == []
+        assert await listed("attr.region=north&limit=1") == [ids["A-18"]]
+        [entry] = await (await client.get("/api/workflows?attr.application_id=A-19")).json()
+        assert entry["attributes"] == {"application_id": "A-19", "region": "south"}
+        shown = await (await client.get(f"/api/workflows/{ids['A-17']}")).json()
+        assert shown["attributes"] == {"application_id": "A-17", "region": "north"}
+
+        cases = [
+            ("/api/workflows?attr.a.b=x", "attr key 'a.b' is not a valid key"),
+            ("/api/workflows?attr.k=", "value '' of key 'k'"),
+            ("/api/workflows?attr.k=x&attr.k=y", "'attr.k' is given more than once"),
+            (f"/api/workflows?attr.k={'x' * 201}", "must be a string of 1-200"),
+        ]
+        for path, message in cases:
+            response = await client.get(path)
+            error = (await response.json())["error"]
+            assert (response.status, message in error["message"]) == (400, True), error
+        bad = await client.post(
+            "/api/workflows", json={"workflow": "grant", "attributes": {"a b": "x"}}
+        )
+        error = (await bad.json())["error"]
+        assert bad.status == 400 and "key 'a b' is not a valid key" in error["message"]
+        assert len(await listed("limit=1000")) == 3  # nothing more was started
+
+        # A time range on created_at: epoch seconds, ISO 8601, or a time ago.
+        every = await (await client.get("/api/workflows")).json()
+        middle = every[1]["created_at"]
+        assert await listed(f"since={middle}") == [ids["A-19"], ids["A-18"]]
+        assert await listed(f"until={middle}") == [ids["A-17"]]
+        assert await listed(f"since={middle}&attr.region=north") == [ids["A-18"]]
+        assert len(await listed("since=1h")) == 3 and await listed("until=1h") == []
+        assert await listed("since=2999-01-01T00:00:00Z") == []
+        assert len(await listed("until=2999-01-01")) == 3
+        for query in ("since=yesterday", "until=-4", "since=" + "9" * 50):
+            response = await client.get(f"/api/workflows?{query}")
+            error = (await response.json())["error"]
+            assert response.status == 400 and "is not a time: give" in error["message"]
+            assert error["message"].startswith(query.split("=")[0]), error
+        # client.list: the same search over the bus, with numbers or aware datetimes
+        found = await api.client.list(since=middle)
+        assert [w["workflow_id"] for w in found] == [ids["A-19"], ids["A-18"]]
+        halfway = (every[2]["created_at"] + middle) / 2  # a datetime keeps microseconds only
+        found = await api.client.list(until=datetime.fromtimestamp(halfway, UTC))
+        assert [w["workflow_id"] for w in found] == [ids["A-17"]]
+        with pytest.raises(PayloadError, match=r"until .* has no time zone"):
+            await api.client.list(until=datetime(2026, 1, 1))
+        with pytest.raises(PayloadError, match="since must be seconds since the epoch"):
+            await api.client.list(since=float("nan"))
 
 
 async def test_a_start_s_priority_over_http_and_the_command_line(
